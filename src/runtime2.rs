@@ -1,0 +1,398 @@
+//! The runtime's data: [`Gobuf`], [`Stack`], [`G`], [`M`], [`P`] and the
+//! goroutine status constants (Go's `runtime2.go`).
+//!
+//! Every struct here is `#[repr(C)]`. Each field that assembly reads or
+//! writes has a named offset constant below ([`GOBUF_SP`], [`G_SCHED`],
+//! [`M_G0`], …), computed with [`memoffset::offset_of!`] and pinned with
+//! [`static_assertions`], so that moving a field either moves the constant
+//! with it or fails the build. The switch code in
+//! [`asm_amd64`](crate::asm_amd64) takes these constants as `const`
+//! operands; no numeric offset appears in any asm string.
+//!
+//! [`OFFSETS`] lists the same constants as data. `cargo xtask offsets`
+//! turns it into `docs/offsets.md`, `docs/offsets.inc` (GNU as) and
+//! `docs/offsets.h` (C) for embedders who write their own assembly.
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use memoffset::offset_of;
+use static_assertions::{const_assert, const_assert_eq};
+
+/// A goroutine stack: the memory `[lo, hi)`. `hi` is 16-byte aligned; the
+/// stack grows down from it.
+///
+/// A stack of `lo == hi == 0` is "not known" (g0 on a thread whose stack
+/// the runtime did not allocate).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stack {
+    /// Lowest usable address (asm: [`STACK_LO`]).
+    pub lo: usize,
+    /// One past the highest usable address (asm: [`STACK_HI`]).
+    pub hi: usize,
+}
+
+/// The saved context of a G that is not running (Go's `gobuf`).
+///
+/// Go's ABI has no callee-saved registers, so Go's `gobuf` holds only
+/// `sp`, `pc`, `bp`, `g` and `ctxt`. The Rust (System V) ABI has six:
+/// rbx, rbp, r12–r15. `mcall` saves them here and `gogo` restores them, so
+/// a suspended G's stack holds nothing but its own frames and `pc` is the
+/// real return address of the `mcall` (what a traceback wants).
+///
+/// All fields are read by asm; do not reorder them without running
+/// `cargo xtask offsets`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Gobuf {
+    /// Stack pointer to resume with (asm: [`GOBUF_SP`]).
+    pub sp: usize,
+    /// Address to jump to (asm: [`GOBUF_PC`]).
+    pub pc: usize,
+    /// The G this context belongs to; `gogo` installs it as the current G
+    /// (asm: [`GOBUF_G`]).
+    pub g: *mut G,
+    /// Closure context: `gogo` loads it into rdx. A fresh G's entry
+    /// trampoline takes its [`FuncVal`] from there (asm: [`GOBUF_CTXT`]).
+    pub ctxt: usize,
+    /// Frame pointer, rbp (asm: [`GOBUF_BP`]).
+    pub bp: usize,
+    /// Callee-saved rbx (asm: [`GOBUF_RBX`]).
+    pub rbx: usize,
+    /// Callee-saved r12 (asm: [`GOBUF_R12`]).
+    pub r12: usize,
+    /// Callee-saved r13 (asm: [`GOBUF_R13`]).
+    pub r13: usize,
+    /// Callee-saved r14 (asm: [`GOBUF_R14`]).
+    pub r14: usize,
+    /// Callee-saved r15 (asm: [`GOBUF_R15`]).
+    pub r15: usize,
+}
+
+impl Gobuf {
+    /// An empty context: `gogo` on it is a fatal error (no G).
+    pub const fn new() -> Self {
+        Gobuf {
+            sp: 0,
+            pc: 0,
+            g: core::ptr::null_mut(),
+            ctxt: 0,
+            bp: 0,
+            rbx: 0,
+            r12: 0,
+            r13: 0,
+            r14: 0,
+            r15: 0,
+        }
+    }
+}
+
+impl Default for Gobuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A function value as the switch code calls it (Go's `funcval`): a code
+/// pointer followed, in memory, by whatever the code needs.
+///
+/// The asm calls `(fv.fn_)(fv)`: rdi holds the `FuncVal`'s own address, so
+/// a `#[repr(C)]` struct that starts with a `FuncVal` can recover its other
+/// fields from it. [`systemstack`](crate::systemstack) and
+/// [`gostartcallfn`](crate::proc::gostartcallfn) build them.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FuncVal {
+    /// The code, called with the `FuncVal`'s address in rdi
+    /// (asm: [`FUNCVAL_FN`]).
+    pub fn_: unsafe extern "C" fn(*mut FuncVal),
+}
+
+/// Goroutine status (`G::atomicstatus`). Go's values, so that dumps read
+/// the same.
+pub mod status {
+    /// Just allocated by `malg`, not yet started. Nobody runs it; it is on
+    /// no queue. Its stack is owned by whoever holds the G.
+    pub const IDLE: u32 = 0;
+    /// On a run queue (or about to be put on one), not running. Its stack
+    /// holds only its own frames; `sched` says where to resume.
+    pub const RUNNABLE: u32 = 1;
+    /// Running on an M (`m.curg == g`, `g.m == m`): the M owns its stack.
+    pub const RUNNING: u32 = 2;
+    /// Parked: on no run queue; whoever will `ready` it owns the G.
+    /// `sched` says where to resume.
+    pub const WAITING: u32 = 4;
+    /// Finished (or never used): its stack holds nothing live and may be
+    /// reused by the next G; it is on a free list or being freed.
+    pub const DEAD: u32 = 6;
+
+    /// Go's name for a status, for messages.
+    pub const fn name(s: u32) -> &'static str {
+        match s {
+            IDLE => "idle",
+            RUNNABLE => "runnable",
+            RUNNING => "running",
+            WAITING => "waiting",
+            DEAD => "dead",
+            _ => "unknown",
+        }
+    }
+}
+
+/// A goroutine.
+///
+/// The first fields are read by asm (offsets [`G_STACK`], [`G_SCHED`],
+/// [`G_M`]); the rest are Rust's.
+#[repr(C)]
+pub struct G {
+    /// The stack `[lo, hi)` this G runs on (asm: [`G_STACK`]).
+    pub stack: Stack,
+    /// Where to resume this G (asm: [`G_SCHED`]).
+    pub sched: Gobuf,
+    /// The M running this G, or null (asm: [`G_M`]).
+    pub m: *mut M,
+    /// Goroutine id; g0s have id 0 (asm: [`G_GOID`], read by tools).
+    pub goid: u64,
+    /// A [`status`] value.
+    pub atomicstatus: AtomicU32,
+    /// The function a fresh G runs: [`gostart`](crate::asm_amd64::gostart)
+    /// calls it through `sched.ctxt`, which points at `startfv`.
+    pub(crate) startfv: FuncVal,
+    /// The closure behind `startfv` (taken when the G starts).
+    pub(crate) startfn: Option<alloc::boxed::Box<dyn FnOnce() + Send + 'static>>,
+    /// The stack memory this G owns, freed when the G is dropped. `None` for
+    /// a g0 that runs on its thread's own stack.
+    pub(crate) stackmem: Option<crate::stack::StackMem>,
+}
+
+impl G {
+    /// This G's status (acquire: pairs with the release in
+    /// [`G::casstatus`] so a G seen as `RUNNABLE` has its `sched` visible).
+    pub fn readgstatus(&self) -> u32 {
+        self.atomicstatus.load(Ordering::Acquire)
+    }
+
+    /// Sets the status (release: publishes `sched` and everything written
+    /// before the change to whoever reads the new status).
+    pub fn casstatus(&self, old: u32, new: u32) {
+        let prev = self.atomicstatus.swap(new, Ordering::AcqRel);
+        debug_assert_eq!(
+            prev,
+            old,
+            "goroutine {}: status was {}, expected {}",
+            self.goid,
+            status::name(prev),
+            status::name(old)
+        );
+    }
+}
+
+impl core::fmt::Debug for G {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("G")
+            .field("goid", &self.goid)
+            .field("status", &status::name(self.readgstatus()))
+            .field("stack", &self.stack)
+            .field("sched", &self.sched)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A worker: an OS thread (hosted) or a CPU (bare metal).
+///
+/// The first fields are read by asm (offsets [`M_G0`], [`M_CURG`],
+/// [`M_GSIGNAL`]).
+#[repr(C)]
+pub struct M {
+    /// The scheduling G: its stack is this M's system stack
+    /// (asm: [`M_G0`]).
+    pub g0: *mut G,
+    /// The user G this M is running, or null (asm: [`M_CURG`]).
+    pub curg: *mut G,
+    /// The G whose stack signal handlers run on, or null. `systemstack`
+    /// from it runs the function directly (asm: [`M_GSIGNAL`]).
+    pub gsignal: *mut G,
+    /// The P this M holds, or null.
+    pub p: *mut P,
+    /// M id, for messages.
+    pub id: i64,
+}
+
+/// A processor token: an M must hold one to run user Gs. There are `procs`
+/// of them (Go's GOMAXPROCS). No asm reads a P.
+#[repr(C)]
+#[derive(Debug)]
+pub struct P {
+    /// P id, `0..procs`.
+    pub id: i32,
+    /// The M holding this P, or null.
+    pub m: *mut M,
+}
+
+// ---------------------------------------------------------------------
+// Offsets the asm uses. Each is computed from the struct, then pinned: a
+// change in layout fails here first, and again in `cargo xtask offsets
+// --check` until the published tables are regenerated.
+
+/// `Stack.lo`.
+pub const STACK_LO: usize = offset_of!(Stack, lo);
+/// `Stack.hi`.
+pub const STACK_HI: usize = offset_of!(Stack, hi);
+
+/// `Gobuf.sp`.
+pub const GOBUF_SP: usize = offset_of!(Gobuf, sp);
+/// `Gobuf.pc`.
+pub const GOBUF_PC: usize = offset_of!(Gobuf, pc);
+/// `Gobuf.g`.
+pub const GOBUF_G: usize = offset_of!(Gobuf, g);
+/// `Gobuf.ctxt`.
+pub const GOBUF_CTXT: usize = offset_of!(Gobuf, ctxt);
+/// `Gobuf.bp`.
+pub const GOBUF_BP: usize = offset_of!(Gobuf, bp);
+/// `Gobuf.rbx`.
+pub const GOBUF_RBX: usize = offset_of!(Gobuf, rbx);
+/// `Gobuf.r12`.
+pub const GOBUF_R12: usize = offset_of!(Gobuf, r12);
+/// `Gobuf.r13`.
+pub const GOBUF_R13: usize = offset_of!(Gobuf, r13);
+/// `Gobuf.r14`.
+pub const GOBUF_R14: usize = offset_of!(Gobuf, r14);
+/// `Gobuf.r15`.
+pub const GOBUF_R15: usize = offset_of!(Gobuf, r15);
+
+/// `FuncVal.fn_`.
+pub const FUNCVAL_FN: usize = offset_of!(FuncVal, fn_);
+
+/// `G.stack`.
+pub const G_STACK: usize = offset_of!(G, stack);
+/// `G.sched`.
+pub const G_SCHED: usize = offset_of!(G, sched);
+/// `G.m`.
+pub const G_M: usize = offset_of!(G, m);
+/// `G.goid`.
+pub const G_GOID: usize = offset_of!(G, goid);
+
+/// `M.g0`.
+pub const M_G0: usize = offset_of!(M, g0);
+/// `M.curg`.
+pub const M_CURG: usize = offset_of!(M, curg);
+/// `M.gsignal`.
+pub const M_GSIGNAL: usize = offset_of!(M, gsignal);
+
+/// `G.sched.sp`: the field `mcall` and `systemstack` load to reach g0's
+/// stack, and save a G's stack pointer into.
+pub const G_SCHED_SP: usize = G_SCHED + GOBUF_SP;
+/// `G.sched.pc`.
+pub const G_SCHED_PC: usize = G_SCHED + GOBUF_PC;
+/// `G.sched.bp`.
+pub const G_SCHED_BP: usize = G_SCHED + GOBUF_BP;
+/// `G.sched.rbx`.
+pub const G_SCHED_RBX: usize = G_SCHED + GOBUF_RBX;
+/// `G.sched.r12`.
+pub const G_SCHED_R12: usize = G_SCHED + GOBUF_R12;
+/// `G.sched.r13`.
+pub const G_SCHED_R13: usize = G_SCHED + GOBUF_R13;
+/// `G.sched.r14`.
+pub const G_SCHED_R14: usize = G_SCHED + GOBUF_R14;
+/// `G.sched.r15`.
+pub const G_SCHED_R15: usize = G_SCHED + GOBUF_R15;
+
+// Pinned values: the published tables and any embedder's asm rely on them.
+const_assert_eq!(STACK_LO, 0);
+const_assert_eq!(STACK_HI, 8);
+const_assert_eq!(core::mem::size_of::<Stack>(), 16);
+
+const_assert_eq!(GOBUF_SP, 0);
+const_assert_eq!(GOBUF_PC, 8);
+const_assert_eq!(GOBUF_G, 16);
+const_assert_eq!(GOBUF_CTXT, 24);
+const_assert_eq!(GOBUF_BP, 32);
+const_assert_eq!(GOBUF_RBX, 40);
+const_assert_eq!(GOBUF_R12, 48);
+const_assert_eq!(GOBUF_R13, 56);
+const_assert_eq!(GOBUF_R14, 64);
+const_assert_eq!(GOBUF_R15, 72);
+const_assert_eq!(core::mem::size_of::<Gobuf>(), 80);
+
+const_assert_eq!(FUNCVAL_FN, 0);
+
+const_assert_eq!(G_STACK, 0);
+const_assert_eq!(G_SCHED, 16);
+const_assert_eq!(G_M, 96);
+const_assert_eq!(G_GOID, 104);
+
+const_assert_eq!(M_G0, 0);
+const_assert_eq!(M_CURG, 8);
+const_assert_eq!(M_GSIGNAL, 16);
+
+// Every field the asm touches is a naturally aligned 8-byte word.
+const_assert!(core::mem::align_of::<G>() >= 8);
+const_assert!(core::mem::align_of::<M>() >= 8);
+const_assert!(core::mem::align_of::<Gobuf>() == 8);
+
+/// One row of the published offset tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FieldOffset {
+    /// The constant's name, e.g. `GOBUF_SP`.
+    pub name: &'static str,
+    /// `Struct.field` (or `Struct` for a size row).
+    pub field: &'static str,
+    /// Offset in bytes (for a size row, the size).
+    pub offset: usize,
+    /// Size of the field in bytes.
+    pub size: usize,
+}
+
+macro_rules! row {
+    ($name:ident, $ty:ident . $($field:ident).+, $size:expr) => {
+        FieldOffset {
+            name: stringify!($name),
+            field: concat!(stringify!($ty), $(".", stringify!($field)),+),
+            offset: $name,
+            size: $size,
+        }
+    };
+}
+
+const W: usize = core::mem::size_of::<usize>();
+
+/// Every offset constant, in the order of the published tables.
+pub const OFFSETS: &[FieldOffset] = &[
+    row!(STACK_LO, Stack.lo, W),
+    row!(STACK_HI, Stack.hi, W),
+    row!(GOBUF_SP, Gobuf.sp, W),
+    row!(GOBUF_PC, Gobuf.pc, W),
+    row!(GOBUF_G, Gobuf.g, W),
+    row!(GOBUF_CTXT, Gobuf.ctxt, W),
+    row!(GOBUF_BP, Gobuf.bp, W),
+    row!(GOBUF_RBX, Gobuf.rbx, W),
+    row!(GOBUF_R12, Gobuf.r12, W),
+    row!(GOBUF_R13, Gobuf.r13, W),
+    row!(GOBUF_R14, Gobuf.r14, W),
+    row!(GOBUF_R15, Gobuf.r15, W),
+    row!(FUNCVAL_FN, FuncVal.fn_, W),
+    row!(G_STACK, G.stack, core::mem::size_of::<Stack>()),
+    row!(G_SCHED, G.sched, core::mem::size_of::<Gobuf>()),
+    row!(G_SCHED_SP, G.sched.sp, W),
+    row!(G_SCHED_PC, G.sched.pc, W),
+    row!(G_SCHED_BP, G.sched.bp, W),
+    row!(G_SCHED_RBX, G.sched.rbx, W),
+    row!(G_SCHED_R12, G.sched.r12, W),
+    row!(G_SCHED_R13, G.sched.r13, W),
+    row!(G_SCHED_R14, G.sched.r14, W),
+    row!(G_SCHED_R15, G.sched.r15, W),
+    row!(G_M, G.m, W),
+    row!(G_GOID, G.goid, 8),
+    row!(M_G0, M.g0, W),
+    row!(M_CURG, M.curg, W),
+    row!(M_GSIGNAL, M.gsignal, W),
+];
+
+/// Struct sizes published with the offsets (`SIZEOF_GOBUF`, …).
+pub const SIZES: &[(&str, &str, usize)] = &[
+    ("SIZEOF_STACK", "Stack", core::mem::size_of::<Stack>()),
+    ("SIZEOF_GOBUF", "Gobuf", core::mem::size_of::<Gobuf>()),
+    ("SIZEOF_G", "G", core::mem::size_of::<G>()),
+    ("SIZEOF_M", "M", core::mem::size_of::<M>()),
+    ("SIZEOF_P", "P", core::mem::size_of::<P>()),
+];
