@@ -5,5 +5,13 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod asm_amd64;
+pub mod panic;
+pub mod proc;
 pub mod runtime2;
 pub mod stack;
+mod stubs;
+pub mod tls;
+
+pub use stubs::systemstack;
+pub use tls::getg;

@@ -1,0 +1,158 @@
+//! Fatal errors: `throw` and the named sinks the switch code jumps to
+//! (Go's `panic.go` `throw`, and `badmcall` / `badmcall2` /
+//! `badsystemstack` from `proc.go` / `stubs.go`).
+//!
+//! A fatal error writes one line, `fatal error: <what> (<which goroutine,
+//! which M>)`, and aborts. It does not allocate and does not unwind: it may
+//! run on g0 or on a G whose stack is the problem. Hosted, the line goes to
+//! stderr with `write(2)` and the process ends with `abort()` (SIGABRT).
+//! Freestanding, the line goes to the writer installed with
+//! [`set_fatal_writer`], then the CPU executes `ud2`.
+
+use core::fmt::Write;
+
+use crate::runtime2::{G, M};
+use crate::tls::getg;
+
+/// Formats into a fixed buffer: a fatal message must not allocate.
+type Line = heapless::String<512>;
+
+/// Where freestanding fatal messages go.
+#[cfg(not(feature = "std"))]
+static FATAL_WRITER: core::sync::atomic::AtomicPtr<()> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// Installs the function that receives fatal messages on a freestanding
+/// build (a serial port, a console). Without one, a fatal error just traps.
+#[cfg(not(feature = "std"))]
+pub fn set_fatal_writer(write: fn(&[u8])) {
+    FATAL_WRITER.store(write as *mut (), core::sync::atomic::Ordering::Release);
+}
+
+fn write_out(bytes: &[u8]) {
+    #[cfg(feature = "std")]
+    {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // SAFETY: writes from a live slice to fd 2; a failed write is
+            // ignored (there is nowhere else to report it).
+            let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                break;
+            }
+            rest = &rest[n as usize..];
+        }
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        let p = FATAL_WRITER.load(core::sync::atomic::Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: only set_fatal_writer stores here, from a `fn(&[u8])`.
+            let write: fn(&[u8]) = unsafe { core::mem::transmute(p) };
+            write(bytes);
+        }
+    }
+}
+
+fn die() -> ! {
+    #[cfg(feature = "std")]
+    {
+        // SAFETY: abort() takes no arguments and does not return.
+        unsafe { libc::abort() }
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        // SAFETY: ud2 raises #UD; there is nothing to preserve.
+        unsafe { core::arch::asm!("ud2", options(noreturn, nostack)) }
+    }
+}
+
+/// Describes a G for a message: `goroutine 7 (m 2)`, `g0 (m 2)`.
+fn describe(line: &mut Line, gp: *const G) {
+    if gp.is_null() {
+        let _ = line.push_str("no goroutine: this thread is not a gokernel M");
+        return;
+    }
+    // SAFETY: gp is a live G (the current one, or one the caller holds);
+    // only plain fields are read.
+    let (goid, mp) = unsafe { ((*gp).goid, (*gp).m) };
+    // SAFETY: a G's m is null or a live M.
+    let mid = if mp.is_null() { -1 } else { unsafe { (*mp).id } };
+    let is_g0 = !mp.is_null() && {
+        // SAFETY: mp is a live M.
+        unsafe { (*mp).g0 == gp as *mut G }
+    };
+    if is_g0 {
+        let _ = write!(line, "g0 of m {mid}");
+    } else if mid >= 0 {
+        let _ = write!(line, "goroutine {goid} on m {mid}");
+    } else {
+        let _ = write!(line, "goroutine {goid}");
+    }
+}
+
+/// Reports a fatal runtime error and aborts (Go's `throw`). The message
+/// names the current goroutine and M.
+#[cold]
+pub fn throw(msg: &str) -> ! {
+    throw_g(msg, getg())
+}
+
+/// Like [`throw`], naming `gp` as the goroutine at fault.
+#[cold]
+pub fn throw_g(msg: &str, gp: *const G) -> ! {
+    let mut line = Line::new();
+    let _ = line.push_str("fatal error: ");
+    let _ = line.push_str(msg);
+    let _ = line.push_str(" (");
+    describe(&mut line, gp);
+    let _ = line.push_str(")\n");
+    write_out(line.as_bytes());
+    die()
+}
+
+/// Sink for `mcall` from g0: there is no user G to suspend.
+/// Called by [`mcall`](crate::asm_amd64::mcall) with the offending G in rdi.
+pub(crate) extern "C" fn badmcall(gp: *mut G) -> ! {
+    throw_g("mcall called on g0: mcall only suspends a user goroutine", gp)
+}
+
+/// Sink for an `mcall` function that returned instead of switching away.
+/// Called by [`mcall`](crate::asm_amd64::mcall) with the suspended G.
+pub(crate) extern "C" fn badmcall2(gp: *mut G) -> ! {
+    throw_g(
+        "mcall function returned: it must end in gogo or schedule",
+        gp,
+    )
+}
+
+/// Sink for `systemstack` from a G that is neither g0, gsignal nor the M's
+/// current G. Called by [`systemstack`](crate::asm_amd64::systemstack).
+pub(crate) extern "C" fn badsystemstack(gp: *mut G) -> ! {
+    let mut line = Line::new();
+    // SAFETY: gp is the current G (its m was read by the asm).
+    let mp: *mut M = unsafe { (*gp).m };
+    // SAFETY: the asm only jumps here after reading a non-null M.
+    let curg = unsafe { (*mp).curg };
+    let cur = if curg.is_null() {
+        0
+    } else {
+        // SAFETY: m.curg is null or a live G.
+        unsafe { (*curg).goid }
+    };
+    let _ = write!(
+        line,
+        "systemstack called from a goroutine that is not its M's current goroutine (m.curg is goroutine {cur})"
+    );
+    throw_g(&line, gp)
+}
+
+/// Sink for `mcall` or `systemstack` on a thread that is not an M.
+pub(crate) extern "C" fn badnom() -> ! {
+    throw("mcall or systemstack called on a thread with no gokernel M (the current G is null)")
+}
+
+/// Sink for `gogo` on a Gobuf with no G.
+pub(crate) extern "C" fn badgogo() -> ! {
+    throw("gogo on a Gobuf whose g is null")
+}
