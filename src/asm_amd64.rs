@@ -183,7 +183,8 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
 ///   `gogo(&g.sched)`.
 ///
 /// Misuse is fatal, with a message naming the G: `mcall` on g0
-/// ([`badmcall`]), `fn` returning ([`badmcall2`]), no M on this thread.
+/// ([`badmcall`]), `fn` returning ([`badmcall2`]), no M on this thread or
+/// a G with no M ([`badnom`]).
 ///
 /// # Safety
 ///
@@ -198,8 +199,10 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         "mov rax, qword ptr [rip + __gokernel_g@GOTTPOFF]",
         "mov rsi, qword ptr fs:[rax]",                 // rsi = gp = getg()
         "test rsi, rsi",
-        "jz {badnom}",                                 // not an M
+        "jz 5f",                                       // not an M: fatal
         "mov rdx, qword ptr [rsi + {g_m}]",            // rdx = gp.m
+        "test rdx, rdx",
+        "jz 5f",                                       // G without an M: fatal
         "mov rcx, qword ptr [rdx + {m_g0}]",           // rcx = g0
         "cmp rsi, rcx",
         "je 2f",                                       // mcall on g0: fatal
@@ -229,6 +232,9 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         "2:",
         "mov rdi, rsi",
         "jmp {badmcall}",
+        "5:",
+        "mov rdi, rsi",
+        "jmp {badnom}",
         ".cfi_endproc",
         g_m = const G_M,
         m_g0 = const M_G0,
@@ -257,7 +263,7 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
 ///   tracebacks, makes g0 current, calls, then makes `m.curg` current again
 ///   and returns on the G's stack;
 /// - otherwise it is a fatal error ([`badsystemstack`]); with no M on the
-///   thread, another.
+///   thread or a G with no M, another ([`badnom`]).
 ///
 /// Register contract:
 /// - in: rdi = `fv`;
@@ -281,8 +287,10 @@ pub unsafe extern "C" fn systemstack(fv: *mut FuncVal) {
         "mov rax, qword ptr [rip + __gokernel_g@GOTTPOFF]",
         "mov rsi, qword ptr fs:[rax]",                 // rsi = gp = getg()
         "test rsi, rsi",
-        "jz {badnom}",                                 // not an M
+        "jz 5f",                                       // not an M: fatal
         "mov rdx, qword ptr [rsi + {g_m}]",            // rdx = gp.m
+        "test rdx, rdx",
+        "jz 5f",                                       // G without an M: fatal
         "cmp rsi, qword ptr [rdx + {m_gsignal}]",
         "je 3f",                                       // on gsignal: call directly
         "mov rcx, qword ptr [rdx + {m_g0}]",           // rcx = g0
@@ -321,6 +329,9 @@ pub unsafe extern "C" fn systemstack(fv: *mut FuncVal) {
         "4:",
         "mov rdi, rsi",
         "jmp {badsystemstack}",
+        "5:",
+        "mov rdi, rsi",
+        "jmp {badnom}",
         ".cfi_endproc",
         g_m = const G_M,
         m_g0 = const M_G0,

@@ -147,9 +147,13 @@ pub(crate) extern "C" fn badsystemstack(gp: *mut G) -> ! {
     throw_g(&line, gp)
 }
 
-/// Sink for `mcall` or `systemstack` on a thread that is not an M.
-pub(crate) extern "C" fn badnom() -> ! {
-    throw("mcall or systemstack called on a thread with no gokernel M (the current G is null)")
+/// Sink for `mcall` or `systemstack` when the current G is null (the
+/// thread is not an M) or has no M.
+pub(crate) extern "C" fn badnom(gp: *mut G) -> ! {
+    if gp.is_null() {
+        throw_g("mcall or systemstack called on a thread that is not a gokernel M", gp)
+    }
+    throw_g("mcall or systemstack called from a goroutine that has no M (g.m is null)", gp)
 }
 
 /// Sink for `gogo` on a Gobuf with no G.

@@ -72,7 +72,7 @@ impl<F: FnOnce() -> R, R> OnceFrame<F, R> {
 /// If the calling thread is not a gokernel M.
 ///
 /// ```
-/// # use gokernel::proc::{M, mstart};
+/// # use gokernel::{proc::mstart, runtime2::M};
 /// let mut m = M::new(1);
 /// // SAFETY: this thread runs no other M, and `m` outlives the call.
 /// unsafe {

@@ -1,1 +1,123 @@
-fn main() {}
+//! `cargo xtask`: the gokernel workspace's developer commands.
+//!
+//! `cargo xtask <command>` is an alias (in `.cargo/config.toml`) for
+//! `cargo run --quiet --package xtask -- <command>`. The commands:
+//!
+//! - `offsets [--check]` ([`offsets`]): renders the layout constants of
+//!   `gokernel::runtime2` (`OFFSETS`, `SIZES`) as `docs/offsets.md`,
+//!   `docs/offsets.inc` and `docs/offsets.h`. With `--check` it writes
+//!   nothing and fails if any of those files is missing or out of date.
+//! - `test` ([`gate`]): the single gate CI runs (through `.ci/run`):
+//!   formatting, clippy on the host and on the bare target, bare builds,
+//!   host tests, docs and the offsets check, then a summary table.
+//! - `help`: prints the usage.
+//!
+//! Each command is one row of [`COMMANDS`]: a new command (`bench`, `soak`,
+//! `valgrind`, …) is a new module with a `run(&[String]) -> ExitCode` and a
+//! new row. External programs are run through [`process`], which echoes,
+//! streams and times them out.
+//!
+//! Exit status: 0 on success, 1 when a command's checks fail, 2 on a usage
+//! error.
+
+mod gate;
+mod offsets;
+mod process;
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Exit status for a command line that names no known command or passes a
+/// command an argument it does not take.
+const USAGE_ERROR: u8 = 2;
+
+/// One `cargo xtask` command.
+struct Command {
+    /// The word that selects it: `cargo xtask <name>`.
+    name: &'static str,
+    /// Its arguments, as shown in the usage (empty if it takes none).
+    args: &'static str,
+    /// One line saying what it does.
+    summary: &'static str,
+    /// Runs it with the arguments that follow its name.
+    run: fn(&[String]) -> ExitCode,
+}
+
+/// Every command, in the order the usage lists them.
+const COMMANDS: &[Command] = &[
+    Command {
+        name: "offsets",
+        args: "[--check]",
+        summary: "write docs/offsets.{md,inc,h} from gokernel::runtime2 \
+                  (--check: fail if they are stale)",
+        run: offsets::run,
+    },
+    Command {
+        name: "test",
+        args: "",
+        summary: "the CI gate: fmt, clippy (host, bare), bare builds, tests, docs, offsets",
+        run: gate::run,
+    },
+    Command {
+        name: "help",
+        args: "",
+        summary: "print this message",
+        run: help,
+    },
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((name, rest)) = args.split_first() else {
+        return help(&[]);
+    };
+    match COMMANDS.iter().find(|command| command.name == name) {
+        Some(command) => (command.run)(rest),
+        None => {
+            eprintln!("cargo xtask: unknown command `{name}`");
+            // Nothing useful can be done if stderr is closed.
+            let _ = write_usage(&mut io::stderr());
+            ExitCode::from(USAGE_ERROR)
+        }
+    }
+}
+
+/// `cargo xtask help`: the usage, on stdout.
+fn help(_args: &[String]) -> ExitCode {
+    match write_usage(&mut io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Writes the usage: one line per entry of [`COMMANDS`].
+fn write_usage(out: &mut impl Write) -> io::Result<()> {
+    writeln!(out, "usage: cargo xtask <command> [args]")?;
+    writeln!(out)?;
+    writeln!(out, "commands:")?;
+    let synopses: Vec<String> = COMMANDS
+        .iter()
+        .map(|command| format!("{} {}", command.name, command.args))
+        .collect();
+    let width = synopses.iter().map(String::len).max().unwrap_or(0);
+    for (synopsis, command) in synopses.iter().zip(COMMANDS) {
+        writeln!(out, "  {synopsis:<width$}  {}", command.summary)?;
+    }
+    Ok(())
+}
+
+/// Reports a bad argument to `cargo xtask <command>` and returns the usage
+/// error status.
+fn usage_error(command: &str, message: &str) -> ExitCode {
+    eprintln!("cargo xtask {command}: {message}");
+    eprintln!("run `cargo xtask help` for usage");
+    ExitCode::from(USAGE_ERROR)
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in a directory of the workspace")
+}

@@ -1,0 +1,116 @@
+//! Helpers shared by the integration tests: run code on a fresh M, run a
+//! closure as a G, and run a crash scenario in a child process.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::process::Command;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use gokernel::proc::{execute, gostartcallfn, malg, mstart, newgoid};
+use gokernel::runtime2::{G, M, status};
+
+static NEXT_MID: AtomicI64 = AtomicI64::new(1);
+
+/// A fresh M id, unique in this process.
+pub fn next_mid() -> i64 {
+    NEXT_MID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs `f` on g0 of a new M on this thread and returns its result.
+pub fn on_g0<R>(f: impl FnOnce() -> R) -> R {
+    let mut m = M::new(next_mid());
+    let mut out = None;
+    // SAFETY: this thread runs no M; `m` outlives the call.
+    unsafe { mstart(&mut *m, || out = Some(f())) };
+    out.expect("the M ended before its g0 function returned")
+}
+
+/// A G ready to run `f` (runnable, with a fresh goid).
+pub fn newg(stack_size: usize, f: impl FnOnce() + Send + 'static) -> Box<G> {
+    let mut g = malg(stack_size).expect("malg");
+    g.goid = newgoid();
+    // SAFETY: the G is new: not running, its stack unused.
+    unsafe { gostartcallfn(&mut *g, Box::new(f)) };
+    g
+}
+
+/// Runs `f` as a G on a new M on this thread, until the G exits. A panic
+/// in `f` is caught inside the G and re-raised here, so a failed assertion
+/// fails the test with its message.
+pub fn run_in_g<R: Send + 'static>(stack_size: usize, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let out = Arc::new(Mutex::new(None));
+    let slot = out.clone();
+    let mut g = newg(stack_size, move || {
+        let r = catch_unwind(AssertUnwindSafe(f));
+        *slot.lock().unwrap() = Some(r);
+    });
+    let gp: *mut G = &mut *g;
+    let mut m = M::new(next_mid());
+    // SAFETY: this thread runs no M; gp is runnable and only this M runs
+    // it; when it exits, schedule ends the M and mstart returns.
+    unsafe { mstart(&mut *m, || execute(gp)) };
+    assert_eq!(g.readgstatus(), status::DEAD, "the G did not finish");
+    let r = out.lock().unwrap().take().expect("the G produced no result");
+    match r {
+        Ok(v) => v,
+        Err(p) => resume_unwind(p),
+    }
+}
+
+/// The caller's stack pointer (rsp before the `call` to this function).
+#[unsafe(naked)]
+pub extern "C" fn caller_sp() -> usize {
+    core::arch::naked_asm!("lea rax, [rsp + 8]", "ret")
+}
+
+/// Set in the child process of a crash test.
+const CHILD_ENV: &str = "GOKERNEL_CRASH_CHILD";
+
+/// True in the child process of a crash test: the test should crash.
+pub fn in_crash_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// What a crash child did.
+pub struct Crash {
+    pub stderr: String,
+    pub signal: Option<i32>,
+    pub code: Option<i32>,
+}
+
+/// Re-runs the test `name` (of this test binary) in a child process with
+/// [`in_crash_child`] true, and returns how it ended.
+pub fn run_crash_child(name: &str) -> Crash {
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("spawn the crash child");
+    Crash {
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        signal: out.status.signal(),
+        code: out.status.code(),
+    }
+}
+
+/// Asserts that the child aborted (SIGABRT) with every one of `expected`
+/// in its stderr.
+pub fn assert_aborted_with(c: &Crash, expected: &[&str]) {
+    assert_eq!(
+        c.signal,
+        Some(libc_sigabrt()),
+        "the child should die of SIGABRT; it ended with code {:?}, signal {:?}; stderr:\n{}",
+        c.code,
+        c.signal,
+        c.stderr
+    );
+    for e in expected {
+        assert!(c.stderr.contains(e), "stderr lacks {e:?}; stderr:\n{}", c.stderr);
+    }
+}
+
+fn libc_sigabrt() -> i32 {
+    6
+}

@@ -1,0 +1,331 @@
+//! `cargo xtask test`: the single gate CI runs (through `.ci/run`).
+//!
+//! The steps, in order:
+//!
+//! 1. bare target: make sure `x86_64-unknown-none` is installed for the
+//!    pinned toolchain (`rustup target add` if it is not). If it cannot be,
+//!    the bare steps below fall back to a freestanding build for the host
+//!    triple (`--no-default-features`, no `--target`) and the summary says
+//!    so.
+//! 2. `cargo fmt --all -- --check`
+//! 3. `cargo clippy --workspace --all-targets -- -D warnings` (host, `std`)
+//! 4. `cargo clippy -p gokernel --lib --no-default-features --target
+//!    x86_64-unknown-none -- -D warnings`
+//! 5. `cargo build -p gokernel --lib --no-default-features --target
+//!    x86_64-unknown-none`, debug then `--release`: clippy does no codegen,
+//!    and naked asm is only assembled at codegen.
+//! 6. `cargo test --workspace` (host, debug)
+//! 7. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`
+//! 8. `cargo xtask offsets --check`, run in-process
+//!
+//! Each step is announced as `==> <name>`; each command it runs is echoed
+//! as `$ <command line>`, inherits the environment, streams its output and
+//! is killed if it outlives the step's timeout (20 minutes for tests, 10
+//! for the rest). Every step runs even if an earlier one failed. At the end
+//! comes a table of steps with PASS/FAIL and seconds, the bare-target mode,
+//! and then, as the very last line, `summary: N passed, M failed` — CI
+//! parses that exact shape. The exit status is 1 if any step failed.
+//!
+//! Steps 2–8 are the [`Step`]s listed by [`steps`]; a new step (a release
+//! test run, a freestanding image run, …) is one more entry there.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use crate::{offsets, process};
+
+/// The bare-metal target the library is built for.
+const BARE_TARGET: &str = "x86_64-unknown-none";
+
+/// Timeout for steps that run tests.
+const TEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// Timeout for every other step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// How the "bare" steps build the library.
+#[derive(Clone, Copy)]
+enum BareMode {
+    /// For `x86_64-unknown-none`, which is installed.
+    Target,
+    /// For the host triple, `--no-default-features`: the target could not
+    /// be installed.
+    HostFallback,
+}
+
+impl BareMode {
+    /// The `--target` arguments for a bare cargo command.
+    fn target_args(self) -> &'static [&'static str] {
+        match self {
+            BareMode::Target => &["--target", BARE_TARGET],
+            BareMode::HostFallback => &[],
+        }
+    }
+
+    /// How the bare steps were built, for the summary.
+    fn describe(self) -> &'static str {
+        match self {
+            BareMode::Target => "x86_64-unknown-none",
+            BareMode::HostFallback => {
+                "FALLBACK: freestanding build for the host triple \
+                 (x86_64-unknown-linux-gnu, --no-default-features); \
+                 x86_64-unknown-none was not installed"
+            }
+        }
+    }
+}
+
+/// One step of the gate after the bare-target step.
+struct Step {
+    /// The name shown in `==> <name>` and in the summary table.
+    name: &'static str,
+    action: Action,
+}
+
+/// What a [`Step`] does.
+enum Action {
+    /// Runs an external command; the step passes if it exits with 0.
+    Run {
+        command: Command,
+        timeout: Duration,
+    },
+    /// Runs a check inside xtask; the step passes if it returns `true`.
+    InProcess {
+        /// The equivalent command line, echoed after `$`.
+        command_line: &'static str,
+        check: fn(&Path) -> bool,
+    },
+}
+
+/// How one step went.
+struct Outcome {
+    name: &'static str,
+    passed: bool,
+    elapsed: Duration,
+}
+
+/// `cargo xtask test`.
+pub fn run(args: &[String]) -> ExitCode {
+    if let Some(arg) = args.first() {
+        return crate::usage_error("test", &format!("unexpected argument `{arg}`"));
+    }
+    let root = crate::workspace_root();
+
+    let mut mode = BareMode::HostFallback;
+    let mut outcomes = vec![run_step("bare target", || {
+        mode = ensure_bare_target(root);
+        true
+    })];
+    for step in steps(root, mode) {
+        let Step { name, action } = step;
+        outcomes.push(run_step(name, || perform(root, action)));
+    }
+
+    print_summary(&outcomes, mode);
+    if outcomes.iter().all(|outcome| outcome.passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The steps after the bare-target step, in order.
+fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
+    let bare = |subcommand: &str, extra: &[&str]| {
+        let mut command = cargo(root, &[subcommand, "-p", "gokernel", "--lib"]);
+        command
+            .arg("--no-default-features")
+            .args(mode.target_args())
+            .args(extra);
+        command
+    };
+    let mut doc = cargo(root, &["doc", "-p", "gokernel", "--no-deps"]);
+    doc.env("RUSTDOCFLAGS", "-D warnings");
+
+    vec![
+        Step::run("fmt", cargo(root, &["fmt", "--all", "--", "--check"])),
+        Step::run(
+            "clippy (host)",
+            cargo(
+                root,
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            ),
+        ),
+        Step::run("clippy (bare)", bare("clippy", &["--", "-D", "warnings"])),
+        Step::run("build (bare, debug)", bare("build", &[])),
+        Step::run("build (bare, release)", bare("build", &["--release"])),
+        Step::test("test (host, debug)", cargo(root, &["test", "--workspace"])),
+        Step::run("doc", doc),
+        Step {
+            name: "offsets --check",
+            action: Action::InProcess {
+                command_line: "cargo xtask offsets --check  # in-process",
+                check: offsets::check,
+            },
+        },
+    ]
+}
+
+impl Step {
+    /// A step that runs `command` with the default timeout.
+    fn run(name: &'static str, command: Command) -> Step {
+        Step {
+            name,
+            action: Action::Run {
+                command,
+                timeout: STEP_TIMEOUT,
+            },
+        }
+    }
+
+    /// A step that runs tests with `command`, with the test timeout.
+    fn test(name: &'static str, command: Command) -> Step {
+        Step {
+            name,
+            action: Action::Run {
+                command,
+                timeout: TEST_TIMEOUT,
+            },
+        }
+    }
+}
+
+/// A `cargo` command (`$CARGO` if set, so that the toolchain running xtask
+/// is the one tested) with `args`, run in the workspace root.
+fn cargo(root: &Path, args: &[&str]) -> Command {
+    let program = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut command = Command::new(program);
+    command.current_dir(root).args(args);
+    command
+}
+
+/// Announces a step, runs `body`, and prints and returns how it went.
+fn run_step(name: &'static str, body: impl FnOnce() -> bool) -> Outcome {
+    println!();
+    println!("==> {name}");
+    let start = Instant::now();
+    let passed = body();
+    let elapsed = start.elapsed();
+    println!(
+        "<== {name}: {} in {:.1}s",
+        verdict(passed),
+        elapsed.as_secs_f64()
+    );
+    Outcome {
+        name,
+        passed,
+        elapsed,
+    }
+}
+
+/// Does what `action` says from `root`; returns whether it passed.
+fn perform(root: &Path, action: Action) -> bool {
+    match action {
+        Action::Run {
+            mut command,
+            timeout,
+        } => match process::run(&mut command, timeout) {
+            Ok(status) if status.success() => true,
+            Ok(status) => {
+                println!("command failed: {status}");
+                false
+            }
+            Err(failure) => {
+                println!("command {failure}");
+                false
+            }
+        },
+        Action::InProcess {
+            command_line,
+            check,
+        } => {
+            println!("$ {command_line}");
+            check(root)
+        }
+    }
+}
+
+/// Makes sure the bare target is installed for the workspace's toolchain,
+/// installing it if rustup can; returns how the bare steps must build.
+fn ensure_bare_target(root: &Path) -> BareMode {
+    let mut list = rustup(root, &["target", "list", "--installed"]);
+    let installed = match process::output(&mut list, STEP_TIMEOUT) {
+        Ok((status, stdout)) if status.success() => {
+            stdout.lines().any(|line| line.trim() == BARE_TARGET)
+        }
+        Ok((status, _)) => return bare_target_missing(&format!("rustup failed: {status}")),
+        Err(failure) => return bare_target_missing(&format!("rustup {failure}")),
+    };
+    if installed {
+        println!("{BARE_TARGET} is installed");
+        return BareMode::Target;
+    }
+    let mut add = rustup(root, &["target", "add", BARE_TARGET]);
+    match process::run(&mut add, STEP_TIMEOUT) {
+        Ok(status) if status.success() => BareMode::Target,
+        Ok(status) => bare_target_missing(&format!("rustup failed: {status}")),
+        Err(failure) => bare_target_missing(&format!("rustup {failure}")),
+    }
+}
+
+/// Says why the bare target is unavailable and that the fallback is used.
+fn bare_target_missing(reason: &str) -> BareMode {
+    println!("{reason}");
+    println!(
+        "{BARE_TARGET} is not installed and could not be added; falling back to a \
+         freestanding build for the host triple (x86_64-unknown-linux-gnu, \
+         --no-default-features)"
+    );
+    BareMode::HostFallback
+}
+
+/// A `rustup` command with `args`, run in the workspace root so that
+/// `rust-toolchain.toml` selects the toolchain.
+fn rustup(root: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new("rustup");
+    command.current_dir(root).args(args);
+    command
+}
+
+/// Prints the table of outcomes, the bare-target mode, and last the
+/// `summary:` line CI parses.
+fn print_summary(outcomes: &[Outcome], mode: BareMode) {
+    let width = outcomes
+        .iter()
+        .map(|outcome| outcome.name.len())
+        .chain(["step".len()])
+        .max()
+        .unwrap_or(0);
+    println!();
+    println!("{:<width$}  result  seconds", "step");
+    for outcome in outcomes {
+        println!(
+            "{:<width$}  {:<6}  {:>7.1}",
+            outcome.name,
+            verdict(outcome.passed),
+            outcome.elapsed.as_secs_f64()
+        );
+    }
+    println!();
+    println!("bare target: {}", mode.describe());
+    let passed = outcomes.iter().filter(|outcome| outcome.passed).count();
+    println!(
+        "summary: {passed} passed, {} failed",
+        outcomes.len() - passed
+    );
+}
+
+/// `PASS` or `FAIL`.
+fn verdict(passed: bool) -> &'static str {
+    if passed { "PASS" } else { "FAIL" }
+}
