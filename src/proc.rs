@@ -117,10 +117,30 @@ unsafe extern "C" fn gentry(fv: *mut FuncVal) {
     let gp = fv.wrapping_byte_sub(offset_of!(G, startfv)).cast::<G>();
     // SAFETY: fv is &gp.startfv (the contract), so gp is the running G.
     let f = unsafe { (*gp).startfn.take() };
-    match f {
-        Some(f) => f(),
-        None => throw_g("goroutine started without a function", gp),
+    let Some(f) = f else {
+        throw_g("goroutine started without a function", gp)
+    };
+    run_catching(f, gp);
+}
+
+/// Runs a G's function. Unwinding cannot cross the entry trampoline, so a
+/// panic that reaches here ends the process with a fatal error naming the
+/// goroutine (the panic hook has already printed the message).
+#[cfg(feature = "std")]
+fn run_catching(f: Box<dyn FnOnce() + Send + 'static>, gp: *mut G) {
+    if std::panic::catch_unwind(core::panic::AssertUnwindSafe(f)).is_err() {
+        throw_g(
+            "a goroutine panicked (message above); a panic cannot unwind out of a goroutine",
+            gp,
+        );
     }
+}
+
+/// Runs a G's function. Without `std` there is no unwinding to catch: a
+/// panic goes to the embedder's panic handler.
+#[cfg(not(feature = "std"))]
+fn run_catching(f: Box<dyn FnOnce() + Send + 'static>, _gp: *mut G) {
+    f()
 }
 
 /// Runs the calling thread as M `mp`: makes `mp.g0` the current G, records
@@ -137,14 +157,12 @@ unsafe extern "C" fn gentry(fv: *mut FuncVal) {
 /// call. `f` and the Gs it runs must follow the switch contracts in
 /// [`asm_amd64`](crate::asm_amd64).
 ///
-/// # Panics
-///
-/// If the calling thread is already running an M.
+/// Calling it on a thread that already runs an M is a fatal error.
 pub unsafe fn mstart<F: FnOnce()>(mp: *mut M, f: F) {
-    assert!(
-        getg().is_null(),
-        "gokernel: mstart on a thread that is already running an M"
-    );
+    let cur = getg();
+    if !cur.is_null() {
+        throw_g("mstart on a thread that is already running an M", cur);
+    }
     // SAFETY: mp is live and not running (the contract).
     let g0 = unsafe { (*mp).g0 };
     // SAFETY: g0 belongs to mp, which nothing else runs.

@@ -325,11 +325,24 @@ fn check_alignment_and_sse(place: &str) {
     assert_eq!(s, "0.333 6.02e23", "{place}");
 }
 
+/// On g0: checks alignment inside an mcall function, then resumes `gp`.
+unsafe extern "C" fn check_then_resume(gp: *mut G) {
+    check_alignment_and_sse("g0 in an mcall function");
+    // SAFETY: gp was just suspended by mcall on this M.
+    unsafe {
+        (*gp).casstatus(status::RUNNING, status::RUNNABLE);
+        execute(gp)
+    }
+}
+
 #[test]
 fn rust_code_runs_16_byte_aligned_with_sse_on_a_g_stack_and_on_g0() {
     run_in_g(STACK, || {
         check_alignment_and_sse("G stack");
         systemstack(|| check_alignment_and_sse("g0 via systemstack"));
+        // SAFETY: on a user G; check_then_resume resumes it.
+        unsafe { mcall(check_then_resume) };
+        check_alignment_and_sse("G stack after mcall");
     });
     on_g0(|| check_alignment_and_sse("g0"));
 }

@@ -17,13 +17,17 @@ pub fn next_mid() -> i64 {
     NEXT_MID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Runs `f` on g0 of a new M on this thread and returns its result.
+/// Runs `f` on g0 of a new M on this thread and returns its result. A
+/// panic in `f` is caught on g0 and re-raised here.
 pub fn on_g0<R>(f: impl FnOnce() -> R) -> R {
     let mut m = M::new(next_mid());
     let mut out = None;
     // SAFETY: this thread runs no M; `m` outlives the call.
-    unsafe { mstart(&mut *m, || out = Some(f())) };
-    out.expect("the M ended before its g0 function returned")
+    unsafe { mstart(&mut *m, || out = Some(catch_unwind(AssertUnwindSafe(f)))) };
+    match out.expect("the M ended before its g0 function returned") {
+        Ok(v) => v,
+        Err(p) => resume_unwind(p),
+    }
 }
 
 /// A G ready to run `f` (runnable, with a fresh goid).

@@ -41,10 +41,10 @@ use crate::{offsets, process};
 const BARE_TARGET: &str = "x86_64-unknown-none";
 
 /// Timeout for steps that run tests.
-const TEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const TEST_TIMEOUT: Duration = Duration::from_mins(20);
 
 /// Timeout for every other step.
-const STEP_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+const STEP_TIMEOUT: Duration = Duration::from_mins(10);
 
 /// How the "bare" steps build the library.
 #[derive(Clone, Copy)]
@@ -60,16 +60,16 @@ impl BareMode {
     /// The `--target` arguments for a bare cargo command.
     fn target_args(self) -> &'static [&'static str] {
         match self {
-            BareMode::Target => &["--target", BARE_TARGET],
-            BareMode::HostFallback => &[],
+            Self::Target => &["--target", BARE_TARGET],
+            Self::HostFallback => &[],
         }
     }
 
     /// How the bare steps were built, for the summary.
     fn describe(self) -> &'static str {
         match self {
-            BareMode::Target => "x86_64-unknown-none",
-            BareMode::HostFallback => {
+            Self::Target => "x86_64-unknown-none",
+            Self::HostFallback => {
                 "FALLBACK: freestanding build for the host triple \
                  (x86_64-unknown-linux-gnu, --no-default-features); \
                  x86_64-unknown-none was not installed"
@@ -88,10 +88,7 @@ struct Step {
 /// What a [`Step`] does.
 enum Action {
     /// Runs an external command; the step passes if it exits with 0.
-    Run {
-        command: Command,
-        timeout: Duration,
-    },
+    Run { command: Command, timeout: Duration },
     /// Runs a check inside xtask; the step passes if it returns `true`.
     InProcess {
         /// The equivalent command line, echoed after `$`.
@@ -114,6 +111,8 @@ pub fn run(args: &[String]) -> ExitCode {
     }
     let root = crate::workspace_root();
 
+    // Set by the bare-target step. That step always passes: without the
+    // target the bare steps fall back, and the summary says so.
     let mut mode = BareMode::HostFallback;
     let mut outcomes = vec![run_step("bare target", || {
         mode = ensure_bare_target(root);
@@ -178,8 +177,8 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
 
 impl Step {
     /// A step that runs `command` with the default timeout.
-    fn run(name: &'static str, command: Command) -> Step {
-        Step {
+    fn run(name: &'static str, command: Command) -> Self {
+        Self {
             name,
             action: Action::Run {
                 command,
@@ -189,8 +188,8 @@ impl Step {
     }
 
     /// A step that runs tests with `command`, with the test timeout.
-    fn test(name: &'static str, command: Command) -> Step {
-        Step {
+    fn test(name: &'static str, command: Command) -> Self {
+        Self {
             name,
             action: Action::Run {
                 command,

@@ -228,7 +228,10 @@ fn markdown_table<const N: usize>(
     });
 
     let mut lines = vec![line(header), line(rule.each_ref().map(String::as_str))];
-    lines.extend(rows.iter().map(|row| line(row.each_ref().map(String::as_str))));
+    lines.extend(
+        rows.iter()
+            .map(|row| line(row.each_ref().map(String::as_str))),
+    );
     lines
 }
 
@@ -277,8 +280,7 @@ fn defines_file(
         .map(|(code, _)| code.len())
         .max()
         .unwrap_or(0);
-    let commented =
-        |(code, comment): &(String, String)| format!("{code:<width$}  /* {comment} */");
+    let commented = |(code, comment): &(String, String)| format!("{code:<width$}  /* {comment} */");
 
     let mut lines = vec![
         format!("/* {NOTICE} */"),

@@ -16,6 +16,7 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
+use std::iter;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -83,9 +84,9 @@ fn echo(command: &Command) {
     let env = command
         .get_envs()
         .filter_map(|(key, value)| Some(format!("{}={}", key.display(), quote(value?))));
-    let words = [quote(command.get_program()).into_owned()]
-        .into_iter()
-        .chain(command.get_args().map(|arg| quote(arg).into_owned()));
+    let words = iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|word| quote(word).into_owned());
     let line: Vec<String> = env.chain(words).collect();
     println!("$ {}", line.join(" "));
 }
