@@ -70,14 +70,18 @@ fn die() -> ! {
 /// Describes a G for a message: `goroutine 7 (m 2)`, `g0 (m 2)`.
 fn describe(line: &mut Line, gp: *const G) {
     if gp.is_null() {
-        let _ = line.push_str("no goroutine: this thread is not a gokernel M");
+        let _ = line.push_str("no current goroutine");
         return;
     }
     // SAFETY: gp is a live G (the current one, or one the caller holds);
     // only plain fields are read.
     let (goid, mp) = unsafe { ((*gp).goid, (*gp).m) };
     // SAFETY: a G's m is null or a live M.
-    let mid = if mp.is_null() { -1 } else { unsafe { (*mp).id } };
+    let mid = if mp.is_null() {
+        -1
+    } else {
+        unsafe { (*mp).id }
+    };
     let is_g0 = !mp.is_null() && {
         // SAFETY: mp is a live M.
         unsafe { (*mp).g0 == gp as *mut G }
@@ -114,7 +118,10 @@ pub fn throw_g(msg: &str, gp: *const G) -> ! {
 /// Sink for `mcall` from g0: there is no user G to suspend.
 /// Called by [`mcall`](crate::asm_amd64::mcall) with the offending G in rdi.
 pub(crate) extern "C" fn badmcall(gp: *mut G) -> ! {
-    throw_g("mcall called on g0: mcall only suspends a user goroutine", gp)
+    throw_g(
+        "mcall called on g0: mcall only suspends a user goroutine",
+        gp,
+    )
 }
 
 /// Sink for an `mcall` function that returned instead of switching away.
@@ -151,9 +158,15 @@ pub(crate) extern "C" fn badsystemstack(gp: *mut G) -> ! {
 /// thread is not an M) or has no M.
 pub(crate) extern "C" fn badnom(gp: *mut G) -> ! {
     if gp.is_null() {
-        throw_g("mcall or systemstack called on a thread that is not a gokernel M", gp)
+        throw_g(
+            "mcall or systemstack called on a thread that is not a gokernel M",
+            gp,
+        )
     }
-    throw_g("mcall or systemstack called from a goroutine that has no M (g.m is null)", gp)
+    throw_g(
+        "mcall or systemstack called from a goroutine that has no M (g.m is null)",
+        gp,
+    )
 }
 
 /// Sink for `gogo` on a Gobuf with no G.

@@ -2,11 +2,11 @@
 //! `proc.go`: `mstart`, `malg`, `gostartcallfn`, `goexit1`, `goexit0`).
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicU64, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memoffset::offset_of;
 
-use crate::asm_amd64::{gogo, goexit, gostart, mcall, mstart1};
+use crate::asm_amd64::{goexit, gogo, gostart, mcall, mstart1};
 use crate::panic::throw_g;
 use crate::runtime2::{FuncVal, G, Gobuf, M, Stack, status};
 use crate::stack::{StackError, stackalloc};

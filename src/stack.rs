@@ -57,13 +57,22 @@ impl core::fmt::Display for StackError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
             StackError::TooSmall { size } => {
-                write!(f, "stack size {size} is below the minimum of {STACK_MIN} bytes")
+                write!(
+                    f,
+                    "stack size {size} is below the minimum of {STACK_MIN} bytes"
+                )
             }
             StackError::TooLarge { size } => {
-                write!(f, "stack size {size} is above the maximum of {STACK_MAX} bytes")
+                write!(
+                    f,
+                    "stack size {size} is above the maximum of {STACK_MAX} bytes"
+                )
             }
             StackError::NotPageMultiple { size } => {
-                write!(f, "stack size {size} is not a multiple of the {PAGE_SIZE}-byte page")
+                write!(
+                    f,
+                    "stack size {size} is not a multiple of the {PAGE_SIZE}-byte page"
+                )
             }
             StackError::OutOfMemory { size } => {
                 write!(f, "out of memory allocating a {size}-byte stack")

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_aborted_with, in_crash_child, newg, next_mid, on_g0, run_crash_child, run_in_g};
+use common::{
+    assert_aborted_with, in_crash_child, newg, next_mid, on_g0, run_crash_child, run_in_g,
+};
 use gokernel::asm_amd64::{gogo, mcall};
 use gokernel::getg;
 use gokernel::proc::{execute, mstart};
@@ -41,7 +43,10 @@ fn mcall_function_that_returns_is_fatal() {
     let c = run_crash_child("mcall_function_that_returns_is_fatal");
     assert_aborted_with(
         &c,
-        &["fatal error: mcall function returned: it must end in gogo or schedule", "(goroutine "],
+        &[
+            "fatal error: mcall function returned: it must end in gogo or schedule",
+            "(goroutine ",
+        ],
     );
 }
 
@@ -112,7 +117,11 @@ fn a_panic_in_a_g_is_fatal_and_names_the_goroutine() {
     let c = run_crash_child("a_panic_in_a_g_is_fatal_and_names_the_goroutine");
     assert_aborted_with(
         &c,
-        &["boom in a goroutine", "fatal error: a goroutine panicked", "(goroutine "],
+        &[
+            "boom in a goroutine",
+            "fatal error: a goroutine panicked",
+            "(goroutine ",
+        ],
     );
 }
 
@@ -131,6 +140,9 @@ fn mstart_on_a_thread_that_already_runs_an_m_is_fatal() {
     let c = run_crash_child("mstart_on_a_thread_that_already_runs_an_m_is_fatal");
     assert_aborted_with(
         &c,
-        &["fatal error: mstart on a thread that is already running an M", "(g0 of m "],
+        &[
+            "fatal error: mstart on a thread that is already running an M",
+            "(g0 of m ",
+        ],
     );
 }

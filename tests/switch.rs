@@ -89,7 +89,10 @@ fn two_gs_ping_pong_a_million_times_with_an_exact_count() {
 fn a_million_mcalls_start_g0_at_the_same_stack_point() {
     let (switches, _, (lo, hi)) = pingpong(500_000);
     assert_eq!(switches, 1_000_000);
-    assert_eq!(lo, hi, "g0's stack moved between mcalls: [{lo:#x}, {hi:#x}]");
+    assert_eq!(
+        lo, hi,
+        "g0's stack moved between mcalls: [{lo:#x}, {hi:#x}]"
+    );
 }
 
 #[test]
@@ -131,7 +134,10 @@ fn systemstack_runs_on_g0_and_nested_systemstack_calls_directly() {
                 assert_eq!(getg(), g0, "nested systemstack left g0");
                 caller_sp()
             });
-            assert!(inner_sp < sp, "nested systemstack did not run below its caller");
+            assert!(
+                inner_sp < sp,
+                "nested systemstack did not run below its caller"
+            );
             assert!(sp - inner_sp < 4096, "nested systemstack switched stacks");
             sp
         });
@@ -296,7 +302,9 @@ fn callee_saved_registers_survive_mcall_gogo_round_trips() {
 
 #[test]
 fn callee_saved_registers_survive_systemstack() {
-    run_in_g(STACK, || assert_eq!(callee_saved_survive(systemstack_with_work), 0));
+    run_in_g(STACK, || {
+        assert_eq!(callee_saved_survive(systemstack_with_work), 0)
+    });
     on_g0(|| assert_eq!(callee_saved_survive(systemstack_with_work), 0));
 }
 
@@ -308,10 +316,18 @@ struct Aligned([f32; 4]);
 /// loads and stores work, and f64 formatting (SSE) is right.
 #[inline(never)]
 fn check_alignment_and_sse(place: &str) {
-    assert_eq!(caller_sp() % 16, 0, "{place}: rsp not 16-byte aligned at a call");
+    assert_eq!(
+        caller_sp() % 16,
+        0,
+        "{place}: rsp not 16-byte aligned at a call"
+    );
     let a = black_box(Aligned([1.5, 2.5, 3.5, 4.5]));
     let addr = &a as *const Aligned as usize;
-    assert_eq!(addr % 16, 0, "{place}: a 16-byte aligned local is misaligned");
+    assert_eq!(
+        addr % 16,
+        0,
+        "{place}: a 16-byte aligned local is misaligned"
+    );
     let mut out = Aligned([0.0; 4]);
     // SAFETY: both pointers are 16-byte aligned arrays of four f32 (checked
     // above for `a`; `out` has the same type); SSE is baseline on x86_64.

@@ -55,7 +55,11 @@ pub fn run_in_g<R: Send + 'static>(stack_size: usize, f: impl FnOnce() -> R + Se
     // it; when it exits, schedule ends the M and mstart returns.
     unsafe { mstart(&mut *m, || execute(gp)) };
     assert_eq!(g.readgstatus(), status::DEAD, "the G did not finish");
-    let r = out.lock().unwrap().take().expect("the G produced no result");
+    let r = out
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the G produced no result");
     match r {
         Ok(v) => v,
         Err(p) => resume_unwind(p),
@@ -111,7 +115,11 @@ pub fn assert_aborted_with(c: &Crash, expected: &[&str]) {
         c.stderr
     );
     for e in expected {
-        assert!(c.stderr.contains(e), "stderr lacks {e:?}; stderr:\n{}", c.stderr);
+        assert!(
+            c.stderr.contains(e),
+            "stderr lacks {e:?}; stderr:\n{}",
+            c.stderr
+        );
     }
 }
 
