@@ -16,7 +16,7 @@
 //! bp and the closure context. gokernel is called from Rust, whose System V
 //! ABI makes rbx, rbp and r12–r15 callee-saved: a Rust caller of `mcall`
 //! expects them intact when `mcall` "returns". `mcall` therefore stores
-//! them in the G's [`Gobuf`](crate::runtime2::Gobuf) next to sp and pc,
+//! them in the G's [`Gobuf`] next to sp and pc,
 //! and `gogo` loads them back. The suspended G's stack holds only its own
 //! frames, and `sched.pc` is the real return address of the `mcall` — what
 //! a traceback of a parked G wants.
@@ -79,7 +79,7 @@
 //!
 //! `gogo` enters [`gostart`] with rsp = hi − 8, as if `goexit` had called
 //! it; the function's `ret` lands on `goexit + 1`, which calls
-//! [`goexit1`](crate::proc::goexit1).
+//! `goexit1`.
 //!
 //! g0's stack: [`mstart1`] records `g0.sched` once, when the M starts, at
 //! the point just above its own return address. Every later switch to g0
@@ -183,8 +183,8 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
 ///   `gogo(&g.sched)`.
 ///
 /// Misuse is fatal, with a message naming the G: `mcall` on g0
-/// ([`badmcall`]), `fn` returning ([`badmcall2`]), no M on this thread or
-/// a G with no M ([`badnom`]).
+/// (`badmcall`), `fn` returning (`badmcall2`), no M on this thread or
+/// a G with no M (`badnom`).
 ///
 /// # Safety
 ///
@@ -262,8 +262,8 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
 ///   M's `curg`: records the G's sp, pc and bp in `g.sched` for
 ///   tracebacks, makes g0 current, calls, then makes `m.curg` current again
 ///   and returns on the G's stack;
-/// - otherwise it is a fatal error ([`badsystemstack`]); with no M on the
-///   thread or a G with no M, another ([`badnom`]).
+/// - otherwise it is a fatal error (`badsystemstack`); with no M on the
+///   thread or a G with no M, another (`badnom`).
 ///
 /// Register contract:
 /// - in: rdi = `fv`;
@@ -386,7 +386,7 @@ pub unsafe extern "C" fn gostart() -> ! {
 /// function returns, execution continues one byte in — past the leading
 /// `nop`, so that an unwinder looking up `return address − 1` lands inside
 /// `goexit`, whose CFI marks the return address undefined: the chain ends
-/// here, cleanly. It then calls [`goexit1`](crate::proc::goexit1), which
+/// here, cleanly. It then calls `goexit1`, which
 /// does not return.
 ///
 /// Register contract:

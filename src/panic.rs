@@ -7,7 +7,7 @@
 //! run on g0 or on a G whose stack is the problem. Hosted, the line goes to
 //! stderr with `write(2)` and the process ends with `abort()` (SIGABRT).
 //! Freestanding, the line goes to the writer installed with
-//! [`set_fatal_writer`], then the CPU executes `ud2`.
+//! `set_fatal_writer` (built without `std`), then the CPU executes `ud2`.
 
 use core::fmt::Write;
 
@@ -84,7 +84,7 @@ fn describe(line: &mut Line, gp: *const G) {
     };
     let is_g0 = !mp.is_null() && {
         // SAFETY: mp is a live M.
-        unsafe { (*mp).g0 == gp as *mut G }
+        unsafe { core::ptr::eq((*mp).g0, gp) }
     };
     if is_g0 {
         let _ = write!(line, "g0 of m {mid}");

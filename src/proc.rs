@@ -79,7 +79,7 @@ pub fn malg(stack_size: usize) -> Result<Box<G>, StackError> {
 /// Prepares `gp` to run `f` the next time something does
 /// `gogo(&gp.sched)` (Go's `gostartcallfn`): the stack is set up as if
 /// [`goexit`] had called the entry trampoline [`gostart`], so when `f`
-/// returns the G exits through [`goexit1`]. The G becomes runnable.
+/// returns the G exits through `goexit1`. The G becomes runnable.
 ///
 /// # Safety
 ///

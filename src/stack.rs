@@ -90,7 +90,7 @@ pub const fn check_stack_size(size: usize) -> Result<(), StackError> {
         Err(StackError::TooSmall { size })
     } else if size > STACK_MAX {
         Err(StackError::TooLarge { size })
-    } else if size % PAGE_SIZE != 0 {
+    } else if !size.is_multiple_of(PAGE_SIZE) {
         Err(StackError::NotPageMultiple { size })
     } else {
         Ok(())
