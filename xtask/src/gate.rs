@@ -14,7 +14,9 @@
 //! 5. `cargo build -p gokernel --lib --no-default-features --target
 //!    x86_64-unknown-none`, debug then `--release`: clippy does no codegen,
 //!    and naked asm is only assembled at codegen.
-//! 6. `cargo test --workspace` (host, debug)
+//! 6. `cargo test --workspace --no-fail-fast` (host, debug), then
+//!    `cargo test -p gokernel --release`: the switch code must hold up
+//!    under the optimiser too, and the heavy tests run fast there
 //! 7. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`
 //! 8. `cargo xtask offsets --check`, run in-process
 //!
@@ -163,7 +165,17 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
         Step::run("clippy (bare)", bare("clippy", &["--", "-D", "warnings"])),
         Step::run("build (bare, debug)", bare("build", &[])),
         Step::run("build (bare, release)", bare("build", &["--release"])),
-        Step::test("test (host, debug)", cargo(root, &["test", "--workspace"])),
+        Step::test(
+            "test (host, debug)",
+            cargo(root, &["test", "--workspace", "--no-fail-fast"]),
+        ),
+        Step::test(
+            "test (host, release)",
+            cargo(
+                root,
+                &["test", "-p", "gokernel", "--release", "--no-fail-fast"],
+            ),
+        ),
         Step::run("doc", doc),
         Step {
             name: "offsets --check",
