@@ -1,4 +1,65 @@
 //! gokernel: Go's goroutine kernel for x86_64, as a `#![no_std]` crate.
+//!
+//! gokernel brings the machinery of Go's runtime — G (goroutine), M
+//! (worker), P (processor); `gogo`, `mcall`, `systemstack` — to Rust
+//! programs: bare-metal kernels and unikernels link it without `std`,
+//! and hosted Linux programs use it with the `std` feature (on by default).
+//!
+//! # Layers
+//!
+//! - [`runtime2`]: the `#[repr(C)]` data — [`Gobuf`](runtime2::Gobuf),
+//!   [`Stack`](runtime2::Stack), [`G`](runtime2::G), [`M`](runtime2::M),
+//!   [`P`](runtime2::P) — and the named offsets the assembly uses
+//!   (published in `docs/offsets.md`, `.inc` and `.h`).
+//! - [`asm_amd64`]: the only code that switches stacks — [`gogo`],
+//!   [`mcall`], [`systemstack`](asm_amd64::systemstack), and the entry and
+//!   exit trampolines — as naked functions, with their register contracts
+//!   and the stack diagrams.
+//! - [`tls`]: the current G in one thread-local slot reached through FS
+//!   ([`getg`]).
+//! - [`proc`]: starting an M on its g0 ([`mstart`](proc::mstart)), making
+//!   Gs ([`malg`](proc::malg), [`gostartcallfn`](proc::gostartcallfn)),
+//!   running them ([`execute`](proc::execute)) and their exit.
+//! - [`stack`]: goroutine stacks (guard-paged `mmap` hosted).
+//! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
+//!
+//! [`gogo`]: asm_amd64::gogo
+//! [`mcall`]: asm_amd64::mcall
+//!
+//! # Example
+//!
+//! Run a goroutine on an M made from the current thread; it hops onto the
+//! M's system stack and back, and when it returns the M ends:
+//!
+//! ```
+//! use gokernel::proc::{execute, gostartcallfn, malg, mstart, newgoid};
+//! use gokernel::runtime2::{M, status};
+//! use gokernel::{getg, systemstack};
+//!
+//! let mut g = malg(64 * 1024).unwrap();
+//! g.goid = newgoid();
+//! let gp: *mut _ = &mut *g;
+//! // SAFETY: the G is new and its stack unused.
+//! unsafe {
+//!     gostartcallfn(gp, Box::new(|| {
+//!         let me = getg();
+//!         let on_g0 = systemstack(move || getg() != me);
+//!         assert!(on_g0);
+//!     }))
+//! };
+//! let mut m = M::new(1);
+//! // SAFETY: this thread runs no other M; `m` and `g` outlive the call.
+//! unsafe { mstart(&mut *m, || execute(gp)) };
+//! assert_eq!(g.readgstatus(), status::DEAD);
+//! ```
+//!
+//! # Migration and thread-locals
+//!
+//! A G may resume on another M (another OS thread). [`getg`] re-reads the
+//! FS-relative slot on every call, so it is always right; values derived
+//! from thread-locals of the Rust standard library (`thread_local!`) are
+//! not re-derived by the compiler across a switch, so Gs should not hold
+//! references to them across a point where they may move.
 #![no_std]
 
 extern crate alloc;
