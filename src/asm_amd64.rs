@@ -106,6 +106,9 @@ use crate::runtime2::{
     GOBUF_R13, GOBUF_R14, GOBUF_R15, GOBUF_RBX, GOBUF_SP, Gobuf, M_CURG, M_G0, M_GSIGNAL,
 };
 
+/// The size of a stack slot: a return address, a pushed register.
+const WORD: usize = core::mem::size_of::<usize>();
+
 /// `func gogo(buf *gobuf)` — restore state from a Gobuf; longjmp.
 ///
 /// Installs `buf.g` as the current G, loads rsp, rbp, rbx, r12–r15 from
@@ -209,7 +212,7 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         // Save the caller's context in gp.sched.
         "mov r8, qword ptr [rsp]",
         "mov qword ptr [rsi + {sched_pc}], r8",        // pc = our return address
-        "lea r8, [rsp + 8]",
+        "lea r8, [rsp + {word}]",     
         "mov qword ptr [rsi + {sched_sp}], r8",        // sp = the caller's sp after return
         "mov qword ptr [rsi + {sched_bp}], rbp",
         "mov qword ptr [rsi + {sched_rbx}], rbx",
@@ -246,6 +249,7 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         sched_r13 = const G_SCHED_R13,
         sched_r14 = const G_SCHED_R14,
         sched_r15 = const G_SCHED_R15,
+        word = const WORD,
         badnom = sym badnom,
         badmcall = sym badmcall,
         badmcall2 = sym badmcall2,
@@ -300,12 +304,12 @@ pub unsafe extern "C" fn systemstack(fv: *mut FuncVal) {
         "jne 4f",                                      // not m.curg: fatal
         // A frame on the G's stack that the CFI can find from g0.
         "push rbp",
-        ".cfi_adjust_cfa_offset 8",
-        ".cfi_offset rbp, -16",
+        ".cfi_adjust_cfa_offset {word}",
+        ".cfi_offset rbp, -{two_words}",
         "mov rbp, rsp",
         ".cfi_def_cfa_register rbp",
         "mov qword ptr [rsi + {sched_sp}], rsp",       // for tracebacks of this G
-        "mov r8, qword ptr [rsp + 8]",
+        "mov r8, qword ptr [rsp + {word}]",
         "mov qword ptr [rsi + {sched_pc}], r8",
         "mov qword ptr [rsi + {sched_bp}], rbp",
         // Switch to g0 and call.
@@ -321,7 +325,7 @@ pub unsafe extern "C" fn systemstack(fv: *mut FuncVal) {
         "mov rsp, rbp",                                // back on the G's stack
         "mov qword ptr [rcx + {sched_sp}], 0",         // not in systemstack any more
         "pop rbp",
-        ".cfi_def_cfa rsp, 8",
+        ".cfi_def_cfa rsp, {word}",
         ".cfi_restore rbp",
         "ret",
         "3:",
@@ -341,6 +345,8 @@ pub unsafe extern "C" fn systemstack(fv: *mut FuncVal) {
         sched_pc = const G_SCHED_PC,
         sched_bp = const G_SCHED_BP,
         funcval_fn = const FUNCVAL_FN,
+        word = const WORD,
+        two_words = const 2 * WORD,
         badnom = sym badnom,
         badsystemstack = sym badsystemstack,
     )
@@ -442,7 +448,7 @@ pub unsafe extern "C" fn mstart1(buf: *mut Gobuf, fv: *mut FuncVal) {
         ".cfi_startproc",
         "mov rax, qword ptr [rsp]",
         "mov qword ptr [rdi + {gobuf_pc}], rax",       // pc = our return address
-        "lea rax, [rsp + 8]",
+        "lea rax, [rsp + {word}]",     
         "mov qword ptr [rdi + {gobuf_sp}], rax",       // sp = the caller's sp after return
         "mov qword ptr [rdi + {gobuf_bp}], rbp",
         "mov qword ptr [rdi + {gobuf_rbx}], rbx",
@@ -450,12 +456,12 @@ pub unsafe extern "C" fn mstart1(buf: *mut Gobuf, fv: *mut FuncVal) {
         "mov qword ptr [rdi + {gobuf_r13}], r13",
         "mov qword ptr [rdi + {gobuf_r14}], r14",
         "mov qword ptr [rdi + {gobuf_r15}], r15",
-        "sub rsp, 8",                                  // align for the call
-        ".cfi_adjust_cfa_offset 8",
+        "sub rsp, {word}",                             // align for the call
+        ".cfi_adjust_cfa_offset {word}",
         "mov rdi, rsi",
         "call qword ptr [rsi + {funcval_fn}]",         // fv.fn_(fv)
-        "add rsp, 8",
-        ".cfi_adjust_cfa_offset -8",
+        "add rsp, {word}",
+        ".cfi_adjust_cfa_offset -{word}",
         "ret",
         ".cfi_endproc",
         gobuf_pc = const GOBUF_PC,
@@ -467,5 +473,6 @@ pub unsafe extern "C" fn mstart1(buf: *mut Gobuf, fv: *mut FuncVal) {
         gobuf_r14 = const GOBUF_R14,
         gobuf_r15 = const GOBUF_R15,
         funcval_fn = const FUNCVAL_FN,
+        word = const WORD,
     )
 }
