@@ -33,7 +33,7 @@ unsafe extern "C" fn to_other(gp: *mut G) {
     // only this M runs either.
     unsafe {
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        execute(other)
+        execute(other, false)
     }
 }
 
@@ -97,7 +97,7 @@ fn ping_pong(rounds: u64) {
     let mut m = M::new(1);
     let t = Instant::now();
     // SAFETY: this thread runs no M; when `a` returns, goexit ends the M.
-    unsafe { mstart(&mut *m, || execute(pa)) };
+    unsafe { mstart(&mut *m, || execute(pa, false)) };
     let secs = t.elapsed().as_secs_f64();
     let switches = SWITCHES.get();
     assert_eq!(switches, 2 * rounds, "lost or extra switches");
@@ -142,6 +142,6 @@ fn round_trips(rounds: u64, mcalls: bool, systemstacks: bool) {
     let cp: *mut G = &mut *c;
     let mut m2 = M::new(2);
     // SAFETY: as above; a fresh M for the second run.
-    unsafe { mstart(&mut *m2, || execute(cp)) };
+    unsafe { mstart(&mut *m2, || execute(cp, false)) };
     assert_eq!(c.readgstatus(), status::DEAD);
 }

@@ -49,7 +49,7 @@
 //! };
 //! let mut m = M::new(1);
 //! // SAFETY: this thread runs no other M; `m` and `g` outlive the call.
-//! unsafe { mstart(&mut *m, || execute(gp)) };
+//! unsafe { mstart(&mut *m, || execute(gp, false)) };
 //! assert_eq!(g.readgstatus(), status::DEAD);
 //! ```
 //!
@@ -67,12 +67,22 @@ extern crate alloc;
 extern crate std;
 
 pub mod asm_amd64;
+pub mod lock_futex;
 pub mod panic;
+pub mod platform;
 pub mod proc;
+pub mod runq;
+#[cfg(feature = "std")]
+mod runtime;
 pub mod runtime2;
 pub mod stack;
 mod stubs;
 pub mod tls;
 
+#[cfg(feature = "std")]
+pub use runtime::{
+    BuildError, Builder, Goroutine, JoinHandle, MAX_PROCS, Runtime, current, go, gosched,
+    num_goroutine, park, spawn,
+};
 pub use stubs::systemstack;
 pub use tls::getg;

@@ -1,14 +1,72 @@
-//! Ms and Gs: starting an M on its g0, making Gs, and a G's exit (Go's
-//! `proc.go`: `mstart`, `malg`, `gostartcallfn`, `goexit1`, `goexit0`).
+//! The scheduler (Go's `proc.go`).
+//!
+//! # G, M, P
+//!
+//! A **G** is a goroutine: a stack, a saved context and a function. An
+//! **M** is a worker thread; it runs Gs on their stacks and its own
+//! scheduling code on its **g0** stack. A **P** is the right to run user
+//! code: there are `procs` of them, and an M must hold one to run a G. Each
+//! P has a local run queue (a ring of 256 plus `runnext`) and a free list
+//! of dead Gs whose stacks can be reused; a global run queue and a global
+//! free list back them up.
+//!
+//! `newproc` makes a G (reusing a dead one when it can) and puts it in the
+//! creating P's `runnext`. `schedule` (on g0) picks the next G: every 61st
+//! time the global queue first, then `runnext`, the ring, the global queue,
+//! and finally half of another P's ring, stolen. `execute` switches to it.
+//! A G leaves the CPU through `mcall`: `goexit0` when it returns,
+//! `gosched_m` when it yields, `park_m` when it waits; `ready` makes a
+//! waiting G runnable again.
+//!
+//! # Spinning Ms and wake-ups
+//!
+//! An M with nothing to run gives its P back and sleeps (`stopm`), and
+//! must be woken when work appears — without waking Ms for nothing, and
+//! without ever leaving work behind with an idle P and no M looking. Go's
+//! protocol, kept here:
+//!
+//! - An M that is looking for work without having found it is
+//!   *spinning* (counted in `nmspinning`). Whoever makes a G runnable
+//!   (`newproc`, `ready`) calls `wakep`, which starts a spinning M only if
+//!   there is an idle P and no M is spinning already.
+//! - A spinning M that finds work stops spinning and calls `wakep` again,
+//!   so another M takes over the search (`resetspinning`).
+//! - A spinning M that finds nothing releases its P, decrements
+//!   `nmspinning`, and then checks every run queue (and the global queue)
+//!   once more before sleeping. The producer publishes its G and then reads
+//!   `nmspinning`; the M decrements `nmspinning` and then reads the queues;
+//!   both with sequentially consistent operations, so at least one of them
+//!   sees the other: either the producer sees no spinning M and wakes one,
+//!   or the M sees the G.
+//!
+//! There is no preemption: a G runs until it yields, parks or exits.
+//! Two Gs that keep waking each other through `runnext` would starve the
+//! rest of their P's queue, so after [`RUNNEXT_LIMIT`] such hand-offs in a
+//! row `runnext` is demoted behind the ring.
+//!
+//! # Who calls what
+//!
+//! Functions ending in `_m` run on g0 through `mcall`. `schedule`,
+//! `findrunnable`, `execute`, `stopm` run on g0. The run-queue functions on
+//! a P (`runqput`, `runqget`) are for the M holding that P; `runqsteal`
+//! takes from any P. Functions taking `&mut SchedLocked` run under
+//! `Sched::lock`.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
 
 use memoffset::offset_of;
 
 use crate::asm_amd64::{goexit, gogo, gostart, mcall, mstart1};
-use crate::panic::throw_g;
-use crate::runtime2::{FuncVal, G, Gobuf, M, Stack, status};
+use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
+use crate::panic::{throw, throw_g};
+use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
+use crate::runtime2::{
+    FuncVal, G, GQueue, Gobuf, M, P, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, status,
+};
 use crate::stack::{StackError, stackalloc};
 use crate::stubs::OnceFrame;
 use crate::tls::{getg, setg};
@@ -23,26 +81,42 @@ pub fn newgoid() -> u64 {
     GOIDGEN.fetch_add(1, Ordering::Relaxed) + 1
 }
 
+/// A G with the given stack and nothing to run.
+fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
+    G {
+        stack,
+        sched: Gobuf::new(),
+        m: null_mut(),
+        goid: 0,
+        atomicstatus: AtomicU32::new(status::IDLE),
+        startfv: FuncVal { fn_: gentry },
+        startfn: None,
+        stackmem,
+        schedlink: null_mut(),
+        rt: core::ptr::null(),
+        parker: None,
+    }
+}
+
 impl M {
     /// A new M with id `id` and a g0 that will run on the stack of the
     /// thread that calls [`mstart`] with it.
     pub fn new(id: i64) -> Box<M> {
-        let g0 = Box::into_raw(Box::new(G {
-            stack: Stack::default(),
-            sched: Gobuf::new(),
-            m: core::ptr::null_mut(),
-            goid: 0,
-            atomicstatus: AtomicU32::new(status::IDLE),
-            startfv: FuncVal { fn_: gentry },
-            startfn: None,
-            stackmem: None,
-        }));
+        let g0 = Box::into_raw(Box::new(newg_struct(Stack::default(), None)));
         Box::new(M {
             g0,
-            curg: core::ptr::null_mut(),
-            gsignal: core::ptr::null_mut(),
-            p: core::ptr::null_mut(),
+            curg: null_mut(),
+            gsignal: null_mut(),
+            p: null_mut(),
             id,
+            rt: core::ptr::null(),
+            nextp: null_mut(),
+            spinning: false,
+            park: Note::new(),
+            schedlink: null_mut(),
+            fastrand: 0x9e37_79b9_7f4a_7c15 ^ (id as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+            waitunlockf: None,
+            waitlock: null_mut(),
         })
     }
 }
@@ -62,16 +136,7 @@ impl Drop for M {
 /// [`check_stack_size`](crate::stack::check_stack_size).
 pub fn malg(stack_size: usize) -> Result<Box<G>, StackError> {
     let mem = stackalloc(stack_size)?;
-    let mut gp = Box::new(G {
-        stack: mem.bounds(),
-        sched: Gobuf::new(),
-        m: core::ptr::null_mut(),
-        goid: 0,
-        atomicstatus: AtomicU32::new(status::IDLE),
-        startfv: FuncVal { fn_: gentry },
-        startfn: None,
-        stackmem: Some(mem),
-    });
+    let mut gp = Box::new(newg_struct(mem.bounds(), Some(mem)));
     gp.sched.g = &raw mut *gp;
     Ok(gp)
 }
@@ -143,6 +208,59 @@ fn run_catching(f: Box<dyn FnOnce() + Send + 'static>, _gp: *mut G) {
     f()
 }
 
+/// Finishes the current G: called by [`goexit`] when a G's function
+/// returns (Go's `goexit1`). Switches to g0 to run [`goexit0`].
+pub(crate) extern "C" fn goexit1() -> ! {
+    // SAFETY: we are on a user G (goexit is only reached from a fresh G's
+    // function); goexit0 does not return.
+    unsafe { mcall(goexit0) };
+    throw_g("goexit: resumed a dead goroutine", getg())
+}
+
+/// Detaches the G that just switched away from its M (Go's `dropg`).
+///
+/// # Safety
+///
+/// On g0, with `gp` the G that was `m.curg`.
+unsafe fn dropg(gp: *mut G) -> *mut M {
+    // SAFETY: the contract: gp is suspended and was this M's curg.
+    unsafe {
+        let mp = (*gp).m;
+        (*mp).curg = null_mut();
+        (*gp).m = null_mut();
+        mp
+    }
+}
+
+/// On g0: the G `gp` has finished (Go's `goexit0`). It becomes dead and,
+/// under a scheduler, goes on its P's free list with its stack; then the M
+/// looks for the next G.
+///
+/// # Safety
+///
+/// Only [`mcall`] calls it, with the G that just finished.
+unsafe extern "C" fn goexit0(gp: *mut G) {
+    // SAFETY: gp was running on this M and is now suspended for good; only
+    // this M touches it until it is reused.
+    unsafe {
+        (*gp).casstatus(status::RUNNING, status::DEAD);
+        (*gp).startfn = None;
+        (*gp).parker = None;
+        let mp = dropg(gp);
+        let pp = (*mp).p;
+        if !(*mp).rt.is_null() && !pp.is_null() {
+            let sched = &*(*mp).rt;
+            // Release: the G's work happens before anyone sees the count drop.
+            sched.ngoroutines.fetch_sub(1, Ordering::Release);
+            gfput(sched, pp, gp);
+        }
+    }
+    schedule()
+}
+
+// ---------------------------------------------------------------------
+// Starting Ms.
+
 /// Runs the calling thread as M `mp`: makes `mp.g0` the current G, records
 /// `g0.sched` (once, in [`mstart1`]) and calls `f` on g0.
 ///
@@ -182,59 +300,703 @@ pub unsafe fn mstart<F: FnOnce()>(mp: *mut M, f: F) {
     unsafe {
         (*g0).sched = Gobuf::new();
         (*g0).atomicstatus.store(status::IDLE, Ordering::Relaxed);
-        (*mp).curg = core::ptr::null_mut();
-        setg(core::ptr::null_mut());
+        (*mp).curg = null_mut();
+        setg(null_mut());
     }
 }
 
-/// Finishes the current G: called by [`goexit`] when a G's function
-/// returns (Go's `goexit1`). Switches to g0 to run [`goexit0`].
-pub(crate) extern "C" fn goexit1() -> ! {
-    // SAFETY: we are on a user G (goexit is only reached from a fresh G's
-    // function); goexit0 does not return.
-    unsafe { mcall(goexit0) };
-    throw_g("goexit: resumed a dead goroutine", getg())
-}
-
-/// On g0: the G `gp` has finished (Go's `goexit0`). It becomes dead, its
-/// M forgets it, and the M goes to [`schedule`].
+/// The body of every scheduler M's thread (Go's `mstart0`): run as `mp`,
+/// take the P `startm` gave it, and schedule until the scheduler stops.
 ///
 /// # Safety
 ///
-/// Only [`mcall`] calls it, with the G that just finished.
-unsafe extern "C" fn goexit0(gp: *mut G) {
-    // SAFETY: gp is the G that was running on this M; it is now suspended
-    // for good and only this M touches it.
+/// Only a [`Platform::newosproc`](crate::platform::Platform::newosproc)
+/// thread calls it, once, for an M made by `newm` (which holds a reference
+/// on the scheduler for it).
+pub unsafe fn mstart0(mp: *mut M) {
+    // SAFETY: mp is an M of a live scheduler; this thread now runs it.
     unsafe {
-        (*gp).casstatus(status::RUNNING, status::DEAD);
-        (*gp).startfn = None;
-        let mp = (*gp).m;
-        (*gp).m = core::ptr::null_mut();
-        (*mp).curg = core::ptr::null_mut();
+        mstart(mp, || {
+            let pp = (*mp).nextp;
+            (*mp).nextp = null_mut();
+            if !pp.is_null() {
+                acquirep(mp, pp);
+            }
+            schedule()
+        });
+        let sched = (*mp).rt;
+        // Release: everything this M did happens before the runtime's
+        // shutdown sees it gone.
+        (*sched).nmlive.fetch_sub(1, Ordering::Release);
+        (*sched).platform.futexwakeup(&(*sched).nmlive, 1);
+        // The reference newm took for this thread.
+        Arc::decrement_strong_count(sched);
     }
-    schedule()
 }
 
-/// On g0: find a runnable G and run it (Go's `schedule`).
+/// Makes a new M for `sched` that will start with P `pp` (Go's `newm`).
 ///
-/// The switch core has no run queues: an M whose G finished has nothing
-/// left to run, so it ends, returning from [`mstart`].
+/// # Safety
+///
+/// `sched` must be inside an `Arc` (a reference is taken for the thread).
+/// `pp` must be an idle P taken off the idle list, or null.
+unsafe fn newm(sched: &Sched, pp: *mut P, spinning: bool) {
+    let mut m = M::new(sched.mnext.fetch_add(1, Ordering::Relaxed));
+    m.rt = sched;
+    m.nextp = pp;
+    m.spinning = spinning;
+    let mp = Box::into_raw(m);
+    sched.allm.lock().push(mp);
+    sched.nmlive.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the contract: sched lives in an Arc; the thread gives this
+    // reference back when it ends (mstart0).
+    unsafe { Arc::increment_strong_count(sched) };
+    if sched.platform.newosproc(mp).is_err() {
+        throw("newm: the platform could not start a thread for a new M");
+    }
+}
+
+/// Runs some M on P `pp`, or on an idle P if `pp` is null (Go's `startm`):
+/// wakes an idle M or makes a new one. With no idle P, does nothing (and
+/// gives back the spinning count the caller took).
+fn startm(sched: &Sched, pp: *mut P, spinning: bool) {
+    let mut sl = sched.lock.lock();
+    let pp = if pp.is_null() {
+        pidleget(&mut sl, sched)
+    } else {
+        pp
+    };
+    if pp.is_null() {
+        drop(sl);
+        if spinning {
+            // The caller incremented nmspinning for the M it wanted.
+            sched.nmspinning.fetch_sub(1, Ordering::SeqCst);
+        }
+        return;
+    }
+    let nmp = mget(&mut sl);
+    drop(sl);
+    if nmp.is_null() {
+        // SAFETY: schedulers live in an Arc (Runtime::build); pp is ours.
+        unsafe { newm(sched, pp, spinning) };
+        return;
+    }
+    // SAFETY: nmp came off the idle list: it sleeps in stopm and nothing
+    // else touches these fields until notewakeup hands them over.
+    unsafe {
+        (*nmp).spinning = spinning;
+        (*nmp).nextp = pp;
+        notewakeup(sched.platform, &(*nmp).park);
+    }
+}
+
+/// Starts a spinning M if there is an idle P and no M is spinning (Go's
+/// `wakep`). Called after making a G runnable.
+pub(crate) fn wakep(sched: &Sched) {
+    // SeqCst fence: the G just published (a release store of a queue's
+    // tail) is ordered before these loads, pairing with the spinning M's
+    // SeqCst decrement of nmspinning followed by its re-check of the
+    // queues (findrunnable): one of the two sides sees the other.
+    fence(Ordering::SeqCst);
+    if sched.npidle.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    if sched.nmspinning.load(Ordering::SeqCst) != 0
+        || sched
+            .nmspinning
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+    {
+        return;
+    }
+    startm(sched, null_mut(), true);
+}
+
+/// Stops the current M until `startm` gives it a P (Go's `stopm`). Returns
+/// false, without a P, when the scheduler is stopping.
+///
+/// # Safety
+///
+/// On g0 of `mp`, which holds no P.
+unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
+    {
+        let mut sl = sched.lock.lock();
+        // Checked under the lock that shutdown takes after setting it, so
+        // an M either sees it here or is on the idle list to be woken.
+        if sched.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        mput(&mut sl, mp);
+    }
+    // SAFETY: mp is this thread's M; the note is its own.
+    unsafe {
+        notesleep(sched.platform, &(*mp).park);
+        noteclear(&(*mp).park);
+        let pp = (*mp).nextp;
+        (*mp).nextp = null_mut();
+        if pp.is_null() {
+            return false;
+        }
+        acquirep(mp, pp);
+    }
+    true
+}
+
+/// Associates P `pp` with M `mp` (Go's `acquirep`).
+///
+/// # Safety
+///
+/// `pp` is an idle P no M holds; `mp` holds none.
+unsafe fn acquirep(mp: *mut M, pp: *mut P) {
+    // SAFETY: the contract: nobody else holds pp.
+    unsafe {
+        debug_assert!(
+            (*mp).p.is_null() && (*pp).m.is_null(),
+            "acquirep: P or M busy"
+        );
+        (*mp).p = pp;
+        (*pp).m = mp;
+    }
+}
+
+/// Disassociates `mp` from its P and returns the P (Go's `releasep`).
+///
+/// # Safety
+///
+/// `mp` holds a P.
+unsafe fn releasep(mp: *mut M) -> *mut P {
+    // SAFETY: the contract.
+    unsafe {
+        let pp = (*mp).p;
+        (*pp).m = null_mut();
+        (*mp).p = null_mut();
+        pp
+    }
+}
+
+/// Puts an idle M on the idle list (Go's `mput`).
+fn mput(sl: &mut SchedLocked, mp: *mut M) {
+    // SAFETY: mp is the caller's own M, about to sleep.
+    unsafe { (*mp).schedlink = sl.midle };
+    sl.midle = mp;
+}
+
+/// Takes an idle M off the idle list (Go's `mget`).
+fn mget(sl: &mut SchedLocked) -> *mut M {
+    let mp = sl.midle;
+    if !mp.is_null() {
+        // SAFETY: mp is on the idle list, which the lock guards.
+        unsafe { sl.midle = (*mp).schedlink };
+    }
+    mp
+}
+
+/// Puts P `pp` on the idle list (Go's `pidleput`).
+fn pidleput(sl: &mut SchedLocked, sched: &Sched, pp: *mut P) {
+    // SAFETY: pp was just released by its M; the lock guards the list.
+    unsafe { (*pp).link = sl.pidle };
+    sl.pidle = pp;
+    sched.npidle.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Takes a P off the idle list (Go's `pidleget`).
+fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
+    let pp = sl.pidle;
+    if !pp.is_null() {
+        // SAFETY: pp is on the idle list, which the lock guards.
+        unsafe { sl.pidle = (*pp).link };
+        sched.npidle.fetch_sub(1, Ordering::SeqCst);
+    }
+    pp
+}
+
+// ---------------------------------------------------------------------
+// Making Gs.
+
+/// Puts a dead G on P's free list, moving a batch to the global list when
+/// the local one is long (Go's `gfput`). Owner of `pp` only.
+fn gfput(sched: &Sched, pp: *mut P, gp: *mut G) {
+    // SAFETY: pp is the caller's P; gp is dead and owned by the caller.
+    unsafe {
+        (*gp).schedlink = (*pp).gfree;
+        (*pp).gfree = gp;
+        (*pp).gfreecnt += 1;
+        if (*pp).gfreecnt >= 64 {
+            let mut sl = sched.lock.lock();
+            while (*pp).gfreecnt >= 32 {
+                let g = (*pp).gfree;
+                (*pp).gfree = (*g).schedlink;
+                (*pp).gfreecnt -= 1;
+                gqueue_push(&mut sl.gfree, g);
+            }
+        }
+    }
+}
+
+/// Takes a dead G (with its stack) from P's free list, refilling it from the
+/// global list when empty (Go's `gfget`). Null if there is none. Owner of
+/// `pp` only.
+fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
+    // SAFETY: pp is the caller's P; the global list is under the lock.
+    unsafe {
+        if (*pp).gfree.is_null() {
+            let mut sl = sched.lock.lock();
+            while (*pp).gfreecnt < 32 {
+                let g = gqueue_pop(&mut sl.gfree);
+                if g.is_null() {
+                    break;
+                }
+                (*g).schedlink = (*pp).gfree;
+                (*pp).gfree = g;
+                (*pp).gfreecnt += 1;
+            }
+        }
+        let gp = (*pp).gfree;
+        if !gp.is_null() {
+            (*pp).gfree = (*gp).schedlink;
+            (*pp).gfreecnt -= 1;
+            (*gp).schedlink = null_mut();
+        }
+        gp
+    }
+}
+
+/// A G for `f`: a reused dead one or a new one from `malg` (Go's
+/// `newproc1`). It is runnable, with a fresh goid, on no queue yet.
+///
+/// `pp` is the caller's P, or null from a thread that is not an M.
+fn newproc1(
+    sched: &Sched,
+    pp: *mut P,
+    f: Box<dyn FnOnce() + Send + 'static>,
+) -> Result<*mut G, StackError> {
+    let mut gp = if pp.is_null() {
+        gqueue_pop(&mut sched.lock.lock().gfree)
+    } else {
+        gfget(sched, pp)
+    };
+    if gp.is_null() {
+        gp = Box::into_raw(malg(sched.stack_size)?);
+        // SAFETY: a new G, ours alone.
+        unsafe { (*gp).rt = sched };
+        sched.allgs.lock().push(gp);
+    }
+    // SAFETY: gp is dead or new: nobody else refers to it.
+    unsafe {
+        (*gp).goid = newgoid();
+        gostartcallfn(gp, f);
+    }
+    sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
+    if !pp.is_null() {
+        // SAFETY: pp is the caller's P.
+        unsafe { (*pp).stats.spawned.fetch_add(1, Ordering::Relaxed) };
+    }
+    Ok(gp)
+}
+
+/// Starts a G running `f` (Go's `newproc`, the `go` statement) on the
+/// current scheduler and returns its goroutine id. From a G, the new G
+/// takes the P's `runnext`; from a thread that is not an M (`sched` given),
+/// it goes on the global queue. Then an idle P gets an M (`wakep`).
+///
+/// # Panics
+///
+/// From a thread that is neither an M of a scheduler nor given `sched`.
+pub(crate) fn newproc(
+    sched: Option<&Sched>,
+    f: Box<dyn FnOnce() + Send + 'static>,
+) -> Result<u64, StackError> {
+    let gp = getg();
+    // SAFETY: a non-null current G has a live M.
+    let in_rt = !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() };
+    if in_rt {
+        return crate::systemstack(move || {
+            // SAFETY: on g0 of a scheduler M holding a P (Ms run user code
+            // only with a P).
+            unsafe {
+                let mp = (*getg()).m;
+                let sched = &*(*mp).rt;
+                let pp = (*mp).p;
+                let newg = newproc1(sched, pp, f)?;
+                let id = (*newg).goid;
+                runqput_p(sched, pp, newg, true);
+                wakep(sched);
+                Ok(id)
+            }
+        });
+    }
+    let sched = sched.expect("gokernel: go or spawn called outside a gokernel runtime");
+    let newg = newproc1(sched, null_mut(), f)?;
+    // SAFETY: newg is new and ours.
+    let id = unsafe { (*newg).goid };
+    globrunqput(&mut sched.lock.lock(), sched, newg);
+    wakep(sched);
+    Ok(id)
+}
+
+// ---------------------------------------------------------------------
+// Run queues.
+
+fn gqueue_push(q: &mut GQueue, gp: *mut G) {
+    // SAFETY: gp is owned by the caller and goes on q, which the caller
+    // holds (under the lock).
+    unsafe { (*gp).schedlink = null_mut() };
+    if q.tail.is_null() {
+        q.head = gp;
+    } else {
+        // SAFETY: the tail is on q.
+        unsafe { (*q.tail).schedlink = gp };
+    }
+    q.tail = gp;
+    q.size += 1;
+}
+
+fn gqueue_pop(q: &mut GQueue) -> *mut G {
+    let gp = q.head;
+    if !gp.is_null() {
+        // SAFETY: gp is on q.
+        unsafe {
+            q.head = (*gp).schedlink;
+            (*gp).schedlink = null_mut();
+        }
+        if q.head.is_null() {
+            q.tail = null_mut();
+        }
+        q.size -= 1;
+    }
+    gp
+}
+
+/// Puts `gp` at the tail of the global queue (Go's `globrunqput`).
+fn globrunqput(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) {
+    gqueue_push(&mut sl.runq, gp);
+    sched.runqsize.store(sl.runq.size as u32, Ordering::SeqCst);
+}
+
+/// Puts a batch on the global queue, in order (Go's `globrunqputbatch`).
+fn globrunqputbatch(sl: &mut SchedLocked, sched: &Sched, batch: &[*mut G]) {
+    for &gp in batch {
+        gqueue_push(&mut sl.runq, gp);
+    }
+    sched.runqsize.store(sl.runq.size as u32, Ordering::SeqCst);
+}
+
+/// Takes a fair share of the global queue (at most `max` if non-zero):
+/// returns one G and puts the rest on `pp`'s ring (Go's `globrunqget`).
+fn globrunqget(sl: &mut SchedLocked, sched: &Sched, pp: *mut P, max: usize) -> *mut G {
+    let size = sl.runq.size;
+    if size == 0 {
+        return null_mut();
+    }
+    let mut n = (size / sched.allp.len() + 1).min(size);
+    if max > 0 {
+        n = n.min(max);
+    }
+    n = n.min(RUNQ_LEN / 2);
+    let gp = gqueue_pop(&mut sl.runq);
+    for _ in 1..n {
+        let g = gqueue_pop(&mut sl.runq);
+        // SAFETY: pp is the caller's P. Its ring has room: the caller found
+        // it empty, and n <= RUNQ_LEN / 2.
+        let overflow = runqput(unsafe { &(*pp).runq }, g, false);
+        debug_assert!(overflow.is_none(), "globrunqget: local ring overflowed");
+    }
+    sched.runqsize.store(sl.runq.size as u32, Ordering::SeqCst);
+    gp
+}
+
+/// `runqput` on P `pp`, sending an overflow batch to the global queue and
+/// keeping the high-water mark. Owner of `pp` only.
+fn runqput_p(sched: &Sched, pp: *mut P, gp: *mut G, next: bool) {
+    // SAFETY: pp is the caller's P.
+    let p = unsafe { &*pp };
+    if let Some(batch) = runqput(&p.runq, gp, next) {
+        globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
+    }
+    p.stats
+        .runq_hwm
+        .fetch_max(p.runq.len() as u32, Ordering::Relaxed);
+}
+
+// ---------------------------------------------------------------------
+// Scheduling.
+
+/// A walk over `0..count` in a pseudo-random order: start anywhere, step
+/// by a stride coprime with `count`, so every index comes up exactly once
+/// (Go's `randomOrder`).
+pub struct RandomOrder {
+    count: u32,
+    coprimes: Vec<u32>,
+}
+
+impl RandomOrder {
+    /// The walks over `0..count` (`count >= 1`).
+    pub fn new(count: u32) -> Self {
+        fn gcd(mut a: u32, mut b: u32) -> u32 {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        }
+        assert!(count >= 1, "RandomOrder over an empty range");
+        let coprimes = (1..=count).filter(|&i| gcd(i, count) == 1).collect();
+        RandomOrder { count, coprimes }
+    }
+
+    /// The walk chosen by the random number `i`.
+    pub fn start(&self, i: u32) -> RandomEnum {
+        RandomEnum {
+            left: self.count,
+            count: self.count,
+            pos: i % self.count,
+            inc: self.coprimes[(i / self.count) as usize % self.coprimes.len()],
+        }
+    }
+}
+
+/// One walk of a [`RandomOrder`] (Go's `randomEnum`).
+pub struct RandomEnum {
+    left: u32,
+    count: u32,
+    pos: u32,
+    inc: u32,
+}
+
+impl Iterator for RandomEnum {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let p = self.pos;
+        self.pos = (self.pos + self.inc) % self.count;
+        Some(p)
+    }
+}
+
+/// The M's next random number (xorshift64*).
+fn fastrand(mp: *mut M) -> u32 {
+    // SAFETY: mp is the caller's own M.
+    let x = unsafe { &mut (*mp).fastrand };
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+}
+
+/// Tries to steal a batch of Gs from another P, up to four passes over all
+/// Ps in a random order; the last pass may take `runnext` too (Go's
+/// `stealWork`). On g0 of `mp`, which holds `pp`.
+fn stealwork(sched: &Sched, mp: *mut M, pp: *mut P) -> *mut G {
+    const STEAL_TRIES: u32 = 4;
+    for i in 0..STEAL_TRIES {
+        let steal_runnext = i == STEAL_TRIES - 1;
+        for idx in sched.steal_order.start(fastrand(mp)) {
+            if sched.stopping.load(Ordering::Relaxed) {
+                return null_mut();
+            }
+            let p2 = sched.allp[idx as usize];
+            if p2 == pp {
+                continue;
+            }
+            // SAFETY: Ps live as long as the scheduler; pp is ours.
+            let (own, victim) = unsafe { (&(*pp).runq, &(*p2).runq) };
+            if let Some(gp) = runqsteal(own, victim, steal_runnext) {
+                let n = 1 + own.len() as u64;
+                // SAFETY: pp is ours.
+                unsafe { (*pp).stats.stolen.fetch_add(n, Ordering::Relaxed) };
+                return gp;
+            }
+        }
+    }
+    null_mut()
+}
+
+/// Finds a runnable G for the current M (Go's `findRunnable`): local queue,
+/// global queue, stealing; with nothing to do, gives up the P and sleeps
+/// until woken with one. Returns the G and whether it inherits the time
+/// slice, or `None` when the scheduler is stopping (the M then holds no P).
+///
+/// On g0 of a scheduler M holding a P.
+fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
+    // SAFETY: on g0 of a scheduler M (the contract).
+    let mp = unsafe { (*getg()).m };
+    'top: loop {
+        // SAFETY: mp is ours; it holds a P at the top of each round.
+        let pp = unsafe { (*mp).p };
+        // SAFETY: pp is ours.
+        let p = unsafe { &mut *pp };
+        if sched.stopping.load(Ordering::SeqCst) {
+            // SAFETY: mp holds pp.
+            let pp = unsafe { releasep(mp) };
+            pidleput(&mut sched.lock.lock(), sched, pp);
+            // SAFETY: mp is ours.
+            if unsafe { (*mp).spinning } {
+                // SAFETY: as above.
+                unsafe { (*mp).spinning = false };
+                sched.nmspinning.fetch_sub(1, Ordering::SeqCst);
+            }
+            return None;
+        }
+        // Fairness: now and then, the global queue first.
+        if p.schedtick % 61 == 0 && sched.runqsize.load(Ordering::Relaxed) > 0 {
+            let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 1);
+            if !gp.is_null() {
+                return Some((gp, false));
+            }
+        }
+        if let Some(x) = runqget(&p.runq) {
+            return Some(x);
+        }
+        if sched.runqsize.load(Ordering::Relaxed) != 0 {
+            let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 0);
+            if !gp.is_null() {
+                return Some((gp, false));
+            }
+        }
+        // Steal, if not too many Ms are at it already (at most half the
+        // busy Ps' worth).
+        let procs = sched.allp.len() as u32;
+        // SAFETY: mp is ours.
+        let spinning = unsafe { (*mp).spinning };
+        if procs > 1
+            && (spinning
+                || 2 * sched.nmspinning.load(Ordering::SeqCst)
+                    < procs - sched.npidle.load(Ordering::SeqCst))
+        {
+            if !spinning {
+                // SAFETY: mp is ours.
+                unsafe { (*mp).spinning = true };
+                sched.nmspinning.fetch_add(1, Ordering::SeqCst);
+            }
+            let gp = stealwork(sched, mp, pp);
+            if !gp.is_null() {
+                return Some((gp, false));
+            }
+        }
+        // Nothing to do: give up the P, after a last look at the global
+        // queue under the lock.
+        {
+            let mut sl = sched.lock.lock();
+            let gp = globrunqget(&mut sl, sched, pp, 0);
+            if !gp.is_null() {
+                return Some((gp, false));
+            }
+            // SAFETY: mp holds pp.
+            unsafe { releasep(mp) };
+            pidleput(&mut sl, sched, pp);
+        }
+        // SAFETY: mp is ours.
+        if unsafe { (*mp).spinning } {
+            // SAFETY: as above.
+            unsafe { (*mp).spinning = false };
+            // SeqCst, then the SeqCst fence below: pairs with wakep's fence
+            // (see the module docs): a producer that missed us spinning is
+            // seen by the re-checks that follow.
+            sched.nmspinning.fetch_sub(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            // Global queue again.
+            if sched.runqsize.load(Ordering::SeqCst) != 0 {
+                let mut sl = sched.lock.lock();
+                if sl.runq.size != 0 {
+                    let pp = pidleget(&mut sl, sched);
+                    if !pp.is_null() {
+                        // SAFETY: pp came off the idle list; mp holds none.
+                        unsafe {
+                            acquirep(mp, pp);
+                            (*mp).spinning = true;
+                        }
+                        sched.nmspinning.fetch_add(1, Ordering::SeqCst);
+                        continue 'top;
+                    }
+                }
+            }
+            // Every P's queue again.
+            for &p2 in &sched.allp {
+                // SAFETY: Ps live as long as the scheduler.
+                if !runqempty(unsafe { &(*p2).runq }) {
+                    let pp = pidleget(&mut sched.lock.lock(), sched);
+                    if !pp.is_null() {
+                        // SAFETY: as above.
+                        unsafe {
+                            acquirep(mp, pp);
+                            (*mp).spinning = true;
+                        }
+                        sched.nmspinning.fetch_add(1, Ordering::SeqCst);
+                        continue 'top;
+                    }
+                    break;
+                }
+            }
+        }
+        // SAFETY: on g0 of mp, which holds no P now.
+        if !unsafe { stopm(sched, mp) } {
+            return None;
+        }
+    }
+}
+
+/// The current M stops spinning because it found work; another M may
+/// need to take over the search (Go's `resetspinning`).
+fn resetspinning(sched: &Sched, mp: *mut M) {
+    // SAFETY: mp is the caller's own M.
+    unsafe { (*mp).spinning = false };
+    sched.nmspinning.fetch_sub(1, Ordering::SeqCst);
+    wakep(sched);
+}
+
+/// On g0: find a runnable G and run it (Go's `schedule`). Never returns.
+///
+/// On a bare M (no scheduler, as in the switch tests) there is nothing to
+/// look for: the M ends, returning from [`mstart`]. A scheduler M that is
+/// stopping ends the same way.
 pub fn schedule() -> ! {
     let g0 = getg();
-    // SAFETY: schedule runs on g0, whose sched was set by mstart1 and whose
-    // frame (mstart's) is still live while the M runs.
+    // SAFETY: schedule runs on g0 of a live M.
+    let mp = unsafe { (*g0).m };
+    // SAFETY: as above.
+    let rt = unsafe { (*mp).rt };
+    if !rt.is_null() {
+        // SAFETY: an M's scheduler outlives it.
+        let sched = unsafe { &*rt };
+        // SAFETY: a running scheduler M holds a P here.
+        let pp = unsafe { (*mp).p };
+        // SAFETY: pp is ours.
+        if unsafe { (*pp).runnext_streak } >= RUNNEXT_LIMIT {
+            // SAFETY: as above.
+            unsafe { (*pp).runnext_streak = 0 };
+            // SAFETY: as above.
+            if let Some(batch) = runqdemote(unsafe { &(*pp).runq }) {
+                globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
+            }
+        }
+        if let Some((gp, inherit)) = findrunnable(sched) {
+            // SAFETY: mp is ours.
+            if unsafe { (*mp).spinning } {
+                resetspinning(sched, mp);
+            }
+            // SAFETY: gp is runnable and was taken off a queue by us.
+            unsafe { execute(gp, inherit) }
+        }
+    }
+    // SAFETY: on g0, whose sched was set by mstart1 and whose frame
+    // (mstart's) is live while the M runs.
     unsafe { gogo(&(*g0).sched) }
 }
 
 /// Runs `gp` on the current M (Go's `execute`): makes it `m.curg`, marks
-/// it running and jumps to it. Called on g0.
+/// it running and jumps to it. With `inherit_time` (it came from
+/// `runnext`) it continues the current time slice: `schedtick` does not
+/// advance, and the hand-off streak grows.
 ///
 /// # Safety
 ///
 /// The caller must be on g0 of the current M, and `gp` must be a runnable
 /// G (fresh from [`gostartcallfn`] or suspended by [`mcall`]) that no
 /// other M is running or about to run.
-pub unsafe fn execute(gp: *mut G) -> ! {
+pub unsafe fn execute(gp: *mut G, inherit_time: bool) -> ! {
     let g0 = getg();
     // SAFETY: we are on g0 (the contract), so g0.m is this M.
     unsafe {
@@ -243,6 +1005,420 @@ pub unsafe fn execute(gp: *mut G) -> ! {
         (*mp).curg = gp;
         (*gp).m = mp;
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
+        let pp = (*mp).p;
+        if !pp.is_null() {
+            if inherit_time {
+                (*pp).runnext_streak += 1;
+            } else {
+                (*pp).schedtick = (*pp).schedtick.wrapping_add(1);
+                (*pp).runnext_streak = 0;
+            }
+            (*pp).stats.scheduled.fetch_add(1, Ordering::Relaxed);
+        }
         gogo(&(*gp).sched)
+    }
+}
+
+/// Yields the processor: the current G goes to the global queue and the M
+/// runs something else (Go's `Gosched`).
+///
+/// # Panics
+///
+/// Outside a goroutine of a scheduler.
+pub fn gosched() {
+    let gp = getg();
+    // SAFETY: a non-null current G has a live M.
+    let ok = !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() && (*(*gp).m).curg == gp };
+    assert!(
+        ok,
+        "gokernel::gosched called outside a goroutine of a gokernel runtime"
+    );
+    // SAFETY: on a user G of a scheduler M; gosched_m reschedules it.
+    unsafe { mcall(gosched_m) };
+}
+
+/// On g0: `gp` yields (Go's `gosched_m`): runnable, on the global queue.
+///
+/// # Safety
+///
+/// Only [`mcall`] calls it.
+unsafe extern "C" fn gosched_m(gp: *mut G) {
+    // SAFETY: gp was running on this M and is now suspended.
+    unsafe {
+        (*gp).casstatus(status::RUNNING, status::RUNNABLE);
+        let mp = dropg(gp);
+        let sched = &*(*mp).rt;
+        globrunqput(&mut sched.lock.lock(), sched, gp);
+    }
+    schedule()
+}
+
+/// Parks the current G (Go's `gopark`): on g0 it becomes waiting and
+/// `unlockf(gp, lock)` runs; if that returns false the G resumes at once,
+/// otherwise the M runs something else until someone calls [`goready`].
+///
+/// `unlockf` runs on g0 after the G's context is saved, so a waker that
+/// learns of the G through it can never ready a G that is still running.
+/// Once it returns true it must not touch the G.
+///
+/// # Safety
+///
+/// On a user G of a scheduler M. `unlockf` must follow the rules above
+/// and `lock` must be valid for it.
+pub unsafe fn gopark(unlockf: unsafe fn(*mut G, *mut ()) -> bool, lock: *mut ()) {
+    // SAFETY: the contract: the current G has a live M.
+    unsafe {
+        let mp = (*getg()).m;
+        (*mp).waitunlockf = Some(unlockf);
+        (*mp).waitlock = lock;
+        mcall(park_m);
+    }
+}
+
+/// On g0: the G parks (Go's `park_m`).
+///
+/// # Safety
+///
+/// Only [`mcall`] calls it, from [`gopark`].
+unsafe extern "C" fn park_m(gp: *mut G) {
+    // SAFETY: gp was running on this M and is now suspended.
+    unsafe {
+        let mp = (*gp).m;
+        (*gp).casstatus(status::RUNNING, status::WAITING);
+        dropg(gp);
+        let pp = (*mp).p;
+        if !pp.is_null() {
+            (*pp).stats.parked.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(unlockf) = (*mp).waitunlockf.take() {
+            let lock = core::mem::replace(&mut (*mp).waitlock, null_mut());
+            if !unlockf(gp, lock) {
+                (*gp).casstatus(status::WAITING, status::RUNNABLE);
+                execute(gp, true);
+            }
+        }
+    }
+    schedule()
+}
+
+/// Makes a parked G runnable (Go's `goready` / `ready`): it takes the
+/// current P's `runnext`, or, from a thread that is not an M, goes on the
+/// global queue; then an idle P gets an M.
+///
+/// # Safety
+///
+/// `gp` must be a G of a scheduler parked by [`gopark`] whose unlock
+/// function handed it to this caller; it is readied once.
+pub unsafe fn goready(gp: *mut G) {
+    // SAFETY: the contract: gp is parked and ours to ready.
+    let sched = unsafe { &*(*gp).rt };
+    let cur = getg();
+    // SAFETY: a non-null current G has a live M.
+    let on_m = !cur.is_null() && unsafe { (*(*cur).m).rt == (*gp).rt && !(*(*cur).m).p.is_null() };
+    if on_m {
+        crate::systemstack(|| {
+            // SAFETY: on g0 of an M of gp's scheduler, holding a P.
+            unsafe {
+                (*gp).casstatus(status::WAITING, status::RUNNABLE);
+                let pp = (*(*getg()).m).p;
+                runqput_p(sched, pp, gp, true);
+            }
+            wakep(sched);
+        });
+    } else {
+        // SAFETY: as above.
+        unsafe { (*gp).casstatus(status::WAITING, status::RUNNABLE) };
+        globrunqput(&mut sched.lock.lock(), sched, gp);
+        wakep(sched);
+    }
+}
+
+// ---------------------------------------------------------------------
+// park / unpark: a token per G, as std::thread's.
+
+const PARK_EMPTY: u32 = 0;
+const PARK_NOTIFIED: u32 = 1;
+const PARK_PARKED: u32 = 2;
+
+/// The park token of one G, shared with its handles (std::thread's
+/// semantics: an `unpark` before `park` is kept, not lost).
+pub struct Parker {
+    /// `PARK_EMPTY`, `PARK_NOTIFIED` or `PARK_PARKED`.
+    state: AtomicU32,
+    /// The G; only followed while `state` is `PARK_PARKED`, which implies
+    /// the G is alive and parked.
+    gp: AtomicPtr<G>,
+}
+
+impl Parker {
+    /// The parker of the current G, made on first use.
+    ///
+    /// # Safety
+    ///
+    /// On a user G of a scheduler.
+    pub(crate) unsafe fn current() -> Arc<Parker> {
+        let gp = getg();
+        // SAFETY: the contract: gp is the running G; only it touches its
+        // own parker field (and goexit0 after it is done).
+        unsafe {
+            (*gp)
+                .parker
+                .get_or_insert_with(|| {
+                    Arc::new(Parker {
+                        state: AtomicU32::new(PARK_EMPTY),
+                        gp: AtomicPtr::new(gp),
+                    })
+                })
+                .clone()
+        }
+    }
+
+    /// Blocks the current G until its token is available, then consumes
+    /// it. The parker must be the current G's.
+    ///
+    /// # Safety
+    ///
+    /// On the G this parker belongs to.
+    pub(crate) unsafe fn park(&self) {
+        // Acquire: pairs with unpark's release, so what the unparker did
+        // before is visible after.
+        if self
+            .state
+            .compare_exchange(
+                PARK_NOTIFIED,
+                PARK_EMPTY,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            return;
+        }
+        loop {
+            // SAFETY: on this parker's G (the contract); park_commit only
+            // reads the parker, which outlives the call.
+            unsafe { gopark(park_commit, self as *const Parker as *mut ()) };
+            if self
+                .state
+                .compare_exchange(
+                    PARK_NOTIFIED,
+                    PARK_EMPTY,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Makes the token available, waking the G if it is parked.
+    pub(crate) fn unpark(&self) {
+        // AcqRel: release publishes our writes to the woken G; acquire
+        // pairs with park_commit's release, so gp's parked state is seen.
+        if self.state.swap(PARK_NOTIFIED, Ordering::AcqRel) == PARK_PARKED {
+            let gp = self.gp.load(Ordering::Relaxed);
+            // SAFETY: PARKED means the G is parked in `park` (alive), and
+            // the swap made us the one waker.
+            unsafe { goready(gp) };
+        }
+    }
+}
+
+/// `gopark`'s unlock function for [`Parker::park`]: commits to sleeping
+/// unless a token arrived meanwhile.
+///
+/// # Safety
+///
+/// `arg` is a live `Parker` of `_gp`.
+unsafe fn park_commit(_gp: *mut G, arg: *mut ()) -> bool {
+    // SAFETY: the contract.
+    let p = unsafe { &*(arg as *const Parker) };
+    // Release: the G's saved context happens before an unparker that sees
+    // PARKED readies it.
+    p.state
+        .compare_exchange(PARK_EMPTY, PARK_PARKED, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+// ---------------------------------------------------------------------
+// Creating and tearing down a scheduler.
+
+/// Per-P counters, as returned by [`Sched::pstats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PStats {
+    /// P id.
+    pub id: i32,
+    /// Gs created by code running on this P.
+    pub spawned: u64,
+    /// Gs this P stole from others.
+    pub stolen: u64,
+    /// Parks of Gs running on this P.
+    pub parked: u64,
+    /// Gs this P ran (each resumption counts).
+    pub scheduled: u64,
+    /// The most Gs its local queue held at once.
+    pub runq_hwm: u32,
+    /// Gs in its local queue now.
+    pub runq_len: usize,
+}
+
+impl Sched {
+    /// A scheduler with `procs` idle Ps, Gs of `stack_size` bytes, and no
+    /// Ms yet (they start on demand).
+    pub fn new(
+        procs: usize,
+        stack_size: usize,
+        platform: &'static dyn crate::platform::Platform,
+    ) -> Arc<Sched> {
+        assert!(procs >= 1, "a scheduler needs at least one P");
+        let allp: Vec<*mut P> = (0..procs)
+            .map(|id| {
+                Box::into_raw(Box::new(P {
+                    id: id as i32,
+                    m: null_mut(),
+                    link: null_mut(),
+                    schedtick: 0,
+                    runnext_streak: 0,
+                    runq: crate::runq::Runq::new(),
+                    gfree: null_mut(),
+                    gfreecnt: 0,
+                    stats: Default::default(),
+                }))
+            })
+            .collect();
+        let sched = Arc::new(Sched {
+            lock: spin::Mutex::new(SchedLocked {
+                runq: GQueue::new(),
+                midle: null_mut(),
+                pidle: null_mut(),
+                gfree: GQueue::new(),
+            }),
+            runqsize: AtomicU32::new(0),
+            npidle: AtomicU32::new(0),
+            nmspinning: AtomicU32::new(0),
+            allp,
+            allm: spin::Mutex::new(Vec::new()),
+            allgs: spin::Mutex::new(Vec::new()),
+            nmlive: AtomicU32::new(0),
+            stopping: core::sync::atomic::AtomicBool::new(false),
+            ngoroutines: core::sync::atomic::AtomicI64::new(0),
+            stack_size,
+            platform,
+            mnext: core::sync::atomic::AtomicI64::new(1),
+            steal_order: RandomOrder::new(procs as u32),
+        });
+        {
+            let mut sl = sched.lock.lock();
+            for &pp in sched.allp.iter().rev() {
+                pidleput(&mut sl, &sched, pp);
+            }
+        }
+        sched
+    }
+
+    /// Number of Ps.
+    pub fn procs(&self) -> usize {
+        self.allp.len()
+    }
+
+    /// User Gs that exist and have not finished.
+    pub fn ngoroutines(&self) -> usize {
+        self.ngoroutines.load(Ordering::Acquire).max(0) as usize
+    }
+
+    /// Gs ever allocated (each reused many times).
+    pub fn nallgs(&self) -> usize {
+        self.allgs.lock().len()
+    }
+
+    /// A snapshot of every P's counters.
+    pub fn pstats(&self) -> Vec<PStats> {
+        self.allp
+            .iter()
+            .map(|&pp| {
+                // SAFETY: Ps live as long as the scheduler; only atomics and
+                // the immutable id are read.
+                let p = unsafe { &*pp };
+                PStats {
+                    id: p.id,
+                    spawned: p.stats.spawned.load(Ordering::Relaxed),
+                    stolen: p.stats.stolen.load(Ordering::Relaxed),
+                    parked: p.stats.parked.load(Ordering::Relaxed),
+                    scheduled: p.stats.scheduled.load(Ordering::Relaxed),
+                    runq_hwm: p.stats.runq_hwm.load(Ordering::Relaxed),
+                    runq_len: p.runq.len(),
+                }
+            })
+            .collect()
+    }
+
+    /// Starts a G running `f` from a thread that is not one of this
+    /// scheduler's Ms (or from one: then it goes to the P's `runnext`).
+    pub fn spawn_from_outside(
+        &self,
+        f: Box<dyn FnOnce() + Send + 'static>,
+    ) -> Result<u64, StackError> {
+        newproc(Some(self), f)
+    }
+
+    /// Stops the scheduler: Ms finish the G they are running, then exit
+    /// instead of looking for more; idle Ms are woken to exit. Returns when
+    /// every M's thread is done with the scheduler. Runnable and parked Gs
+    /// are not run again.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        {
+            let mut sl = self.lock.lock();
+            loop {
+                let mp = mget(&mut sl);
+                if mp.is_null() {
+                    break;
+                }
+                // SAFETY: mp sleeps in stopm; a null nextp tells it to exit.
+                unsafe {
+                    (*mp).nextp = null_mut();
+                    notewakeup(self.platform, &(*mp).park);
+                }
+            }
+        }
+        loop {
+            // Acquire: pairs with mstart0's release decrement.
+            let n = self.nmlive.load(Ordering::Acquire);
+            if n == 0 {
+                break;
+            }
+            self.platform.futexsleep(&self.nmlive, n, None);
+        }
+    }
+}
+
+impl GQueue {
+    const fn new() -> Self {
+        GQueue {
+            head: null_mut(),
+            tail: null_mut(),
+            size: 0,
+        }
+    }
+}
+
+impl Drop for Sched {
+    fn drop(&mut self) {
+        // Every M thread holds a reference until it is done, so nothing
+        // runs on these any more.
+        for &mp in self.allm.get_mut().iter() {
+            // SAFETY: made by Box::into_raw in newm; its thread is gone.
+            drop(unsafe { Box::from_raw(mp) });
+        }
+        for &gp in self.allgs.get_mut().iter() {
+            // SAFETY: made by Box::into_raw in newproc1; no M runs it.
+            drop(unsafe { Box::from_raw(gp) });
+        }
+        for &pp in &self.allp {
+            // SAFETY: made by Box::into_raw in Sched::new.
+            drop(unsafe { Box::from_raw(pp) });
+        }
     }
 }

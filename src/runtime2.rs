@@ -163,6 +163,14 @@ pub struct G {
     /// The stack memory this G owns, freed when the G is dropped. `None` for
     /// a g0 that runs on its thread's own stack.
     pub(crate) stackmem: Option<crate::stack::StackMem>,
+    /// Next G on whatever list this G is on: the global run queue or a free
+    /// list. Owned by the holder of that list.
+    pub(crate) schedlink: *mut G,
+    /// The scheduler this G belongs to (null for Gs run on a bare M).
+    pub(crate) rt: *const Sched,
+    /// Park/unpark state shared with handles to this G, made on first use
+    /// and dropped when the G exits.
+    pub(crate) parker: Option<alloc::sync::Arc<crate::proc::Parker>>,
 }
 
 impl G {
@@ -216,18 +224,133 @@ pub struct M {
     pub p: *mut P,
     /// M id, for messages.
     pub id: i64,
+    /// The scheduler this M works for; null for a bare M started with
+    /// [`mstart`](crate::proc::mstart) alone.
+    pub(crate) rt: *const Sched,
+    /// The P to acquire when woken from `stopm` (null: exit).
+    pub(crate) nextp: *mut P,
+    /// True while the M is looking for work without having found any
+    /// (counted in `Sched::nmspinning`).
+    pub(crate) spinning: bool,
+    /// Where `stopm` sleeps until `startm` hands it a P.
+    pub(crate) park: crate::lock_futex::Note,
+    /// Next M on the idle list (`Sched::midle`), under the scheduler lock.
+    pub(crate) schedlink: *mut M,
+    /// State of this M's random numbers (victim order for stealing).
+    pub(crate) fastrand: u64,
+    /// `gopark`'s unlock function, run on g0 by `park_m`.
+    pub(crate) waitunlockf: Option<unsafe fn(*mut G, *mut ()) -> bool>,
+    /// The argument of `waitunlockf`.
+    pub(crate) waitlock: *mut (),
 }
 
 /// A processor token: an M must hold one to run user Gs. There are `procs`
 /// of them (Go's GOMAXPROCS). No asm reads a P.
 #[repr(C)]
-#[derive(Debug)]
 pub struct P {
     /// P id, `0..procs`.
     pub id: i32,
-    /// The M holding this P, or null.
+    /// The M holding this P, or null (idle P).
     pub m: *mut M,
+    /// Next P on the idle list (`Sched::pidle`), under the scheduler lock.
+    pub(crate) link: *mut P,
+    /// Incremented on every scheduler call that starts a new time slice;
+    /// every 61st looks at the global queue first. Owner only.
+    pub(crate) schedtick: u32,
+    /// Consecutive Gs run from `runnext` (inheriting the time slice); at
+    /// [`RUNNEXT_LIMIT`] `runnext` is demoted to the ring. Owner only.
+    pub(crate) runnext_streak: u32,
+    /// The local run queue: a ring of 256 and `runnext`.
+    pub(crate) runq: crate::runq::Runq<G>,
+    /// Dead Gs with stacks, for reuse (linked by `schedlink`). Owner only.
+    pub(crate) gfree: *mut G,
+    /// Length of `gfree`.
+    pub(crate) gfreecnt: u32,
+    /// Counters for [`stats`](crate::proc::PStats).
+    pub(crate) stats: PCounters,
 }
+
+/// How many Gs in a row may take `runnext` (and so inherit the time slice)
+/// before `runnext` has to queue behind the ring. Without preemption this is
+/// what keeps two Gs that hand `runnext` to each other from starving the rest.
+pub const RUNNEXT_LIMIT: u32 = 64;
+
+/// Per-P event counters (relaxed atomics: read by anyone, written by the
+/// owner).
+#[derive(Default)]
+pub(crate) struct PCounters {
+    pub(crate) spawned: core::sync::atomic::AtomicU64,
+    pub(crate) stolen: core::sync::atomic::AtomicU64,
+    pub(crate) parked: core::sync::atomic::AtomicU64,
+    pub(crate) scheduled: core::sync::atomic::AtomicU64,
+    pub(crate) runq_hwm: AtomicU32,
+}
+
+/// A list of Gs linked by `schedlink`, with a tail for FIFO use (Go's
+/// `gQueue`).
+pub(crate) struct GQueue {
+    pub(crate) head: *mut G,
+    pub(crate) tail: *mut G,
+    pub(crate) size: usize,
+}
+
+/// The state behind [`Sched::lock`] (Go's `schedt` fields that
+/// `sched.lock` guards).
+pub(crate) struct SchedLocked {
+    /// The global run queue.
+    pub(crate) runq: GQueue,
+    /// Idle Ms, linked by `M::schedlink`.
+    pub(crate) midle: *mut M,
+    /// Idle Ps, linked by `P::link`.
+    pub(crate) pidle: *mut P,
+    /// Dead Gs with stacks, beyond what the Ps keep.
+    pub(crate) gfree: GQueue,
+}
+
+// SAFETY: the raw pointers are to runtime-owned Gs, Ms and Ps, which live
+// as long as the Sched; they are only followed under the lock or by the
+// owner the protocol names.
+unsafe impl Send for SchedLocked {}
+
+/// One scheduler: its Ps, queues and idle lists (Go's `schedt` plus
+/// `allp`). A hosted [`Runtime`](crate::Runtime) owns one.
+pub struct Sched {
+    /// Guards the global run queue, the idle lists and the global free list.
+    pub(crate) lock: spin::Mutex<SchedLocked>,
+    /// Length of the global run queue, readable without the lock.
+    pub(crate) runqsize: AtomicU32,
+    /// Idle Ps (length of `pidle`).
+    pub(crate) npidle: AtomicU32,
+    /// Spinning Ms: looking for work, not yet found.
+    pub(crate) nmspinning: AtomicU32,
+    /// All Ps, `allp[i].id == i`.
+    pub(crate) allp: alloc::vec::Vec<*mut P>,
+    /// Every M made for this scheduler, freed with it.
+    pub(crate) allm: spin::Mutex<alloc::vec::Vec<*mut M>>,
+    /// Every G made for this scheduler, freed with it.
+    pub(crate) allgs: spin::Mutex<alloc::vec::Vec<*mut G>>,
+    /// Ms whose threads have not finished yet.
+    pub(crate) nmlive: AtomicU32,
+    /// Set when the scheduler shuts down: Ms exit instead of idling.
+    pub(crate) stopping: core::sync::atomic::AtomicBool,
+    /// User Gs that exist and have not finished.
+    pub(crate) ngoroutines: core::sync::atomic::AtomicI64,
+    /// Stack size of every G.
+    pub(crate) stack_size: usize,
+    /// Thread creation, futexes, CPU count.
+    pub(crate) platform: &'static dyn crate::platform::Platform,
+    /// Source of M ids.
+    pub(crate) mnext: core::sync::atomic::AtomicI64,
+    /// Victim orders for stealing.
+    pub(crate) steal_order: crate::proc::RandomOrder,
+}
+
+// SAFETY: every field is an atomic, a lock, or immutable after creation
+// (allp, stack_size, platform, steal_order); the Ps behind allp are
+// touched under the rules their fields state.
+unsafe impl Sync for Sched {}
+// SAFETY: as above; nothing in a Sched is tied to a thread.
+unsafe impl Send for Sched {}
 
 // ---------------------------------------------------------------------
 // Offsets the asm uses. Each is computed from the struct, then pinned: a

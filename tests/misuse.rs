@@ -77,7 +77,7 @@ fn systemstack_from_a_g_that_is_not_m_curg_is_fatal() {
         let fp: *mut G = &mut *first;
         let mut m = M::new(next_mid());
         // SAFETY: this thread runs no M.
-        unsafe { mstart(&mut *m, || execute(fp)) };
+        unsafe { mstart(&mut *m, || execute(fp, false)) };
         unreachable!("systemstack from a G that is not m.curg was not caught");
     }
     let c = run_crash_child("systemstack_from_a_g_that_is_not_m_curg_is_fatal");
@@ -111,7 +111,7 @@ fn a_panic_in_a_g_is_fatal_and_names_the_goroutine() {
         let gp: *mut G = &mut *g;
         let mut m = M::new(next_mid());
         // SAFETY: this thread runs no M.
-        unsafe { mstart(&mut *m, || execute(gp)) };
+        unsafe { mstart(&mut *m, || execute(gp, false)) };
         unreachable!("the panicking G was not caught");
     }
     let c = run_crash_child("a_panic_in_a_g_is_fatal_and_names_the_goroutine");

@@ -37,7 +37,7 @@ unsafe extern "C" fn to_other(gp: *mut G) {
     // this M is the only one that runs either.
     unsafe {
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        execute(other)
+        execute(other, false)
     }
 }
 
@@ -71,7 +71,7 @@ fn pingpong(n: u64) -> (u64, [u64; 2], (usize, usize)) {
     // SAFETY: this thread runs no M. G0 runs first; after its n-th yield
     // comes back it returns, and goexit ends the M. G1 stays suspended
     // after its n-th yield and is dropped with its stack.
-    unsafe { mstart(&mut *m, || execute(p0)) };
+    unsafe { mstart(&mut *m, || execute(p0, false)) };
     assert_eq!(g0.readgstatus(), status::DEAD);
     assert_eq!(g1.readgstatus(), status::RUNNABLE);
     (SWITCHES.get(), COUNTS.get(), G0_SP.get())
@@ -295,7 +295,7 @@ fn callee_saved_registers_survive_mcall_gogo_round_trips() {
     PAIR.set([pa, pb]);
     let mut m = M::new(next_mid());
     // SAFETY: this thread runs no M; a exits after three round trips.
-    unsafe { mstart(&mut *m, || execute(pa)) };
+    unsafe { mstart(&mut *m, || execute(pa, false)) };
     assert_eq!(a.readgstatus(), status::DEAD);
     assert_eq!(SWITCHES.get(), 6);
 }
@@ -347,7 +347,7 @@ unsafe extern "C" fn check_then_resume(gp: *mut G) {
     // SAFETY: gp was just suspended by mcall on this M.
     unsafe {
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        execute(gp)
+        execute(gp, false)
     }
 }
 

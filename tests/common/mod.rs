@@ -53,7 +53,7 @@ pub fn run_in_g<R: Send + 'static>(stack_size: usize, f: impl FnOnce() -> R + Se
     let mut m = M::new(next_mid());
     // SAFETY: this thread runs no M; gp is runnable and only this M runs
     // it; when it exits, schedule ends the M and mstart returns.
-    unsafe { mstart(&mut *m, || execute(gp)) };
+    unsafe { mstart(&mut *m, || execute(gp, false)) };
     assert_eq!(g.readgstatus(), status::DEAD, "the G did not finish");
     let r = out
         .lock()

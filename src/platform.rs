@@ -1,0 +1,132 @@
+//! What the scheduler needs from the world it runs in.
+//!
+//! The core never makes a system call itself. Starting an M, sleeping an
+//! idle one and waking it, and knowing how many CPUs there are go through
+//! [`Platform`]. The hosted platform ([`hosted`], with the `std` feature)
+//! uses OS threads and Linux futexes; a kernel implements the trait over
+//! its own CPUs and wait queues.
+
+use core::sync::atomic::AtomicU32;
+
+use crate::runtime2::M;
+
+/// Why an M could not be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewOsProcError;
+
+impl core::fmt::Display for NewOsProcError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("the platform could not start a thread for a new M")
+    }
+}
+
+/// The services the scheduler needs.
+///
+/// # Safety
+///
+/// Implementations must keep these promises, which the scheduler's
+/// correctness (no lost wake-ups, no use of freed Ms) rests on:
+///
+/// - [`newosproc`](Platform::newosproc) runs `crate::proc::mstart0(mp)` on
+///   a new thread of execution with its own stack (at least 64 KiB), its
+///   own TLS block for the slot in [`tls`](crate::tls), and the default
+///   floating-point environment; it calls it exactly once.
+/// - [`futexsleep`](Platform::futexsleep) returns at once if `*addr != val`
+///   when it looks, atomically with going to sleep (no wake-up between the
+///   check and the sleep may be lost); it may also return spuriously.
+/// - [`futexwakeup`](Platform::futexwakeup) wakes at least one sleeper on
+///   `addr` if there is one, up to `cnt`.
+pub unsafe trait Platform: Sync + 'static {
+    /// Starts a thread that runs `crate::proc::mstart0(mp)`.
+    fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError>;
+    /// Sleeps while `*addr == val`, at most `timeout_ns` if given.
+    fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>);
+    /// Wakes up to `cnt` threads sleeping on `addr`.
+    fn futexwakeup(&self, addr: &AtomicU32, cnt: u32);
+    /// How many CPUs the scheduler may use (the default for `procs`).
+    fn ncpu(&self) -> usize;
+}
+
+/// The hosted platform: Linux threads and futexes.
+#[cfg(feature = "std")]
+pub mod hosted {
+    use core::sync::atomic::AtomicU32;
+
+    use super::{NewOsProcError, Platform};
+    use crate::runtime2::M;
+
+    /// The hosted platform (stateless).
+    pub struct Hosted;
+
+    /// The one instance schedulers refer to.
+    pub static HOSTED: Hosted = Hosted;
+
+    /// Stack size of an M's thread, which is its g0 stack.
+    const G0_STACK: usize = 1 << 20;
+
+    /// A pointer to an M, sent to the M's new thread.
+    struct SendM(*mut M);
+    // SAFETY: the M is handed over to the new thread, which is from then on
+    // the only one running it.
+    unsafe impl Send for SendM {}
+
+    // SAFETY: newosproc starts a std thread (own stack, own TLS block,
+    // default FP environment) that calls mstart0 once; the futex calls are
+    // Linux's FUTEX_WAIT / FUTEX_WAKE, which check the value atomically.
+    unsafe impl Platform for Hosted {
+        fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError> {
+            let m = SendM(mp);
+            // SAFETY: mp is live; only its id is read.
+            let id = unsafe { (*mp).id };
+            std::thread::Builder::new()
+                .name(std::format!("gokernel-m{id}"))
+                .stack_size(G0_STACK)
+                .spawn(move || {
+                    let m = m;
+                    // SAFETY: the contract of newosproc: a fresh thread
+                    // runs mstart0 once for this M.
+                    unsafe { crate::proc::mstart0(m.0) }
+                })
+                .map(drop)
+                .map_err(|_| NewOsProcError)
+        }
+
+        fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>) {
+            let ts = timeout_ns.map(|ns| libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+            });
+            let tsp = ts
+                .as_ref()
+                .map_or(core::ptr::null(), |t| t as *const libc::timespec);
+            // SAFETY: FUTEX_WAIT on a live, aligned u32; the kernel compares
+            // *addr with val atomically with going to sleep. Errors (EAGAIN,
+            // EINTR, ETIMEDOUT) all mean "return", which callers handle.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    addr.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    val,
+                    tsp,
+                );
+            }
+        }
+
+        fn futexwakeup(&self, addr: &AtomicU32, cnt: u32) {
+            // SAFETY: FUTEX_WAKE only uses the address as a key.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    addr.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    cnt,
+                );
+            }
+        }
+
+        fn ncpu(&self) -> usize {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The hosted API: [`Runtime`], [`go`], [`spawn`] and [`JoinHandle`],
+//! [`gosched`], [`current`], [`park`] / [`Goroutine::unpark`],
+//! [`num_goroutine`] (the `std` feature).
+//!
+//! ```
+//! use gokernel::Runtime;
+//!
+//! let rt = Runtime::builder().procs(2).build().unwrap();
+//! let sum = rt.block_on(|| {
+//!     let hs: Vec<_> = (0..10u64).map(|i| gokernel::spawn(move || i * i)).collect();
+//!     hs.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
+//! });
+//! assert_eq!(sum, 285);
+//! ```
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+
+use crate::platform::hosted::HOSTED;
+use crate::proc::{PStats, Parker, newproc};
+use crate::runtime2::Sched;
+use crate::stack::{STACK_DEFAULT, StackError, check_stack_size};
+use crate::tls::getg;
+
+/// The most Ps a runtime may have.
+pub const MAX_PROCS: usize = 1024;
+
+/// Why a runtime could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuildError {
+    /// `procs` was 0 or above [`MAX_PROCS`].
+    Procs {
+        /// The value given.
+        procs: usize,
+    },
+    /// The stack size is out of bounds.
+    StackSize(StackError),
+}
+
+impl core::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BuildError::Procs { procs } => {
+                write!(f, "procs must be between 1 and {MAX_PROCS}, not {procs}")
+            }
+            BuildError::StackSize(e) => write!(f, "bad stack size: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+/// Configures a [`Runtime`].
+#[derive(Clone, Debug)]
+pub struct Builder {
+    procs: Option<usize>,
+    stack_size: usize,
+}
+
+impl Builder {
+    /// The number of Ps: Gs that run in parallel (Go's GOMAXPROCS). The
+    /// default is the number of CPUs.
+    pub fn procs(mut self, n: usize) -> Self {
+        self.procs = Some(n);
+        self
+    }
+
+    /// The stack size of every G, a multiple of 4096 between
+    /// [`STACK_MIN`](crate::stack::STACK_MIN) and
+    /// [`STACK_MAX`](crate::stack::STACK_MAX). The default is
+    /// [`STACK_DEFAULT`] (256 KiB of address space; only touched pages cost
+    /// memory).
+    pub fn stack_size(mut self, bytes: usize) -> Self {
+        self.stack_size = bytes;
+        self
+    }
+
+    /// Builds the runtime. No thread starts until there is a G to run.
+    pub fn build(self) -> Result<Runtime, BuildError> {
+        let procs = self
+            .procs
+            .unwrap_or_else(|| crate::platform::Platform::ncpu(&HOSTED));
+        if procs == 0 || procs > MAX_PROCS {
+            return Err(BuildError::Procs { procs });
+        }
+        check_stack_size(self.stack_size).map_err(BuildError::StackSize)?;
+        Ok(Runtime {
+            sched: Sched::new(procs, self.stack_size, &HOSTED),
+        })
+    }
+}
+
+/// A goroutine scheduler: `procs` Ps and the Ms (OS threads) that run Gs
+/// on them. Dropping it stops the Ms: each finishes the G it is running,
+/// then exits; Gs that are still runnable or parked are not run again.
+pub struct Runtime {
+    sched: Arc<Sched>,
+}
+
+impl Runtime {
+    /// A builder with the defaults.
+    pub fn builder() -> Builder {
+        Builder {
+            procs: None,
+            stack_size: STACK_DEFAULT,
+        }
+    }
+
+    /// Runs `f` as the main goroutine and returns its value, blocking the
+    /// calling thread until it finishes. A panic in `f` is resumed here.
+    ///
+    /// # Panics
+    ///
+    /// If called from a goroutine (it would block its M), or if the main
+    /// G's stack cannot be allocated.
+    pub fn block_on<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        assert!(
+            getg().is_null(),
+            "gokernel: Runtime::block_on called from a goroutine; use spawn and join instead"
+        );
+        match self.spawn(f).join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+
+    /// Starts a goroutine from outside the runtime (or inside it).
+    ///
+    /// # Panics
+    ///
+    /// If its stack cannot be allocated.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        spawn_on(Some(&self.sched), f)
+    }
+
+    /// The number of Ps.
+    pub fn procs(&self) -> usize {
+        self.sched.procs()
+    }
+
+    /// Goroutines that exist and have not finished.
+    pub fn num_goroutine(&self) -> usize {
+        self.sched.ngoroutines()
+    }
+
+    /// Gs ever allocated; with reuse this stays near the peak number alive.
+    pub fn num_allocated_gs(&self) -> usize {
+        self.sched.nallgs()
+    }
+
+    /// Per-P counters: spawned, stolen, parked, scheduled, run-queue
+    /// high-water mark.
+    pub fn p_stats(&self) -> Vec<PStats> {
+        self.sched.pstats()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.sched.shutdown();
+    }
+}
+
+/// The result slot a [`JoinHandle`] waits on.
+struct JoinInner<T> {
+    done: AtomicBool,
+    result: spin::Mutex<Option<thread::Result<T>>>,
+    waiter: spin::Mutex<Option<Waiter>>,
+}
+
+/// Who waits for a goroutine to finish.
+#[derive(Clone)]
+enum Waiter {
+    G(Arc<Parker>),
+    Thread(thread::Thread),
+}
+
+impl Waiter {
+    fn current() -> Waiter {
+        if in_goroutine() {
+            // SAFETY: on a user G of a scheduler (checked).
+            Waiter::G(unsafe { Parker::current() })
+        } else {
+            Waiter::Thread(thread::current())
+        }
+    }
+
+    fn wait(&self) {
+        match self {
+            // SAFETY: a G waiter is made by and waited on by the same G.
+            Waiter::G(p) => unsafe { p.park() },
+            Waiter::Thread(_) => thread::park(),
+        }
+    }
+
+    fn wake(self) {
+        match self {
+            Waiter::G(p) => p.unpark(),
+            Waiter::Thread(t) => t.unpark(),
+        }
+    }
+}
+
+/// An owned permission to wait for a goroutine's result.
+pub struct JoinHandle<T> {
+    inner: Arc<JoinInner<T>>,
+    id: u64,
+}
+
+impl<T> JoinHandle<T> {
+    /// The goroutine's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// True once the goroutine has finished.
+    pub fn is_finished(&self) -> bool {
+        self.inner.done.load(Ordering::Acquire)
+    }
+
+    /// Waits for the goroutine to finish and returns its result, or the
+    /// panic payload if it panicked. From a goroutine this parks it; from a
+    /// plain thread it blocks the thread.
+    pub fn join(self) -> thread::Result<T> {
+        let me = Waiter::current();
+        let mut registered = false;
+        loop {
+            // Acquire: pairs with the release in `finish`.
+            if self.inner.done.load(Ordering::Acquire) {
+                return self
+                    .inner
+                    .result
+                    .lock()
+                    .take()
+                    .expect("a joined goroutine's result was taken twice");
+            }
+            if !registered {
+                let mut slot = self.inner.waiter.lock();
+                // Re-checked under the lock `finish` takes after setting
+                // `done`: either it sees us registered, or we see `done`.
+                if self.inner.done.load(Ordering::Acquire) {
+                    continue;
+                }
+                *slot = Some(me.clone());
+                registered = true;
+            }
+            // Park tokens make a wake-up that comes before this wait count.
+            me.wait();
+        }
+    }
+}
+
+fn finish<T>(inner: &JoinInner<T>, r: thread::Result<T>) {
+    *inner.result.lock() = Some(r);
+    // Release: the result is visible to whoever sees `done`.
+    inner.done.store(true, Ordering::Release);
+    if let Some(w) = inner.waiter.lock().take() {
+        w.wake();
+    }
+}
+
+fn spawn_on<T: Send + 'static>(
+    sched: Option<&Sched>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let inner = Arc::new(JoinInner {
+        done: AtomicBool::new(false),
+        result: spin::Mutex::new(None),
+        waiter: spin::Mutex::new(None),
+    });
+    let done = inner.clone();
+    let body = Box::new(move || {
+        let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(f));
+        finish(&done, r);
+    });
+    match newproc(sched, body) {
+        Ok(id) => JoinHandle { inner, id },
+        Err(e) => panic!("gokernel: cannot spawn a goroutine: {e}"),
+    }
+}
+
+/// True on a goroutine of a gokernel runtime.
+fn in_goroutine() -> bool {
+    let gp = getg();
+    // SAFETY: a non-null current G has a live M.
+    !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() && (*(*gp).m).curg == gp }
+}
+
+fn require_goroutine(what: &str) {
+    assert!(
+        in_goroutine(),
+        "gokernel::{what} called outside a goroutine of a gokernel runtime \
+         (start one with Runtime::block_on or Runtime::spawn)"
+    );
+}
+
+/// Starts a goroutine running `f` (Go's `go` statement). A panic in it
+/// ends the process with the panic message and the goroutine's id.
+///
+/// # Panics
+///
+/// Outside a goroutine, or if its stack cannot be allocated.
+pub fn go(f: impl FnOnce() + Send + 'static) {
+    require_goroutine("go");
+    if let Err(e) = newproc(None, Box::new(f)) {
+        panic!("gokernel: cannot start a goroutine: {e}");
+    }
+}
+
+/// Starts a goroutine running `f` and returns a handle to join it. A panic
+/// in `f` comes back as `Err` from [`JoinHandle::join`].
+///
+/// # Panics
+///
+/// Outside a goroutine (use [`Runtime::spawn`] there), or if its stack
+/// cannot be allocated.
+pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    require_goroutine("spawn");
+    spawn_on(None, f)
+}
+
+/// Yields: the current goroutine goes to the back of the global queue.
+///
+/// # Panics
+///
+/// Outside a goroutine.
+pub fn gosched() {
+    crate::proc::gosched();
+}
+
+/// A handle to a goroutine, for its id and for [`unpark`](Self::unpark).
+#[derive(Clone)]
+pub struct Goroutine {
+    id: u64,
+    parker: Arc<Parker>,
+}
+
+impl Goroutine {
+    /// The goroutine's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Makes the goroutine's park token available: if it is parked in
+    /// [`park`], it wakes; otherwise its next `park` returns at once. The
+    /// token does not accumulate. After the goroutine has finished this
+    /// does nothing.
+    pub fn unpark(&self) {
+        self.parker.unpark();
+    }
+}
+
+impl core::fmt::Debug for Goroutine {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Goroutine").field("id", &self.id).finish()
+    }
+}
+
+/// The current goroutine.
+///
+/// # Panics
+///
+/// Outside a goroutine.
+pub fn current() -> Goroutine {
+    require_goroutine("current");
+    let gp = getg();
+    // SAFETY: on a user G (checked).
+    let (id, parker) = unsafe { ((*gp).goid, Parker::current()) };
+    Goroutine { id, parker }
+}
+
+/// Blocks the current goroutine until its park token is available, then
+/// consumes it (std::thread::park's semantics, for goroutines: the M runs
+/// other goroutines meanwhile).
+///
+/// # Panics
+///
+/// Outside a goroutine.
+pub fn park() {
+    require_goroutine("park");
+    // SAFETY: on a user G (checked); the parker is its own.
+    unsafe { Parker::current().park() }
+}
+
+/// The number of goroutines of the current runtime that exist and have not
+/// finished.
+///
+/// # Panics
+///
+/// Outside a goroutine (use [`Runtime::num_goroutine`] there).
+pub fn num_goroutine() -> usize {
+    require_goroutine("num_goroutine");
+    // SAFETY: on a user G (checked): its M's scheduler is live.
+    unsafe { (*(*(*getg()).m).rt).ngoroutines() }
+}
