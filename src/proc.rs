@@ -1049,6 +1049,8 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
         let mp = dropg(gp);
         let sched = &*(*mp).rt;
         globrunqput(&mut sched.lock.lock(), sched, gp);
+        // Work appeared on the global queue: an idle P may take it.
+        wakep(sched);
     }
     schedule()
 }
