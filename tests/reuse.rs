@@ -36,7 +36,10 @@ fn a_million_short_goroutines_in_sequence_reuse_gs_and_keep_rss_bounded() {
     let allocated = rt.num_allocated_gs();
     // At most PER_ROUND + the main G alive at once, plus what sits on free
     // lists between Ps: a few hundred, not a million.
-    assert!(allocated <= 4 * PER_ROUND, "{allocated} Gs allocated for 1,000,000 goroutines");
+    assert!(
+        allocated <= 4 * PER_ROUND,
+        "{allocated} Gs allocated for 1,000,000 goroutines"
+    );
     assert!(
         rss1 <= rss0 + 16 * 1024,
         "RSS grew from {rss0} kB to {rss1} kB over 1,000,000 goroutines"
