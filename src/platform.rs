@@ -38,7 +38,12 @@ impl core::fmt::Display for NewOsProcError {
 ///   `addr` if there is one, up to `cnt`.
 pub unsafe trait Platform: Sync + 'static {
     /// Starts a thread that runs `crate::proc::mstart0(mp)`.
-    fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError>;
+    ///
+    /// # Safety
+    ///
+    /// `mp` must be a live M made by the scheduler for this thread, not
+    /// running anywhere; it stays live until `mstart0` returns.
+    unsafe fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError>;
     /// Sleeps while `*addr == val`, at most `timeout_ns` if given.
     fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>);
     /// Wakes up to `cnt` threads sleeping on `addr`.
@@ -74,7 +79,12 @@ pub mod hosted {
     // default FP environment) that calls mstart0 once; the futex calls are
     // Linux's FUTEX_WAIT / FUTEX_WAKE, which check the value atomically.
     unsafe impl Platform for Hosted {
-        fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError> {
+        /// A std thread named `gokernel-m<id>` with a 1 MiB stack (g0's).
+        ///
+        /// # Safety
+        ///
+        /// As [`Platform::newosproc`].
+        unsafe fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError> {
             let m = SendM(mp);
             // SAFETY: mp is live; only its id is read.
             let id = unsafe { (*mp).id };

@@ -351,7 +351,9 @@ unsafe fn newm(sched: &Sched, pp: *mut P, spinning: bool) {
     // SAFETY: the contract: sched lives in an Arc; the thread gives this
     // reference back when it ends (mstart0).
     unsafe { Arc::increment_strong_count(sched) };
-    if sched.platform.newosproc(mp).is_err() {
+    // SAFETY: mp is the M just made for this thread; it lives in allm
+    // until the scheduler is dropped, after the thread is done.
+    if unsafe { sched.platform.newosproc(mp) }.is_err() {
         throw("newm: the platform could not start a thread for a new M");
     }
 }
@@ -1158,7 +1160,7 @@ impl Parker {
     /// # Safety
     ///
     /// On a user G of a scheduler.
-    pub(crate) unsafe fn current() -> Arc<Parker> {
+    pub unsafe fn current() -> Arc<Parker> {
         let gp = getg();
         // SAFETY: the contract: gp is the running G; only it touches its
         // own parker field (and goexit0 after it is done).
@@ -1181,7 +1183,7 @@ impl Parker {
     /// # Safety
     ///
     /// On the G this parker belongs to.
-    pub(crate) unsafe fn park(&self) {
+    pub unsafe fn park(&self) {
         // Acquire: pairs with unpark's release, so what the unparker did
         // before is visible after.
         if self
@@ -1216,7 +1218,7 @@ impl Parker {
     }
 
     /// Makes the token available, waking the G if it is parked.
-    pub(crate) fn unpark(&self) {
+    pub fn unpark(&self) {
         // AcqRel: release publishes our writes to the woken G; acquire
         // pairs with park_commit's release, so gp's parked state is seen.
         if self.state.swap(PARK_NOTIFIED, Ordering::AcqRel) == PARK_PARKED {

@@ -78,10 +78,9 @@ fn every_unsafe_fn_documents_its_safety_contract() {
     for (path, text) in sources() {
         let lines: Vec<&str> = text.lines().collect();
         for (i, l) in lines.iter().enumerate() {
-            if l.contains("unsafe fn ") || l.contains("unsafe extern \"C\" fn ") {
-                if !header_above(&lines, i).contains("# Safety") {
-                    bad.push(format!("{path}:{}: {}", i + 1, l.trim()));
-                }
+            let is_unsafe_fn = l.contains("unsafe fn ") || l.contains("unsafe extern \"C\" fn ");
+            if is_unsafe_fn && !header_above(&lines, i).contains("# Safety") {
+                bad.push(format!("{path}:{}: {}", i + 1, l.trim()));
             }
         }
     }
