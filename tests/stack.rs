@@ -29,6 +29,7 @@ fn mappings() -> usize {
 #[test]
 fn malg_stacks_are_freed_on_drop_over_100_000_cycles() {
     const SIZE: usize = 64 * 1024;
+    const SLACK_KB: u64 = 256 * 1024;
     // Warm up allocator and std state, then take the baseline.
     for _ in 0..100 {
         drop(malg(SIZE).unwrap());
@@ -45,9 +46,11 @@ fn malg_stacks_are_freed_on_drop_over_100_000_cycles() {
         drop(g);
     }
     let (vm1, maps1) = (status_kb("VmSize:"), mappings());
-    // A leak would be 100,000 x 68 KiB = 6.5 GiB of address space.
+    // A leak would be 100,000 x 68 KiB = 6.5 GiB of address space. The
+    // slack covers a malloc arena (64 MiB) that a test thread running in
+    // parallel may reserve meanwhile.
     assert!(
-        vm1 <= vm0 + 8 * 1024,
+        vm1 <= vm0 + SLACK_KB,
         "VmSize grew from {vm0} kB to {vm1} kB over 100,000 malg/drop cycles"
     );
     assert!(maps1 <= maps0 + 16, "mappings grew from {maps0} to {maps1}");
