@@ -470,3 +470,40 @@ fn api_calls_outside_a_goroutine_panic_with_a_clear_message() {
         "{nested:?}"
     );
 }
+
+/// Runs `f` on a thread and fails the test if it does not finish in
+/// `secs` seconds (a lost wake-up would otherwise hang the test run).
+fn within(secs: u64, what: &'static str, f: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} did not finish in {secs} s: a lost wake-up?"));
+}
+
+#[test]
+fn wakeups_of_idle_ms_are_never_lost() {
+    within(120, "10,000 spawns onto an idle runtime", || {
+        let r = rt(2);
+        for i in 0..10_000u32 {
+            // Now and then let every M go idle first.
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(r.spawn(move || i).join().unwrap(), i);
+        }
+    });
+    within(120, "park/unpark across Ms going idle", || {
+        let r = rt(2);
+        r.block_on(|| {
+            for _ in 0..2_000 {
+                let main = gokernel::current();
+                let h = gokernel::spawn(move || main.unpark());
+                gokernel::park();
+                h.join().unwrap();
+            }
+        });
+    });
+}
