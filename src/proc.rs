@@ -1358,9 +1358,12 @@ impl Sched {
             .collect()
     }
 
-    /// Starts a G running `f` from a thread that is not one of this
-    /// scheduler's Ms (or from one: then it goes to the P's `runnext`).
-    pub fn spawn_from_outside(
+    /// Starts a G running `f` (Go's `go` statement) and returns its id.
+    /// From a G of this scheduler the new G takes the P's `runnext`; from
+    /// any other thread it goes on the global queue. This is the spawn
+    /// primitive of freestanding builds; hosted code uses
+    /// [`Runtime`](crate::Runtime).
+    pub fn go(
         &self,
         f: Box<dyn FnOnce() + Send + 'static>,
     ) -> Result<u64, StackError> {

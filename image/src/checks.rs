@@ -1,0 +1,326 @@
+//! The scheduler scenarios of the hosted suite, on 2 Ms made by clone(2),
+//! plus the checks only a freestanding image can make (TLS template, FS
+//! base, per-M slots).
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use gokernel::platform::Platform;
+use gokernel::proc::{Parker, gosched};
+use gokernel::runtime2::Sched;
+use gokernel::tls::{FsBaseMode, fs0};
+
+use crate::platform::{IMAGE, M_RECORDS, NRECORDS};
+use crate::{Boot, say, sys};
+
+/// Pass/fail tally.
+struct Report {
+    passed: u32,
+    failed: u32,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, ok: bool, detail: core::fmt::Arguments) {
+        if ok {
+            self.passed += 1;
+            say!("ok   {name}: {detail}");
+        } else {
+            self.failed += 1;
+            say!("FAIL {name}: {detail}");
+        }
+    }
+}
+
+/// Runs `f` as a goroutine of `sched` and waits (on a futex) for its
+/// verdict; `None` if it took more than `secs` seconds.
+fn run_g<T: Send + 'static>(
+    sched: &Sched,
+    secs: u32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let done = Arc::new(AtomicU32::new(0));
+    let slot: Arc<spin::Mutex<Option<T>>> = Arc::new(spin::Mutex::new(None));
+    let (d, s) = (done.clone(), slot.clone());
+    sched
+        .go(Box::new(move || {
+            *s.lock() = Some(f());
+            d.store(1, Ordering::Release);
+            IMAGE.futexwakeup(&d, 1);
+        }))
+        .expect("spawn the scenario goroutine");
+    for _ in 0..secs * 10 {
+        if done.load(Ordering::Acquire) == 1 {
+            return slot.lock().take();
+        }
+        IMAGE.futexsleep(&done, 0, Some(100_000_000));
+    }
+    None
+}
+
+/// Parks the current G until `left` drops to zero (the last decrement
+/// unparks it).
+fn wait_zero(left: &AtomicUsize) {
+    while left.load(Ordering::Acquire) != 0 {
+        // SAFETY: on a goroutine; the parker is its own.
+        unsafe { Parker::current().park() };
+    }
+}
+
+const SPAWNERS: usize = 100;
+const CHILDREN: usize = 1000;
+const TOTAL: usize = SPAWNERS * CHILDREN;
+
+fn spawn_100k(sched: &'static Sched) -> (usize, usize) {
+    let seen: Arc<Vec<AtomicU8>> = Arc::new((0..TOTAL).map(|_| AtomicU8::new(0)).collect());
+    let s2 = seen.clone();
+    let r = run_g(sched, 60, move || {
+        // SAFETY: on a goroutine.
+        let main = unsafe { Parker::current() };
+        let left = Arc::new(AtomicUsize::new(SPAWNERS));
+        for s in 0..SPAWNERS {
+            let (seen, left, main) = (s2.clone(), left.clone(), main.clone());
+            sched
+                .go(Box::new(move || {
+                    // SAFETY: on a goroutine.
+                    let me = unsafe { Parker::current() };
+                    let kids = Arc::new(AtomicUsize::new(CHILDREN));
+                    for i in 0..CHILDREN {
+                        let (seen, kids, me) = (seen.clone(), kids.clone(), me.clone());
+                        sched
+                            .go(Box::new(move || {
+                                seen[s * CHILDREN + i].fetch_add(1, Ordering::Relaxed);
+                                if kids.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                    me.unpark();
+                                }
+                            }))
+                            .expect("spawn a child");
+                    }
+                    wait_zero(&kids);
+                    if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        main.unpark();
+                    }
+                }))
+                .expect("spawn a spawner");
+        }
+        wait_zero(&left);
+    });
+    if r.is_none() {
+        return (0, TOTAL);
+    }
+    let once = seen.iter().filter(|c| c.load(Ordering::Relaxed) == 1).count();
+    (once, TOTAL - once)
+}
+
+fn gosched_progress(sched: &'static Sched) -> Option<u64> {
+    run_g(sched, 20, move || {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f2 = flag.clone();
+        sched
+            .go(Box::new(move || {
+                gosched();
+                f2.store(true, Ordering::Release);
+            }))
+            .expect("spawn the setter");
+        let mut spins = 0u64;
+        while !flag.load(Ordering::Acquire) && spins < 10_000_000 {
+            gosched();
+            spins += 1;
+        }
+        spins
+    })
+}
+
+const ROUNDS: u64 = 10_000;
+
+fn park_pingpong(sched: &'static Sched) -> Option<(u64, u64)> {
+    run_g(sched, 20, move || {
+        // SAFETY: on a goroutine.
+        let main = unsafe { Parker::current() };
+        let peer_count = Arc::new(AtomicU64::new(0));
+        let peer_slot: Arc<spin::Mutex<Option<Arc<Parker>>>> = Arc::new(spin::Mutex::new(None));
+        let (pc, ps, m2) = (peer_count.clone(), peer_slot.clone(), main.clone());
+        sched
+            .go(Box::new(move || {
+                // SAFETY: on a goroutine.
+                let me = unsafe { Parker::current() };
+                *ps.lock() = Some(me.clone());
+                for _ in 0..ROUNDS {
+                    // SAFETY: our own parker.
+                    unsafe { me.park() };
+                    pc.fetch_add(1, Ordering::Relaxed);
+                    m2.unpark();
+                }
+            }))
+            .expect("spawn the peer");
+        let peer = loop {
+            if let Some(p) = peer_slot.lock().clone() {
+                break p;
+            }
+            gosched();
+        };
+        let mut mine = 0;
+        for _ in 0..ROUNDS {
+            peer.unpark();
+            // SAFETY: our own parker.
+            unsafe { main.park() };
+            mine += 1;
+        }
+        (mine, peer_count.load(Ordering::Relaxed))
+    })
+}
+
+/// Two goroutines that can only finish if they run at the same time, on
+/// two Ms; the second must have been stolen from the first's P.
+fn parallel_and_stolen(sched: &'static Sched) -> Option<bool> {
+    run_g(sched, 20, move || {
+        let x = Arc::new(AtomicU32::new(0));
+        let left = Arc::new(AtomicUsize::new(2));
+        // SAFETY: on a goroutine.
+        let main = unsafe { Parker::current() };
+        let ok = Arc::new(AtomicBool::new(true));
+        for p in 0..2u32 {
+            let (x, left, main, ok) = (x.clone(), left.clone(), main.clone(), ok.clone());
+            sched
+                .go(Box::new(move || {
+                    for i in 0..3u32 {
+                        let expected = 2 * i + p;
+                        let mut spins = 0u64;
+                        while x.load(Ordering::SeqCst) != expected {
+                            spins += 1;
+                            if spins > 2_000_000_000 {
+                                ok.store(false, Ordering::Relaxed);
+                                break;
+                            }
+                            core::hint::spin_loop();
+                        }
+                        x.store(expected + 1, Ordering::SeqCst);
+                    }
+                    if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        main.unpark();
+                    }
+                }))
+                .expect("spawn");
+        }
+        wait_zero(&left);
+        ok.load(Ordering::Relaxed)
+    })
+}
+
+/// The PT_TLS program header, read through AT_PHDR / AT_PHNUM.
+fn pt_tls(boot: &Boot) -> Option<(usize, usize, usize, usize)> {
+    const PT_TLS: u32 = 7;
+    const PHDR_SIZE: usize = 56;
+    (0..boot.phnum).find_map(|i| {
+        let ph = boot.phdr + i * PHDR_SIZE;
+        // SAFETY: the kernel maps the program headers at AT_PHDR, AT_PHNUM
+        // entries of 56 bytes (Elf64_Phdr).
+        unsafe {
+            let p_type = *(ph as *const u32);
+            (p_type == PT_TLS).then(|| {
+                let vaddr = *((ph + 16) as *const usize);
+                let filesz = *((ph + 32) as *const usize);
+                let memsz = *((ph + 40) as *const usize);
+                let align = *((ph + 48) as *const usize);
+                (vaddr, filesz, memsz, align)
+            })
+        }
+    })
+}
+
+pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
+    let mut r = Report { passed: 0, failed: 0 };
+    say!("gokernel freestanding image: FS base by {mode:?}, AT_HWCAP2 = {:#x}", boot.hwcap2);
+
+    let t = crate::tls_template();
+    let ph = pt_tls(boot);
+    r.check(
+        "tls-template",
+        ph == Some((t.tdata as usize, t.filesz, t.memsz, t.align)),
+        format_args!(
+            "linker symbols ({:#x}, filesz {}, memsz {}, align {}) vs PT_TLS {ph:x?}",
+            t.tdata as usize, t.filesz, t.memsz, t.align
+        ),
+    );
+
+    let base = sys::arch_get_fs();
+    let via_insn = if mode == FsBaseMode::Wrfsbase {
+        // SAFETY: wrfsbase mode was allowed by AT_HWCAP2, so rdfsbase is too.
+        Some(unsafe { gokernel::tls::rdfsbase() })
+    } else {
+        None
+    };
+    r.check(
+        "fs0-is-fs-base",
+        fs0() == tp && base == tp && via_insn.is_none_or(|v| v == tp),
+        format_args!("fs:0 = {:#x}, FS base = {base:#x}, rdfsbase = {via_insn:x?}, tp = {tp:#x}", fs0()),
+    );
+
+    let sched: &'static Sched = Box::leak(Box::new(Sched::new(2, gokernel::stack::STACK_MIN, &IMAGE)));
+
+    let (once, bad) = spawn_100k(sched);
+    r.check(
+        "spawn-100000",
+        once == TOTAL,
+        format_args!("{once} of {TOTAL} goroutines ran exactly once ({bad} did not), spawned from 100 goroutines"),
+    );
+    let spins = gosched_progress(sched);
+    r.check(
+        "gosched-progress",
+        spins.is_some_and(|s| s < 10_000_000),
+        format_args!("the spinning goroutine saw the flag after {spins:?} gosched calls"),
+    );
+    let pp = park_pingpong(sched);
+    r.check(
+        "park-unpark-pingpong",
+        pp == Some((ROUNDS, ROUNDS)),
+        format_args!("{pp:?} hand-offs each way, {ROUNDS} expected"),
+    );
+    let par = parallel_and_stolen(sched);
+    let stats = sched.pstats();
+    let stolen: u64 = stats.iter().map(|p| p.stolen).sum();
+    r.check(
+        "parallel-and-stolen",
+        par == Some(true) && stolen > 0,
+        format_args!("two goroutines ran at once: {par:?}; Gs stolen between Ps: {stolen}"),
+    );
+
+    let n = NRECORDS.load(Ordering::Acquire).min(M_RECORDS.len());
+    let recs: Vec<_> = M_RECORDS[..n]
+        .iter()
+        .map(|m| {
+            (
+                m.tp.load(Ordering::Relaxed),
+                m.fs0.load(Ordering::Relaxed),
+                m.fs_base.load(Ordering::Relaxed),
+                m.slot.load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    let consistent = recs.iter().all(|&(tp, f0, fb, _)| tp == f0 && tp == fb);
+    let mut slots: Vec<usize> = recs.iter().map(|r| r.3).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    r.check(
+        "tls-per-m",
+        n >= 3 && consistent && slots.len() == n,
+        format_args!("{n} threads (M0 + {} Ms): fs:0 == FS base on each: {consistent}; distinct G slots: {}", n - 1, slots.len()),
+    );
+
+    sched.shutdown();
+    r.check(
+        "shutdown",
+        sched.ngoroutines() == 0,
+        format_args!("Ms stopped; goroutines left: {}", sched.ngoroutines()),
+    );
+
+    for p in &stats {
+        say!(
+            "  P{}: spawned {}, stolen {}, parked {}, scheduled {}, run-queue high-water {}",
+            p.id, p.spawned, p.stolen, p.parked, p.scheduled, p.runq_hwm
+        );
+    }
+    say!("image: {} passed, {} failed", r.passed, r.failed);
+    r.failed != 0
+}

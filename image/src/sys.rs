@@ -1,0 +1,121 @@
+//! Raw Linux system calls: the image's whole interface to its "hardware".
+
+use core::arch::asm;
+
+pub const SYS_WRITE: usize = 1;
+pub const SYS_MMAP: usize = 9;
+pub const SYS_MUNMAP: usize = 11;
+pub const SYS_CLONE: usize = 56;
+pub const SYS_EXIT: usize = 60;
+pub const SYS_ARCH_PRCTL: usize = 158;
+pub const SYS_FUTEX: usize = 202;
+pub const SYS_EXIT_GROUP: usize = 231;
+
+pub const ARCH_SET_FS: usize = 0x1002;
+pub const ARCH_GET_FS: usize = 0x1003;
+
+pub const FUTEX_WAIT_PRIVATE: usize = 128;
+pub const FUTEX_WAKE_PRIVATE: usize = 129;
+
+pub const PROT_READ: usize = 1;
+pub const PROT_WRITE: usize = 2;
+pub const MAP_PRIVATE: usize = 0x02;
+pub const MAP_ANONYMOUS: usize = 0x20;
+pub const MAP_NORESERVE: usize = 0x4000;
+
+pub const CLONE_VM: usize = 0x100;
+pub const CLONE_FS: usize = 0x200;
+pub const CLONE_FILES: usize = 0x400;
+pub const CLONE_SIGHAND: usize = 0x800;
+pub const CLONE_THREAD: usize = 0x10000;
+pub const CLONE_SYSVSEM: usize = 0x40000;
+pub const CLONE_SETTLS: usize = 0x80000;
+
+/// A system call with up to six arguments; returns the raw result
+/// (negative errno on failure).
+///
+/// # Safety
+///
+/// The call and its arguments must be valid for the kernel and must not
+/// break any Rust invariant (memory the call writes must be ours).
+pub unsafe fn syscall6(n: usize, a: [usize; 6]) -> isize {
+    let ret: isize;
+    // SAFETY: the contract; syscall clobbers rcx and r11 only.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") n as isize => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            in("r9") a[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Writes all of `buf` to `fd`.
+pub fn write_all(fd: usize, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        // SAFETY: write(2) reads `buf`, which is live.
+        let n = unsafe { syscall6(SYS_WRITE, [fd, buf.as_ptr() as usize, buf.len(), 0, 0, 0]) };
+        if n <= 0 {
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+/// Ends the process.
+pub fn exit_group(code: i32) -> ! {
+    loop {
+        // SAFETY: exit_group(2) does not return.
+        unsafe { syscall6(SYS_EXIT_GROUP, [code as usize, 0, 0, 0, 0, 0]) };
+    }
+}
+
+/// Maps `len` bytes of fresh zeroed memory, or null.
+pub fn mmap_anon(len: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping at a kernel-chosen address.
+    let r = unsafe {
+        syscall6(
+            SYS_MMAP,
+            [0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, usize::MAX, 0],
+        )
+    };
+    if r < 0 { core::ptr::null_mut() } else { r as *mut u8 }
+}
+
+/// Unmaps what [`mmap_anon`] mapped.
+///
+/// # Safety
+///
+/// `p`/`len` must be a mapping from `mmap_anon` that nothing uses.
+pub unsafe fn munmap(p: *mut u8, len: usize) {
+    // SAFETY: the contract.
+    unsafe { syscall6(SYS_MUNMAP, [p as usize, len, 0, 0, 0, 0]) };
+}
+
+/// Sets this thread's FS base with `arch_prctl(ARCH_SET_FS)`: the
+/// fallback when `wrfsbase` is not allowed.
+///
+/// # Safety
+///
+/// `tp` must be the thread pointer of a TLS block that outlives the thread.
+pub unsafe fn arch_set_fs(tp: usize) -> isize {
+    // SAFETY: the contract.
+    unsafe { syscall6(SYS_ARCH_PRCTL, [ARCH_SET_FS, tp, 0, 0, 0, 0]) }
+}
+
+/// This thread's FS base from `arch_prctl(ARCH_GET_FS)`.
+pub fn arch_get_fs() -> usize {
+    let mut v = 0usize;
+    // SAFETY: the kernel writes one word into `v`.
+    unsafe { syscall6(SYS_ARCH_PRCTL, [ARCH_GET_FS, &raw mut v as usize, 0, 0, 0, 0]) };
+    v
+}
