@@ -109,7 +109,10 @@ fn spawn_100k(sched: &'static Sched) -> (usize, usize) {
     if r.is_none() {
         return (0, TOTAL);
     }
-    let once = seen.iter().filter(|c| c.load(Ordering::Relaxed) == 1).count();
+    let once = seen
+        .iter()
+        .filter(|c| c.load(Ordering::Relaxed) == 1)
+        .count();
     (once, TOTAL - once)
 }
 
@@ -230,8 +233,14 @@ fn pt_tls(boot: &Boot) -> Option<(usize, usize, usize, usize)> {
 }
 
 pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
-    let mut r = Report { passed: 0, failed: 0 };
-    say!("gokernel freestanding image: FS base by {mode:?}, AT_HWCAP2 = {:#x}", boot.hwcap2);
+    let mut r = Report {
+        passed: 0,
+        failed: 0,
+    };
+    say!(
+        "gokernel freestanding image: FS base by {mode:?}, AT_HWCAP2 = {:#x}",
+        boot.hwcap2
+    );
 
     let t = crate::tls_template();
     let ph = pt_tls(boot);
@@ -254,10 +263,14 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
     r.check(
         "fs0-is-fs-base",
         fs0() == tp && base == tp && via_insn.is_none_or(|v| v == tp),
-        format_args!("fs:0 = {:#x}, FS base = {base:#x}, rdfsbase = {via_insn:x?}, tp = {tp:#x}", fs0()),
+        format_args!(
+            "fs:0 = {:#x}, FS base = {base:#x}, rdfsbase = {via_insn:x?}, tp = {tp:#x}",
+            fs0()
+        ),
     );
 
-    let sched: &'static Sched = Box::leak(Box::new(Sched::new(2, gokernel::stack::STACK_MIN, &IMAGE)));
+    let sched: &'static Sched =
+        Box::leak(Box::new(Sched::new(2, gokernel::stack::STACK_MIN, &IMAGE)));
 
     let (once, bad) = spawn_100k(sched);
     r.check(
@@ -305,7 +318,11 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
     r.check(
         "tls-per-m",
         n >= 3 && consistent && slots.len() == n,
-        format_args!("{n} threads (M0 + {} Ms): fs:0 == FS base on each: {consistent}; distinct G slots: {}", n - 1, slots.len()),
+        format_args!(
+            "{n} threads (M0 + {} Ms): fs:0 == FS base on each: {consistent}; distinct G slots: {}",
+            n - 1,
+            slots.len()
+        ),
     );
 
     sched.shutdown();
@@ -318,7 +335,12 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
     for p in &stats {
         say!(
             "  P{}: spawned {}, stolen {}, parked {}, scheduled {}, run-queue high-water {}",
-            p.id, p.spawned, p.stolen, p.parked, p.scheduled, p.runq_hwm
+            p.id,
+            p.spawned,
+            p.stolen,
+            p.parked,
+            p.scheduled,
+            p.runq_hwm
         );
     }
     say!("image: {} passed, {} failed", r.passed, r.failed);

@@ -113,7 +113,11 @@ extern "C" fn image_main(sp: *const usize) -> ! {
             p = p.add(1);
         }
         p = p.add(1);
-        let mut boot = Boot { hwcap2: 0, phdr: 0, phnum: 0 };
+        let mut boot = Boot {
+            hwcap2: 0,
+            phdr: 0,
+            phnum: 0,
+        };
         while *p != AT_NULL {
             match *p {
                 AT_HWCAP2 => boot.hwcap2 = *p.add(1) as u64,
@@ -138,15 +142,15 @@ extern "C" fn image_main(sp: *const usize) -> ! {
             b"--fs=fallback" => mode = FsBaseMode::Fallback,
             b"--fs=auto" => mode = allowed,
             _ => {
-                let mut o = Out(heapless::String::new());
-                let _ = write!(o.0, "usage: gokernel-image [--fs=wrfsbase|fallback|auto]\n");
-                sys::write_all(2, o.0.as_bytes());
+                sys::write_all(2, b"usage: gokernel-image [--fs=wrfsbase|fallback|auto]\n");
                 sys::exit_group(2);
             }
         }
     }
     if mode == FsBaseMode::Wrfsbase && allowed != FsBaseMode::Wrfsbase {
-        say!("FAIL fs-mode: wrfsbase asked for, but AT_HWCAP2 says user-mode FSGSBASE is off (it would raise #UD)");
+        say!(
+            "FAIL fs-mode: wrfsbase asked for, but AT_HWCAP2 says user-mode FSGSBASE is off (it would raise #UD)"
+        );
         sys::exit_group(1);
     }
     platform::set_fs_mode(mode);
@@ -187,7 +191,7 @@ unsafe fn cstr(p: *const u8) -> &'static [u8] {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let mut o = Out(heapless::String::new());
-    let _ = write!(o.0, "gokernel-image panicked: {info}\n");
+    let _ = writeln!(o.0, "gokernel-image panicked: {info}");
     sys::write_all(2, o.0.as_bytes());
     sys::exit_group(101)
 }

@@ -188,18 +188,39 @@ unsafe impl Platform for Image {
     }
 
     fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>) {
-        let ts = timeout_ns.map(|ns| [(ns / 1_000_000_000) as usize, (ns % 1_000_000_000) as usize]);
+        let ts =
+            timeout_ns.map(|ns| [(ns / 1_000_000_000) as usize, (ns % 1_000_000_000) as usize]);
         let tsp = ts.as_ref().map_or(0, |t| t.as_ptr() as usize);
         // SAFETY: FUTEX_WAIT on a live aligned u32 (compared atomically).
         unsafe {
-            syscall6(SYS_FUTEX, [addr.as_ptr() as usize, FUTEX_WAIT_PRIVATE, val as usize, tsp, 0, 0])
+            syscall6(
+                SYS_FUTEX,
+                [
+                    addr.as_ptr() as usize,
+                    FUTEX_WAIT_PRIVATE,
+                    val as usize,
+                    tsp,
+                    0,
+                    0,
+                ],
+            )
         };
     }
 
     fn futexwakeup(&self, addr: &AtomicU32, cnt: u32) {
         // SAFETY: FUTEX_WAKE uses the address only as a key.
         unsafe {
-            syscall6(SYS_FUTEX, [addr.as_ptr() as usize, FUTEX_WAKE_PRIVATE, cnt as usize, 0, 0, 0])
+            syscall6(
+                SYS_FUTEX,
+                [
+                    addr.as_ptr() as usize,
+                    FUTEX_WAKE_PRIVATE,
+                    cnt as usize,
+                    0,
+                    0,
+                    0,
+                ],
+            )
         };
     }
 

@@ -85,10 +85,21 @@ pub fn mmap_anon(len: usize) -> *mut u8 {
     let r = unsafe {
         syscall6(
             SYS_MMAP,
-            [0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, usize::MAX, 0],
+            [
+                0,
+                len,
+                PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                usize::MAX,
+                0,
+            ],
         )
     };
-    if r < 0 { core::ptr::null_mut() } else { r as *mut u8 }
+    if r < 0 {
+        core::ptr::null_mut()
+    } else {
+        r as *mut u8
+    }
 }
 
 /// Unmaps what [`mmap_anon`] mapped.
@@ -116,6 +127,11 @@ pub unsafe fn arch_set_fs(tp: usize) -> isize {
 pub fn arch_get_fs() -> usize {
     let mut v = 0usize;
     // SAFETY: the kernel writes one word into `v`.
-    unsafe { syscall6(SYS_ARCH_PRCTL, [ARCH_GET_FS, &raw mut v as usize, 0, 0, 0, 0]) };
+    unsafe {
+        syscall6(
+            SYS_ARCH_PRCTL,
+            [ARCH_GET_FS, &raw mut v as usize, 0, 0, 0, 0],
+        )
+    };
     v
 }

@@ -17,8 +17,12 @@
 //! 6. `cargo test --workspace --no-fail-fast` (host, debug), then
 //!    `cargo test -p gokernel --release`: the switch code must hold up
 //!    under the optimiser too, and the heavy tests run fast there
-//! 7. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`
-//! 8. `cargo xtask offsets --check`, run in-process
+//! 7. the freestanding image (`image/`, see [`image`]): built in debug and
+//!    in release (fat LTO) for `x86_64-unknown-none` (or, falling back,
+//!    freestanding for the host triple), each build run as a Linux process
+//!    with the FS base set by `wrfsbase` and by `arch_prctl`
+//! 8. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`
+//! 9. `cargo xtask offsets --check`, run in-process
 //!
 //! Each step is announced as `==> <name>`; each command it runs is echoed
 //! as `$ <command line>`, inherits the environment, streams its output and
@@ -37,6 +41,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use crate::image::{self, ImageTarget};
 use crate::{offsets, process};
 
 /// The bare-metal target the library is built for.
@@ -50,7 +55,7 @@ const STEP_TIMEOUT: Duration = Duration::from_mins(10);
 
 /// How the "bare" steps build the library.
 #[derive(Clone, Copy)]
-enum BareMode {
+pub(crate) enum BareMode {
     /// For `x86_64-unknown-none`, which is installed.
     Target,
     /// For the host triple, `--no-default-features`: the target could not
@@ -94,8 +99,8 @@ enum Action {
     /// Runs a check inside xtask; the step passes if it returns `true`.
     InProcess {
         /// The equivalent command line, echoed after `$`.
-        command_line: &'static str,
-        check: fn(&Path) -> bool,
+        command_line: String,
+        check: Box<dyn FnOnce(&Path) -> bool>,
     },
 }
 
@@ -176,15 +181,67 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
                 &["test", "-p", "gokernel", "--release", "--no-fail-fast"],
             ),
         ),
+    ]
+    .into_iter()
+    .chain(image_steps(root, mode))
+    .chain([
         Step::run("doc", doc),
         Step {
             name: "offsets --check",
             action: Action::InProcess {
-                command_line: "cargo xtask offsets --check  # in-process",
-                check: offsets::check,
+                command_line: "cargo xtask offsets --check  # in-process".into(),
+                check: Box::new(offsets::check),
             },
         },
-    ]
+    ])
+    .collect()
+}
+
+/// The freestanding image: built in debug and in release (fat LTO), each
+/// run in both FS-base modes (see [`image`]).
+fn image_steps(root: &Path, mode: BareMode) -> Vec<Step> {
+    let target = match mode {
+        BareMode::Target => ImageTarget::Bare,
+        BareMode::HostFallback => ImageTarget::HostFallback,
+    };
+    let mut steps = vec![
+        Step::run(
+            "fmt (image)",
+            cargo(
+                root,
+                &[
+                    "fmt",
+                    "--manifest-path",
+                    "image/Cargo.toml",
+                    "--",
+                    "--check",
+                ],
+            ),
+        ),
+        Step::run("clippy (image)", image::clippy_command(root, target)),
+    ];
+    for (release, profile) in [(false, "debug"), (true, "release, fat LTO")] {
+        steps.push(Step::run(
+            leak(format!("image build ({profile})")),
+            image::build_command(root, target, release),
+        ));
+        for fs in image::FS_MODES {
+            let path = image::binary(root, target, release);
+            steps.push(Step {
+                name: leak(format!("image run ({profile}, {fs})")),
+                action: Action::InProcess {
+                    command_line: format!("{} --fs={fs}", path.display()),
+                    check: Box::new(move |_| image::run_image(&path, fs)),
+                },
+            });
+        }
+    }
+    steps
+}
+
+/// A step name made at run time (steps live until xtask exits).
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 impl Step {
@@ -213,7 +270,7 @@ impl Step {
 
 /// A `cargo` command (`$CARGO` if set, so that the toolchain running xtask
 /// is the one tested) with `args`, run in the workspace root.
-fn cargo(root: &Path, args: &[&str]) -> Command {
+pub(crate) fn cargo(root: &Path, args: &[&str]) -> Command {
     let program = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut command = Command::new(program);
     command.current_dir(root).args(args);
@@ -268,7 +325,7 @@ fn perform(root: &Path, action: Action) -> bool {
 
 /// Makes sure the bare target is installed for the workspace's toolchain,
 /// installing it if rustup can; returns how the bare steps must build.
-fn ensure_bare_target(root: &Path) -> BareMode {
+pub(crate) fn ensure_bare_target(root: &Path) -> BareMode {
     let mut list = rustup(root, &["target", "list", "--installed"]);
     let installed = match process::output(&mut list, STEP_TIMEOUT) {
         Ok((status, stdout)) if status.success() => {

@@ -10,6 +10,8 @@
 //! - `test` ([`gate`]): the single gate CI runs (through `.ci/run`):
 //!   formatting, clippy on the host and on the bare target, bare builds,
 //!   host tests, docs and the offsets check, then a summary table.
+//! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
+//!   image and runs it as a plain Linux process.
 //! - `help`: prints the usage.
 //!
 //! Each command is one row of [`COMMANDS`]: a new command (`bench`, `soak`,
@@ -21,6 +23,7 @@
 //! error.
 
 mod gate;
+mod image;
 mod offsets;
 mod process;
 
@@ -52,6 +55,12 @@ const COMMANDS: &[Command] = &[
         summary: "write docs/offsets.{md,inc,h} from gokernel::runtime2 \
                   (--check: fail if they are stale)",
         run: offsets::run,
+    },
+    Command {
+        name: "image",
+        args: "[--release] [--fs=wrfsbase|fallback|auto]",
+        summary: "build the freestanding image and run it as a Linux process (both FS modes)",
+        run: image::run,
     },
     Command {
         name: "test",
