@@ -1363,10 +1363,7 @@ impl Sched {
     /// any other thread it goes on the global queue. This is the spawn
     /// primitive of freestanding builds; hosted code uses
     /// [`Runtime`](crate::Runtime).
-    pub fn go(
-        &self,
-        f: Box<dyn FnOnce() + Send + 'static>,
-    ) -> Result<u64, StackError> {
+    pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         newproc(Some(self), f)
     }
 

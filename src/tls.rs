@@ -238,7 +238,9 @@ pub fn fs0() -> usize {
     let v: usize;
     // SAFETY: fs:0 is the TCB self-pointer of this thread's TLS block
     // (glibc's hosted, TlsBlock's freestanding); reading it has no effect.
-    unsafe { asm!("mov {}, qword ptr fs:[0]", out(reg) v, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        asm!("mov {}, qword ptr fs:[0]", out(reg) v, options(nostack, readonly, preserves_flags))
+    };
     v
 }
 
