@@ -17,12 +17,16 @@
 //! 6. `cargo test --workspace --no-fail-fast` (host, debug), then
 //!    `cargo test -p gokernel --release`: the switch code must hold up
 //!    under the optimiser too, and the heavy tests run fast there
-//! 7. the freestanding image (`image/`, see [`image`]): built in debug and
+//! 7. loom (runq): `cargo test -p gokernel --release --test loom_runq` with
+//!    `RUSTFLAGS="--cfg loom"`, `CARGO_TARGET_DIR=target/loom` and
+//!    `LOOM_MAX_PREEMPTIONS=5`: the run queue model-checked on its 4-slot
+//!    loom ring (test timeout)
+//! 8. the freestanding image (`image/`, see [`image`]): built in debug and
 //!    in release (fat LTO) for `x86_64-unknown-none` (or, falling back,
 //!    freestanding for the host triple), each build run as a Linux process
 //!    with the FS base set by `wrfsbase` and by `arch_prctl`
-//! 8. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`
-//! 9. `cargo xtask offsets --check`, run in-process
+//! 9. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`
+//! 10. `cargo xtask offsets --check`, run in-process
 //!
 //! Each step is announced as `==> <name>`; each command it runs is echoed
 //! as `$ <command line>`, inherits the environment, streams its output and
@@ -32,7 +36,7 @@
 //! and then, as the very last line, `summary: N passed, M failed` — CI
 //! parses that exact shape. The exit status is 1 if any step failed.
 //!
-//! Steps 2–8 are the [`Step`]s listed by [`steps`]; a new step (a release
+//! Steps 2–10 are the [`Step`]s listed by [`steps`]; a new step (a release
 //! test run, a freestanding image run, …) is one more entry there.
 
 use std::env;
@@ -49,6 +53,11 @@ const BARE_TARGET: &str = "x86_64-unknown-none";
 
 /// Timeout for steps that run tests.
 const TEST_TIMEOUT: Duration = Duration::from_mins(20);
+
+/// The preemption bound for the loom step: the run queue's model checks
+/// (`tests/loom_runq.rs`) explore about 575,000 executions with it, in
+/// about 35 s in release on 2 cores (8: over 10 minutes).
+const LOOM_MAX_PREEMPTIONS: &str = "5";
 
 /// Timeout for every other step.
 const STEP_TIMEOUT: Duration = Duration::from_mins(10);
@@ -150,6 +159,15 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
     };
     let mut doc = cargo(root, &["doc", "-p", "gokernel", "--no-deps"]);
     doc.env("RUSTDOCFLAGS", "-D warnings");
+    // Its own target dir: `--cfg loom` rebuilds every crate, and sharing
+    // target/ would throw the normal build cache away each run.
+    let mut loom = cargo(
+        root,
+        &["test", "-p", "gokernel", "--release", "--test", "loom_runq"],
+    );
+    loom.env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", root.join("target").join("loom"))
+        .env("LOOM_MAX_PREEMPTIONS", LOOM_MAX_PREEMPTIONS);
 
     vec![
         Step::run("fmt", cargo(root, &["fmt", "--all", "--", "--check"])),
@@ -181,6 +199,7 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
                 &["test", "-p", "gokernel", "--release", "--no-fail-fast"],
             ),
         ),
+        Step::test("loom (runq)", loom),
     ]
     .into_iter()
     .chain(image_steps(root, mode))
