@@ -193,10 +193,14 @@ fn runqputslow<T>(q: &Runq<T>, gp: *mut T, h: u32, t: u32) -> Option<Overflow<T>
 /// Only the owner of `q` may call it.
 pub fn runqget<T>(q: &Runq<T>) -> Option<(*mut T, bool)> {
     let next = q.runnext.load(Acquire);
-    // Acquire on success: pairs with the release swap that stored it.
+    // AcqRel on success. Acquire pairs with the release swap that stored
+    // it. Release matters to `runqempty`: an observer that reads the null
+    // we store must also see every earlier tail store of ours, or it could
+    // read an old tail and miss a G that `runqput` kicked from runnext to
+    // the ring (found by loom: tests/loom_runq.rs).
     if !next.is_null()
         && q.runnext
-            .compare_exchange(next, ptr::null_mut(), Acquire, Relaxed)
+            .compare_exchange(next, ptr::null_mut(), AcqRel, Relaxed)
             .is_ok()
     {
         return Some((next, true));
@@ -239,10 +243,12 @@ pub fn runqgrab<T>(q: &Runq<T>, batch: &Runq<T>, batch_head: u32, steal_runnext:
         if n == 0 {
             if steal_runnext {
                 let next = q.runnext.load(Acquire);
-                // Acquire on success: pairs with the owner's release swap.
+                // AcqRel on success: acquire pairs with the owner's release
+                // swap; release keeps `runqempty` observers that read our
+                // null from reading an older tail (as in runqget).
                 if !next.is_null()
                     && q.runnext
-                        .compare_exchange(next, ptr::null_mut(), Acquire, Relaxed)
+                        .compare_exchange(next, ptr::null_mut(), AcqRel, Relaxed)
                         .is_ok()
                 {
                     batch.slot(batch_head).store(next, Relaxed);
@@ -304,11 +310,11 @@ pub fn runqsteal<T>(q: &Runq<T>, victim: &Runq<T>, steal_runnext: bool) -> Optio
 /// Only the owner of `q` may call it.
 pub fn runqdemote<T>(q: &Runq<T>) -> Option<Overflow<T>> {
     let next = q.runnext.load(Acquire);
-    // Acquire on success: pairs with the release swap that stored it; a
-    // thief may have taken it first, and then there is nothing to do.
+    // AcqRel on success, as in runqget; a thief may have taken it first,
+    // and then there is nothing to do.
     if next.is_null()
         || q.runnext
-            .compare_exchange(next, ptr::null_mut(), Acquire, Relaxed)
+            .compare_exchange(next, ptr::null_mut(), AcqRel, Relaxed)
             .is_err()
     {
         return None;
