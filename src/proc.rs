@@ -1184,10 +1184,18 @@ impl Parker {
     ///
     /// On the G this parker belongs to.
     pub unsafe fn park(&self) {
+        while !self.take_token() {
+            // SAFETY: on this parker's G (the contract); park_commit only
+            // reads the parker, which outlives the call.
+            unsafe { gopark(park_commit, self as *const Parker as *mut ()) };
+        }
+    }
+
+    /// Consumes the token if it is there.
+    fn take_token(&self) -> bool {
         // Acquire: pairs with unpark's release, so what the unparker did
         // before is visible after.
-        if self
-            .state
+        self.state
             .compare_exchange(
                 PARK_NOTIFIED,
                 PARK_EMPTY,
@@ -1195,26 +1203,6 @@ impl Parker {
                 Ordering::Relaxed,
             )
             .is_ok()
-        {
-            return;
-        }
-        loop {
-            // SAFETY: on this parker's G (the contract); park_commit only
-            // reads the parker, which outlives the call.
-            unsafe { gopark(park_commit, self as *const Parker as *mut ()) };
-            if self
-                .state
-                .compare_exchange(
-                    PARK_NOTIFIED,
-                    PARK_EMPTY,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                return;
-            }
-        }
     }
 
     /// Makes the token available, waking the G if it is parked.
