@@ -75,6 +75,8 @@ pub mod runq;
 #[cfg(feature = "std")]
 mod runtime;
 pub mod runtime2;
+#[cfg(feature = "std")]
+mod signal_unix;
 pub mod stack;
 mod stubs;
 pub mod tls;

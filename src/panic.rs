@@ -173,3 +173,33 @@ pub(crate) extern "C" fn badnom(gp: *mut G) -> ! {
 pub(crate) extern "C" fn badgogo() -> ! {
     throw("gogo on a Gobuf whose g is null")
 }
+
+/// Reports that `gp` ran off its stack and aborts:
+/// `fatal error: goroutine N: stack overflow (stack [lo, hi), S bytes)`.
+/// `fault` is the faulting address when a guard page caught it (0 when the
+/// guard word did).
+#[cold]
+pub(crate) fn stackoverflow(gp: *const G, fault: usize) -> ! {
+    let mut line = Line::new();
+    // SAFETY: gp is a live G (the one that overflowed).
+    let (goid, st, mp) = unsafe { ((*gp).goid, (*gp).stack, (*gp).m) };
+    let _ = write!(
+        line,
+        "fatal error: goroutine {goid}: stack overflow (stack [{:#x}, {:#x}), {} bytes)",
+        st.lo,
+        st.hi,
+        st.hi - st.lo
+    );
+    if !mp.is_null() {
+        // SAFETY: a G's m is null or a live M.
+        let _ = write!(line, " on m {}", unsafe { (*mp).id });
+    }
+    if fault != 0 {
+        let _ = write!(line, ": fault at {fault:#x} in the guard page");
+    } else {
+        let _ = line.push_str(": its guard word was overwritten");
+    }
+    let _ = line.push('\n');
+    write_out(line.as_bytes());
+    die()
+}

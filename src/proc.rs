@@ -217,6 +217,17 @@ pub(crate) extern "C" fn goexit1() -> ! {
     throw_g("goexit: resumed a dead goroutine", getg())
 }
 
+/// Checks the guard word at the bottom of `gp`'s stack as it switches out;
+/// a G that ran off its stack is a fatal error naming it (the freestanding
+/// stack-overflow check; hosted, the guard page usually faults first).
+fn stackcheck(gp: *mut G) {
+    // SAFETY: gp is the G that just switched out: live, its stack too.
+    let st = unsafe { (*gp).stack };
+    if !crate::stack::stackguard_ok(&st) {
+        crate::panic::stackoverflow(gp, 0);
+    }
+}
+
 /// Detaches the G that just switched away from its M (Go's `dropg`).
 ///
 /// # Safety
@@ -240,6 +251,7 @@ unsafe fn dropg(gp: *mut G) -> *mut M {
 ///
 /// Only [`mcall`] calls it, with the G that just finished.
 unsafe extern "C" fn goexit0(gp: *mut G) {
+    stackcheck(gp);
     // SAFETY: gp was running on this M and is now suspended for good; only
     // this M touches it until it is reused.
     unsafe {
@@ -290,6 +302,13 @@ pub unsafe fn mstart<F: FnOnce()>(mp: *mut M, f: F) {
         (*g0).atomicstatus.store(status::RUNNING, Ordering::Relaxed);
         setg(g0);
     }
+    // Hosted: a G's stack overflow is caught on this thread's alternate
+    // signal stack (removed again when the M ends, if we added it).
+    #[cfg(feature = "std")]
+    let _altstack = {
+        crate::signal_unix::initsig();
+        crate::signal_unix::minitsignals()
+    };
     let mut frame = OnceFrame::new(f);
     // SAFETY: g0 is this thread's current G and `frame` lives until
     // mstart1 returns.
@@ -1045,6 +1064,7 @@ pub fn gosched() {
 ///
 /// Only [`mcall`] calls it.
 unsafe extern "C" fn gosched_m(gp: *mut G) {
+    stackcheck(gp);
     // SAFETY: gp was running on this M and is now suspended.
     unsafe {
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
@@ -1085,6 +1105,7 @@ pub unsafe fn gopark(unlockf: unsafe fn(*mut G, *mut ()) -> bool, lock: *mut ())
 ///
 /// Only [`mcall`] calls it, from [`gopark`].
 unsafe extern "C" fn park_m(gp: *mut G) {
+    stackcheck(gp);
     // SAFETY: gp was running on this M and is now suspended.
     unsafe {
         let mp = (*gp).m;

@@ -126,7 +126,46 @@ impl StackMem {
 /// page-aligned (so 16-byte aligned) `hi`.
 pub fn stackalloc(size: usize) -> Result<StackMem, StackError> {
     check_stack_size(size)?;
-    imp::alloc(size)
+    if inject_failure() {
+        return Err(StackError::OutOfMemory { size });
+    }
+    let mem = imp::alloc(size)?;
+    // SAFETY: lo is the lowest word of the fresh stack, which is ours.
+    unsafe { (mem.stack.lo as *mut u64).write(STACK_GUARD) };
+    Ok(mem)
+}
+
+/// The word kept at the lowest address of every stack `stackalloc` makes.
+/// A G that ran off its stack has overwritten it; the scheduler checks it
+/// each time a G switches out ([`stackcheck`]). Freestanding stacks have no
+/// guard page, so this is their overflow detection; hosted, the guard page
+/// usually catches the overflow first.
+pub const STACK_GUARD: u64 = 0x57ac_6a4d_0ddb_a11e;
+
+/// True if `st`'s guard word is intact (or `st` has none: a g0).
+pub fn stackguard_ok(st: &Stack) -> bool {
+    // SAFETY: a non-zero lo is the first word of a live stack made by
+    // stackalloc (g0s have lo == 0).
+    st.lo == 0 || unsafe { (st.lo as *const u64).read_volatile() } == STACK_GUARD
+}
+
+/// Stack allocations still to fail on purpose (tests of out-of-memory
+/// handling; see [`inject_stack_alloc_failures`]).
+static FAIL_NEXT: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Makes the next `n` stack allocations fail with
+/// [`StackError::OutOfMemory`], as if the system had run out: for tests of
+/// what callers do then. Process-wide.
+pub fn inject_stack_alloc_failures(n: usize) {
+    FAIL_NEXT.store(n, core::sync::atomic::Ordering::SeqCst);
+}
+
+fn inject_failure() -> bool {
+    use core::sync::atomic::Ordering::{Relaxed, SeqCst};
+    FAIL_NEXT.load(Relaxed) != 0
+        && FAIL_NEXT
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
 }
 
 /// Frees a stack (Go's `stackfree`). Same as dropping it.

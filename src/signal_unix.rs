@@ -1,0 +1,157 @@
+//! Hosted: catching a goroutine's stack overflow (Go's `signal_unix.go`).
+//!
+//! Every stack `stackalloc` maps has a `PROT_NONE` guard page below it. A G
+//! that runs off its stack faults there with SIGSEGV (or SIGBUS). The
+//! handler, running on the thread's alternate signal stack (the G's own
+//! stack is the one that is full), looks at the current G: if the fault
+//! address is in its guard page, or its stack pointer has left its stack,
+//! it reports `goroutine N: stack overflow (stack [lo, hi), S bytes)` and
+//! aborts. Any other fault goes to the handler that was there before (Rust's
+//! own, which reports overflows of thread stacks), or to the default action.
+
+use core::mem::MaybeUninit;
+use core::ptr::null_mut;
+
+use crate::stack::PAGE_SIZE;
+use crate::tls::getg;
+
+/// Size of the alternate signal stack gokernel gives a thread that has
+/// none.
+const ALTSTACK_SIZE: usize = 64 * 1024;
+
+/// The signals a stack overflow raises.
+const SIGNALS: [libc::c_int; 2] = [libc::SIGSEGV, libc::SIGBUS];
+
+/// The handlers that were installed before ours, per entry of [`SIGNALS`].
+struct OldActions([libc::sigaction; 2]);
+// SAFETY: written once inside `Once::call_once`, read-only afterwards.
+unsafe impl Sync for OldActions {}
+// SAFETY: plain C data.
+unsafe impl Send for OldActions {}
+
+static OLD: spin::Once<OldActions> = spin::Once::new();
+
+/// Installs the handler for the whole process, once.
+pub(crate) fn initsig() {
+    OLD.call_once(|| {
+        // SAFETY: sigaction with a zeroed struct filled in as the manual
+        // says; the old actions are kept for chaining.
+        unsafe {
+            let mut old: [libc::sigaction; 2] = MaybeUninit::zeroed().assume_init();
+            for (i, &sig) in SIGNALS.iter().enumerate() {
+                let mut sa: libc::sigaction = MaybeUninit::zeroed().assume_init();
+                sa.sa_sigaction = sighandler as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, &mut old[i]);
+            }
+            OldActions(old)
+        }
+    });
+}
+
+/// An alternate signal stack installed for this thread by [`minitsignals`];
+/// removed and freed on drop.
+pub(crate) struct AltStack {
+    mem: *mut libc::c_void,
+}
+
+/// Makes sure this thread has an alternate signal stack (Go's
+/// `minitSignalStack`): Rust's std gives its threads one; a thread without
+/// gets one here, for as long as the returned guard lives.
+pub(crate) fn minitsignals() -> Option<AltStack> {
+    // SAFETY: queries this thread's alternate stack into a local.
+    let mut cur: libc::stack_t = unsafe { MaybeUninit::zeroed().assume_init() };
+    // SAFETY: as above.
+    unsafe { libc::sigaltstack(null_mut(), &mut cur) };
+    if cur.ss_flags & libc::SS_DISABLE == 0 {
+        return None;
+    }
+    // SAFETY: a fresh anonymous mapping.
+    let mem = unsafe {
+        libc::mmap(
+            null_mut(),
+            ALTSTACK_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return None;
+    }
+    let st = libc::stack_t {
+        ss_sp: mem,
+        ss_flags: 0,
+        ss_size: ALTSTACK_SIZE,
+    };
+    // SAFETY: installs a live mapping as this thread's alternate stack.
+    unsafe { libc::sigaltstack(&st, null_mut()) };
+    Some(AltStack { mem })
+}
+
+impl Drop for AltStack {
+    fn drop(&mut self) {
+        let off = libc::stack_t {
+            ss_sp: null_mut(),
+            ss_flags: libc::SS_DISABLE,
+            ss_size: 0,
+        };
+        // SAFETY: disables this thread's alternate stack (ours), then
+        // unmaps it; no signal handler runs on it at this point.
+        unsafe {
+            libc::sigaltstack(&off, null_mut());
+            libc::munmap(self.mem, ALTSTACK_SIZE);
+        }
+    }
+}
+
+/// The SIGSEGV / SIGBUS handler (Go's `sighandler`, for this one job).
+///
+/// # Safety
+///
+/// Only the kernel calls it, as an `SA_SIGINFO` handler.
+unsafe extern "C" fn sighandler(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uctx: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo and ucontext.
+    let (addr, rsp) = unsafe {
+        let uc = uctx as *const libc::ucontext_t;
+        (
+            (*info).si_addr() as usize,
+            (*uc).uc_mcontext.gregs[libc::REG_RSP as usize] as usize,
+        )
+    };
+    let gp = getg();
+    if !gp.is_null() {
+        // SAFETY: the current G is live (it is the one that faulted, or g0).
+        let st = unsafe { (*gp).stack };
+        let in_guard = |a: usize| st.lo != 0 && a < st.lo && a >= st.lo - PAGE_SIZE;
+        if in_guard(addr) || in_guard(rsp) {
+            crate::panic::stackoverflow(gp, addr);
+        }
+    }
+    // Not a goroutine's overflow: whoever handled it before.
+    let idx = usize::from(sig != SIGNALS[0]);
+    let Some(old) = OLD.get() else { return };
+    let old = &old.0[idx];
+    // SAFETY: calling or reinstating the previous action, as sigaction(2)
+    // describes it.
+    unsafe {
+        if old.sa_sigaction == libc::SIG_DFL || old.sa_sigaction == libc::SIG_IGN {
+            // Back to the default action; returning re-runs the faulting
+            // instruction, which now ends the process as it would have.
+            libc::sigaction(sig, old, null_mut());
+        } else if old.sa_flags & libc::SA_SIGINFO != 0 {
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                core::mem::transmute(old.sa_sigaction);
+            f(sig, info, uctx);
+        } else {
+            let f: extern "C" fn(libc::c_int) = core::mem::transmute(old.sa_sigaction);
+            f(sig);
+        }
+    }
+}
