@@ -97,7 +97,7 @@ fn main() {
     };
     let rt = Runtime::builder().procs(procs).build().unwrap();
     let t = Instant::now();
-    rt.block_on(move || f(n));
+    rt.block_on(move || f(n)).unwrap();
     let secs = t.elapsed().as_secs_f64();
     println!(
         "{op}: {n} ops on {procs} P: {:.1} ns/op",

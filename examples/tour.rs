@@ -21,12 +21,14 @@ fn main() {
 
     // 1. Spawn and join: a fan-out of 10,000 goroutines summing squares.
     let t = Instant::now();
-    let sum = rt.block_on(|| {
-        let hs: Vec<_> = (0..10_000u64)
-            .map(|i| gokernel::spawn(move || i * i))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
-    });
+    let sum = rt
+        .block_on(|| {
+            let hs: Vec<_> = (0..10_000u64)
+                .map(|i| gokernel::spawn(move || i * i))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
+        })
+        .unwrap();
     println!(
         "spawn/join: 10,000 goroutines, sum of squares {sum} in {:?}",
         t.elapsed()
@@ -48,7 +50,8 @@ fn main() {
             })
             .collect();
         hs.into_iter().for_each(|h| h.join().unwrap());
-    });
+    })
+    .unwrap();
     println!(
         "gosched: 8 goroutines took {} turns",
         turns.load(Ordering::Relaxed)
@@ -56,32 +59,34 @@ fn main() {
 
     // 3. Park and unpark: a token passed around a ring of 100 goroutines.
     let t = Instant::now();
-    let passes = rt.block_on(|| {
-        const N: usize = 100;
-        const LAPS: u64 = 1_000;
-        let ring: Arc<Vec<OnceLock<gokernel::Goroutine>>> =
-            Arc::new((0..N).map(|_| OnceLock::new()).collect());
-        let passes = Arc::new(AtomicU64::new(0));
-        let hs: Vec<_> = (0..N)
-            .map(|i| {
-                let (ring, passes) = (ring.clone(), passes.clone());
-                gokernel::spawn(move || {
-                    ring[i].set(gokernel::current()).unwrap();
-                    for _ in 0..LAPS {
-                        gokernel::park();
-                        passes.fetch_add(1, Ordering::Relaxed);
-                        ring[(i + 1) % N].get().unwrap().unpark();
-                    }
+    let passes = rt
+        .block_on(|| {
+            const N: usize = 100;
+            const LAPS: u64 = 1_000;
+            let ring: Arc<Vec<OnceLock<gokernel::Goroutine>>> =
+                Arc::new((0..N).map(|_| OnceLock::new()).collect());
+            let passes = Arc::new(AtomicU64::new(0));
+            let hs: Vec<_> = (0..N)
+                .map(|i| {
+                    let (ring, passes) = (ring.clone(), passes.clone());
+                    gokernel::spawn(move || {
+                        ring[i].set(gokernel::current()).unwrap();
+                        for _ in 0..LAPS {
+                            gokernel::park();
+                            passes.fetch_add(1, Ordering::Relaxed);
+                            ring[(i + 1) % N].get().unwrap().unpark();
+                        }
+                    })
                 })
-            })
-            .collect();
-        while ring.iter().any(|g| g.get().is_none()) {
-            gokernel::gosched();
-        }
-        ring[0].get().unwrap().unpark();
-        hs.into_iter().for_each(|h| h.join().unwrap());
-        passes.load(Ordering::Relaxed)
-    });
+                .collect();
+            while ring.iter().any(|g| g.get().is_none()) {
+                gokernel::gosched();
+            }
+            ring[0].get().unwrap().unpark();
+            hs.into_iter().for_each(|h| h.join().unwrap());
+            passes.load(Ordering::Relaxed)
+        })
+        .unwrap();
     println!(
         "park/unpark: the token went {passes} times around a ring of 100 in {:?}",
         t.elapsed()
@@ -89,22 +94,24 @@ fn main() {
 
     // 4. Stealing: a CPU-bound job split into many goroutines.
     let t = Instant::now();
-    let total = rt.block_on(|| {
-        let hs: Vec<_> = (0..64u64)
-            .map(|i| {
-                gokernel::spawn(move || {
-                    let mut x = i;
-                    for _ in 0..2_000_000 {
-                        x = x
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                    }
-                    x
+    let total = rt
+        .block_on(|| {
+            let hs: Vec<_> = (0..64u64)
+                .map(|i| {
+                    gokernel::spawn(move || {
+                        let mut x = i;
+                        for _ in 0..2_000_000 {
+                            x = x
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                        }
+                        x
+                    })
                 })
-            })
-            .collect();
-        hs.into_iter().fold(0u64, |a, h| a ^ h.join().unwrap())
-    });
+                .collect();
+            hs.into_iter().fold(0u64, |a, h| a ^ h.join().unwrap())
+        })
+        .unwrap();
     println!(
         "work: 64 CPU-bound goroutines (checksum {total:x}) in {:?}",
         t.elapsed()

@@ -83,7 +83,7 @@ pub mod tls;
 
 #[cfg(feature = "std")]
 pub use runtime::{
-    BuildError, Builder, Goroutine, JoinHandle, MAX_PROCS, Runtime, current, go, gosched,
+    BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, current, go, gosched,
     num_goroutine, park, spawn,
 };
 pub use stubs::systemstack;

@@ -899,7 +899,7 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
         }
         // Nothing to do: give up the P, after a last look at the global
         // queue under the lock.
-        {
+        let all_idle = {
             let mut sl = sched.lock.lock();
             let gp = globrunqget(&mut sl, sched, pp, 0);
             if !gp.is_null() {
@@ -908,7 +908,9 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
             // SAFETY: mp holds pp.
             unsafe { releasep(mp) };
             pidleput(&mut sl, sched, pp);
-        }
+            // Every P idle (so no G running) and nothing queued.
+            sched.npidle.load(Ordering::SeqCst) as usize == sched.allp.len() && sl.runq.size == 0
+        };
         // SAFETY: mp is ours.
         if unsafe { (*mp).spinning } {
             // SAFETY: as above.
@@ -952,10 +954,26 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
                 }
             }
         }
+        if all_idle {
+            checkdead(sched);
+        }
         // SAFETY: on g0 of mp, which holds no P now.
         if !unsafe { stopm(sched, mp) } {
             return None;
         }
+    }
+}
+
+/// Every P is idle and no G is runnable (Go's `checkdead`): if goroutines
+/// are still alive, they are all parked, and unless something outside the
+/// runtime wakes one, nothing ever will. Tells whoever asked
+/// (`Runtime::block_on`); the Ms go to sleep either way.
+fn checkdead(sched: &Sched) {
+    if sched.ngoroutines() == 0 {
+        return;
+    }
+    for (_, hook) in sched.deadlock_hooks.lock().iter() {
+        hook();
     }
 }
 
@@ -1321,6 +1339,7 @@ impl Sched {
             platform,
             mnext: core::sync::atomic::AtomicI64::new(1),
             steal_order: RandomOrder::new(procs as u32),
+            deadlock_hooks: spin::Mutex::new(Vec::new()),
         });
         {
             let mut sl = sched.lock.lock();
@@ -1374,6 +1393,22 @@ impl Sched {
     /// [`Runtime`](crate::Runtime).
     pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         newproc(Some(self), f)
+    }
+
+    /// Registers `hook` to be called (on an M going idle) whenever every P
+    /// is idle, nothing is runnable and goroutines are still alive: a
+    /// deadlock if only goroutines can wake goroutines. Returns a key for
+    /// [`remove_deadlock_hook`](Self::remove_deadlock_hook).
+    pub fn add_deadlock_hook(&self, hook: Box<dyn Fn() + Send + Sync>) -> u64 {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let key = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.deadlock_hooks.lock().push((key, hook));
+        key
+    }
+
+    /// Removes a hook added by [`add_deadlock_hook`](Self::add_deadlock_hook).
+    pub fn remove_deadlock_hook(&self, key: u64) {
+        self.deadlock_hooks.lock().retain(|(k, _)| *k != key);
     }
 
     /// Stops the scheduler: Ms finish the G they are running, then exit

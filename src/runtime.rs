@@ -10,7 +10,7 @@
 //!     let hs: Vec<_> = (0..10u64).map(|i| gokernel::spawn(move || i * i)).collect();
 //!     hs.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
 //! });
-//! assert_eq!(sum, 285);
+//! assert_eq!(sum, Ok(285));
 //! ```
 
 use alloc::boxed::Box;
@@ -27,6 +27,18 @@ use crate::tls::getg;
 
 /// The most Ps a runtime may have.
 pub const MAX_PROCS: usize = 1024;
+
+/// `block_on`'s error: every goroutine is parked and none can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadlock;
+
+impl core::fmt::Display for Deadlock {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("all goroutines are asleep - deadlock!")
+    }
+}
+
+impl std::error::Error for Deadlock {}
 
 /// Why a runtime could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,18 +124,40 @@ impl Runtime {
     /// Runs `f` as the main goroutine and returns its value, blocking the
     /// calling thread until it finishes. A panic in `f` is resumed here.
     ///
+    /// If every goroutine ends up parked with nothing runnable before `f`
+    /// finishes, nothing can ever wake them (`block_on` assumes goroutines
+    /// are woken only by goroutines), and it returns [`Deadlock`] instead of
+    /// hanging. The parked goroutines stay parked. Code that wakes
+    /// goroutines from plain threads should use [`spawn`](Self::spawn) and
+    /// `join` instead, which never give up.
+    ///
     /// # Panics
     ///
     /// If called from a goroutine (it would block its M), or if the main
     /// G's stack cannot be allocated.
-    pub fn block_on<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub fn block_on<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Deadlock> {
         assert!(
             getg().is_null(),
             "gokernel: Runtime::block_on called from a goroutine; use spawn and join instead"
         );
-        match self.spawn(f).join() {
-            Ok(v) => v,
-            Err(p) => std::panic::resume_unwind(p),
+        let deadlocked = Arc::new(AtomicBool::new(false));
+        let me = thread::current();
+        let d = deadlocked.clone();
+        // Registered before the main G exists, so no deadlock is missed.
+        let key = self.sched.add_deadlock_hook(Box::new(move || {
+            d.store(true, Ordering::SeqCst);
+            me.unpark();
+        }));
+        let h = self.spawn(f);
+        let r = h.wait(|| deadlocked.load(Ordering::SeqCst));
+        self.sched.remove_deadlock_hook(key);
+        match r {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(p)) => std::panic::resume_unwind(p),
+            None => Err(Deadlock),
         }
     }
 
@@ -228,17 +262,23 @@ impl<T> JoinHandle<T> {
     /// panic payload if it panicked. From a goroutine this parks it; from a
     /// plain thread it blocks the thread.
     pub fn join(self) -> thread::Result<T> {
+        self.wait(|| false).expect("join gave up without a result")
+    }
+
+    /// Waits until the goroutine finishes (its result) or `give_up()` is
+    /// true after a wake-up (`None`). Whoever makes `give_up` true must
+    /// wake the waiter (unpark its thread or goroutine).
+    fn wait(&self, give_up: impl Fn() -> bool) -> Option<thread::Result<T>> {
         let me = Waiter::current();
         let mut registered = false;
         loop {
             // Acquire: pairs with the release in `finish`.
             if self.inner.done.load(Ordering::Acquire) {
-                return self
-                    .inner
-                    .result
-                    .lock()
-                    .take()
-                    .expect("a joined goroutine's result was taken twice");
+                let r = self.inner.result.lock().take();
+                return Some(r.expect("a joined goroutine's result was taken twice"));
+            }
+            if give_up() {
+                return None;
             }
             if !registered {
                 let mut slot = self.inner.waiter.lock();

@@ -343,7 +343,14 @@ pub struct Sched {
     pub(crate) mnext: core::sync::atomic::AtomicI64,
     /// Victim orders for stealing.
     pub(crate) steal_order: crate::proc::RandomOrder,
+    /// Called when every P is idle with goroutines still alive and nothing
+    /// runnable: a deadlock, unless something outside the runtime will wake
+    /// them. `block_on` registers one (Go's `checkdead`).
+    pub(crate) deadlock_hooks: spin::Mutex<alloc::vec::Vec<(u64, DeadlockHook)>>,
 }
+
+/// See [`Sched::deadlock_hooks`].
+pub(crate) type DeadlockHook = alloc::boxed::Box<dyn Fn() + Send + Sync>;
 
 // SAFETY: every field is an atomic, a lock, or immutable after creation
 // (allp, stack_size, platform, steal_order); the Ps behind allp are

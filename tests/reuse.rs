@@ -21,16 +21,19 @@ fn a_million_short_goroutines_in_sequence_reuse_gs_and_keep_rss_bounded() {
         for _ in 0..PER_ROUND {
             gokernel::spawn(|| ()).join().unwrap();
         }
-    });
+    })
+    .unwrap();
     let rss0 = rss_kb();
-    let total = rt.block_on(|| {
-        let mut total = 0usize;
-        for _ in 0..ROUNDS {
-            let hs: Vec<_> = (0..PER_ROUND).map(|i| gokernel::spawn(move || i)).collect();
-            total += hs.into_iter().map(|h| h.join().unwrap()).sum::<usize>();
-        }
-        total
-    });
+    let total = rt
+        .block_on(|| {
+            let mut total = 0usize;
+            for _ in 0..ROUNDS {
+                let hs: Vec<_> = (0..PER_ROUND).map(|i| gokernel::spawn(move || i)).collect();
+                total += hs.into_iter().map(|h| h.join().unwrap()).sum::<usize>();
+            }
+            total
+        })
+        .unwrap();
     let rss1 = rss_kb();
     // Each round's goroutines return 0..PER_ROUND.
     assert_eq!(total, ROUNDS * PER_ROUND * (PER_ROUND - 1) / 2);

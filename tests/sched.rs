@@ -27,8 +27,8 @@ fn spin_until(what: &str, secs: u64, cond: impl Fn() -> bool) {
 #[test]
 fn block_on_returns_the_main_goroutines_value() {
     let r = rt(2);
-    assert_eq!(r.block_on(|| 6 * 7), 42);
-    assert_eq!(r.block_on(|| "again"), "again");
+    assert_eq!(r.block_on(|| 6 * 7).unwrap(), 42);
+    assert_eq!(r.block_on(|| "again").unwrap(), "again");
 }
 
 #[test]
@@ -40,7 +40,8 @@ fn spawn_and_join_return_values_and_a_panic_comes_back_as_err() {
         let h = gokernel::spawn(|| -> u32 { panic!("goroutine boom") });
         let err = h.join().unwrap_err();
         assert_eq!(err.downcast_ref::<&str>(), Some(&"goroutine boom"));
-    });
+    })
+    .unwrap();
 }
 
 #[test]
@@ -87,7 +88,8 @@ fn goroutine_parallelism(procs: usize, nested: bool) {
                 h.join().unwrap();
             }
         }
-    });
+    })
+    .unwrap();
     let stolen: u64 = r.p_stats().iter().map(|p| p.stolen).sum();
     assert!(stolen > 0, "parallel Gs must have been stolen by other Ps");
 }
@@ -146,7 +148,8 @@ fn a_million_goroutines_spawned_from_goroutines_all_run_exactly_once() {
         for h in spawners {
             h.join().unwrap();
         }
-    });
+    })
+    .unwrap();
     let bad: Vec<_> = (0..TOTAL)
         .filter(|&i| seen[i].load(Ordering::Relaxed) != 1)
         .take(10)
@@ -171,7 +174,7 @@ fn nest(depth: u32) -> u32 {
 #[test]
 fn nested_spawns_ten_deep_all_complete() {
     let r = rt(2);
-    assert_eq!(r.block_on(|| nest(10)), 10);
+    assert_eq!(r.block_on(|| nest(10)).unwrap(), 10);
 }
 
 #[test]
@@ -191,7 +194,8 @@ fn a_goroutine_spinning_on_a_flag_makes_progress_through_gosched() {
             assert!(spins < 1_000_000, "the setter never ran");
         }
         setter.join().unwrap();
-    });
+    })
+    .unwrap();
 }
 
 /// The id of the M running the current goroutine.
@@ -240,7 +244,8 @@ fn current_and_getg_stay_right_after_a_goroutine_moves_to_another_m() {
             p.join().unwrap();
         }
         assert!(moves > 0, "the goroutine never ran on another M");
-    });
+    })
+    .unwrap();
 }
 
 #[test]
@@ -257,7 +262,8 @@ fn an_unpark_before_park_is_not_lost() {
         };
         gokernel::park(); // woken by `other` (before or after we park)
         other.join().unwrap();
-    });
+    })
+    .unwrap();
 }
 
 /// Spawns a G that publishes its handle and then runs `body`; returns the
@@ -285,26 +291,28 @@ fn park_unpark_ping_pong_between_two_goroutines_counts_exactly() {
     const ROUNDS: u64 = 100_000;
     for procs in [1, 2] {
         let r = rt(procs);
-        let (main_count, peer_count) = r.block_on(|| {
-            let main = gokernel::current();
-            let peer_count = Arc::new(AtomicU64::new(0));
-            let pc = peer_count.clone();
-            let (h, peer) = spawn_with_handle(move || {
+        let (main_count, peer_count) = r
+            .block_on(|| {
+                let main = gokernel::current();
+                let peer_count = Arc::new(AtomicU64::new(0));
+                let pc = peer_count.clone();
+                let (h, peer) = spawn_with_handle(move || {
+                    for _ in 0..ROUNDS {
+                        gokernel::park();
+                        pc.fetch_add(1, Ordering::Relaxed);
+                        main.unpark();
+                    }
+                });
+                let mut main_count = 0;
                 for _ in 0..ROUNDS {
+                    peer.unpark();
                     gokernel::park();
-                    pc.fetch_add(1, Ordering::Relaxed);
-                    main.unpark();
+                    main_count += 1;
                 }
-            });
-            let mut main_count = 0;
-            for _ in 0..ROUNDS {
-                peer.unpark();
-                gokernel::park();
-                main_count += 1;
-            }
-            h.join().unwrap();
-            (main_count, peer_count.load(Ordering::Relaxed))
-        });
+                h.join().unwrap();
+                (main_count, peer_count.load(Ordering::Relaxed))
+            })
+            .unwrap();
         assert_eq!(
             (main_count, peer_count),
             (ROUNDS, ROUNDS),
@@ -317,40 +325,42 @@ fn park_unpark_ping_pong_between_two_goroutines_counts_exactly() {
 fn a_ping_pong_pair_cannot_starve_a_third_goroutine() {
     const LIMIT: u64 = 1_000_000;
     let r = rt(1);
-    let third_ran_at = r.block_on(|| {
-        let main = gokernel::current();
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        // The partner answers every wake-up by waking us: the two hand
-        // `runnext` back and forth on the single P.
-        let (partner_h, partner) = spawn_with_handle(move || {
-            loop {
-                gokernel::park();
-                if st.load(Ordering::Acquire) {
-                    break;
+    let third_ran_at = r
+        .block_on(|| {
+            let main = gokernel::current();
+            let stop = Arc::new(AtomicBool::new(false));
+            let st = stop.clone();
+            // The partner answers every wake-up by waking us: the two hand
+            // `runnext` back and forth on the single P.
+            let (partner_h, partner) = spawn_with_handle(move || {
+                loop {
+                    gokernel::park();
+                    if st.load(Ordering::Acquire) {
+                        break;
+                    }
+                    main.unpark();
                 }
-                main.unpark();
+            });
+            let exchanges = Arc::new(AtomicU64::new(0));
+            let ran_at = Arc::new(AtomicU64::new(u64::MAX));
+            let (ex, ra) = (exchanges.clone(), ran_at.clone());
+            let third = gokernel::spawn(move || {
+                ra.store(ex.load(Ordering::Relaxed), Ordering::Release);
+            });
+            while ran_at.load(Ordering::Acquire) == u64::MAX
+                && exchanges.load(Ordering::Relaxed) < LIMIT
+            {
+                partner.unpark();
+                gokernel::park();
+                exchanges.fetch_add(1, Ordering::Relaxed);
             }
-        });
-        let exchanges = Arc::new(AtomicU64::new(0));
-        let ran_at = Arc::new(AtomicU64::new(u64::MAX));
-        let (ex, ra) = (exchanges.clone(), ran_at.clone());
-        let third = gokernel::spawn(move || {
-            ra.store(ex.load(Ordering::Relaxed), Ordering::Release);
-        });
-        while ran_at.load(Ordering::Acquire) == u64::MAX
-            && exchanges.load(Ordering::Relaxed) < LIMIT
-        {
+            stop.store(true, Ordering::Release);
             partner.unpark();
-            gokernel::park();
-            exchanges.fetch_add(1, Ordering::Relaxed);
-        }
-        stop.store(true, Ordering::Release);
-        partner.unpark();
-        partner_h.join().unwrap();
-        third.join().unwrap();
-        ran_at.load(Ordering::Acquire)
-    });
+            partner_h.join().unwrap();
+            third.join().unwrap();
+            ran_at.load(Ordering::Acquire)
+        })
+        .unwrap();
     assert!(
         third_ran_at < LIMIT,
         "the third goroutine waited for the whole ping-pong ({LIMIT} exchanges)"
@@ -425,7 +435,8 @@ fn dropping_the_runtime_stops_its_threads() {
     r.block_on(|| {
         let hs: Vec<_> = (0..8).map(|_| gokernel::spawn(gokernel::gosched)).collect();
         hs.into_iter().for_each(|h| h.join().unwrap());
-    });
+    })
+    .unwrap();
     drop(r);
     // Other tests' runtimes run in this process too: only check that ours
     // went away, by waiting for the count to drop to what others hold.
@@ -457,14 +468,16 @@ fn api_calls_outside_a_goroutine_panic_with_a_clear_message() {
     let m = e.downcast_ref::<&str>().copied().unwrap_or_default();
     assert!(m.contains("gosched called outside a goroutine"), "{m:?}");
     let r = rt(1);
-    let nested = r.block_on(|| {
-        let inner = rt(1);
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.block_on(|| ())))
-            .unwrap_err()
-            .downcast_ref::<&str>()
-            .copied()
-            .unwrap_or_default()
-    });
+    let nested = r
+        .block_on(|| {
+            let inner = rt(1);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.block_on(|| ())))
+                .unwrap_err()
+                .downcast_ref::<&str>()
+                .copied()
+                .unwrap_or_default()
+        })
+        .unwrap();
     assert!(
         nested.contains("block_on called from a goroutine"),
         "{nested:?}"
@@ -504,6 +517,7 @@ fn wakeups_of_idle_ms_are_never_lost() {
                 gokernel::park();
                 h.join().unwrap();
             }
-        });
+        })
+        .unwrap();
     });
 }

@@ -1,0 +1,74 @@
+//! Deadlock: when every goroutine is parked and nothing can wake them,
+//! `block_on` returns "all goroutines are asleep - deadlock!" instead of
+//! hanging.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use gokernel::{Deadlock, Runtime};
+
+/// Runs `f` on a thread; fails the test if it takes over 60 s (a missed
+/// deadlock would hang).
+fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("block_on hung instead of reporting the deadlock")
+}
+
+#[test]
+fn a_main_goroutine_that_parks_forever_is_reported_as_a_deadlock() {
+    for procs in [1, 2] {
+        let r = within_a_minute(move || {
+            let rt = Runtime::builder().procs(procs).build().unwrap();
+            rt.block_on(gokernel::park)
+        });
+        assert_eq!(r, Err(Deadlock), "procs = {procs}");
+        assert_eq!(
+            Deadlock.to_string(),
+            "all goroutines are asleep - deadlock!"
+        );
+    }
+}
+
+#[test]
+fn goroutines_waiting_on_each_other_are_reported_as_a_deadlock() {
+    for procs in [1, 2] {
+        let r = within_a_minute(move || {
+            let rt = Runtime::builder().procs(procs).build().unwrap();
+            rt.block_on(|| {
+                // Ten goroutines all parked, and main joins one of them.
+                let hs: Vec<_> = (0..10).map(|_| gokernel::spawn(gokernel::park)).collect();
+                for h in hs {
+                    h.join().unwrap();
+                }
+            })
+        });
+        assert_eq!(r, Err(Deadlock), "procs = {procs}");
+    }
+}
+
+#[test]
+fn the_runtime_still_works_after_a_deadlock_and_busy_runs_are_not_deadlocks() {
+    let rt = Runtime::builder().procs(2).build().unwrap();
+    assert_eq!(rt.block_on(gokernel::park), Err(Deadlock));
+    // The parked main goroutine stays parked; new work runs normally, and
+    // a run whose goroutines park and wake each other is not a deadlock.
+    let n = rt.block_on(|| {
+        let mut n = 0;
+        for _ in 0..1000 {
+            let me = gokernel::current();
+            let h = gokernel::spawn(move || me.unpark());
+            gokernel::park();
+            h.join().unwrap();
+            n += 1;
+        }
+        n
+    });
+    assert_eq!(n, Ok(1000));
+    assert_eq!(
+        rt.num_goroutine(),
+        1,
+        "the deadlocked goroutine is still parked"
+    );
+}
