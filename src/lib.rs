@@ -83,8 +83,8 @@ pub mod tls;
 
 #[cfg(feature = "std")]
 pub use runtime::{
-    BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, current, go, gosched,
-    num_goroutine, park, spawn,
+    BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, SpawnError, current,
+    go, gosched, num_goroutine, park, spawn, try_spawn,
 };
 pub use stubs::systemstack;
 pub use tls::getg;

@@ -102,6 +102,19 @@ pub fn throw(msg: &str) -> ! {
     throw_g(msg, getg())
 }
 
+/// Writes `error: <msg> (<goroutine>)` to the fatal-error output and
+/// returns: for errors the runtime survives.
+#[cold]
+pub(crate) fn report_g(msg: &str, gp: *const G) {
+    let mut line = Line::new();
+    let _ = line.push_str("error: ");
+    let _ = line.push_str(msg);
+    let _ = line.push_str(" (");
+    describe(&mut line, gp);
+    let _ = line.push_str(")\n");
+    write_out(line.as_bytes());
+}
+
 /// Like [`throw`], naming `gp` as the goroutine at fault.
 #[cold]
 pub fn throw_g(msg: &str, gp: *const G) -> ! {

@@ -191,14 +191,27 @@ unsafe extern "C" fn gentry(fv: *mut FuncVal) {
 /// Runs a G's function. Unwinding cannot cross the entry trampoline, so a
 /// panic that reaches here ends the process with a fatal error naming the
 /// goroutine (the panic hook has already printed the message).
+///
+/// A scheduler built to report instead (`Builder::report_go_panics`) prints
+/// one line naming the goroutine and lets it end; the process goes on.
 #[cfg(feature = "std")]
 fn run_catching(f: Box<dyn FnOnce() + Send + 'static>, gp: *mut G) {
-    if std::panic::catch_unwind(core::panic::AssertUnwindSafe(f)).is_err() {
-        throw_g(
-            "a goroutine panicked (message above); a panic cannot unwind out of a goroutine",
+    if std::panic::catch_unwind(core::panic::AssertUnwindSafe(f)).is_ok() {
+        return;
+    }
+    // SAFETY: gp is the running G; its scheduler (if any) outlives it.
+    let report = unsafe { !(*gp).rt.is_null() && (*(*gp).rt).report_panics };
+    if report {
+        crate::panic::report_g(
+            "a goroutine panicked (message above); it ended, the runtime goes on",
             gp,
         );
+        return;
     }
+    throw_g(
+        "a goroutine panicked (message above); a panic cannot unwind out of a goroutine",
+        gp,
+    );
 }
 
 /// Runs a G's function. Without `std` there is no unwinding to catch: a
@@ -1303,6 +1316,19 @@ impl Sched {
         stack_size: usize,
         platform: &'static dyn crate::platform::Platform,
     ) -> Arc<Sched> {
+        Self::with_options(procs, stack_size, platform, false)
+    }
+
+    /// [`Sched::new`], and with `report_panics` a panic in a goroutine
+    /// (hosted: one not started by `spawn`, whose handle gets it) is
+    /// reported on stderr and ends only that goroutine, instead of the
+    /// process.
+    pub fn with_options(
+        procs: usize,
+        stack_size: usize,
+        platform: &'static dyn crate::platform::Platform,
+        report_panics: bool,
+    ) -> Arc<Sched> {
         assert!(procs >= 1, "a scheduler needs at least one P");
         let allp: Vec<*mut P> = (0..procs)
             .map(|id| {
@@ -1340,6 +1366,7 @@ impl Sched {
             mnext: core::sync::atomic::AtomicI64::new(1),
             steal_order: RandomOrder::new(procs as u32),
             deadlock_hooks: spin::Mutex::new(Vec::new()),
+            report_panics,
         });
         {
             let mut sl = sched.lock.lock();

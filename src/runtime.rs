@@ -70,6 +70,7 @@ impl std::error::Error for BuildError {}
 pub struct Builder {
     procs: Option<usize>,
     stack_size: usize,
+    report_go_panics: bool,
 }
 
 impl Builder {
@@ -90,6 +91,16 @@ impl Builder {
         self
     }
 
+    /// What a panic in a goroutine started with [`go`] does: by default, as
+    /// in Go, it ends the process with the panic message and the
+    /// goroutine's id. With `true` it is reported on stderr (message and
+    /// goroutine id) and only that goroutine ends. Goroutines started with
+    /// `spawn` always hand their panic to `join` instead.
+    pub fn report_go_panics(mut self, report: bool) -> Self {
+        self.report_go_panics = report;
+        self
+    }
+
     /// Builds the runtime. No thread starts until there is a G to run.
     pub fn build(self) -> Result<Runtime, BuildError> {
         let procs = self
@@ -100,7 +111,7 @@ impl Builder {
         }
         check_stack_size(self.stack_size).map_err(BuildError::StackSize)?;
         Ok(Runtime {
-            sched: Sched::new(procs, self.stack_size, &HOSTED),
+            sched: Sched::with_options(procs, self.stack_size, &HOSTED, self.report_go_panics),
         })
     }
 }
@@ -118,6 +129,7 @@ impl Runtime {
         Builder {
             procs: None,
             stack_size: STACK_DEFAULT,
+            report_go_panics: false,
         }
     }
 
@@ -171,6 +183,15 @@ impl Runtime {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
         spawn_on(Some(&self.sched), f)
+    }
+
+    /// [`spawn`](Self::spawn), returning an error instead of panicking when
+    /// the goroutine's stack cannot be allocated.
+    pub fn try_spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<T>, SpawnError> {
+        try_spawn_on(Some(&self.sched), f)
     }
 
     /// The number of Ps.
@@ -305,10 +326,29 @@ fn finish<T>(inner: &JoinInner<T>, r: thread::Result<T>) {
     }
 }
 
+/// Why a goroutine could not be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpawnError(pub StackError);
+
+impl core::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "cannot start a goroutine: {}", self.0)
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
 fn spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
+    try_spawn_on(sched, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+}
+
+fn try_spawn_on<T: Send + 'static>(
+    sched: Option<&Sched>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, SpawnError> {
     let inner = Arc::new(JoinInner {
         done: AtomicBool::new(false),
         result: spin::Mutex::new(None),
@@ -319,10 +359,9 @@ fn spawn_on<T: Send + 'static>(
         let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(f));
         finish(&done, r);
     });
-    match newproc(sched, body) {
-        Ok(id) => JoinHandle { inner, id },
-        Err(e) => panic!("gokernel: cannot spawn a goroutine: {e}"),
-    }
+    // On failure the closure (and with it `f`) is dropped: nothing leaks.
+    let id = newproc(sched, body).map_err(SpawnError)?;
+    Ok(JoinHandle { inner, id })
 }
 
 /// True on a goroutine of a gokernel runtime.
@@ -349,8 +388,22 @@ fn require_goroutine(what: &str) {
 pub fn go(f: impl FnOnce() + Send + 'static) {
     require_goroutine("go");
     if let Err(e) = newproc(None, Box::new(f)) {
-        panic!("gokernel: cannot start a goroutine: {e}");
+        panic!("gokernel: {}", SpawnError(e));
     }
+}
+
+/// [`spawn`], returning an error instead of panicking when the goroutine's
+/// stack cannot be allocated. The closure is dropped then; the runtime
+/// stays usable.
+///
+/// # Panics
+///
+/// Outside a goroutine.
+pub fn try_spawn<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, SpawnError> {
+    require_goroutine("try_spawn");
+    try_spawn_on(None, f)
 }
 
 /// Starts a goroutine running `f` and returns a handle to join it. A panic

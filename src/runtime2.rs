@@ -347,6 +347,9 @@ pub struct Sched {
     /// runnable: a deadlock, unless something outside the runtime will wake
     /// them. `block_on` registers one (Go's `checkdead`).
     pub(crate) deadlock_hooks: spin::Mutex<alloc::vec::Vec<(u64, DeadlockHook)>>,
+    /// A panic that escapes a goroutine is reported and ends only that
+    /// goroutine (instead of the process).
+    pub(crate) report_panics: bool,
 }
 
 /// See [`Sched::deadlock_hooks`].

@@ -1,0 +1,81 @@
+//! Panics in goroutines: `spawn` hands them to `join`; a `go` goroutine's
+//! panic ends the process naming the goroutine, like Go, unless the runtime
+//! reports them instead. Process-ending cases run in a child process.
+
+mod common;
+
+use common::{assert_aborted_with, in_crash_child, run_crash_child};
+use gokernel::Runtime;
+
+#[test]
+fn a_panic_in_a_go_goroutine_ends_the_process_naming_it() {
+    if in_crash_child() {
+        let rt = Runtime::builder().procs(2).build().unwrap();
+        let _ = rt.block_on(|| {
+            gokernel::go(|| panic!("boom from go"));
+            loop {
+                gokernel::gosched();
+            }
+        });
+        unreachable!();
+    }
+    let c = run_crash_child("a_panic_in_a_go_goroutine_ends_the_process_naming_it");
+    assert_aborted_with(
+        &c,
+        &[
+            "boom from go",
+            "fatal error: a goroutine panicked",
+            "(goroutine ",
+        ],
+    );
+}
+
+#[test]
+fn a_runtime_built_to_report_panics_reports_them_and_goes_on() {
+    if in_crash_child() {
+        let rt = Runtime::builder()
+            .procs(2)
+            .report_go_panics(true)
+            .build()
+            .unwrap();
+        let n = rt
+            .block_on(|| {
+                for _ in 0..3 {
+                    gokernel::go(|| panic!("reported boom"));
+                }
+                let h = gokernel::spawn(|| 40 + 2);
+                h.join().unwrap()
+            })
+            .unwrap();
+        println!("survived with {n}");
+        return;
+    }
+    let c = run_crash_child("a_runtime_built_to_report_panics_reports_them_and_goes_on");
+    assert_eq!(
+        c.code,
+        Some(0),
+        "the child should exit normally; stderr:\n{}",
+        c.stderr
+    );
+    assert!(c.stderr.contains("reported boom"), "{}", c.stderr);
+    assert!(
+        c.stderr.contains(
+            "error: a goroutine panicked (message above); it ended, the runtime goes on (goroutine "
+        ),
+        "{}",
+        c.stderr
+    );
+    assert!(!c.stderr.contains("fatal error"), "{}", c.stderr);
+}
+
+#[test]
+fn a_panic_in_a_spawned_goroutine_comes_back_from_join_with_its_payload() {
+    let rt = Runtime::builder().procs(2).build().unwrap();
+    let payload = rt
+        .block_on(|| {
+            let h = gokernel::spawn(|| std::panic::panic_any(1234u32));
+            *h.join().unwrap_err().downcast::<u32>().unwrap()
+        })
+        .unwrap();
+    assert_eq!(payload, 1234);
+}
