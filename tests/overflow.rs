@@ -34,7 +34,7 @@ fn overflow_in_a_goroutine(procs: usize, body: fn()) {
     let _ = rt
         .block_on(move || {
             // Another goroutine keeps the other Ps busy-ish.
-            gokernel::go(|| gokernel::gosched());
+            gokernel::go(gokernel::gosched);
             gokernel::spawn(body).join()
         })
         .unwrap();
@@ -119,12 +119,11 @@ fn an_overwritten_guard_word_is_reported_at_the_next_switch() {
 fn a_fault_that_is_not_an_overflow_still_crashes_normally() {
     if in_crash_child() {
         let rt = Runtime::builder().procs(1).build().unwrap();
-        let _ = rt
-            .block_on(|| {
-                // SAFETY: deliberately wrong: a write to address 16.
-                unsafe { (16 as *mut u64).write_volatile(1) };
-            })
-            .unwrap();
+        rt.block_on(|| {
+            // SAFETY: deliberately wrong: a write to address 16.
+            unsafe { (16 as *mut u64).write_volatile(1) };
+        })
+        .unwrap();
         unreachable!("the bad write did not fault");
     }
     let c = run_crash_child("a_fault_that_is_not_an_overflow_still_crashes_normally");
