@@ -105,6 +105,7 @@ pub fn throw(msg: &str) -> ! {
 /// Writes `error: <msg> (<goroutine>)` to the fatal-error output and
 /// returns: for errors the runtime survives.
 #[cold]
+#[cfg(feature = "std")]
 pub(crate) fn report_g(msg: &str, gp: *const G) {
     let mut line = Line::new();
     let _ = line.push_str("error: ");
@@ -190,7 +191,7 @@ pub(crate) extern "C" fn badgogo() -> ! {
 /// Reports that `gp` ran off its stack and aborts:
 /// `fatal error: goroutine N: stack overflow (stack [lo, hi), S bytes)`.
 /// `fault` is the faulting address when a guard page caught it (0 when the
-/// guard word did).
+/// soft guard region did).
 #[cold]
 pub(crate) fn stackoverflow(gp: *const G, fault: usize) -> ! {
     let mut line = Line::new();
@@ -210,7 +211,7 @@ pub(crate) fn stackoverflow(gp: *const G, fault: usize) -> ! {
     if fault != 0 {
         let _ = write!(line, ": fault at {fault:#x} in the guard page");
     } else {
-        let _ = line.push_str(": its guard word was overwritten");
+        let _ = line.push_str(": the guard region below its stack was overwritten");
     }
     let _ = line.push('\n');
     write_out(line.as_bytes());

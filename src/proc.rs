@@ -230,14 +230,15 @@ pub(crate) extern "C" fn goexit1() -> ! {
     throw_g("goexit: resumed a dead goroutine", getg())
 }
 
-/// Checks the guard word at the bottom of `gp`'s stack as it switches out;
-/// a G that ran off its stack is a fatal error naming it (the freestanding
-/// stack-overflow check; hosted, the guard page usually faults first).
+/// Checks the soft guard below `gp`'s stack as it switches out (stacks
+/// without a guard page: freestanding, and hosted arena stacks); a G that
+/// ran off its stack is a fatal error naming it.
 fn stackcheck(gp: *mut G) {
     // SAFETY: gp is the G that just switched out: live, its stack too.
-    let st = unsafe { (*gp).stack };
-    if !crate::stack::stackguard_ok(&st) {
-        crate::panic::stackoverflow(gp, 0);
+    if let Some(mem) = unsafe { &(*gp).stackmem } {
+        if !crate::stack::stackguard_ok(mem) {
+            crate::panic::stackoverflow(gp, 0);
+        }
     }
 }
 

@@ -348,7 +348,9 @@ pub struct Sched {
     /// them. `block_on` registers one (Go's `checkdead`).
     pub(crate) deadlock_hooks: spin::Mutex<alloc::vec::Vec<(u64, DeadlockHook)>>,
     /// A panic that escapes a goroutine is reported and ends only that
-    /// goroutine (instead of the process).
+    /// goroutine (instead of the process). Hosted only: without `std` a
+    /// panic goes to the embedder's panic handler.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) report_panics: bool,
 }
 

@@ -4,8 +4,9 @@
 //! that runs off its stack faults there with SIGSEGV (or SIGBUS). The
 //! handler, running on the thread's alternate signal stack (the G's own
 //! stack is the one that is full), looks at the current G: if the fault
-//! address is in its guard page, or its stack pointer has left its stack,
-//! it reports `goroutine N: stack overflow (stack [lo, hi), S bytes)` and
+//! address is in its guard page, its stack pointer has left its stack, or
+//! (for an arena stack) anything in its soft guard page was written, it
+//! reports `goroutine N: stack overflow (stack [lo, hi), S bytes)` and
 //! aborts. Any other fault goes to the handler that was there before (Rust's
 //! own, which reports overflows of thread stacks), or to the default action.
 
@@ -130,7 +131,13 @@ unsafe extern "C" fn sighandler(
         // SAFETY: the current G is live (it is the one that faulted, or g0).
         let st = unsafe { (*gp).stack };
         let in_guard = |a: usize| st.lo != 0 && a < st.lo && a >= st.lo - PAGE_SIZE;
-        if in_guard(addr) || in_guard(rsp) {
+        // A G's stack pointer is never below its stack, however far it went.
+        let rsp_below = st.lo != 0 && rsp < st.lo && st.lo - rsp <= crate::stack::STACK_MAX;
+        // SAFETY: as above: the G's stack memory is live.
+        let soft_guard_hit = unsafe { &(*gp).stackmem }
+            .as_ref()
+            .is_some_and(|mem| !crate::stack::soft_guard_page_clean(mem));
+        if in_guard(addr) || in_guard(rsp) || rsp_below || soft_guard_hit {
             crate::panic::stackoverflow(gp, addr);
         }
     }

@@ -1,11 +1,29 @@
 //! Goroutine stacks: `stackalloc` / `stackfree` (Go's `stack.go`).
 //!
-//! Hosted (`std`), a stack is its own `mmap` with a `PROT_NONE` guard page
-//! below `lo`: running off the end faults instead of corrupting the
-//! neighbour. Freestanding, stacks come from the global allocator (the
-//! platform layer will take this over).
+//! Every stack has a guard region just below its usable part `[lo, hi)`:
 //!
-//! The memory is owned by a [`StackMem`], which frees it on drop; a [`G`]
+//! - Hosted, a stack is normally its own `mmap` with a `PROT_NONE` guard
+//!   page below `lo`: running off the end faults, and the signal handler
+//!   reports the overflow. Each such stack costs two kernel mappings, and
+//!   Linux allows 65,530 per process by default (`vm.max_map_count`), so
+//!   only [`guard_page_budget`] stacks (16,384 by default: 32,768 mappings)
+//!   get one.
+//! - Beyond that budget, stacks are carved from arenas: one mapping holds
+//!   256 stacks, each with a *soft* guard region: the page below `lo`,
+//!   which must stay zero. The scheduler checks its top
+//!   [`SOFT_GUARD_CHECK`] bytes every time the G switches out, and the
+//!   fault handler checks it on any fault. An overflow that writes there is
+//!   reported at the next switch; a frame large enough to jump over the
+//!   whole page can corrupt the stack below unnoticed — the price of a
+//!   million stacks.
+//! - Freestanding, stacks come from the global allocator with the same
+//!   soft guard region.
+//!
+//! Checking a soft guard costs no memory: the page is never written, and
+//! reading an untouched page maps the kernel's shared zero page.
+//!
+//! The memory is owned by a [`StackMem`], which frees it on drop (an arena
+//! stack goes back to its arena, its pages returned to the kernel); a [`G`]
 //! made by [`malg`](crate::proc::malg) holds its `StackMem`, so dropping the
 //! G frees its stack.
 //!
@@ -97,27 +115,81 @@ pub const fn check_stack_size(size: usize) -> Result<(), StackError> {
     }
 }
 
-/// Owned stack memory: `size` usable bytes, plus (hosted) one guard page
-/// below them. Freed on drop.
+/// Owned stack memory: `[lo, hi)` plus its guard region. Freed on drop.
 #[derive(Debug)]
 pub struct StackMem {
-    /// Start of the whole allocation (the guard page, hosted).
-    base: *mut u8,
-    /// Length of the whole allocation.
-    len: usize,
     /// The usable part.
     stack: Stack,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// Its own mapping; the guard page at `base` is `PROT_NONE`.
+    #[cfg(feature = "std")]
+    Mapped { base: *mut u8, len: usize },
+    /// A slot of an arena; the page below `lo` is a soft guard.
+    #[cfg(feature = "std")]
+    Arena { slot: usize, len: usize },
+    /// From the global allocator; the page below `lo` is a soft guard.
+    #[cfg(not(feature = "std"))]
+    Heap { base: *mut u8, len: usize },
 }
 
 // SAFETY: a StackMem is plain owned memory; nothing in it is tied to the
 // thread that allocated it (munmap / dealloc work from any thread).
 unsafe impl Send for StackMem {}
 
+/// Bytes at the top of a soft guard region (just below `lo`) that
+/// [`stackguard_ok`] checks.
+pub const SOFT_GUARD_CHECK: usize = 64;
+
 impl StackMem {
     /// The usable bounds `[lo, hi)`.
     pub fn bounds(&self) -> Stack {
         self.stack
     }
+
+    /// True if the stack's guard is a soft one (checked by the scheduler)
+    /// rather than a guard page (checked by the hardware).
+    pub fn has_soft_guard(&self) -> bool {
+        match self.kind {
+            #[cfg(feature = "std")]
+            Kind::Mapped { .. } => false,
+            #[cfg(feature = "std")]
+            Kind::Arena { .. } => true,
+            #[cfg(not(feature = "std"))]
+            Kind::Heap { .. } => true,
+        }
+    }
+}
+
+/// True unless `mem`'s soft guard region has been written: the G using it
+/// ran off its stack. Always true for a stack with a guard page.
+pub fn stackguard_ok(mem: &StackMem) -> bool {
+    if !mem.has_soft_guard() {
+        return true;
+    }
+    let top = mem.stack.lo;
+    (0..SOFT_GUARD_CHECK / 8).all(|i| {
+        // SAFETY: the soft guard page below lo belongs to this stack's
+        // allocation and is readable.
+        unsafe { ((top - SOFT_GUARD_CHECK + 8 * i) as *const u64).read_volatile() == 0 }
+    })
+}
+
+/// True unless any word of `mem`'s soft guard page was written: the
+/// thorough check the fault handler makes (the scheduler checks only the
+/// top [`SOFT_GUARD_CHECK`] bytes, at every switch).
+pub fn soft_guard_page_clean(mem: &StackMem) -> bool {
+    if !mem.has_soft_guard() {
+        return true;
+    }
+    let base = mem.stack.lo - PAGE_SIZE;
+    (0..PAGE_SIZE / 8).all(|i| {
+        // SAFETY: the soft guard page belongs to this stack's allocation.
+        unsafe { ((base + 8 * i) as *const u64).read_volatile() == 0 }
+    })
 }
 
 /// Allocates a stack of `size` usable bytes (Go's `stackalloc`).
@@ -129,24 +201,7 @@ pub fn stackalloc(size: usize) -> Result<StackMem, StackError> {
     if inject_failure() {
         return Err(StackError::OutOfMemory { size });
     }
-    let mem = imp::alloc(size)?;
-    // SAFETY: lo is the lowest word of the fresh stack, which is ours.
-    unsafe { (mem.stack.lo as *mut u64).write(STACK_GUARD) };
-    Ok(mem)
-}
-
-/// The word kept at the lowest address of every stack `stackalloc` makes.
-/// A G that ran off its stack has overwritten it; the scheduler checks it
-/// each time a G switches out ([`stackcheck`]). Freestanding stacks have no
-/// guard page, so this is their overflow detection; hosted, the guard page
-/// usually catches the overflow first.
-pub const STACK_GUARD: u64 = 0x57ac_6a4d_0ddb_a11e;
-
-/// True if `st`'s guard word is intact (or `st` has none: a g0).
-pub fn stackguard_ok(st: &Stack) -> bool {
-    // SAFETY: a non-zero lo is the first word of a live stack made by
-    // stackalloc (g0s have lo == 0).
-    st.lo == 0 || unsafe { (st.lo as *const u64).read_volatile() } == STACK_GUARD
+    imp::alloc(size)
 }
 
 /// Stack allocations still to fail on purpose (tests of out-of-memory
@@ -175,23 +230,57 @@ pub fn stackfree(mem: StackMem) {
 
 impl Drop for StackMem {
     fn drop(&mut self) {
-        // SAFETY: base/len are exactly what imp::alloc returned, and the
+        // SAFETY: the kind and addresses are what imp::alloc made, and the
         // StackMem is being dropped, so nothing refers to the memory.
-        unsafe { imp::free(self.base, self.len) }
+        unsafe { imp::free(&self.kind) }
     }
 }
 
 #[cfg(feature = "std")]
+pub use imp::{guard_page_budget, set_guard_page_budget};
+
+#[cfg(feature = "std")]
 mod imp {
-    use super::{PAGE_SIZE, StackError, StackMem};
+    use core::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::{Kind, PAGE_SIZE, StackError, StackMem};
     use crate::runtime2::Stack;
 
-    /// One `mmap` of guard + stack; the guard page is made `PROT_NONE`.
-    pub(super) fn alloc(size: usize) -> Result<StackMem, StackError> {
-        let len = size + PAGE_SIZE;
+    /// Stacks in one arena mapping.
+    const ARENA_SLOTS: usize = 256;
+
+    /// Live stacks that have their own guarded mapping.
+    static MAPPED: AtomicUsize = AtomicUsize::new(0);
+    /// How many may (two kernel mappings each).
+    static BUDGET: AtomicUsize = AtomicUsize::new(16_384);
+
+    /// How many stacks may have a guard page of their own at once; the
+    /// rest come from arenas with soft guards.
+    pub fn guard_page_budget() -> usize {
+        BUDGET.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`guard_page_budget`] (process-wide): lower it if the process
+    /// needs its mappings for other things, raise it if
+    /// `vm.max_map_count` was raised.
+    pub fn set_guard_page_budget(n: usize) {
+        BUDGET.store(n, Ordering::Relaxed);
+    }
+
+    /// Free slots and the unused tail of the newest arena, for one size.
+    struct Pool {
+        size: usize,
+        free: alloc::vec::Vec<usize>,
+        next: usize,
+        end: usize,
+    }
+
+    static POOLS: spin::Mutex<alloc::vec::Vec<Pool>> = spin::Mutex::new(alloc::vec::Vec::new());
+
+    fn map(len: usize) -> *mut u8 {
         // SAFETY: an anonymous private mapping at a kernel-chosen address
         // touches no existing memory.
-        let base = unsafe {
+        let p = unsafe {
             libc::mmap(
                 core::ptr::null_mut(),
                 len,
@@ -201,39 +290,112 @@ mod imp {
                 0,
             )
         };
-        if base == libc::MAP_FAILED {
-            return Err(StackError::OutOfMemory { size });
+        if p == libc::MAP_FAILED {
+            core::ptr::null_mut()
+        } else {
+            p.cast()
+        }
+    }
+
+    pub(super) fn alloc(size: usize) -> Result<StackMem, StackError> {
+        if MAPPED.fetch_add(1, Ordering::Relaxed) < BUDGET.load(Ordering::Relaxed) {
+            if let Some(m) = alloc_mapped(size) {
+                return Ok(m);
+            }
+        }
+        MAPPED.fetch_sub(1, Ordering::Relaxed);
+        alloc_arena(size)
+    }
+
+    /// One `mmap` of guard + stack; the guard page is made `PROT_NONE`.
+    fn alloc_mapped(size: usize) -> Option<StackMem> {
+        let len = size + PAGE_SIZE;
+        let base = map(len);
+        if base.is_null() {
+            return None;
         }
         // SAFETY: the first page lies inside the mapping just made.
-        if unsafe { libc::mprotect(base, PAGE_SIZE, libc::PROT_NONE) } != 0 {
+        if unsafe { libc::mprotect(base.cast(), PAGE_SIZE, libc::PROT_NONE) } != 0 {
             // SAFETY: unmapping the mapping just made, which nothing uses.
-            unsafe { libc::munmap(base, len) };
-            return Err(StackError::OutOfMemory { size });
+            unsafe { libc::munmap(base.cast(), len) };
+            return None;
         }
-        let base = base.cast::<u8>();
         let lo = base as usize + PAGE_SIZE;
-        Ok(StackMem {
-            base,
-            len,
+        Some(StackMem {
             stack: Stack { lo, hi: lo + size },
+            kind: Kind::Mapped { base, len },
+        })
+    }
+
+    /// A slot of an arena: a soft guard page, then the stack.
+    fn alloc_arena(size: usize) -> Result<StackMem, StackError> {
+        let len = size + PAGE_SIZE;
+        let mut pools = POOLS.lock();
+        let pool = match pools.iter().position(|p| p.size == size) {
+            Some(i) => &mut pools[i],
+            None => {
+                pools.push(Pool {
+                    size,
+                    free: alloc::vec::Vec::new(),
+                    next: 0,
+                    end: 0,
+                });
+                pools.last_mut().expect("just pushed")
+            }
+        };
+        let slot = match pool.free.pop() {
+            Some(slot) => slot,
+            None => {
+                if pool.next == pool.end {
+                    let arena = map(len * ARENA_SLOTS);
+                    if arena.is_null() {
+                        return Err(StackError::OutOfMemory { size });
+                    }
+                    pool.next = arena as usize;
+                    pool.end = arena as usize + len * ARENA_SLOTS;
+                }
+                let slot = pool.next;
+                pool.next += len;
+                slot
+            }
+        };
+        let lo = slot + PAGE_SIZE;
+        Ok(StackMem {
+            stack: Stack { lo, hi: lo + size },
+            kind: Kind::Arena { slot, len },
         })
     }
 
     /// # Safety
-    /// `base`/`len` must describe a mapping made by [`alloc`] that nothing
-    /// uses any more.
-    pub(super) unsafe fn free(base: *mut u8, len: usize) {
-        // SAFETY: per the contract, the mapping is ours and unused.
-        let rc = unsafe { libc::munmap(base.cast(), len) };
-        debug_assert_eq!(rc, 0, "munmap of a goroutine stack failed");
+    /// `kind` must describe memory made by [`alloc`] that nothing uses.
+    pub(super) unsafe fn free(kind: &Kind) {
+        match *kind {
+            Kind::Mapped { base, len } => {
+                // SAFETY: per the contract, the mapping is ours and unused.
+                let rc = unsafe { libc::munmap(base.cast(), len) };
+                debug_assert_eq!(rc, 0, "munmap of a goroutine stack failed");
+                MAPPED.fetch_sub(1, Ordering::Relaxed);
+            }
+            Kind::Arena { slot, len } => {
+                // Give the pages back; they read as zero again, which also
+                // re-arms the soft guard.
+                // SAFETY: the slot is ours and unused.
+                unsafe { libc::madvise(slot as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+                let size = len - PAGE_SIZE;
+                let mut pools = POOLS.lock();
+                if let Some(p) = pools.iter_mut().find(|p| p.size == size) {
+                    p.free.push(slot);
+                }
+            }
+        }
     }
 }
 
 #[cfg(not(feature = "std"))]
 mod imp {
-    use super::{PAGE_SIZE, StackError, StackMem};
+    use super::{Kind, PAGE_SIZE, StackError, StackMem};
     use crate::runtime2::Stack;
-    use alloc::alloc::{Layout, alloc as global_alloc, dealloc};
+    use alloc::alloc::{Layout, alloc_zeroed, dealloc};
 
     fn layout(len: usize) -> Layout {
         // PAGE_SIZE is a power of two and len was checked against STACK_MAX,
@@ -241,24 +403,26 @@ mod imp {
         Layout::from_size_align(len, PAGE_SIZE).expect("stack layout")
     }
 
-    /// Page-aligned memory from the global allocator; no guard page.
+    /// Zeroed, page-aligned memory from the global allocator: a soft guard
+    /// page, then the stack.
     pub(super) fn alloc(size: usize) -> Result<StackMem, StackError> {
-        // SAFETY: the layout has a non-zero size (size >= STACK_MIN).
-        let base = unsafe { global_alloc(layout(size)) };
+        let len = size + PAGE_SIZE;
+        // SAFETY: the layout has a non-zero size.
+        let base = unsafe { alloc_zeroed(layout(len)) };
         if base.is_null() {
             return Err(StackError::OutOfMemory { size });
         }
-        let lo = base as usize;
+        let lo = base as usize + PAGE_SIZE;
         Ok(StackMem {
-            base,
-            len: size,
             stack: Stack { lo, hi: lo + size },
+            kind: Kind::Heap { base, len },
         })
     }
 
     /// # Safety
-    /// `base`/`len` must come from [`alloc`] and be unused.
-    pub(super) unsafe fn free(base: *mut u8, len: usize) {
+    /// `kind` must come from [`alloc`] and be unused.
+    pub(super) unsafe fn free(kind: &Kind) {
+        let Kind::Heap { base, len } = *kind;
         // SAFETY: per the contract, allocated by `alloc` with this layout.
         unsafe { dealloc(base, layout(len)) }
     }

@@ -94,23 +94,25 @@ fn a_large_local_array_in_a_goroutine_is_reported_on_2_procs() {
 }
 
 #[test]
-fn an_overwritten_guard_word_is_reported_at_the_next_switch() {
+fn an_overwritten_soft_guard_is_reported_at_the_next_switch() {
     if in_crash_child() {
-        // What an overflow does on a freestanding stack with no guard page:
-        // the bottom word is trampled. The next switch must notice.
+        // Beyond the guard-page budget stacks come from arenas, guarded by
+        // a region that must stay zero: what an overflow does there (and on
+        // a freestanding stack) is write below lo. The next switch notices.
+        gokernel::stack::set_guard_page_budget(0);
         overflow_in_a_goroutine(1, || {
             let gp = gokernel::getg();
-            // SAFETY: the word at lo is the running G's own stack memory.
-            unsafe { ((*gp).stack.lo as *mut u64).write_volatile(0) };
+            // SAFETY: the word below lo is this G's own soft guard region.
+            unsafe { ((*gp).stack.lo as *mut u64).sub(1).write_volatile(0xbad) };
             gokernel::gosched();
         });
     }
-    let c = run_crash_child("an_overwritten_guard_word_is_reported_at_the_next_switch");
+    let c = run_crash_child("an_overwritten_soft_guard_is_reported_at_the_next_switch");
     assert_aborted_with(
         &c,
         &[
             ": stack overflow (stack [0x",
-            "its guard word was overwritten",
+            "the guard region below its stack was overwritten",
         ],
     );
 }
