@@ -95,6 +95,7 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         schedlink: null_mut(),
         rt: core::ptr::null(),
         parker: None,
+        allg_index: 0,
     }
 }
 
@@ -550,7 +551,11 @@ fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
 
 /// Puts a dead G on P's free list, moving a batch to the global list when
 /// the local one is long (Go's `gfput`). Owner of `pp` only.
+///
+/// The global list keeps at most [`GFREE_MAX`] Gs; beyond that a dead G is
+/// freed with its stack, so memory comes back after a burst of goroutines.
 fn gfput(sched: &Sched, pp: *mut P, gp: *mut G) {
+    let mut surplus: Vec<*mut G> = Vec::new();
     // SAFETY: pp is the caller's P; gp is dead and owned by the caller.
     unsafe {
         (*gp).schedlink = (*pp).gfree;
@@ -562,9 +567,41 @@ fn gfput(sched: &Sched, pp: *mut P, gp: *mut G) {
                 let g = (*pp).gfree;
                 (*pp).gfree = (*g).schedlink;
                 (*pp).gfreecnt -= 1;
-                gqueue_push(&mut sl.gfree, g);
+                if sl.gfree.size < GFREE_MAX {
+                    gqueue_push(&mut sl.gfree, g);
+                } else {
+                    surplus.push(g);
+                }
             }
         }
+    }
+    if !surplus.is_empty() {
+        gfree_release(sched, &surplus);
+    }
+}
+
+/// The most dead Gs the global free list keeps for reuse.
+pub const GFREE_MAX: usize = 1024;
+
+/// Frees dead Gs and their stacks for good, outside the scheduler lock.
+fn gfree_release(sched: &Sched, gs: &[*mut G]) {
+    {
+        let mut all = sched.allgs.lock();
+        for &g in gs {
+            // SAFETY: g is dead and ours; allg_index is its place in allgs.
+            let i = unsafe { (*g).allg_index };
+            debug_assert!(all[i] == g, "allgs index out of date");
+            all.swap_remove(i);
+            if let Some(&moved) = all.get(i) {
+                // SAFETY: every G in allgs is live.
+                unsafe { (*moved).allg_index = i };
+            }
+        }
+    }
+    for &g in gs {
+        // SAFETY: made by Box::into_raw in newproc1, dead, on no list and
+        // out of allgs: nothing refers to it.
+        drop(unsafe { Box::from_raw(g) });
     }
 }
 
@@ -614,7 +651,10 @@ fn newproc1(
         gp = Box::into_raw(malg(sched.stack_size)?);
         // SAFETY: a new G, ours alone.
         unsafe { (*gp).rt = sched };
-        sched.allgs.lock().push(gp);
+        let mut all = sched.allgs.lock();
+        // SAFETY: as above.
+        unsafe { (*gp).allg_index = all.len() };
+        all.push(gp);
     }
     // SAFETY: gp is dead or new: nobody else refers to it.
     unsafe {

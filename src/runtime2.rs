@@ -171,6 +171,8 @@ pub struct G {
     /// Park/unpark state shared with handles to this G, made on first use
     /// and dropped when the G exits.
     pub(crate) parker: Option<alloc::sync::Arc<crate::proc::Parker>>,
+    /// This G's index in `Sched::allgs` (scheduler Gs only).
+    pub(crate) allg_index: usize,
 }
 
 impl G {

@@ -12,6 +12,7 @@
 //!   host tests, docs and the offsets check, then a summary table.
 //! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
+//! - `soak [--goroutines N]` ([`soak`]): the long soak test.
 //! - `help`: prints the usage.
 //!
 //! Each command is one row of [`COMMANDS`]: a new command (`bench`, `soak`,
@@ -26,6 +27,7 @@ mod gate;
 mod image;
 mod offsets;
 mod process;
+mod soak;
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -61,6 +63,12 @@ const COMMANDS: &[Command] = &[
         args: "[--release] [--fs=wrfsbase|fallback|auto]",
         summary: "build the freestanding image and run it as a Linux process (both FS modes)",
         run: image::run,
+    },
+    Command {
+        name: "soak",
+        args: "[--goroutines N]",
+        summary: "the long soak: N goroutines (default 1,000,000) parking, waking, yielding, spawning",
+        run: soak::run,
     },
     Command {
         name: "test",

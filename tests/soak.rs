@@ -1,0 +1,165 @@
+//! Soak: goroutines doing random park / unpark / gosched / spawn on 2 Ms;
+//! every goroutine accounted for (spawned = finished), and RSS back near
+//! where it started once they are done.
+//!
+//! `cargo xtask test` runs a short form (100,000 goroutines);
+//! `cargo xtask soak` runs 1,000,000 (`GOKERNEL_SOAK_GOROUTINES`).
+//! Alone in its test binary: it reads RSS.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gokernel::{Goroutine, Runtime};
+
+fn rss_kb() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+struct Soak {
+    total: usize,
+    spawned: AtomicUsize,
+    finished: AtomicUsize,
+    parks: AtomicUsize,
+    sleepers: Mutex<Vec<Goroutine>>,
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn worker(s: Arc<Soak>, seed: u64) {
+    let mut rng = seed | 1;
+    for _ in 0..4 {
+        match xorshift(&mut rng) % 4 {
+            0 => gokernel::gosched(),
+            1 => {
+                // Park until someone (a worker, or main at the end) wakes us.
+                s.sleepers.lock().unwrap().push(gokernel::current());
+                s.parks.fetch_add(1, Ordering::Relaxed);
+                gokernel::park();
+            }
+            2 => {
+                let g = s.sleepers.lock().unwrap().pop();
+                if let Some(g) = g {
+                    g.unpark();
+                }
+            }
+            _ => {
+                for k in 0..2 {
+                    if s.spawned.fetch_add(1, Ordering::AcqRel) < s.total {
+                        let s2 = s.clone();
+                        gokernel::go(move || worker(s2, rng.wrapping_add(k)));
+                    } else {
+                        s.spawned.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+    }
+    // Leaving: wake one sleeper so the sleepers drain.
+    let g = s.sleepers.lock().unwrap().pop();
+    if let Some(g) = g {
+        g.unpark();
+    }
+    s.finished.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Runs a soak of `total` goroutines; returns (spawned, finished, parks).
+fn soak(rt: &Runtime, total: usize, deadline: Duration) -> (usize, usize, usize) {
+    let s = Arc::new(Soak {
+        total,
+        spawned: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+        parks: AtomicUsize::new(0),
+        sleepers: Mutex::new(Vec::new()),
+    });
+    let s2 = s.clone();
+    rt.block_on(move || {
+        let start = Instant::now();
+        let roots = 1000.min(total);
+        s2.spawned.fetch_add(roots, Ordering::AcqRel);
+        for i in 0..roots {
+            let s3 = s2.clone();
+            gokernel::go(move || worker(s3, 0x9e37_79b9 ^ i as u64));
+        }
+        // Keep every spawned goroutine moving until all have finished.
+        loop {
+            let spawned = s2.spawned.load(Ordering::Acquire);
+            if s2.finished.load(Ordering::Acquire) == spawned.min(total)
+                && spawned >= total.min(roots)
+            {
+                // No worker left to spawn more: done when all finished.
+                if s2.finished.load(Ordering::Acquire) == s2.spawned.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+            let sleepers: Vec<_> = s2.sleepers.lock().unwrap().drain(..).collect();
+            for g in sleepers {
+                g.unpark();
+            }
+            gokernel::gosched();
+            assert!(
+                start.elapsed() < deadline,
+                "soak did not finish in {deadline:?}: spawned {spawned}, finished {}",
+                s2.finished.load(Ordering::Acquire)
+            );
+        }
+    })
+    .unwrap();
+    (
+        s.spawned.load(Ordering::Acquire),
+        s.finished.load(Ordering::Acquire),
+        s.parks.load(Ordering::Acquire),
+    )
+}
+
+#[test]
+fn soak_random_park_unpark_gosched_spawn_accounts_for_every_goroutine() {
+    let total: usize = std::env::var("GOKERNEL_SOAK_GOROUTINES")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .expect("GOKERNEL_SOAK_GOROUTINES must be a number")
+        })
+        .unwrap_or(100_000);
+    let rt = Runtime::builder()
+        .procs(2)
+        .stack_size(gokernel::stack::STACK_MIN)
+        .build()
+        .unwrap();
+    // Warm up with a full round: allocator pools, free lists (which keep
+    // up to a few thousand dead Gs with their stacks for reuse), the Ms.
+    // A second round must then leave RSS where the first left it.
+    soak(&rt, total, Duration::from_secs(1800));
+    let rss0 = rss_kb();
+    let t = Instant::now();
+    let (spawned, finished, parks) = soak(&rt, total, Duration::from_secs(1800));
+    let secs = t.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt.num_goroutine() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} goroutines left",
+            rt.num_goroutine()
+        );
+        std::thread::yield_now();
+    }
+    let rss1 = rss_kb();
+    eprintln!(
+        "soak: {spawned} goroutines spawned, {finished} finished, {parks} parks in {secs:.1} s; \
+         RSS {rss0} -> {rss1} kB; {} Gs kept for reuse",
+        rt.num_allocated_gs()
+    );
+    assert_eq!(spawned, total, "not every goroutine was spawned");
+    assert_eq!(finished, spawned, "spawned != finished");
+    assert!(
+        rss1 as f64 <= rss0 as f64 * 1.10 + 1024.0,
+        "RSS grew from {rss0} kB to {rss1} kB: a leak"
+    );
+}
