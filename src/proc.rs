@@ -236,10 +236,10 @@ pub(crate) extern "C" fn goexit1() -> ! {
 /// ran off its stack is a fatal error naming it.
 fn stackcheck(gp: *mut G) {
     // SAFETY: gp is the G that just switched out: live, its stack too.
-    if let Some(mem) = unsafe { &(*gp).stackmem } {
-        if !crate::stack::stackguard_ok(mem) {
-            crate::panic::stackoverflow(gp, 0);
-        }
+    if let Some(mem) = unsafe { &(*gp).stackmem }
+        && !crate::stack::stackguard_ok(mem)
+    {
+        crate::panic::stackoverflow(gp, 0);
     }
 }
 
