@@ -298,10 +298,10 @@ mod imp {
     }
 
     pub(super) fn alloc(size: usize) -> Result<StackMem, StackError> {
-        if MAPPED.fetch_add(1, Ordering::Relaxed) < BUDGET.load(Ordering::Relaxed) {
-            if let Some(m) = alloc_mapped(size) {
-                return Ok(m);
-            }
+        if MAPPED.fetch_add(1, Ordering::Relaxed) < BUDGET.load(Ordering::Relaxed)
+            && let Some(m) = alloc_mapped(size)
+        {
+            return Ok(m);
         }
         MAPPED.fetch_sub(1, Ordering::Relaxed);
         alloc_arena(size)
