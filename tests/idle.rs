@@ -59,8 +59,10 @@ fn all_goroutines_parked_for_200ms_cost_under_10ms_of_cpu() {
         g.unpark();
     }
     main.join().unwrap();
+    // Under Valgrind every thread is slow and serialised: CPU time means
+    // nothing there.
     assert!(
-        used < Duration::from_millis(10),
+        std::env::var_os("GOKERNEL_VALGRIND").is_some() || used < Duration::from_millis(10),
         "an idle runtime used {used:?} of CPU in 200 ms"
     );
 }

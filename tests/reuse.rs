@@ -45,7 +45,7 @@ fn a_million_short_goroutines_in_sequence_reuse_gs_and_keep_rss_bounded() {
         "{allocated} Gs allocated for 1,000,000 goroutines"
     );
     assert!(
-        rss1 <= rss0 + 16 * 1024,
+        std::env::var_os("GOKERNEL_VALGRIND").is_some() || rss1 <= rss0 + 16 * 1024,
         "RSS grew from {rss0} kB to {rss1} kB over 1,000,000 goroutines"
     );
     eprintln!("1,000,000 goroutines: {allocated} Gs allocated, RSS {rss0} -> {rss1} kB");

@@ -158,8 +158,10 @@ fn soak_random_park_unpark_gosched_spawn_accounts_for_every_goroutine() {
     );
     assert_eq!(spawned, total, "not every goroutine was spawned");
     assert_eq!(finished, spawned, "spawned != finished");
+    // Under Valgrind RSS is mostly Valgrind's own.
     assert!(
-        rss1 as f64 <= rss0 as f64 * 1.10 + 1024.0,
+        std::env::var_os("GOKERNEL_VALGRIND").is_some()
+            || rss1 as f64 <= rss0 as f64 * 1.10 + 1024.0,
         "RSS grew from {rss0} kB to {rss1} kB: a leak"
     );
 }

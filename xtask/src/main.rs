@@ -13,6 +13,7 @@
 //! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
+//! - `valgrind` ([`valgrind`]): the hosted tests under Valgrind.
 //! - `help`: prints the usage.
 //!
 //! Each command is one row of [`COMMANDS`]: a new command (`bench`, `soak`,
@@ -28,6 +29,7 @@ mod image;
 mod offsets;
 mod process;
 mod soak;
+mod valgrind;
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -69,6 +71,12 @@ const COMMANDS: &[Command] = &[
         args: "[--goroutines N]",
         summary: "the long soak: N goroutines (default 1,000,000) parking, waking, yielding, spawning",
         run: soak::run,
+    },
+    Command {
+        name: "valgrind",
+        args: "",
+        summary: "the hosted tests under valgrind's memory checker (0 errors required)",
+        run: valgrind::run,
     },
     Command {
         name: "test",
