@@ -146,3 +146,15 @@ fn mstart_on_a_thread_that_already_runs_an_m_is_fatal() {
         ],
     );
 }
+
+#[test]
+fn gogo_on_a_gobuf_with_no_g_is_fatal() {
+    if in_crash_child() {
+        let empty = gokernel::runtime2::Gobuf::new();
+        // SAFETY: deliberately wrong: gogo must refuse a Gobuf with no G.
+        on_g0(|| unsafe { gogo(&empty) });
+        unreachable!("gogo on an empty Gobuf returned");
+    }
+    let c = run_crash_child("gogo_on_a_gobuf_with_no_g_is_fatal");
+    assert_aborted_with(&c, &["fatal error: gogo on a Gobuf whose g is null"]);
+}

@@ -79,3 +79,15 @@ fn a_panic_in_a_spawned_goroutine_comes_back_from_join_with_its_payload() {
         .unwrap();
     assert_eq!(payload, 1234);
 }
+
+#[test]
+fn a_panic_in_the_main_goroutine_is_resumed_by_block_on() {
+    let rt = Runtime::builder().procs(1).build().unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(|| -> u32 { panic!("main boom") })
+    }));
+    let payload = r.unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"main boom"));
+    // The runtime goes on.
+    assert_eq!(rt.block_on(|| 5).unwrap(), 5);
+}
