@@ -107,26 +107,25 @@ pub fn throw(msg: &str) -> ! {
 #[cold]
 #[cfg(feature = "std")]
 pub(crate) fn report_g(msg: &str, gp: *const G) {
-    let mut line = Line::new();
-    let _ = line.push_str("error: ");
-    let _ = line.push_str(msg);
-    let _ = line.push_str(" (");
-    describe(&mut line, gp);
-    let _ = line.push_str(")\n");
-    write_out(line.as_bytes());
+    write_line("error: ", msg, gp);
 }
 
 /// Like [`throw`], naming `gp` as the goroutine at fault.
 #[cold]
 pub fn throw_g(msg: &str, gp: *const G) -> ! {
+    write_line("fatal error: ", msg, gp);
+    die()
+}
+
+/// Writes `<prefix><msg> (<goroutine>)` and a newline.
+fn write_line(prefix: &str, msg: &str, gp: *const G) {
     let mut line = Line::new();
-    let _ = line.push_str("fatal error: ");
+    let _ = line.push_str(prefix);
     let _ = line.push_str(msg);
     let _ = line.push_str(" (");
     describe(&mut line, gp);
     let _ = line.push_str(")\n");
     write_out(line.as_bytes());
-    die()
 }
 
 /// Sink for `mcall` from g0: there is no user G to suspend.

@@ -977,31 +977,15 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
             // Global queue again.
             if sched.runqsize.load(Ordering::SeqCst) != 0 {
                 let mut sl = sched.lock.lock();
-                if sl.runq.size != 0 {
-                    let pp = pidleget(&mut sl, sched);
-                    if !pp.is_null() {
-                        // SAFETY: pp came off the idle list; mp holds none.
-                        unsafe {
-                            acquirep(mp, pp);
-                            (*mp).spinning = true;
-                        }
-                        sched.nmspinning.fetch_add(1, Ordering::SeqCst);
-                        continue 'top;
-                    }
+                if sl.runq.size != 0 && spin_on_idle_p(&mut sl, sched, mp) {
+                    continue 'top;
                 }
             }
             // Every P's queue again.
             for &p2 in &sched.allp {
                 // SAFETY: Ps live as long as the scheduler.
                 if !runqempty(unsafe { &(*p2).runq }) {
-                    let pp = pidleget(&mut sched.lock.lock(), sched);
-                    if !pp.is_null() {
-                        // SAFETY: as above.
-                        unsafe {
-                            acquirep(mp, pp);
-                            (*mp).spinning = true;
-                        }
-                        sched.nmspinning.fetch_add(1, Ordering::SeqCst);
+                    if spin_on_idle_p(&mut sched.lock.lock(), sched, mp) {
                         continue 'top;
                     }
                     break;
@@ -1016,6 +1000,23 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
             return None;
         }
     }
+}
+
+/// Takes an idle P for `mp` and makes it a spinning M again (work turned
+/// up after it stopped spinning); false if no P is idle. Under the lock.
+fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
+    let pp = pidleget(sl, sched);
+    if pp.is_null() {
+        return false;
+    }
+    // SAFETY: pp came off the idle list; mp is the caller's M and holds
+    // no P.
+    unsafe {
+        acquirep(mp, pp);
+        (*mp).spinning = true;
+    }
+    sched.nmspinning.fetch_add(1, Ordering::SeqCst);
+    true
 }
 
 /// Every P is idle and no G is runnable (Go's `checkdead`): if goroutines

@@ -4,25 +4,15 @@
 //!
 //! Alone in its test binary: it needs a few GiB and reads RSS.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use common::{mappings, rss_kb};
 use gokernel::{Goroutine, Runtime};
 
 const N: usize = 1_000_000;
-
-fn rss_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
 
 #[test]
 fn a_million_goroutines_park_at_once_then_all_wake_and_finish() {

@@ -3,13 +3,10 @@
 //!
 //! Alone in its test binary: it reads this process's RSS.
 
-use gokernel::Runtime;
+mod common;
 
-fn rss_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
+use common::rss_kb;
+use gokernel::Runtime;
 
 #[test]
 fn a_million_short_goroutines_in_sequence_reuse_gs_and_keep_rss_bounded() {

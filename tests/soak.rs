@@ -6,17 +6,14 @@
 //! `cargo xtask soak` runs 1,000,000 (`GOKERNEL_SOAK_GOROUTINES`).
 //! Alone in its test binary: it reads RSS.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::rss_kb;
 use gokernel::{Goroutine, Runtime};
-
-fn rss_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 struct Soak {
     total: usize,

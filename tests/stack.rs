@@ -5,26 +5,9 @@
 
 mod common;
 
-use common::run_in_g;
+use common::{mappings, run_in_g, status_kb};
 use gokernel::proc::malg;
 use gokernel::stack::{STACK_MIN, StackError, check_stack_size};
-
-/// A field of /proc/self/status, in kB.
-fn status_kb(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s
-        .lines()
-        .find(|l| l.starts_with(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
 
 #[test]
 fn malg_stacks_are_freed_on_drop_over_100_000_cycles() {

@@ -126,3 +126,26 @@ pub fn assert_aborted_with(c: &Crash, expected: &[&str]) {
 fn libc_sigabrt() -> i32 {
     6
 }
+
+/// A field of /proc/self/status, in kB (`VmRSS:`, `VmSize:`).
+pub fn status_kb(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// This process's resident set, in kB.
+pub fn rss_kb() -> u64 {
+    status_kb("VmRSS:")
+}
+
+/// This process's memory mappings.
+pub fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
