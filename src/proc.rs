@@ -682,8 +682,10 @@ pub(crate) fn newproc(
     f: Box<dyn FnOnce() + Send + 'static>,
 ) -> Result<u64, StackError> {
     let gp = getg();
+    // On an M of the scheduler asked for (or of any, if none was named)?
     // SAFETY: a non-null current G has a live M.
-    let in_rt = !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() };
+    let here = if gp.is_null() { core::ptr::null() } else { unsafe { (*(*gp).m).rt } };
+    let in_rt = !here.is_null() && sched.is_none_or(|s| core::ptr::eq(s, here));
     if in_rt {
         return crate::systemstack(move || {
             // SAFETY: on g0 of a scheduler M holding a P (Ms run user code
@@ -783,14 +785,13 @@ fn globrunqget(sl: &mut SchedLocked, sched: &Sched, pp: *mut P, max: usize) -> *
 /// `runqput` on P `pp`, sending an overflow batch to the global queue and
 /// keeping the high-water mark. Owner of `pp` only.
 fn runqput_p(sched: &Sched, pp: *mut P, gp: *mut G, next: bool) {
-    // SAFETY: pp is the caller's P.
-    let p = unsafe { &*pp };
-    if let Some(batch) = runqput(&p.runq, gp, next) {
+    // SAFETY: pp is the caller's P; only its (atomic) queue and counters
+    // are borrowed, which other Ms may read meanwhile.
+    let (runq, stats) = unsafe { (&(*pp).runq, &(*pp).stats) };
+    if let Some(batch) = runqput(runq, gp, next) {
         globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
     }
-    p.stats
-        .runq_hwm
-        .fetch_max(p.runq.len() as u32, Ordering::Relaxed);
+    stats.runq_hwm.fetch_max(runq.len() as u32, Ordering::Relaxed);
 }
 
 // ---------------------------------------------------------------------
@@ -901,8 +902,9 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
     'top: loop {
         // SAFETY: mp is ours; it holds a P at the top of each round.
         let pp = unsafe { (*mp).p };
-        // SAFETY: pp is ours.
-        let p = unsafe { &mut *pp };
+        // SAFETY: pp is ours. Only its run queue is borrowed: other Ms may
+        // read it (and the counters) while we hold this.
+        let runq = unsafe { &(*pp).runq };
         if sched.stopping.load(Ordering::SeqCst) {
             // SAFETY: mp holds pp.
             let pp = unsafe { releasep(mp) };
@@ -916,13 +918,15 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
             return None;
         }
         // Fairness: now and then, the global queue first.
-        if p.schedtick % 61 == 0 && sched.runqsize.load(Ordering::Relaxed) > 0 {
+        // SAFETY: schedtick is touched only by the P's owner, us.
+        let schedtick = unsafe { (*pp).schedtick };
+        if schedtick % 61 == 0 && sched.runqsize.load(Ordering::Relaxed) > 0 {
             let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 1);
             if !gp.is_null() {
                 return Some((gp, false));
             }
         }
-        if let Some(x) = runqget(&p.runq) {
+        if let Some(x) = runqget(runq) {
             return Some(x);
         }
         if sched.runqsize.load(Ordering::Relaxed) != 0 {
@@ -1439,17 +1443,18 @@ impl Sched {
         self.allp
             .iter()
             .map(|&pp| {
-                // SAFETY: Ps live as long as the scheduler; only atomics and
-                // the immutable id are read.
-                let p = unsafe { &*pp };
+                // SAFETY: Ps live as long as the scheduler. Only the
+                // immutable id and the atomic counters and queue are
+                // borrowed: the owner changes the other fields meanwhile.
+                let (id, stats, runq) = unsafe { ((*pp).id, &(*pp).stats, &(*pp).runq) };
                 PStats {
-                    id: p.id,
-                    spawned: p.stats.spawned.load(Ordering::Relaxed),
-                    stolen: p.stats.stolen.load(Ordering::Relaxed),
-                    parked: p.stats.parked.load(Ordering::Relaxed),
-                    scheduled: p.stats.scheduled.load(Ordering::Relaxed),
-                    runq_hwm: p.stats.runq_hwm.load(Ordering::Relaxed),
-                    runq_len: p.runq.len(),
+                    id,
+                    spawned: stats.spawned.load(Ordering::Relaxed),
+                    stolen: stats.stolen.load(Ordering::Relaxed),
+                    parked: stats.parked.load(Ordering::Relaxed),
+                    scheduled: stats.scheduled.load(Ordering::Relaxed),
+                    runq_hwm: stats.runq_hwm.load(Ordering::Relaxed),
+                    runq_len: runq.len(),
                 }
             })
             .collect()
