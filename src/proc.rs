@@ -1028,7 +1028,8 @@ fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
 /// runtime wakes one, nothing ever will. Tells whoever asked
 /// (`Runtime::block_on`); the Ms go to sleep either way.
 fn checkdead(sched: &Sched) {
-    if sched.ngoroutines() == 0 {
+    // A goroutine waiting on another runtime can still be woken from there.
+    if sched.ngoroutines() == 0 || sched.external_waits.load(Ordering::SeqCst) != 0 {
         return;
     }
     for (_, hook) in sched.deadlock_hooks.lock().iter() {
@@ -1214,6 +1215,10 @@ unsafe extern "C" fn park_m(gp: *mut G) {
 pub unsafe fn goready(gp: *mut G) {
     // SAFETY: the contract: gp is parked and ours to ready.
     let sched = unsafe { &*(*gp).rt };
+    if sched.stopping.load(Ordering::SeqCst) {
+        // A runtime that is shutting down runs no more goroutines.
+        return;
+    }
     let cur = getg();
     // SAFETY: a non-null current G has a live M.
     let on_m = !cur.is_null() && unsafe { (*(*cur).m).rt == (*gp).rt && !(*(*cur).m).p.is_null() };
@@ -1250,6 +1255,9 @@ pub struct Parker {
     /// The G; only followed while `state` is `PARK_PARKED`, which implies
     /// the G is alive and parked.
     gp: AtomicPtr<G>,
+    /// The G's scheduler. Weak: a handle may outlive the runtime, and then
+    /// `unpark` has nothing to wake (the runtime freed its Gs).
+    rt: alloc::sync::Weak<Sched>,
 }
 
 impl Parker {
@@ -1269,6 +1277,7 @@ impl Parker {
                     Arc::new(Parker {
                         state: AtomicU32::new(PARK_EMPTY),
                         gp: AtomicPtr::new(gp),
+                        rt: (*(*gp).rt).self_weak.clone(),
                     })
                 })
                 .clone()
@@ -1307,12 +1316,20 @@ impl Parker {
     pub fn unpark(&self) {
         // AcqRel: release publishes our writes to the woken G; acquire
         // pairs with park_commit's release, so gp's parked state is seen.
-        if self.state.swap(PARK_NOTIFIED, Ordering::AcqRel) == PARK_PARKED {
-            let gp = self.gp.load(Ordering::Relaxed);
-            // SAFETY: PARKED means the G is parked in `park` (alive), and
-            // the swap made us the one waker.
-            unsafe { goready(gp) };
+        if self.state.swap(PARK_NOTIFIED, Ordering::AcqRel) != PARK_PARKED {
+            return;
         }
+        // Holding the scheduler keeps the parked G's memory alive while we
+        // ready it; if the runtime is gone, so is the G, and there is
+        // nothing to wake.
+        let Some(sched) = self.rt.upgrade() else {
+            return;
+        };
+        let gp = self.gp.load(Ordering::Relaxed);
+        // SAFETY: PARKED means the G is parked in `park`, the swap made us
+        // its one waker, and its scheduler (which owns its memory) is held.
+        unsafe { goready(gp) };
+        drop(sched);
     }
 }
 
@@ -1391,7 +1408,7 @@ impl Sched {
                 }))
             })
             .collect();
-        let sched = Arc::new(Sched {
+        let sched = Arc::new_cyclic(|self_weak| Sched {
             lock: spin::Mutex::new(SchedLocked {
                 runq: GQueue::new(),
                 midle: null_mut(),
@@ -1413,6 +1430,8 @@ impl Sched {
             steal_order: RandomOrder::new(procs as u32),
             deadlock_hooks: spin::Mutex::new(Vec::new()),
             report_panics,
+            self_weak: self_weak.clone(),
+            external_waits: AtomicU32::new(0),
         });
         {
             let mut sl = sched.lock.lock();

@@ -224,6 +224,9 @@ impl Drop for Runtime {
 
 /// The result slot a [`JoinHandle`] waits on.
 struct JoinInner<T> {
+    /// The address of the scheduler the goroutine runs on (compared, never
+    /// followed).
+    rt: usize,
     done: AtomicBool,
     result: spin::Mutex<Option<thread::Result<T>>>,
     waiter: spin::Mutex<Option<Waiter>>,
@@ -291,6 +294,9 @@ impl<T> JoinHandle<T> {
     /// wake the waiter (unpark its thread or goroutine).
     fn wait(&self, give_up: impl Fn() -> bool) -> Option<thread::Result<T>> {
         let me = Waiter::current();
+        // A goroutine waiting on another runtime's goroutine tells its own
+        // runtime, so that all-idle there is not taken for a deadlock.
+        let _external = ExternalWait::begin(self.inner.rt);
         let mut registered = false;
         loop {
             // Acquire: pairs with the release in `finish`.
@@ -313,6 +319,47 @@ impl<T> JoinHandle<T> {
             }
             // Park tokens make a wake-up that comes before this wait count.
             me.wait();
+        }
+    }
+}
+
+/// The scheduler a spawn goes to: the one given, or the current
+/// goroutine's.
+fn target_sched(sched: Option<&Sched>) -> usize {
+    match sched {
+        Some(s) => s as *const Sched as usize,
+        // SAFETY: only called from spawns that checked they run on a G of a
+        // runtime (require_goroutine), whose M is live.
+        None => unsafe { (*(*getg()).m).rt as usize },
+    }
+}
+
+/// Counts, for its lifetime, a goroutine of one runtime waiting on another
+/// (see `Sched::external_waits`).
+struct ExternalWait(Option<Arc<Sched>>);
+
+impl ExternalWait {
+    fn begin(target: usize) -> ExternalWait {
+        if !in_goroutine() {
+            return ExternalWait(None);
+        }
+        // SAFETY: on a goroutine: its M's scheduler is live.
+        let mine = unsafe { &*(*(*getg()).m).rt };
+        if mine as *const Sched as usize == target {
+            return ExternalWait(None);
+        }
+        let Some(mine) = mine.self_weak.upgrade() else {
+            return ExternalWait(None);
+        };
+        mine.external_waits.fetch_add(1, Ordering::SeqCst);
+        ExternalWait(Some(mine))
+    }
+}
+
+impl Drop for ExternalWait {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            s.external_waits.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -350,6 +397,7 @@ fn try_spawn_on<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
     let inner = Arc::new(JoinInner {
+        rt: target_sched(sched),
         done: AtomicBool::new(false),
         result: spin::Mutex::new(None),
         waiter: spin::Mutex::new(None),

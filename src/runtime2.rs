@@ -354,6 +354,12 @@ pub struct Sched {
     /// panic goes to the embedder's panic handler.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) report_panics: bool,
+    /// This scheduler's own `Arc`, weakly: handed to park handles.
+    pub(crate) self_weak: alloc::sync::Weak<Sched>,
+    /// Goroutines of this scheduler waiting for something another runtime
+    /// will do (joining its goroutine): while any do, all-idle is not a
+    /// deadlock.
+    pub(crate) external_waits: AtomicU32,
 }
 
 /// See [`Sched::deadlock_hooks`].

@@ -72,3 +72,18 @@ fn the_runtime_still_works_after_a_deadlock_and_busy_runs_are_not_deadlocks() {
         "the deadlocked goroutine is still parked"
     );
 }
+
+#[test]
+fn unparking_a_goroutine_of_a_dropped_runtime_does_nothing() {
+    let (tx, rx) = mpsc::channel();
+    let rt = Runtime::builder().procs(1).build().unwrap();
+    let r = rt.block_on(move || {
+        tx.send(gokernel::current()).unwrap();
+        gokernel::park();
+    });
+    assert_eq!(r, Err(Deadlock));
+    let handle = rx.recv().unwrap();
+    drop(rt); // frees the parked goroutine
+    handle.unpark(); // must not touch it
+    handle.unpark();
+}
