@@ -684,7 +684,11 @@ pub(crate) fn newproc(
     let gp = getg();
     // On an M of the scheduler asked for (or of any, if none was named)?
     // SAFETY: a non-null current G has a live M.
-    let here = if gp.is_null() { core::ptr::null() } else { unsafe { (*(*gp).m).rt } };
+    let here = if gp.is_null() {
+        core::ptr::null()
+    } else {
+        unsafe { (*(*gp).m).rt }
+    };
     let in_rt = !here.is_null() && sched.is_none_or(|s| core::ptr::eq(s, here));
     if in_rt {
         return crate::systemstack(move || {
@@ -791,7 +795,9 @@ fn runqput_p(sched: &Sched, pp: *mut P, gp: *mut G, next: bool) {
     if let Some(batch) = runqput(runq, gp, next) {
         globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
     }
-    stats.runq_hwm.fetch_max(runq.len() as u32, Ordering::Relaxed);
+    stats
+        .runq_hwm
+        .fetch_max(runq.len() as u32, Ordering::Relaxed);
 }
 
 // ---------------------------------------------------------------------

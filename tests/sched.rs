@@ -537,6 +537,9 @@ fn spawning_onto_another_runtime_from_a_goroutine_runs_there() {
     assert_eq!(v, 42);
     let on_b: u64 = b.p_stats().iter().map(|p| p.scheduled).sum();
     let spawned_on_a: u64 = a.p_stats().iter().map(|p| p.spawned).sum();
-    assert!(on_b >= 1, "the goroutine did not run on the runtime it was spawned on");
+    assert!(
+        on_b >= 1,
+        "the goroutine did not run on the runtime it was spawned on"
+    );
     assert_eq!(spawned_on_a, 0, "runtime A created a goroutine meant for B");
 }
