@@ -66,11 +66,16 @@ fn the_runtime_still_works_after_a_deadlock_and_busy_runs_are_not_deadlocks() {
         n
     });
     assert_eq!(n, Ok(1000));
-    assert_eq!(
-        rt.num_goroutine(),
-        1,
-        "the deadlocked goroutine is still parked"
-    );
+    // The second main goroutine's result arrives just before it exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rt.num_goroutine() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} goroutines alive; only the deadlocked one should be",
+            rt.num_goroutine()
+        );
+        std::thread::yield_now();
+    }
 }
 
 #[test]

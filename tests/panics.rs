@@ -43,6 +43,11 @@ fn a_runtime_built_to_report_panics_reports_them_and_goes_on() {
                 for _ in 0..3 {
                     gokernel::go(|| panic!("reported boom"));
                 }
+                // Wait until the three have panicked, been reported and
+                // ended: only this goroutine is left then.
+                while gokernel::num_goroutine() > 1 {
+                    gokernel::gosched();
+                }
                 let h = gokernel::spawn(|| 40 + 2);
                 h.join().unwrap()
             })
