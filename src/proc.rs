@@ -795,9 +795,12 @@ fn runqput_p(sched: &Sched, pp: *mut P, gp: *mut G, next: bool) {
     if let Some(batch) = runqput(runq, gp, next) {
         globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
     }
-    stats
-        .runq_hwm
-        .fetch_max(runq.len() as u32, Ordering::Relaxed);
+    // Only the owner writes the high-water mark: a load and a store, no
+    // read-modify-write, on this hot path.
+    let n = runq.len() as u32;
+    if n > stats.runq_hwm.load(Ordering::Relaxed) {
+        stats.runq_hwm.store(n, Ordering::Relaxed);
+    }
 }
 
 // ---------------------------------------------------------------------
