@@ -20,8 +20,17 @@
 //! - [`proc`]: starting an M on its g0 ([`mstart`](proc::mstart)), making
 //!   Gs ([`malg`](proc::malg), [`gostartcallfn`](proc::gostartcallfn)),
 //!   running them ([`execute`](proc::execute)) and their exit.
-//! - [`stack`]: goroutine stacks (guard-paged `mmap` hosted).
+//! - [`runq`]: a P's run queue (ring of 256 + `runnext`), model-checked
+//!   with loom; [`proc`] also holds the scheduler proper (`newproc`,
+//!   `schedule`, `findrunnable`, work stealing, spinning Ms, `gopark` /
+//!   `goready`) and [`Sched`](runtime2::Sched).
+//! - [`platform`]: what the scheduler needs from its world (threads,
+//!   futexes, CPU count); [`lock_futex`]: how idle Ms sleep.
+//! - [`stack`]: goroutine stacks: guard pages within a mapping budget,
+//!   arena stacks with soft guards beyond it.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
+//! - Hosted (`std`): `Runtime`, `go`, `spawn`, `JoinHandle`,
+//!   `park`, `current` — the API most programs use.
 //!
 //! [`gogo`]: asm_amd64::gogo
 //! [`mcall`]: asm_amd64::mcall
