@@ -2,7 +2,7 @@
 //!
 //! The core never makes a system call itself. Starting an M, sleeping an
 //! idle one and waking it, and knowing how many CPUs there are go through
-//! [`Platform`]. The hosted platform ([`hosted`], with the `std` feature)
+//! [`Platform`]. The hosted platform (`hosted`, with the `std` feature)
 //! uses OS threads and Linux futexes; a kernel implements the trait over
 //! its own CPUs and wait queues.
 
