@@ -1492,7 +1492,7 @@ impl Sched {
     /// From a G of this scheduler the new G takes the P's `runnext`; from
     /// any other thread it goes on the global queue. This is the spawn
     /// primitive of freestanding builds; hosted code uses
-    /// [`Runtime`](crate::Runtime).
+    /// `Runtime`.
     pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         newproc(Some(self), f)
     }

@@ -315,7 +315,7 @@ pub(crate) struct SchedLocked {
 unsafe impl Send for SchedLocked {}
 
 /// One scheduler: its Ps, queues and idle lists (Go's `schedt` plus
-/// `allp`). A hosted [`Runtime`](crate::Runtime) owns one.
+/// `allp`). A hosted `Runtime` owns one.
 pub struct Sched {
     /// Guards the global run queue, the idle lists and the global free list.
     pub(crate) lock: spin::Mutex<SchedLocked>,

@@ -6,7 +6,7 @@
 //!   page below `lo`: running off the end faults, and the signal handler
 //!   reports the overflow. Each such stack costs two kernel mappings, and
 //!   Linux allows 65,530 per process by default (`vm.max_map_count`), so
-//!   only [`guard_page_budget`] stacks (16,384 by default: 32,768 mappings)
+//!   only `guard_page_budget()` stacks (16,384 by default: 32,768 mappings)
 //!   get one.
 //! - Beyond that budget, stacks are carved from arenas: one mapping holds
 //!   256 stacks, each with a *soft* guard region: the page below `lo`,
