@@ -25,7 +25,8 @@
 //!    in release (fat LTO) for `x86_64-unknown-none` (or, falling back,
 //!    freestanding for the host triple), each build run as a Linux process
 //!    with the FS base set by `wrfsbase` and by `arch_prctl`
-//! 9. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`
+//! 9. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
+//!    with and without the `std` feature
 //! 10. `cargo xtask offsets --check`, run in-process
 //!
 //! Each step is announced as `==> <name>`; each command it runs is echoed
@@ -159,6 +160,18 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
     };
     let mut doc = cargo(root, &["doc", "-p", "gokernel", "--no-deps"]);
     doc.env("RUSTDOCFLAGS", "-D warnings");
+    // What an embedder's `cargo doc` sees: no links to std-only items.
+    let mut doc_bare = cargo(
+        root,
+        &[
+            "doc",
+            "-p",
+            "gokernel",
+            "--no-deps",
+            "--no-default-features",
+        ],
+    );
+    doc_bare.env("RUSTDOCFLAGS", "-D warnings");
     // Its own target dir: `--cfg loom` rebuilds every crate, and sharing
     // target/ would throw the normal build cache away each run.
     let mut loom = cargo(
@@ -205,6 +218,7 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
     .chain(image_steps(root, mode))
     .chain([
         Step::run("doc", doc),
+        Step::run("doc (no std)", doc_bare),
         Step {
             name: "offsets --check",
             action: Action::InProcess {
