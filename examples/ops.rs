@@ -1,24 +1,35 @@
-//! One scheduler operation, N times, for timing and for instruction counts.
+//! One benchmark workload, N times, for timing and for instruction counts:
+//! the workloads of `cargo xtask bench`, one process each.
 //!
 //! ```text
 //! cargo run --release --example ops -- OP N [PROCS]
 //! ```
 //!
 //! OP is one of:
+//! - `switch`: an `mcall` + `gogo` round trip, G → g0 → G, on a bare M;
 //! - `gosched`: two goroutines yield to each other; one op = one `gosched`;
 //! - `spawn`: spawn + run + exit of an empty goroutine, in batches of 1,000
 //!   (stacks reused); one op = one goroutine;
+//! - `spawn-alive`: the same with all N goroutines alive at once;
 //! - `handoff`: two goroutines pass a token with park / unpark; one op =
-//!   one one-way hand-off.
+//!   one one-way hand-off;
+//! - `parked`: N goroutines parked at once; the value is RSS bytes per
+//!   parked goroutine;
+//! - `work`: a CPU-bound job split over 64 goroutines; the value is the
+//!   job's seconds (compare PROCS = 1 and 2 for the speed-up).
 //!
-//! Under `valgrind --tool=callgrind`, run N and 2N: the instructions per op
-//! are (Ir(2N) - Ir(N)) / N, free of start-up costs.
+//! The last line is `result OP PROCS N VALUE UNIT`. Under
+//! `valgrind --tool=callgrind`, run N and 2N: the instructions per op are
+//! (Ir(2N) - Ir(N)) / N, free of start-up costs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use gokernel::Runtime;
+use gokernel::asm_amd64::{gogo, mcall};
+use gokernel::proc::{execute, gostartcallfn, malg, mstart, newgoid};
+use gokernel::runtime2::{G, M};
 
 fn gosched_pair(n: u64) {
     let hs: Vec<_> = (0..2)
@@ -77,9 +88,108 @@ fn handoff(n: u64) {
     peer.join().unwrap();
 }
 
+/// On g0: resume the caller at once.
+unsafe extern "C" fn back(gp: *mut G) {
+    // SAFETY: gp was just suspended by mcall on this M.
+    unsafe { gogo(&(*gp).sched) }
+}
+
+/// `n` bare `mcall` + `gogo` round trips on a G of a bare M (no scheduler).
+fn switch_round_trips(n: u64) {
+    let mut g = malg(64 * 1024).expect("malg");
+    g.goid = newgoid();
+    let gp: *mut G = &mut *g;
+    let body = Box::new(move || {
+        for _ in 0..n {
+            // SAFETY: on a user G; `back` resumes it at once.
+            unsafe { mcall(back) };
+        }
+    });
+    // SAFETY: a new G: not running, its stack unused.
+    unsafe { gostartcallfn(gp, body) };
+    let mut m = M::new(1);
+    // SAFETY: this thread runs no M; the G exits and so ends the M.
+    unsafe { mstart(&mut *m, || execute(gp, false)) };
+}
+
+/// `n` goroutines alive at once, then all run to the end.
+fn spawn_alive(n: u64) {
+    let main = gokernel::current();
+    let pending = Arc::new(AtomicU64::new(n));
+    for _ in 0..n {
+        let (pending, main) = (pending.clone(), main.clone());
+        gokernel::go(move || {
+            if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                main.unpark();
+            }
+        });
+    }
+    while pending.load(Ordering::Acquire) != 0 {
+        gokernel::park();
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// Parks `n` goroutines at once; returns RSS bytes per parked goroutine.
+fn parked(n: u64) -> f64 {
+    let before = rss_bytes();
+    let handles = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
+    let done = Arc::new(AtomicU64::new(0));
+    let main = gokernel::current();
+    for _ in 0..n {
+        let (handles, done, main) = (handles.clone(), done.clone(), main.clone());
+        gokernel::go(move || {
+            handles.lock().unwrap().push(gokernel::current());
+            gokernel::park();
+            if done.fetch_add(1, Ordering::AcqRel) + 1 == n {
+                main.unpark();
+            }
+        });
+    }
+    while (handles.lock().unwrap().len() as u64) < n {
+        gokernel::gosched();
+    }
+    let per_g = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    for g in handles.lock().unwrap().drain(..) {
+        g.unpark();
+    }
+    while done.load(Ordering::Acquire) < n {
+        gokernel::park();
+    }
+    per_g
+}
+
+/// A CPU-bound job of `n` steps split over 64 goroutines.
+fn work(n: u64) -> u64 {
+    let hs: Vec<_> = (0..64u64)
+        .map(|i| {
+            gokernel::spawn(move || {
+                let mut x = i;
+                for _ in 0..n / 64 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                }
+                x
+            })
+        })
+        .collect();
+    hs.into_iter().fold(0, |a, h| a ^ h.join().unwrap())
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: ops gosched|spawn|handoff N [PROCS]";
+    let usage = "usage: ops switch|gosched|spawn|spawn-alive|handoff|parked|work N [PROCS]";
     let op = args.next().expect(usage);
     let n: u64 = args
         .next()
@@ -89,18 +199,35 @@ fn main() {
     let procs: usize = args
         .next()
         .map_or(1, |p| p.parse().expect("PROCS must be a whole number"));
-    let f: fn(u64) = match op.as_str() {
-        "gosched" => gosched_pair,
-        "spawn" => spawn_batches,
-        "handoff" => handoff,
+    let t = Instant::now();
+    if op == "switch" {
+        switch_round_trips(n);
+        let ns = t.elapsed().as_secs_f64() * 1e9 / n as f64;
+        println!("result switch 1 {n} {ns:.2} ns/op");
+        return;
+    }
+    let rt = Runtime::builder()
+        .procs(procs)
+        .stack_size(gokernel::stack::STACK_MIN)
+        .build()
+        .unwrap();
+    let (value, unit) = match op.as_str() {
+        "gosched" | "spawn" | "spawn-alive" | "handoff" => {
+            let f: fn(u64) = match op.as_str() {
+                "gosched" => gosched_pair,
+                "spawn" => spawn_batches,
+                "spawn-alive" => spawn_alive,
+                _ => handoff,
+            };
+            rt.block_on(move || f(n)).unwrap();
+            (t.elapsed().as_secs_f64() * 1e9 / n as f64, "ns/op")
+        }
+        "parked" => (rt.block_on(move || parked(n)).unwrap(), "B/G"),
+        "work" => {
+            std::hint::black_box(rt.block_on(move || work(n)).unwrap());
+            (t.elapsed().as_secs_f64(), "s")
+        }
         _ => panic!("{usage}"),
     };
-    let rt = Runtime::builder().procs(procs).build().unwrap();
-    let t = Instant::now();
-    rt.block_on(move || f(n)).unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "{op}: {n} ops on {procs} P: {:.1} ns/op",
-        secs * 1e9 / n as f64
-    );
+    println!("result {op} {procs} {n} {value:.2} {unit}");
 }
