@@ -25,9 +25,12 @@
 //!    in release (fat LTO) for `x86_64-unknown-none` (or, falling back,
 //!    freestanding for the host triple), each build run as a Linux process
 //!    with the FS base set by `wrfsbase` and by `arch_prctl`
-//! 9. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
-//!    with and without the `std` feature
-//! 10. `cargo xtask offsets --check`, run in-process
+//! 9. instruction counts: the switch, gosched, spawn and hand-off paths
+//!    under callgrind must stay within 10 % of `bench/baseline.json` (see
+//!    [`bench`]); cannot flake, since counts do not depend on load
+//! 10. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
+//!     with and without the `std` feature
+//! 11. `cargo xtask offsets --check`, run in-process
 //!
 //! Each step is announced as `==> <name>`; each command it runs is echoed
 //! as `$ <command line>`, inherits the environment, streams its output and
@@ -47,7 +50,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use crate::image::{self, ImageTarget};
-use crate::{offsets, process};
+use crate::{bench, offsets, process};
 
 /// The bare-metal target the library is built for.
 const BARE_TARGET: &str = "x86_64-unknown-none";
@@ -217,6 +220,13 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
     .into_iter()
     .chain(image_steps(root, mode))
     .chain([
+        Step {
+            name: "instruction counts",
+            action: Action::InProcess {
+                command_line: "cargo xtask bench --instructions  # vs bench/baseline.json".into(),
+                check: Box::new(bench::check_baseline),
+            },
+        },
         Step::run("doc", doc),
         Step::run("doc (no std)", doc_bare),
         Step {

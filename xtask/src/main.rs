@@ -10,6 +10,8 @@
 //! - `test` ([`gate`]): the single gate CI runs (through `.ci/run`):
 //!   formatting, clippy on the host and on the bare target, bare builds,
 //!   host tests, docs and the offsets check, then a summary table.
+//! - `bench [--instructions] [--update-baseline]` ([`bench`]): the
+//!   benchmark suite, timed or in instruction counts.
 //! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
@@ -24,6 +26,7 @@
 //! Exit status: 0 on success, 1 when a command's checks fail, 2 on a usage
 //! error.
 
+mod bench;
 mod gate;
 mod image;
 mod offsets;
@@ -59,6 +62,12 @@ const COMMANDS: &[Command] = &[
         summary: "write docs/offsets.{md,inc,h} from gokernel::runtime2 \
                   (--check: fail if they are stale)",
         run: offsets::run,
+    },
+    Command {
+        name: "bench",
+        args: "[--instructions] [--update-baseline]",
+        summary: "the benchmark suite: a table and target/bench.json (--instructions: callgrind counts)",
+        run: bench::run,
     },
     Command {
         name: "image",
