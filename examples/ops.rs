@@ -46,23 +46,29 @@ fn gosched_pair(n: u64) {
 
 fn spawn_batches(n: u64) {
     const BATCH: u64 = 1000;
-    let main = gokernel::current();
     let mut left = n;
     while left > 0 {
         let k = left.min(BATCH);
         left -= k;
-        let pending = Arc::new(AtomicU64::new(k));
-        for _ in 0..k {
-            let (pending, main) = (pending.clone(), main.clone());
-            gokernel::go(move || {
-                if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    main.unpark();
-                }
-            });
-        }
-        while pending.load(Ordering::Acquire) != 0 {
-            gokernel::park();
-        }
+        spawn_and_wait(k);
+    }
+}
+
+/// Starts `k` empty goroutines, all alive at once, and parks until the
+/// last one has run.
+fn spawn_and_wait(k: u64) {
+    let main = gokernel::current();
+    let pending = Arc::new(AtomicU64::new(k));
+    for _ in 0..k {
+        let (pending, main) = (pending.clone(), main.clone());
+        gokernel::go(move || {
+            if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                main.unpark();
+            }
+        });
+    }
+    while pending.load(Ordering::Acquire) != 0 {
+        gokernel::park();
     }
 }
 
@@ -110,23 +116,6 @@ fn switch_round_trips(n: u64) {
     let mut m = M::new(1);
     // SAFETY: this thread runs no M; the G exits and so ends the M.
     unsafe { mstart(&mut *m, || execute(gp, false)) };
-}
-
-/// `n` goroutines alive at once, then all run to the end.
-fn spawn_alive(n: u64) {
-    let main = gokernel::current();
-    let pending = Arc::new(AtomicU64::new(n));
-    for _ in 0..n {
-        let (pending, main) = (pending.clone(), main.clone());
-        gokernel::go(move || {
-            if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                main.unpark();
-            }
-        });
-    }
-    while pending.load(Ordering::Acquire) != 0 {
-        gokernel::park();
-    }
 }
 
 fn rss_bytes() -> u64 {
@@ -216,7 +205,7 @@ fn main() {
             let f: fn(u64) = match op.as_str() {
                 "gosched" => gosched_pair,
                 "spawn" => spawn_batches,
-                "spawn-alive" => spawn_alive,
+                "spawn-alive" => spawn_and_wait,
                 _ => handoff,
             };
             rt.block_on(move || f(n)).unwrap();
