@@ -76,6 +76,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod asm_amd64;
+pub mod chan;
 pub mod lock_futex;
 pub mod panic;
 pub mod platform;
@@ -84,12 +85,16 @@ pub mod runq;
 #[cfg(feature = "std")]
 mod runtime;
 pub mod runtime2;
+pub mod select;
+pub mod sema;
 #[cfg(feature = "std")]
 mod signal_unix;
 pub mod stack;
 mod stubs;
+pub mod sync;
 pub mod tls;
 
+pub use chan::{Chan, CloseError, RecvError, SendError, TryRecvError, TrySendError, chan};
 #[cfg(feature = "std")]
 pub use runtime::{
     BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, SpawnError, current,

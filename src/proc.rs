@@ -96,6 +96,7 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         rt: core::ptr::null(),
         parker: None,
         allg_index: 0,
+        waiting: core::ptr::null(),
     }
 }
 
@@ -1563,8 +1564,16 @@ impl Drop for Sched {
             drop(unsafe { Box::from_raw(mp) });
         }
         for &gp in self.allgs.get_mut().iter() {
-            // SAFETY: made by Box::into_raw in newproc1; no M runs it.
-            drop(unsafe { Box::from_raw(gp) });
+            // SAFETY: made by Box::into_raw in newproc1; no M runs it. A G
+            // parked on a channel or sync object has sudogs on that
+            // object's queues, in its stack: unlink them first.
+            unsafe {
+                let w = (*gp).waiting;
+                if !w.is_null() && (*gp).readgstatus() == status::WAITING {
+                    crate::sema::abandon(w);
+                }
+                drop(Box::from_raw(gp));
+            }
         }
         for &pp in &self.allp {
             // SAFETY: made by Box::into_raw in Sched::new.

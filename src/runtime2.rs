@@ -173,6 +173,9 @@ pub struct G {
     pub(crate) parker: Option<alloc::sync::Arc<crate::proc::Parker>>,
     /// This G's index in `Sched::allgs` (scheduler Gs only).
     pub(crate) allg_index: usize,
+    /// While parked on a channel or sync object: its waiter, whose sudogs
+    /// a dropped runtime takes off their queues (Go's `g.waiting`).
+    pub(crate) waiting: *const crate::sema::Waiter,
 }
 
 impl G {

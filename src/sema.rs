@@ -1,0 +1,502 @@
+//! Waiting for an event: waiters, sudogs and wait queues (Go's `sudog`,
+//! `waitq` and the parking half of `sema.go`).
+//!
+//! Channels, `select`, [`Mutex`](crate::sync::Mutex),
+//! [`WaitGroup`](crate::sync::WaitGroup) and [`Once`](crate::sync::Once)
+//! all block the same way:
+//!
+//! 1. Under the lock of the object (a [`SpinLock`]), the blocking side
+//!    makes a [`Waiter`] and one [`Sudog`] per queue it waits on, and puts
+//!    the sudogs on the object's [`WaitQ`]s.
+//! 2. It calls [`Waiter::block`] with a function that releases the
+//!    lock(s). A goroutine parks with `gopark`, and the lock is released on
+//!    g0 *after* the goroutine's context is saved, so a waker that finds
+//!    the sudog can never `goready` a goroutine that is still running. A
+//!    plain thread releases the lock and then sleeps.
+//! 3. A waker takes a sudog off a queue under the same lock and *claims*
+//!    its waiter ([`WaitQ::dequeue`]): one compare-and-swap that only the
+//!    first waker wins. For a `select`, one waiter stands behind a sudog on
+//!    every channel of the select, and the claim is what makes exactly one
+//!    case fire (Go's `selectDone`). Sudogs whose waiter was claimed
+//!    through another queue are dropped from the queue on the way.
+//! 4. The winner records the outcome ([`Waiter::complete`]), moves the
+//!    value through the sudog's `elem` pointer, releases the lock and
+//!    wakes the waiter ([`Waiter::wake`]): `goready` for a goroutine,
+//!    `Thread::unpark` for a thread. It touches neither the sudog nor the
+//!    waiter after that: both live on the blocked side's stack, which may
+//!    be gone as soon as it runs.
+//!
+//! A waiter is woken exactly once, and only after it was claimed, so a
+//! wake-up is never lost and never spurious.
+//!
+//! Plain threads can block here too (with `std`: `std::thread::park`;
+//! without `std`, a thread that is not a goroutine spins, since the
+//! crate has no way to put an arbitrary thread to sleep).
+
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+use crate::proc::{gopark, goready};
+use crate::runtime2::G;
+use crate::tls::getg;
+
+/// A short lock for the runtime's own objects (Go's runtime `mutex`): it
+/// guards a channel's buffer and queues, or a sync object's queue, for a
+/// few dozen instructions at a time. Nobody blocks while holding it.
+///
+/// It spins; with `std`, a thread that spins long yields its CPU (the
+/// holder may be a thread the OS preempted).
+pub struct SpinLock {
+    locked: AtomicBool,
+}
+
+impl SpinLock {
+    /// An unlocked lock.
+    pub(crate) const fn new() -> Self {
+        SpinLock {
+            locked: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes the lock.
+    pub(crate) fn lock(&self) {
+        let mut spins = 0u32;
+        loop {
+            // Acquire: what the previous holder wrote is visible to us.
+            if !self.locked.swap(true, Ordering::Acquire) {
+                return;
+            }
+            while self.locked.load(Ordering::Relaxed) {
+                spins += 1;
+                if spins < 100 {
+                    core::hint::spin_loop();
+                } else {
+                    #[cfg(feature = "std")]
+                    std::thread::yield_now();
+                    #[cfg(not(feature = "std"))]
+                    core::hint::spin_loop();
+                }
+            }
+        }
+    }
+
+    /// Releases the lock.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the lock (possibly taken by the goroutine whose
+    /// `gopark` unlock function this is).
+    pub(crate) unsafe fn unlock(&self) {
+        // Release: our writes under the lock happen before the next holder.
+        self.locked.store(false, Ordering::Release);
+    }
+}
+
+/// The current goroutine if the caller is one that can park: a user G
+/// running on an M of a scheduler. Null on a plain thread, on g0, and on
+/// a bare M without a scheduler.
+pub(crate) fn current_user_g() -> *mut G {
+    let gp = getg();
+    if gp.is_null() {
+        return null_mut();
+    }
+    // SAFETY: a non-null current G has a live M (set by mstart / execute).
+    unsafe {
+        let mp = (*gp).m;
+        if mp.is_null() || (*mp).curg != gp || (*mp).rt.is_null() {
+            null_mut()
+        } else {
+            gp
+        }
+    }
+}
+
+/// One blocking operation: who is blocked (a goroutine or a thread), and
+/// how it ended. Lives on the blocked side's stack.
+pub struct Waiter {
+    /// Set by the one waker that wins the claim (Go's `selectDone`).
+    claimed: AtomicBool,
+    /// Which case completed (a `select`'s case index; 0 otherwise).
+    fired: AtomicUsize,
+    /// Whether the operation completed (a value moved, a lock handed
+    /// over) rather than failed (the channel was closed).
+    success: AtomicBool,
+    /// The goroutine, or null for a thread.
+    g: *mut G,
+    /// A thread's wake-up flag (0 asleep, 1 woken).
+    woken: AtomicU32,
+    /// The thread to unpark.
+    #[cfg(feature = "std")]
+    thread: Option<std::thread::Thread>,
+    /// The sudogs queued for this waiter, linked by `waitlink` (so that a
+    /// runtime dropped while its goroutine waits can take them off their
+    /// queues: [`abandon`]).
+    sudogs: core::cell::Cell<*mut Sudog>,
+}
+
+impl Waiter {
+    /// A waiter for the calling goroutine or thread.
+    pub(crate) fn new() -> Self {
+        let g = current_user_g();
+        Waiter {
+            claimed: AtomicBool::new(false),
+            fired: AtomicUsize::new(0),
+            success: AtomicBool::new(false),
+            g,
+            woken: AtomicU32::new(0),
+            #[cfg(feature = "std")]
+            thread: g.is_null().then(std::thread::current),
+            sudogs: core::cell::Cell::new(null_mut()),
+        }
+    }
+
+    /// Claims the waiter: true for the first caller only.
+    fn claim(&self) -> bool {
+        // Relaxed is enough: claims are made under the lock of the queue
+        // the sudog is on, and the outcome reaches the waiter through the
+        // wake-up (which orders everything before it).
+        self.claimed
+            .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Records the outcome, by the waker that claimed it.
+    pub(crate) fn complete(&self, case: usize, success: bool) {
+        // Relaxed: published by the wake-up that follows.
+        self.fired.store(case, Ordering::Relaxed);
+        self.success.store(success, Ordering::Relaxed);
+    }
+
+    /// Which case fired (after [`block`](Self::block) returned).
+    pub(crate) fn fired(&self) -> usize {
+        self.fired.load(Ordering::Relaxed)
+    }
+
+    /// Whether the operation succeeded (after [`block`](Self::block)).
+    pub(crate) fn success(&self) -> bool {
+        self.success.load(Ordering::Relaxed)
+    }
+
+    /// Blocks until a waker claims this waiter and wakes it. `unlock`
+    /// releases the locks of the queues the waiter's sudogs are on: for a
+    /// goroutine it runs on g0 once the goroutine is parked, for a thread
+    /// before it sleeps.
+    pub(crate) fn block<F: FnOnce()>(&self, unlock: F) {
+        if !self.g.is_null() {
+            // SAFETY: self.g is the running G; only it and (after every M
+            // stopped) its scheduler's destructor read `waiting`.
+            unsafe { (*self.g).waiting = self };
+            let mut f = Some(unlock);
+            // SAFETY: self.g is the running user G (checked in `new`, and a
+            // waiter is used by the code that made it); run_unlock calls the
+            // closure, which lives in this frame until we resume, and
+            // returns true, so the G stays parked until `wake` readies it.
+            unsafe { gopark(run_unlock::<F>, (&mut f as *mut Option<F>).cast()) };
+            // SAFETY: as above; we run again, so nobody else reads it.
+            unsafe { (*self.g).waiting = core::ptr::null() };
+            return;
+        }
+        unlock();
+        // Acquire: pairs with the release in `wake`, so the outcome and
+        // any value moved to us are visible.
+        while self.woken.load(Ordering::Acquire) == 0 {
+            #[cfg(feature = "std")]
+            std::thread::park();
+            #[cfg(not(feature = "std"))]
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Gets ready to wake a claimed waiter, under the lock of the queue
+    /// it was taken from; [`Wakeup::wake`] it after releasing the lock.
+    /// `None` for a goroutine whose runtime is stopping or being dropped:
+    /// it will not run again.
+    ///
+    /// For a goroutine this holds its scheduler, which so cannot go away
+    /// before the wake-up is done.
+    ///
+    /// # Safety
+    ///
+    /// `w` was claimed by the caller (through [`WaitQ::dequeue`]) and is
+    /// blocked in [`block`](Self::block), and the caller holds the lock of
+    /// the queue it was on. `w` must not be used after the lock is
+    /// released.
+    unsafe fn wakeup(w: *const Waiter) -> Option<Wakeup> {
+        // SAFETY: the contract: w is blocked, so alive; its G is alive
+        // while its sudog is queued (a dropped runtime unlinks the sudogs
+        // of its goroutines under this lock before freeing them), and so
+        // is the G's scheduler, whose `self_weak` tells whether it is
+        // still usable.
+        unsafe {
+            let g = (*w).g;
+            if !g.is_null() {
+                let rt = (*(*g).rt).self_weak.upgrade()?;
+                if rt.stopping.load(Ordering::SeqCst) {
+                    return None;
+                }
+                return Some(Wakeup::G(g, rt));
+            }
+            #[cfg(feature = "std")]
+            if let Some(t) = (*w).thread.clone() {
+                return Some(Wakeup::Thread(&(*w).woken, t));
+            }
+            Some(Wakeup::Spinner(&(*w).woken))
+        }
+    }
+}
+
+/// A wake-up taken under a queue's lock by [`Waiter::wakeup`], done after
+/// the lock is released.
+pub enum Wakeup {
+    /// A parked goroutine and its scheduler, held.
+    G(*mut G, alloc::sync::Arc<crate::runtime2::Sched>),
+    /// A thread blocked on its flag.
+    #[cfg(feature = "std")]
+    Thread(*const AtomicU32, std::thread::Thread),
+    /// A thread that spins on its flag.
+    #[cfg_attr(feature = "std", allow(dead_code))]
+    Spinner(*const AtomicU32),
+}
+
+impl Wakeup {
+    /// Wakes the waiter. The waiter may return (and its memory go away)
+    /// as soon as this starts, so nothing of it is touched after the
+    /// one store or `goready` that wakes it.
+    pub(crate) fn wake(self) {
+        match self {
+            Wakeup::G(g, rt) => {
+                // SAFETY: g parked in `Waiter::block` and its unlock
+                // function ran (its sudog was found after the lock was
+                // released), the claim made us its one waker, and `rt`
+                // keeps its scheduler (and so g) alive.
+                unsafe { goready(g) };
+                drop(rt);
+            }
+            #[cfg(feature = "std")]
+            Wakeup::Thread(flag, t) => {
+                // SAFETY: the thread is blocked until this store, so the
+                // flag is alive for it. Release: pairs with the acquire
+                // in `block`, publishing the outcome and the value.
+                unsafe { (*flag).store(1, Ordering::Release) };
+                t.unpark();
+            }
+            // SAFETY: as above.
+            Wakeup::Spinner(flag) => unsafe { (*flag).store(1, Ordering::Release) },
+        }
+    }
+}
+
+/// `gopark`'s unlock function for [`Waiter::block`].
+///
+/// # Safety
+///
+/// `arg` points at a live `Option<F>`.
+unsafe fn run_unlock<F: FnOnce()>(_gp: *mut G, arg: *mut ()) -> bool {
+    // SAFETY: the contract; the closure is taken once.
+    if let Some(f) = unsafe { (*arg.cast::<Option<F>>()).take() } {
+        f();
+    }
+    true
+}
+
+/// A waiter's place on one wait queue (Go's `sudog`). Lives on the blocked
+/// side's stack; it must not move while queued.
+pub struct Sudog {
+    /// The blocked operation (shared by all sudogs of one `select`).
+    pub(crate) waiter: *const Waiter,
+    /// The value's slot, an `Option<T>` of the queue's element type: a
+    /// sender's value to take, or a receiver's slot to fill.
+    pub(crate) elem: *mut (),
+    /// The `select` case this sudog stands for.
+    pub(crate) case: usize,
+    next: *mut Sudog,
+    prev: *mut Sudog,
+    /// On a queue now.
+    queued: bool,
+    /// The queue it was put on, and that queue's lock.
+    q: *mut WaitQ,
+    qlock: *const SpinLock,
+    /// The waiter's next sudog (`Waiter::sudogs`).
+    waitlink: *mut Sudog,
+}
+
+impl Sudog {
+    /// A sudog for `waiter`, not queued.
+    pub(crate) fn new(waiter: &Waiter, elem: *mut (), case: usize) -> Self {
+        Sudog {
+            waiter,
+            elem,
+            case,
+            next: null_mut(),
+            prev: null_mut(),
+            queued: false,
+            q: null_mut(),
+            qlock: core::ptr::null(),
+            waitlink: null_mut(),
+        }
+    }
+}
+
+/// A FIFO of sudogs, linked through them (Go's `waitq`). Guarded by the
+/// lock of the object it belongs to.
+pub struct WaitQ {
+    first: *mut Sudog,
+    last: *mut Sudog,
+}
+
+impl WaitQ {
+    /// An empty queue.
+    pub(crate) const fn new() -> Self {
+        WaitQ {
+            first: null_mut(),
+            last: null_mut(),
+        }
+    }
+
+    /// True if no sudog is queued (some may be stale `select` ones).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_null()
+    }
+
+    /// Records that `sg` is going on this queue, guarded by `lock`.
+    ///
+    /// # Safety
+    ///
+    /// By the owner of `sg`'s waiter, under `lock`.
+    unsafe fn attach(&mut self, sg: *mut Sudog, lock: &SpinLock) {
+        // SAFETY: the contract: the waiter is ours and not yet blocked.
+        unsafe {
+            (*sg).q = self;
+            (*sg).qlock = lock;
+            let w = &*(*sg).waiter;
+            (*sg).waitlink = w.sudogs.get();
+            w.sudogs.set(sg);
+        }
+    }
+
+    /// Appends `sg`.
+    ///
+    /// # Safety
+    ///
+    /// Under the queue's lock, `lock`, by the owner of `sg`'s waiter; `sg`
+    /// is live, not queued, and stays put until it is dequeued or removed.
+    pub(crate) unsafe fn enqueue(&mut self, sg: *mut Sudog, lock: &SpinLock) {
+        // SAFETY: the contract; queued sudogs are live.
+        unsafe {
+            self.attach(sg, lock);
+            (*sg).next = null_mut();
+            (*sg).prev = self.last;
+            (*sg).queued = true;
+            if self.last.is_null() {
+                self.first = sg;
+            } else {
+                (*self.last).next = sg;
+            }
+        }
+        self.last = sg;
+    }
+
+    /// Puts `sg` first (a waiter that lost a race keeps its place).
+    ///
+    /// # Safety
+    ///
+    /// As [`enqueue`](Self::enqueue).
+    pub(crate) unsafe fn push_front(&mut self, sg: *mut Sudog, lock: &SpinLock) {
+        // SAFETY: the contract; queued sudogs are live.
+        unsafe {
+            self.attach(sg, lock);
+            (*sg).prev = null_mut();
+            (*sg).next = self.first;
+            (*sg).queued = true;
+            if self.first.is_null() {
+                self.last = sg;
+            } else {
+                (*self.first).prev = sg;
+            }
+        }
+        self.first = sg;
+    }
+
+    /// Takes the first sudog whose waiter this call claims, with what it
+    /// takes to wake it; `None` if none is left.
+    ///
+    /// Skipped and dropped from the queue on the way: sudogs whose waiter
+    /// was claimed elsewhere (a `select` that fired on another channel),
+    /// and goroutines of a runtime that is stopping or gone (they will
+    /// never run again; a value handed to them would be lost).
+    ///
+    /// # Safety
+    ///
+    /// Under the queue's lock.
+    pub(crate) unsafe fn dequeue(&mut self) -> Option<(*mut Sudog, Wakeup)> {
+        loop {
+            let sg = self.first;
+            if sg.is_null() {
+                return None;
+            }
+            // SAFETY: queued sudogs and their waiters are live: their owner
+            // is blocked until claimed, and takes the lock to leave.
+            unsafe {
+                self.remove(sg);
+                let w = (*sg).waiter;
+                if (*w).claim()
+                    && let Some(wakeup) = Waiter::wakeup(w)
+                {
+                    return Some((sg, wakeup));
+                }
+            }
+        }
+    }
+
+    /// Takes `sg` off the queue if it is still on it.
+    ///
+    /// # Safety
+    ///
+    /// Under the queue's lock; `sg` is live and, if queued, on this queue.
+    pub(crate) unsafe fn remove(&mut self, sg: *mut Sudog) {
+        // SAFETY: the contract; neighbours on the queue are live.
+        unsafe {
+            if !(*sg).queued {
+                return;
+            }
+            let (prev, next) = ((*sg).prev, (*sg).next);
+            if prev.is_null() {
+                self.first = next;
+            } else {
+                (*prev).next = next;
+            }
+            if next.is_null() {
+                self.last = prev;
+            } else {
+                (*next).prev = prev;
+            }
+            (*sg).next = null_mut();
+            (*sg).prev = null_mut();
+            (*sg).queued = false;
+        }
+    }
+}
+
+/// Takes the sudogs of a goroutine's waiter off their queues, for good:
+/// its runtime is being dropped and its stack (where they live) freed.
+/// Whatever the goroutine waited on stays usable by others.
+///
+/// # Safety
+///
+/// `w` is the waiter of a goroutine parked in [`Waiter::block`] whose
+/// scheduler has no running M and is being dropped.
+pub(crate) unsafe fn abandon(w: *const Waiter) {
+    // SAFETY: the contract: the G is parked forever, so its waiter and
+    // sudogs are intact; the objects they are queued on are alive, since
+    // the G's own frames (never unwound) hold references to them.
+    unsafe {
+        let mut sg = (*w).sudogs.get();
+        while !sg.is_null() {
+            let lock = &*(*sg).qlock;
+            lock.lock();
+            (*(*sg).q).remove(sg);
+            lock.unlock();
+            sg = (*sg).waitlink;
+        }
+    }
+}
