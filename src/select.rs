@@ -97,7 +97,7 @@ pub unsafe trait SelectCase {
 }
 
 /// A receive case: `recv(ch) -> v`. Made by [`RecvCase::new`], added to a
-/// [`Select`] with [`Select::add`]; after the select, if it fired,
+/// [`Select`] with [`Select::case`]; after the select, if it fired,
 /// [`finish`](Self::finish) gives the value.
 pub struct RecvCase<'c, T: Send> {
     ch: &'c Chan<T>,
@@ -119,7 +119,7 @@ impl<'c, T: Send> RecvCase<'c, T> {
         }
     }
 
-    /// The case's index in its select (the order of [`Select::add`]).
+    /// The case's index in its select (the order of [`Select::case`]).
     pub fn index(&self) -> usize {
         self.index
     }
@@ -147,10 +147,16 @@ unsafe impl<T: Send> SelectCase for RecvCase<'_, T> {
     fn lock(&self) {
         self.ch.hchan().lock();
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::unlock`].
     unsafe fn unlock(&self) {
         // SAFETY: the contract: the caller holds the lock.
         unsafe { self.ch.hchan().unlock() };
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::poll_locked`].
     unsafe fn poll_locked(&mut self) -> Option<Option<Wakeup>> {
         // SAFETY: the contract: under the lock.
         match unsafe { self.ch.hchan().recv_locked() } {
@@ -165,6 +171,9 @@ unsafe impl<T: Send> SelectCase for RecvCase<'_, T> {
             RecvStep::Empty => None,
         }
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::enqueue_locked`].
     unsafe fn enqueue_locked(&mut self, waiter: &Waiter, index: usize) {
         let elem = (&mut self.slot as *mut Option<T>).cast();
         let sg = self.sudog.insert(Sudog::new(waiter, elem, index));
@@ -172,6 +181,9 @@ unsafe impl<T: Send> SelectCase for RecvCase<'_, T> {
         // stays put.
         unsafe { self.ch.hchan().enqueue_recv(sg) };
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::dequeue_locked`].
     unsafe fn dequeue_locked(&mut self) {
         if let Some(sg) = &mut self.sudog {
             // SAFETY: the contract: under the lock.
@@ -187,7 +199,7 @@ unsafe impl<T: Send> SelectCase for RecvCase<'_, T> {
 }
 
 /// A send case: `send(ch, value) -> res`. Made by [`SendCase::new`],
-/// added to a [`Select`] with [`Select::add`]; after the select, if it
+/// added to a [`Select`] with [`Select::case`]; after the select, if it
 /// fired, [`finish`](Self::finish) says whether the value went out. A
 /// send case that did not fire keeps its value
 /// ([`into_value`](Self::into_value)).
@@ -211,7 +223,7 @@ impl<'c, T: Send> SendCase<'c, T> {
         }
     }
 
-    /// The case's index in its select (the order of [`Select::add`]).
+    /// The case's index in its select (the order of [`Select::case`]).
     pub fn index(&self) -> usize {
         self.index
     }
@@ -244,10 +256,16 @@ unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
     fn lock(&self) {
         self.ch.hchan().lock();
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::unlock`].
     unsafe fn unlock(&self) {
         // SAFETY: the contract: the caller holds the lock.
         unsafe { self.ch.hchan().unlock() };
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::poll_locked`].
     unsafe fn poll_locked(&mut self) -> Option<Option<Wakeup>> {
         let v = self
             .slot
@@ -267,12 +285,18 @@ unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
             }
         }
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::enqueue_locked`].
     unsafe fn enqueue_locked(&mut self, waiter: &Waiter, index: usize) {
         let elem = (&mut self.slot as *mut Option<T>).cast();
         let sg = self.sudog.insert(Sudog::new(waiter, elem, index));
         // SAFETY: the contract: under the lock, and `self` stays put.
         unsafe { self.ch.hchan().enqueue_send(sg) };
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::dequeue_locked`].
     unsafe fn dequeue_locked(&mut self) {
         if let Some(sg) = &mut self.sudog {
             // SAFETY: the contract: under the lock.
@@ -287,7 +311,7 @@ unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
     }
 }
 
-/// A select over cases added with [`add`](Self::add), run with
+/// A select over cases added with [`case`](Self::case), run with
 /// [`wait`](Self::wait) or [`try_wait`](Self::try_wait).
 ///
 /// ```
@@ -299,7 +323,7 @@ unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
 /// let mut cases: Vec<_> = chans.iter().map(RecvCase::new).collect();
 /// let mut sel = Select::new();
 /// for c in &mut cases {
-///     sel = sel.add(c);
+///     sel = sel.case(c);
 /// }
 /// let fired = sel.wait();
 /// assert_eq!(fired, 2);
@@ -319,7 +343,7 @@ impl<'a> Select<'a> {
     }
 
     /// Adds a case; its index is the number of cases added before it.
-    pub fn add(mut self, case: &'a mut dyn SelectCase) -> Self {
+    pub fn case(mut self, case: &'a mut dyn SelectCase) -> Self {
         case.set_index(self.cases.len());
         self.cases.push(case);
         self
@@ -543,7 +567,7 @@ macro_rules! __select_emit {
     ([$([$kind:ident $case:ident $ch:tt $v:tt $p:tt $body:tt])*] ($($default:tt)?)) => {{
         $( let mut $case = $crate::__select_case!($kind $ch $v); )*
         let __select = $crate::select::Select::new();
-        $( let __select = __select.add(&mut $case); )*
+        $( let __select = __select.case(&mut $case); )*
         let __fired: ::core::option::Option<usize> = $crate::__select_wait!(__select $($default)?);
         $(
             if __fired == ::core::option::Option::Some($case.index()) {

@@ -565,3 +565,11 @@ impl core::fmt::Debug for Once {
             .finish()
     }
 }
+
+// A panic cannot leave these half-changed: their state changes under
+// their lock in steps that do not panic (a negative WaitGroup count is
+// refused before it is stored; a panicking `Once` function still marks it
+// done). A `Mutex` is not marked: without poisoning, data left half
+// changed by a panic would be seen by the next holder.
+impl core::panic::RefUnwindSafe for WaitGroup {}
+impl core::panic::RefUnwindSafe for Once {}
