@@ -308,6 +308,7 @@ fn a_channel_outlives_a_runtime_whose_goroutines_wait_on_it() {
             std::thread::yield_now();
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(r.num_goroutine(), 3, "three receivers should be waiting");
     }
     // No receiver is left: the send cannot go through, and nothing
     // crashes (run under `cargo xtask valgrind` to see the memory).
