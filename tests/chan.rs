@@ -304,11 +304,12 @@ fn a_channel_outlives_a_runtime_whose_goroutines_wait_on_it() {
             started2.fetch_add(1, Ordering::SeqCst);
             c2.send(vec![1; 100])
         });
-        while started.load(Ordering::SeqCst) < 5 {
+        // One receiver gets the value; three are left waiting.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while started.load(Ordering::SeqCst) < 5 || r.num_goroutine() != 3 {
+            assert!(std::time::Instant::now() < deadline, "the goroutines did not settle");
             std::thread::yield_now();
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(r.num_goroutine(), 3, "three receivers should be waiting");
     }
     // No receiver is left: the send cannot go through, and nothing
     // crashes (run under `cargo xtask valgrind` to see the memory).
