@@ -212,6 +212,65 @@ fn parallel_and_stolen(sched: &'static Sched) -> Option<bool> {
 }
 
 /// The PT_TLS program header, read through AT_PHDR / AT_PHNUM.
+/// Channels, select and the sync types on 2 Ms: 4 producers send 10,000
+/// numbers each over an unbuffered channel to 4 consumers that add them up
+/// under a `Mutex`; a `WaitGroup` tells when they are done; a select
+/// drains two buffered channels. Returns (sum, expected, selected).
+fn chan_select_sync(sched: &'static Sched) -> Option<(u64, u64, usize)> {
+    use gokernel::sync::{Mutex, WaitGroup};
+    const PER: u64 = 10_000;
+    run_g(sched, 30, move || {
+        let c = gokernel::chan::<u64>(0);
+        let total = Arc::new(Mutex::new(0u64));
+        let wg = Arc::new(WaitGroup::new());
+        for _ in 0..4 {
+            wg.add(1);
+            let (c, total, wg) = (c.clone(), total.clone(), wg.clone());
+            sched
+                .go(Box::new(move || {
+                    for _ in 0..PER {
+                        let v = c.recv().expect("the channel closed early");
+                        *total.lock() += v;
+                    }
+                    wg.done();
+                }))
+                .expect("spawn a consumer");
+        }
+        for p in 0..4 {
+            let c = c.clone();
+            sched
+                .go(Box::new(move || {
+                    for i in 0..PER {
+                        c.send(p * PER + i).expect("the channel closed");
+                    }
+                }))
+                .expect("spawn a producer");
+        }
+        wg.wait();
+        let n = 4 * PER;
+        let expected = n * (n - 1) / 2;
+        let (a, b) = (gokernel::chan::<u8>(8), gokernel::chan::<u8>(8));
+        for _ in 0..8 {
+            a.send(1).unwrap();
+            b.send(2).unwrap();
+        }
+        let mut selected = 0;
+        loop {
+            let got = gokernel::select! {
+                recv(a) -> v => v.is_ok(),
+                recv(b) -> v => v.is_ok(),
+                default => false,
+            };
+            if !got {
+                break;
+            }
+            selected += 1;
+        }
+        let sum = *total.lock();
+        (sum, expected, selected)
+    })
+}
+
 fn pt_tls(boot: &Boot) -> Option<(usize, usize, usize, usize)> {
     const PT_TLS: u32 = 7;
     const PHDR_SIZE: usize = 56;
@@ -297,6 +356,15 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
         "parallel-and-stolen",
         par == Some(true) && stolen > 0,
         format_args!("two goroutines ran at once: {par:?}; Gs stolen between Ps: {stolen}"),
+    );
+
+    let css = chan_select_sync(sched);
+    r.check(
+        "chan-select-sync",
+        css.is_some_and(|(sum, expected, selected)| sum == expected && selected == 16),
+        format_args!(
+            "(sum, expected, values drained by select) = {css:?}, over an unbuffered channel, a Mutex and a WaitGroup"
+        ),
     );
 
     let n = NRECORDS.load(Ordering::Acquire).min(M_RECORDS.len());
