@@ -13,6 +13,8 @@
 //! - `spawn-alive`: the same with all N goroutines alive at once;
 //! - `handoff`: two goroutines pass a token with park / unpark; one op =
 //!   one one-way hand-off;
+//! - `handoff-chan`: the same over two unbuffered channels (ping, pong);
+//!   one op = one one-way hand-off (a send and the receive it meets);
 //! - `parked`: N goroutines parked at once; the value is RSS bytes per
 //!   parked goroutine;
 //! - `work`: a CPU-bound job split over 64 goroutines; the value is the
@@ -92,6 +94,24 @@ fn handoff(n: u64) {
         gokernel::park();
     }
     peer.join().unwrap();
+}
+
+fn handoff_chan(n: u64) {
+    let (ping, pong) = (gokernel::chan::<u64>(0), gokernel::chan::<u64>(0));
+    let (pi, po) = (ping.clone(), pong.clone());
+    let peer = gokernel::spawn(move || {
+        for v in &pi {
+            po.send(v + 1).unwrap();
+        }
+    });
+    let mut v = 0;
+    for _ in 0..n / 2 {
+        ping.send(v).unwrap();
+        v = pong.recv().unwrap();
+    }
+    ping.close().unwrap();
+    peer.join().unwrap();
+    assert_eq!(v, n / 2);
 }
 
 /// On g0: resume the caller at once.
@@ -178,7 +198,8 @@ fn work(n: u64) -> u64 {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: ops switch|gosched|spawn|spawn-alive|handoff|parked|work N [PROCS]";
+    let usage =
+        "usage: ops switch|gosched|spawn|spawn-alive|handoff|handoff-chan|parked|work N [PROCS]";
     let op = args.next().expect(usage);
     let n: u64 = args
         .next()
@@ -201,12 +222,13 @@ fn main() {
         .build()
         .unwrap();
     let (value, unit) = match op.as_str() {
-        "gosched" | "spawn" | "spawn-alive" | "handoff" => {
+        "gosched" | "spawn" | "spawn-alive" | "handoff" | "handoff-chan" => {
             let f: fn(u64) = match op.as_str() {
                 "gosched" => gosched_pair,
                 "spawn" => spawn_batches,
                 "spawn-alive" => spawn_and_wait,
-                _ => handoff,
+                "handoff" => handoff,
+                _ => handoff_chan,
             };
             rt.block_on(move || f(n)).unwrap();
             (t.elapsed().as_secs_f64() * 1e9 / n as f64, "ns/op")

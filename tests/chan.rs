@@ -307,7 +307,10 @@ fn a_channel_outlives_a_runtime_whose_goroutines_wait_on_it() {
         // One receiver gets the value; three are left waiting.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while started.load(Ordering::SeqCst) < 5 || r.num_goroutine() != 3 {
-            assert!(std::time::Instant::now() < deadline, "the goroutines did not settle");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the goroutines did not settle"
+            );
             std::thread::yield_now();
         }
     }

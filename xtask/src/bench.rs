@@ -35,6 +35,8 @@ const TIMED: &[(&str, usize, u64)] = &[
     ("spawn-alive", 2, 100_000),
     ("handoff", 1, 1_000_000),
     ("handoff", 2, 1_000_000),
+    ("handoff-chan", 1, 1_000_000),
+    ("handoff-chan", 2, 1_000_000),
     ("parked", 1, 100_000),
     ("work", 1, 4_000_000_000),
     ("work", 2, 4_000_000_000),
@@ -46,6 +48,7 @@ pub const COUNTED: &[(&str, u64)] = &[
     ("gosched", 50_000),
     ("spawn", 50_000),
     ("handoff", 50_000),
+    ("handoff-chan", 50_000),
 ];
 
 /// The baseline `cargo xtask test` compares instruction counts against.
