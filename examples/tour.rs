@@ -1,5 +1,6 @@
-//! A tour of the scheduler: spawn, yield, park and unpark, and work stealing
-//! across Ms, then a per-P summary.
+//! A tour of the scheduler: spawn, yield, park and unpark, work stealing
+//! across Ms, channels with select, Mutex and WaitGroup, then a per-P
+//! summary.
 //!
 //! ```text
 //! cargo run --release --example tour -- [PROCS]
@@ -9,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use gokernel::Runtime;
+use gokernel::sync::{Mutex, WaitGroup};
+use gokernel::{Runtime, chan, select};
 
 fn main() {
     let procs = std::env::args()
@@ -114,6 +116,74 @@ fn main() {
         .unwrap();
     println!(
         "work: 64 CPU-bound goroutines (checksum {total:x}) in {:?}",
+        t.elapsed()
+    );
+
+    // 5. Channels and select: a pipeline. Generators send numbers on two
+    //    unbuffered channels; a merger selects over both (and a quit
+    //    channel) and passes squares on through a buffered one; workers
+    //    sum them under a Mutex; a WaitGroup says when all are done.
+    let t = Instant::now();
+    let (total, merged) = rt
+        .block_on(|| {
+            let (evens, odds, quit) = (chan::<u64>(0), chan::<u64>(0), chan::<()>(0));
+            let squares = chan::<u64>(64);
+            for (ch, first) in [(evens.clone(), 0u64), (odds.clone(), 1)] {
+                gokernel::go(move || {
+                    for i in (first..20_000).step_by(2) {
+                        ch.send(i).unwrap();
+                    }
+                    ch.close().unwrap();
+                });
+            }
+            let merger = {
+                let (evens, odds, quit, squares) =
+                    (evens.clone(), odds.clone(), quit.clone(), squares.clone());
+                gokernel::spawn(move || {
+                    let mut merged = 0u64;
+                    // Until one generator is done (a closed channel stays
+                    // ready, so from then on only the other is read).
+                    let rest = loop {
+                        let (v, other) = select! {
+                            recv(evens) -> v => (v, &odds),
+                            recv(odds) -> v => (v, &evens),
+                            recv(quit) -> _stop => return merged,
+                        };
+                        match v {
+                            Ok(v) => squares.send(v * v).unwrap(),
+                            Err(_closed) => break other,
+                        }
+                        merged += 1;
+                    };
+                    for v in rest {
+                        squares.send(v * v).unwrap();
+                        merged += 1;
+                    }
+                    squares.close().unwrap();
+                    merged
+                })
+            };
+            let total = Arc::new(Mutex::new(0u64));
+            let wg = Arc::new(WaitGroup::new());
+            for _ in 0..4 {
+                wg.add(1);
+                let (squares, total, wg) = (squares.clone(), total.clone(), wg.clone());
+                gokernel::go(move || {
+                    for sq in &squares {
+                        *total.lock() += sq;
+                    }
+                    wg.done();
+                });
+            }
+            wg.wait();
+            drop(quit);
+            let merged = merger.join().unwrap();
+            let total = *total.lock();
+            (total, merged)
+        })
+        .unwrap();
+    println!(
+        "channels: {merged} numbers merged by select, sum of squares {total} in {:?}",
         t.elapsed()
     );
 
