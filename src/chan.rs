@@ -41,7 +41,7 @@
 //! thread (not a goroutine) blocks its thread, so channels connect
 //! goroutines with the rest of a program. (A goroutine that waits for a
 //! plain thread should not be the main goroutine of
-//! [`Runtime::block_on`](crate::Runtime::block_on), which reports a
+//! `Runtime::block_on`, which reports a
 //! deadlock when every goroutine waits; run it with `spawn` and `join`.)
 
 use alloc::collections::VecDeque;

@@ -29,6 +29,10 @@
 //! - [`stack`]: goroutine stacks: guard pages within a mapping budget,
 //!   arena stacks with soft guards beyond it.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
+//! - [`chan`](mod@chan) (channels), [`select`](mod@select) (`select!`),
+//!   [`sync`] (`Mutex`, `WaitGroup`, `Once`): Go's toolkit, built on
+//!   [`sema`] (sudogs and wait queues over `gopark` / `goready`); with or
+//!   without `std`, from goroutines and from plain threads.
 //! - Hosted (`std`): `Runtime`, `go`, `spawn`, `JoinHandle`,
 //!   `park`, `current` — the API most programs use.
 //!

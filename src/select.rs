@@ -1,6 +1,6 @@
 //! `select` over channel operations (Go's `select.go`: `selectgo`).
 //!
-//! The [`select!`](crate::select!) macro is Go's `select` statement:
+//! The [`select!`](macro@crate::select) macro is Go's `select` statement:
 //!
 //! ```
 //! use gokernel::{chan, select};
@@ -472,7 +472,7 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
 }
 
 /// Waits on several channel operations at once and runs the one that
-/// proceeds (Go's `select` statement); see the [`select`](crate::select)
+/// proceeds (Go's `select` statement); see the [`select`](mod@crate::select)
 /// module for the syntax.
 ///
 /// ```

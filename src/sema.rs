@@ -8,20 +8,20 @@
 //! 1. Under the lock of the object (a [`SpinLock`]), the blocking side
 //!    makes a [`Waiter`] and one [`Sudog`] per queue it waits on, and puts
 //!    the sudogs on the object's [`WaitQ`]s.
-//! 2. It calls [`Waiter::block`] with a function that releases the
+//! 2. It calls `Waiter::block` with a function that releases the
 //!    lock(s). A goroutine parks with `gopark`, and the lock is released on
 //!    g0 *after* the goroutine's context is saved, so a waker that finds
 //!    the sudog can never `goready` a goroutine that is still running. A
 //!    plain thread releases the lock and then sleeps.
 //! 3. A waker takes a sudog off a queue under the same lock and *claims*
-//!    its waiter ([`WaitQ::dequeue`]): one compare-and-swap that only the
+//!    its waiter (`WaitQ::dequeue`): one compare-and-swap that only the
 //!    first waker wins. For a `select`, one waiter stands behind a sudog on
 //!    every channel of the select, and the claim is what makes exactly one
 //!    case fire (Go's `selectDone`). Sudogs whose waiter was claimed
 //!    through another queue are dropped from the queue on the way.
-//! 4. The winner records the outcome ([`Waiter::complete`]), moves the
+//! 4. The winner records the outcome (`Waiter::complete`), moves the
 //!    value through the sudog's `elem` pointer, releases the lock and
-//!    wakes the waiter ([`Waiter::wake`]): `goready` for a goroutine,
+//!    wakes the waiter (`Waiter::wake`): `goready` for a goroutine,
 //!    `Thread::unpark` for a thread. It touches neither the sudog nor the
 //!    waiter after that: both live on the blocked side's stack, which may
 //!    be gone as soon as it runs.
@@ -245,7 +245,7 @@ impl Waiter {
     }
 }
 
-/// A wake-up taken under a queue's lock by [`Waiter::wakeup`], done after
+/// A wake-up taken under a queue's lock by `Waiter::wakeup`, done after
 /// the lock is released.
 pub enum Wakeup {
     /// A parked goroutine and its scheduler, held.
