@@ -65,7 +65,7 @@ use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
-    FuncVal, G, GQueue, Gobuf, M, P, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, status,
+    FuncVal, G, GQueue, Gobuf, M, P, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn, status,
 };
 use crate::stack::{StackError, stackalloc};
 use crate::stubs::OnceFrame;
@@ -90,7 +90,7 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         goid: 0,
         atomicstatus: AtomicU32::new(status::IDLE),
         startfv: FuncVal { fn_: gentry },
-        startfn: None,
+        startfn: StartFn::empty(),
         stackmem,
         schedlink: null_mut(),
         rt: core::ptr::null(),
@@ -152,25 +152,40 @@ pub fn malg(stack_size: usize) -> Result<Box<G>, StackError> {
 ///
 /// `gp` must be a live G that is not running and not being resumed by
 /// anyone, whose stack (`gp.stack`) is allocated and not in use.
-pub unsafe fn gostartcallfn(gp: *mut G, f: Box<dyn FnOnce() + Send + 'static>) {
+pub unsafe fn gostartcallfn<F: FnOnce() + Send + 'static>(gp: *mut G, f: F) {
     // SAFETY: per the contract, nothing else touches gp or its stack.
-    let g = unsafe { &mut *gp };
+    let g = unsafe { &*gp };
     if g.stack.hi == 0 || g.stack.hi - g.stack.lo < 64 {
         throw_g("gostartcallfn on a goroutine with no stack", gp);
     }
+    // SAFETY: the contract, and the stack was just checked.
+    unsafe { gostartcall(gp, f) }
+}
+
+/// [`gostartcallfn`] for a G known to have a stack (one made by `malg`,
+/// as the scheduler's are).
+///
+/// # Safety
+///
+/// As [`gostartcallfn`], and `gp.stack` is at least 64 bytes.
+#[inline(always)]
+unsafe fn gostartcall<F: FnOnce() + Send + 'static>(gp: *mut G, f: F) {
+    // SAFETY: per the contract, nothing else touches gp or its stack.
+    let g = unsafe { &mut *gp };
     let hi = g.stack.hi & !15;
     let sp = hi - 8;
     // SAFETY: sp lies inside the G's own, unused stack.
     unsafe { (sp as *mut usize).write(goexit as *const () as usize + 1) };
     g.startfv = FuncVal { fn_: gentry };
-    g.startfn = Some(f);
-    g.sched = Gobuf {
-        sp,
-        pc: gostart as *const () as usize,
-        g: gp,
-        ctxt: &raw mut g.startfv as usize,
-        ..Gobuf::new()
-    };
+    g.startfn.set(f);
+    // Only what `gogo` and the entry trampoline read: a fresh G has no
+    // callee-saved registers to restore (gostart calls into Rust, which
+    // saves what it uses), and bp 0 ends frame-pointer walks.
+    g.sched.sp = sp;
+    g.sched.pc = gostart as *const () as usize;
+    g.sched.g = gp;
+    g.sched.ctxt = &raw mut g.startfv as usize;
+    g.sched.bp = 0;
     g.atomicstatus.store(status::RUNNABLE, Ordering::Release);
 }
 
@@ -182,12 +197,7 @@ pub unsafe fn gostartcallfn(gp: *mut G, f: Box<dyn FnOnce() + Send + 'static>) {
 /// `fv` must be the `startfv` field of a live G; only [`gostart`] calls it.
 unsafe extern "C" fn gentry(fv: *mut FuncVal) {
     let gp = fv.wrapping_byte_sub(offset_of!(G, startfv)).cast::<G>();
-    // SAFETY: fv is &gp.startfv (the contract), so gp is the running G.
-    let f = unsafe { (*gp).startfn.take() };
-    let Some(f) = f else {
-        throw_g("goroutine started without a function", gp)
-    };
-    run_catching(f, gp);
+    run_catching(gp);
 }
 
 /// Runs a G's function. Unwinding cannot cross the entry trampoline, so a
@@ -197,9 +207,13 @@ unsafe extern "C" fn gentry(fv: *mut FuncVal) {
 /// A scheduler built to report instead (`Builder::report_go_panics`) prints
 /// one line naming the goroutine and lets it end; the process goes on.
 #[cfg(feature = "std")]
-fn run_catching(f: Box<dyn FnOnce() + Send + 'static>, gp: *mut G) {
-    if std::panic::catch_unwind(core::panic::AssertUnwindSafe(f)).is_ok() {
-        return;
+fn run_catching(gp: *mut G) {
+    // SAFETY: gp is the running G; only it touches its startfn now.
+    let run = || unsafe { (*gp).startfn.run() };
+    match std::panic::catch_unwind(core::panic::AssertUnwindSafe(run)) {
+        Ok(true) => return,
+        Ok(false) => throw_g("goroutine started without a function", gp),
+        Err(_) => {}
     }
     // SAFETY: gp is the running G; its scheduler (if any) outlives it.
     let report = unsafe { !(*gp).rt.is_null() && (*(*gp).rt).report_panics };
@@ -219,8 +233,11 @@ fn run_catching(f: Box<dyn FnOnce() + Send + 'static>, gp: *mut G) {
 /// Runs a G's function. Without `std` there is no unwinding to catch: a
 /// panic goes to the embedder's panic handler.
 #[cfg(not(feature = "std"))]
-fn run_catching(f: Box<dyn FnOnce() + Send + 'static>, _gp: *mut G) {
-    f()
+fn run_catching(gp: *mut G) {
+    // SAFETY: gp is the running G; only it touches its startfn now.
+    if !unsafe { (*gp).startfn.run() } {
+        throw_g("goroutine started without a function", gp);
+    }
 }
 
 /// Finishes the current G: called by [`goexit`] when a G's function
@@ -272,7 +289,7 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
     // this M touches it until it is reused.
     unsafe {
         (*gp).casstatus(status::RUNNING, status::DEAD);
-        (*gp).startfn = None;
+        (*gp).startfn.clear();
         (*gp).parker = None;
         let mp = dropg(gp);
         let pp = (*mp).p;
@@ -425,6 +442,15 @@ fn startm(sched: &Sched, pp: *mut P, spinning: bool) {
         (*nmp).nextp = pp;
         notewakeup(sched.platform, &(*nmp).park);
     }
+}
+
+/// Whether [`wakep`] would start an M: an idle P and no spinning M. A
+/// cheap check for callers that would have to hop to g0 to call it.
+fn wakep_needed(sched: &Sched) -> bool {
+    // The same fence and loads as wakep's first steps (see there); a false
+    // answer is what wakep itself would have concluded.
+    fence(Ordering::SeqCst);
+    sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
 }
 
 /// Starts a spinning M if there is an idle P and no M is spinning (Go's
@@ -638,10 +664,11 @@ fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
 /// `newproc1`). It is runnable, with a fresh goid, on no queue yet.
 ///
 /// `pp` is the caller's P, or null from a thread that is not an M.
-fn newproc1(
+#[inline(always)]
+fn newproc1<F: FnOnce() + Send + 'static>(
     sched: &Sched,
     pp: *mut P,
-    f: Box<dyn FnOnce() + Send + 'static>,
+    f: F,
 ) -> Result<*mut G, StackError> {
     let mut gp = if pp.is_null() {
         gqueue_pop(&mut sched.lock.lock().gfree)
@@ -660,7 +687,8 @@ fn newproc1(
     // SAFETY: gp is dead or new: nobody else refers to it.
     unsafe {
         (*gp).goid = newgoid();
-        gostartcallfn(gp, f);
+        // Scheduler Gs come from malg, with a stack of at least STACK_MIN.
+        gostartcall(gp, f);
     }
     sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
     if !pp.is_null() {
@@ -678,9 +706,9 @@ fn newproc1(
 /// # Panics
 ///
 /// From a thread that is neither an M of a scheduler nor given `sched`.
-pub(crate) fn newproc(
+pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
     sched: Option<&Sched>,
-    f: Box<dyn FnOnce() + Send + 'static>,
+    f: F,
 ) -> Result<u64, StackError> {
     let gp = getg();
     // On an M of the scheduler asked for (or of any, if none was named)?
@@ -692,6 +720,28 @@ pub(crate) fn newproc(
     };
     let in_rt = !here.is_null() && sched.is_none_or(|s| core::ptr::eq(s, here));
     if in_rt {
+        // Fast path, on the goroutine's own stack: its P has a dead G at
+        // hand, so nothing below allocates, takes a lock or starts a
+        // thread (Go hops to g0 for all of newproc; it has to, since its
+        // stacks move and its goroutines are preempted, ours do neither).
+        // SAFETY: on a user G of a scheduler M (here is its M's scheduler),
+        // which holds a P while it runs user code; the P's owner-only
+        // fields are ours while this G runs, and it cannot be switched out
+        // in between.
+        unsafe {
+            let mp = (*gp).m;
+            let pp = (*mp).p;
+            if !(*pp).gfree.is_null() && (*mp).curg == gp {
+                let sched = &*here;
+                let newg = newproc1(sched, pp, f)?;
+                let id = (*newg).goid;
+                runqput_p(sched, pp, newg, true);
+                if wakep_needed(sched) {
+                    crate::systemstack(|| wakep(sched));
+                }
+                return Ok(id);
+            }
+        }
         return crate::systemstack(move || {
             // SAFETY: on g0 of a scheduler M holding a P (Ms run user code
             // only with a P).

@@ -403,10 +403,10 @@ fn try_spawn_on<T: Send + 'static>(
         waiter: spin::Mutex::new(None),
     });
     let done = inner.clone();
-    let body = Box::new(move || {
+    let body = move || {
         let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(f));
         finish(&done, r);
-    });
+    };
     // On failure the closure (and with it `f`) is dropped: nothing leaks.
     let id = newproc(sched, body).map_err(SpawnError)?;
     Ok(JoinHandle { inner, id })
@@ -435,7 +435,7 @@ fn require_goroutine(what: &str) {
 /// Outside a goroutine, or if its stack cannot be allocated.
 pub fn go(f: impl FnOnce() + Send + 'static) {
     require_goroutine("go");
-    if let Err(e) = newproc(None, Box::new(f)) {
+    if let Err(e) = newproc(None, f) {
         panic!("gokernel: {}", SpawnError(e));
     }
 }

@@ -108,6 +108,109 @@ pub struct FuncVal {
     pub fn_: unsafe extern "C" fn(*mut FuncVal),
 }
 
+/// A goroutine's function, kept in its G (Go keeps a pointer to a
+/// `funcval`). A closure of up to [`STARTFN_INLINE`] bytes (aligned to at
+/// most 8) is stored in place, a larger one in a `Box`: starting a
+/// goroutine whose closure captures a few words does not allocate.
+pub(crate) struct StartFn {
+    /// Consumes the closure in `buf`: runs it (`true`) or drops it
+    /// (`false`). `None` when there is none.
+    op: Option<unsafe fn(*mut u8, bool)>,
+    buf: core::mem::MaybeUninit<[usize; STARTFN_WORDS]>,
+}
+
+const STARTFN_WORDS: usize = 3;
+
+/// The largest closure (in bytes) a G stores without allocating.
+pub const STARTFN_INLINE: usize = STARTFN_WORDS * core::mem::size_of::<usize>();
+
+impl StartFn {
+    /// No function.
+    pub(crate) const fn empty() -> Self {
+        StartFn {
+            op: None,
+            buf: core::mem::MaybeUninit::uninit(),
+        }
+    }
+
+    /// Stores `f`, dropping any function stored before.
+    pub(crate) fn set<F: FnOnce() + Send + 'static>(&mut self, f: F) {
+        self.clear();
+        let fits = core::mem::size_of::<F>() <= STARTFN_INLINE
+            && core::mem::align_of::<F>() <= core::mem::align_of::<usize>();
+        if fits {
+            // SAFETY: F fits the buffer in size and alignment; `op` now
+            // owns the value and reads it out exactly once.
+            unsafe { self.buf.as_mut_ptr().cast::<F>().write(f) };
+            self.op = Some(startfn_inline::<F>);
+        } else {
+            let b = alloc::boxed::Box::new(f);
+            // SAFETY: a Box is one word; `op` owns it as above.
+            unsafe {
+                self.buf
+                    .as_mut_ptr()
+                    .cast::<alloc::boxed::Box<F>>()
+                    .write(b)
+            };
+            self.op = Some(startfn_boxed::<F>);
+        }
+    }
+
+    /// Takes the function out and runs it; false if there was none. If it
+    /// panics, the function is gone all the same.
+    pub(crate) fn run(&mut self) -> bool {
+        match self.op.take() {
+            // SAFETY: `op` matches what `set` stored, and was taken, so the
+            // value is consumed once.
+            Some(op) => unsafe {
+                op(self.buf.as_mut_ptr().cast(), true);
+                true
+            },
+            None => false,
+        }
+    }
+
+    /// Drops the function, if any, without running it.
+    pub(crate) fn clear(&mut self) {
+        if let Some(op) = self.op.take() {
+            // SAFETY: as in `run`.
+            unsafe { op(self.buf.as_mut_ptr().cast(), false) };
+        }
+    }
+}
+
+impl Drop for StartFn {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// [`StartFn`]'s `op` for a closure stored in place.
+///
+/// # Safety
+///
+/// `p` holds a live `F`, which this consumes.
+unsafe fn startfn_inline<F: FnOnce()>(p: *mut u8, call: bool) {
+    // SAFETY: the contract.
+    let f = unsafe { p.cast::<F>().read() };
+    if call {
+        f();
+    }
+}
+
+/// [`StartFn`]'s `op` for a boxed closure.
+///
+/// # Safety
+///
+/// `p` holds a live `Box<F>`, which this consumes.
+unsafe fn startfn_boxed<F: FnOnce()>(p: *mut u8, call: bool) {
+    // SAFETY: the contract.
+    let f = unsafe { p.cast::<alloc::boxed::Box<F>>().read() };
+    if call {
+        f();
+    }
+}
+
 /// Goroutine status (`G::atomicstatus`). Go's values, so that dumps read
 /// the same.
 pub mod status {
@@ -159,7 +262,7 @@ pub struct G {
     /// calls it through `sched.ctxt`, which points at `startfv`.
     pub(crate) startfv: FuncVal,
     /// The closure behind `startfv` (taken when the G starts).
-    pub(crate) startfn: Option<alloc::boxed::Box<dyn FnOnce() + Send + 'static>>,
+    pub(crate) startfn: StartFn,
     /// The stack memory this G owns, freed when the G is dropped. `None` for
     /// a g0 that runs on its thread's own stack.
     pub(crate) stackmem: Option<crate::stack::StackMem>,
