@@ -847,8 +847,9 @@ fn runqput_p(sched: &Sched, pp: *mut P, gp: *mut G, next: bool) {
         globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
     }
     // Only the owner writes the high-water mark: a load and a store, no
-    // read-modify-write, on this hot path.
-    let n = runq.len() as u32;
+    // read-modify-write, on this hot path. It counts the ring (plus one
+    // for runnext, taken or not: a cheap upper bound).
+    let n = runq.len_owner() as u32 + 1;
     if n > stats.runq_hwm.load(Ordering::Relaxed) {
         stats.runq_hwm.store(n, Ordering::Relaxed);
     }
@@ -1185,14 +1186,14 @@ pub unsafe fn execute(gp: *mut G, inherit_time: bool) -> ! {
 ///
 /// Outside a goroutine of a scheduler.
 pub fn gosched() {
-    let gp = getg();
-    // SAFETY: a non-null current G has a live M.
-    let ok = !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() && (*(*gp).m).curg == gp };
+    // Outside any goroutine: a clear panic. (On g0 `mcall` itself is a
+    // named fatal error, and a G of a bare M without a scheduler is
+    // stopped by gosched_m.)
     assert!(
-        ok,
+        !getg().is_null(),
         "gokernel::gosched called outside a goroutine of a gokernel runtime"
     );
-    // SAFETY: on a user G of a scheduler M; gosched_m reschedules it.
+    // SAFETY: on a G of an M; gosched_m checks for a scheduler.
     unsafe { mcall(gosched_m) };
 }
 
@@ -1205,12 +1206,19 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
     stackcheck(gp);
     // SAFETY: gp was running on this M and is now suspended.
     unsafe {
+        if (*(*gp).m).rt.is_null() {
+            throw_g("gosched on a goroutine of an M without a scheduler", gp);
+        }
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
         let mp = dropg(gp);
         let sched = &*(*mp).rt;
+        // The global queue, as in Go: a yielding goroutine may continue on
+        // any P, which is what spreads yielding work over busy Ps.
         globrunqput(&mut sched.lock.lock(), sched, gp);
         // Work appeared on the global queue: an idle P may take it.
-        wakep(sched);
+        if wakep_needed(sched) {
+            wakep(sched);
+        }
     }
     schedule()
 }

@@ -91,6 +91,15 @@ impl<T> Runq<T> {
         n + usize::from(!self.runnext.load(Acquire).is_null())
     }
 
+    /// The ring's length as its owner sees it, for statistics: two relaxed
+    /// loads, no retry (a thief may be moving head meanwhile; the result is
+    /// then a little high, never above the ring's size).
+    pub fn len_owner(&self) -> usize {
+        let t = self.tail.load(Relaxed);
+        let h = self.head.load(Relaxed);
+        t.wrapping_sub(h).min(LEN) as usize
+    }
+
     /// True if [`len`](Self::len) is 0.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
