@@ -234,20 +234,22 @@ impl Waiter {
                 if rt.stopping.load(Ordering::SeqCst) {
                     return None;
                 }
-                return Some(Wakeup::G(g, rt));
+                return Some(Wakeup(WakeupKind::G(g, rt)));
             }
             #[cfg(feature = "std")]
             if let Some(t) = (*w).thread.clone() {
-                return Some(Wakeup::Thread(&(*w).woken, t));
+                return Some(Wakeup(WakeupKind::Thread(&(*w).woken, t)));
             }
-            Some(Wakeup::Spinner(&(*w).woken))
+            Some(Wakeup(WakeupKind::Spinner(&(*w).woken)))
         }
     }
 }
 
 /// A wake-up taken under a queue's lock by `Waiter::wakeup`, done after
-/// the lock is released.
-pub enum Wakeup {
+/// the lock is released. Opaque outside the crate.
+pub struct Wakeup(WakeupKind);
+
+enum WakeupKind {
     /// A parked goroutine and its scheduler, held.
     G(*mut G, alloc::sync::Arc<crate::runtime2::Sched>),
     /// A thread blocked on its flag.
@@ -263,8 +265,8 @@ impl Wakeup {
     /// as soon as this starts, so nothing of it is touched after the
     /// one store or `goready` that wakes it.
     pub(crate) fn wake(self) {
-        match self {
-            Wakeup::G(g, rt) => {
+        match self.0 {
+            WakeupKind::G(g, rt) => {
                 // SAFETY: g parked in `Waiter::block` and its unlock
                 // function ran (its sudog was found after the lock was
                 // released), the claim made us its one waker, and `rt`
@@ -273,7 +275,7 @@ impl Wakeup {
                 drop(rt);
             }
             #[cfg(feature = "std")]
-            Wakeup::Thread(flag, t) => {
+            WakeupKind::Thread(flag, t) => {
                 // SAFETY: the thread is blocked until this store, so the
                 // flag is alive for it. Release: pairs with the acquire
                 // in `block`, publishing the outcome and the value.
@@ -281,7 +283,7 @@ impl Wakeup {
                 t.unpark();
             }
             // SAFETY: as above.
-            Wakeup::Spinner(flag) => unsafe { (*flag).store(1, Ordering::Release) },
+            WakeupKind::Spinner(flag) => unsafe { (*flag).store(1, Ordering::Release) },
         }
     }
 }
