@@ -46,10 +46,9 @@
 
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 
-use crate::sema::{SpinLock, Sudog, WaitQ, Waiter, Wakeup};
+use crate::sema::{SpinLock, Sudog, WaitQ, Wakeup};
 
 /// A channel of `T` values (Go's `chan T`); see the [module docs](self).
 ///
@@ -503,15 +502,14 @@ fn chansend<T: Send>(c: &Hchan<T>, v: T, block: bool) -> Result<(), TrySendError
         unsafe { c.unlock() };
         return Err(TrySendError::Full(v));
     }
-    let waiter = Waiter::new();
     let mut slot = Some(v);
-    let mut sg = Sudog::new(&waiter, (&mut slot as *mut Option<T>).cast(), 0);
-    // SAFETY: under the lock; sg stays in this frame until we are woken
-    // (a receiver or close takes it off the queue first).
-    unsafe { c.enqueue_send(&mut sg) };
-    // SAFETY: the lock is ours; it is released once we are parked.
-    waiter.block(|| unsafe { c.unlock() });
-    if waiter.success() {
+    // SAFETY: we hold the channel's lock, which guards sendq; receivers
+    // take a sender's value from an `Option<T>`.
+    let sent = unsafe {
+        let q = &raw mut (*c.st.get()).sendq;
+        WaitQ::wait(q, &c.lock, (&mut slot as *mut Option<T>).cast(), false)
+    };
+    if sent {
         Ok(())
     } else {
         // Closed while we waited: the value is still ours.
@@ -546,14 +544,14 @@ fn chanrecv<T: Send>(c: &Hchan<T>, block: bool) -> Result<T, TryRecvError> {
         unsafe { c.unlock() };
         return Err(TryRecvError::Empty);
     }
-    let waiter = Waiter::new();
     let mut slot: Option<T> = None;
-    let mut sg = Sudog::new(&waiter, (&mut slot as *mut Option<T>).cast(), 0);
-    // SAFETY: under the lock; sg stays in this frame until we are woken.
-    unsafe { c.enqueue_recv(&mut sg) };
-    // SAFETY: the lock is ours; it is released once we are parked.
-    waiter.block(|| unsafe { c.unlock() });
-    if waiter.success() {
+    // SAFETY: we hold the channel's lock, which guards recvq; senders
+    // fill a receiver's `Option<T>`.
+    let got = unsafe {
+        let q = &raw mut (*c.st.get()).recvq;
+        WaitQ::wait(q, &c.lock, (&mut slot as *mut Option<T>).cast(), false)
+    };
+    if got {
         Ok(slot.expect("gokernel: a receive succeeded without a value"))
     } else {
         Err(TryRecvError::Closed)
@@ -571,18 +569,12 @@ fn closechan<T: Send>(c: &Hchan<T>) -> Result<(), CloseError> {
         return Err(CloseError);
     }
     st.closed = true;
-    let mut wake = Vec::new();
-    for q in [&mut st.recvq, &mut st.sendq] {
-        // SAFETY: under the lock; each sudog is ours once claimed.
-        while let Some((sg, wakeup)) = unsafe { q.dequeue() } {
-            // SAFETY: as above.
-            unsafe { (*(*sg).waiter).complete((*sg).case, false) };
-            wake.push(wakeup);
-        }
-    }
+    // SAFETY: under the lock.
+    let (receivers, senders) =
+        unsafe { (st.recvq.dequeue_all(false), st.sendq.dequeue_all(false)) };
     // SAFETY: we hold the lock.
     unsafe { c.unlock() };
-    for w in wake {
+    for w in receivers.into_iter().chain(senders) {
         w.wake();
     }
     Ok(())

@@ -96,32 +96,77 @@ pub unsafe trait SelectCase {
     fn set_index(&mut self, index: usize);
 }
 
-/// A receive case: `recv(ch) -> v`. Made by [`RecvCase::new`], added to a
-/// [`Select`] with [`Select::case`]; after the select, if it fired,
-/// [`finish`](Self::finish) gives the value.
-pub struct RecvCase<'c, T: Send> {
+/// The direction of a [`Case`]: [`RecvDir`] or [`SendDir`].
+pub trait Dir: private::Sealed {
+    /// True for a send.
+    const SEND: bool;
+}
+
+/// A receive ([`RecvCase`]).
+pub enum RecvDir {}
+/// A send ([`SendCase`]).
+pub enum SendDir {}
+
+impl Dir for RecvDir {
+    const SEND: bool = false;
+}
+impl Dir for SendDir {
+    const SEND: bool = true;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::RecvDir {}
+    impl Sealed for super::SendDir {}
+}
+
+/// One case of a select on channel `ch`, a receive or a send (`D`); see
+/// [`RecvCase`] and [`SendCase`].
+pub struct Case<'c, T: Send, D: Dir> {
     ch: &'c Chan<T>,
+    /// A send's value until it goes out; a receive's value once it came.
     slot: Option<T>,
+    /// The case fired because the channel is closed.
     closed: bool,
     sudog: Option<Sudog>,
     index: usize,
+    dir: core::marker::PhantomData<D>,
 }
 
-impl<'c, T: Send> RecvCase<'c, T> {
-    /// A case receiving from `ch`.
-    pub fn new(ch: &'c Chan<T>) -> Self {
-        RecvCase {
+/// A receive case: `recv(ch) -> v`. Made by [`RecvCase::new`], added to a
+/// [`Select`] with [`Select::case`]; after the select, if it fired,
+/// [`finish`](Self::finish) gives the value.
+pub type RecvCase<'c, T> = Case<'c, T, RecvDir>;
+
+/// A send case: `send(ch, value) -> res`. Made by [`SendCase::new`],
+/// added to a [`Select`] with [`Select::case`]; after the select, if it
+/// fired, [`finish`](Self::finish) says whether the value went out. A send
+/// case that did not fire keeps its value
+/// ([`into_value`](Self::into_value)).
+pub type SendCase<'c, T> = Case<'c, T, SendDir>;
+
+impl<'c, T: Send, D: Dir> Case<'c, T, D> {
+    fn with(ch: &'c Chan<T>, slot: Option<T>) -> Self {
+        Case {
             ch,
-            slot: None,
+            slot,
             closed: false,
             sudog: None,
             index: usize::MAX,
+            dir: core::marker::PhantomData,
         }
     }
 
     /// The case's index in its select (the order of [`Select::case`]).
     pub fn index(&self) -> usize {
         self.index
+    }
+}
+
+impl<'c, T: Send> Case<'c, T, RecvDir> {
+    /// A case receiving from `ch`.
+    pub fn new(ch: &'c Chan<T>) -> Self {
+        Self::with(ch, None)
     }
 
     /// The result of a case that fired: the value, or `Err` if the
@@ -139,93 +184,10 @@ impl<'c, T: Send> RecvCase<'c, T> {
     }
 }
 
-// SAFETY: every `*_locked` method touches only `self.ch`, under its lock.
-unsafe impl<T: Send> SelectCase for RecvCase<'_, T> {
-    fn key(&self) -> usize {
-        self.ch.key()
-    }
-    fn lock(&self) {
-        self.ch.hchan().lock();
-    }
-    /// # Safety
-    ///
-    /// As [`SelectCase::unlock`].
-    unsafe fn unlock(&self) {
-        // SAFETY: the contract: the caller holds the lock.
-        unsafe { self.ch.hchan().unlock() };
-    }
-    /// # Safety
-    ///
-    /// As [`SelectCase::poll_locked`].
-    unsafe fn poll_locked(&mut self) -> Option<Option<Wakeup>> {
-        // SAFETY: the contract: under the lock.
-        match unsafe { self.ch.hchan().recv_locked() } {
-            RecvStep::Done(v, wakeup) => {
-                self.slot = Some(v);
-                Some(wakeup)
-            }
-            RecvStep::Closed => {
-                self.closed = true;
-                Some(None)
-            }
-            RecvStep::Empty => None,
-        }
-    }
-    /// # Safety
-    ///
-    /// As [`SelectCase::enqueue_locked`].
-    unsafe fn enqueue_locked(&mut self, waiter: &Waiter, index: usize) {
-        let elem = (&mut self.slot as *mut Option<T>).cast();
-        let sg = self.sudog.insert(Sudog::new(waiter, elem, index));
-        // SAFETY: the contract: under the lock, and `self` (so the sudog)
-        // stays put.
-        unsafe { self.ch.hchan().enqueue_recv(sg) };
-    }
-    /// # Safety
-    ///
-    /// As [`SelectCase::dequeue_locked`].
-    unsafe fn dequeue_locked(&mut self) {
-        if let Some(sg) = &mut self.sudog {
-            // SAFETY: the contract: under the lock.
-            unsafe { self.ch.hchan().dequeue_recv(sg) };
-        }
-    }
-    fn fired(&mut self, success: bool) {
-        self.closed = !success;
-    }
-    fn set_index(&mut self, index: usize) {
-        self.index = index;
-    }
-}
-
-/// A send case: `send(ch, value) -> res`. Made by [`SendCase::new`],
-/// added to a [`Select`] with [`Select::case`]; after the select, if it
-/// fired, [`finish`](Self::finish) says whether the value went out. A
-/// send case that did not fire keeps its value
-/// ([`into_value`](Self::into_value)).
-pub struct SendCase<'c, T: Send> {
-    ch: &'c Chan<T>,
-    slot: Option<T>,
-    closed: bool,
-    sudog: Option<Sudog>,
-    index: usize,
-}
-
-impl<'c, T: Send> SendCase<'c, T> {
+impl<'c, T: Send> Case<'c, T, SendDir> {
     /// A case sending `v` on `ch`.
     pub fn new(ch: &'c Chan<T>, v: T) -> Self {
-        SendCase {
-            ch,
-            slot: Some(v),
-            closed: false,
-            sudog: None,
-            index: usize::MAX,
-        }
-    }
-
-    /// The case's index in its select (the order of [`Select::case`]).
-    pub fn index(&self) -> usize {
-        self.index
+        Self::with(ch, Some(v))
     }
 
     /// The result of a case that fired: `Ok` if the value was sent, `Err`
@@ -249,7 +211,7 @@ impl<'c, T: Send> SendCase<'c, T> {
 }
 
 // SAFETY: every `*_locked` method touches only `self.ch`, under its lock.
-unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
+unsafe impl<T: Send, D: Dir> SelectCase for Case<'_, T, D> {
     fn key(&self) -> usize {
         self.ch.key()
     }
@@ -267,21 +229,37 @@ unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
     ///
     /// As [`SelectCase::poll_locked`].
     unsafe fn poll_locked(&mut self) -> Option<Option<Wakeup>> {
-        let v = self
-            .slot
-            .take()
-            .expect("gokernel::select: a send case without a value");
-        // SAFETY: the contract: under the lock.
-        match unsafe { self.ch.hchan().send_locked(v) } {
-            SendStep::Done(wakeup) => Some(wakeup),
-            SendStep::Closed(v) => {
-                self.slot = Some(v);
-                self.closed = true;
-                Some(None)
+        let c = self.ch.hchan();
+        if D::SEND {
+            let v = self
+                .slot
+                .take()
+                .expect("gokernel::select: a send case without a value");
+            // SAFETY: the contract: under the lock.
+            match unsafe { c.send_locked(v) } {
+                SendStep::Done(wakeup) => Some(wakeup),
+                SendStep::Closed(v) => {
+                    self.slot = Some(v);
+                    self.closed = true;
+                    Some(None)
+                }
+                SendStep::Full(v) => {
+                    self.slot = Some(v);
+                    None
+                }
             }
-            SendStep::Full(v) => {
-                self.slot = Some(v);
-                None
+        } else {
+            // SAFETY: the contract: under the lock.
+            match unsafe { c.recv_locked() } {
+                RecvStep::Done(v, wakeup) => {
+                    self.slot = Some(v);
+                    Some(wakeup)
+                }
+                RecvStep::Closed => {
+                    self.closed = true;
+                    Some(None)
+                }
+                RecvStep::Empty => None,
             }
         }
     }
@@ -291,8 +269,15 @@ unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
     unsafe fn enqueue_locked(&mut self, waiter: &Waiter, index: usize) {
         let elem = (&mut self.slot as *mut Option<T>).cast();
         let sg = self.sudog.insert(Sudog::new(waiter, elem, index));
-        // SAFETY: the contract: under the lock, and `self` stays put.
-        unsafe { self.ch.hchan().enqueue_send(sg) };
+        // SAFETY: the contract: under the lock, and `self` (so the sudog)
+        // stays put.
+        unsafe {
+            if D::SEND {
+                self.ch.hchan().enqueue_send(sg);
+            } else {
+                self.ch.hchan().enqueue_recv(sg);
+            }
+        }
     }
     /// # Safety
     ///
@@ -300,7 +285,13 @@ unsafe impl<T: Send> SelectCase for SendCase<'_, T> {
     unsafe fn dequeue_locked(&mut self) {
         if let Some(sg) = &mut self.sudog {
             // SAFETY: the contract: under the lock.
-            unsafe { self.ch.hchan().dequeue_send(sg) };
+            unsafe {
+                if D::SEND {
+                    self.ch.hchan().dequeue_send(sg);
+                } else {
+                    self.ch.hchan().dequeue_recv(sg);
+                }
+            }
         }
     }
     fn fired(&mut self, success: bool) {

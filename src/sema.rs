@@ -450,6 +450,53 @@ impl WaitQ {
         }
     }
 
+    /// Takes every sudog whose waiter this call claims, records the same
+    /// outcome for each, and returns their wake-ups (Go's "ready them
+    /// all" loops in `closechan` and `semrelease`).
+    ///
+    /// # Safety
+    ///
+    /// Under the queue's lock.
+    pub(crate) unsafe fn dequeue_all(&mut self, success: bool) -> alloc::vec::Vec<Wakeup> {
+        let mut wake = alloc::vec::Vec::new();
+        // SAFETY: the contract; each sudog is ours once dequeued.
+        while let Some((sg, wakeup)) = unsafe { self.dequeue() } {
+            // SAFETY: as above: claimed, so ours until woken.
+            unsafe { (*(*sg).waiter).complete((*sg).case, success) };
+            wake.push(wakeup);
+        }
+        wake
+    }
+
+    /// Blocks the caller on queue `q`: a sudog for it (with `elem` as its
+    /// value slot) goes at the back, or the front with `front`, and `lock`
+    /// is released once it is safe. Returns whether the waker reported
+    /// success. (A raw `q`: wakers change the queue while we wait, so no
+    /// reference to it may be held across the wait.)
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `lock`, which guards `q`, and `elem` is what the
+    /// queue's wakers expect (or null if they ignore it). The queue must
+    /// stay alive while the caller waits.
+    pub(crate) unsafe fn wait(q: *mut WaitQ, lock: &SpinLock, elem: *mut (), front: bool) -> bool {
+        let waiter = Waiter::new();
+        let mut sg = Sudog::new(&waiter, elem, 0);
+        // SAFETY: the contract; sg stays in this frame until a waker takes
+        // it off the queue, which it must do before waking us. The
+        // reference to the queue ends with this block.
+        unsafe {
+            if front {
+                (*q).push_front(&mut sg, lock);
+            } else {
+                (*q).enqueue(&mut sg, lock);
+            }
+        }
+        // SAFETY: we hold the lock; it is released once we are parked.
+        waiter.block(|| unsafe { lock.unlock() });
+        waiter.success()
+    }
+
     /// Takes `sg` off the queue if it is still on it.
     ///
     /// # Safety

@@ -25,7 +25,7 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use crate::sema::{SpinLock, Sudog, WaitQ, Waiter, Wakeup, current_user_g};
+use crate::sema::{SpinLock, WaitQ, Wakeup, current_user_g};
 
 // ---------------------------------------------------------------------
 // Mutex
@@ -182,22 +182,12 @@ impl<T: ?Sized> Mutex<T> {
                     Err(now) => s = now,
                 }
             }
-            let waiter = Waiter::new();
-            let mut sg = Sudog::new(&waiter, core::ptr::null_mut(), 0);
-            // SAFETY: under q; sg stays in this frame until it is taken off
-            // the queue by `unlock`, which wakes us.
-            unsafe {
-                let q = &mut *self.waiters.get();
-                if lost > 0 {
-                    // A woken waiter that lost keeps its place at the front.
-                    q.push_front(&mut sg, &self.q);
-                } else {
-                    q.enqueue(&mut sg, &self.q);
-                }
-            }
-            // SAFETY: we hold q; it is released once we are parked.
-            waiter.block(|| unsafe { self.q.unlock() });
-            if waiter.success() {
+            // A woken waiter that lost keeps its place at the front.
+            // SAFETY: we hold q, which guards the queue; `unlock` wakes us.
+            let handed = unsafe {
+                WaitQ::wait(self.waiters.get(), &self.q, core::ptr::null_mut(), lost > 0)
+            };
+            if handed {
                 // Handed over in starvation mode: the lock is ours. The
                 // hand-off's wake-up orders the previous holder's writes
                 // before us.
@@ -355,15 +345,12 @@ impl WaitGroup {
             panic!("sync: negative WaitGroup counter");
         }
         st.count = count;
-        let mut wake = Vec::new();
-        if count == 0 {
-            // SAFETY: under q; each sudog is ours once dequeued.
-            while let Some((sg, wakeup)) = unsafe { st.waiters.dequeue() } {
-                // SAFETY: as above.
-                unsafe { (*(*sg).waiter).complete(0, true) };
-                wake.push(wakeup);
-            }
-        }
+        let wake = if count == 0 {
+            // SAFETY: under q.
+            unsafe { st.waiters.dequeue_all(true) }
+        } else {
+            Vec::new()
+        };
         // SAFETY: we hold q.
         unsafe { self.q.unlock() };
         for w in wake {
@@ -396,13 +383,15 @@ impl WaitGroup {
             unsafe { self.q.unlock() };
             return;
         }
-        let waiter = Waiter::new();
-        let mut sg = Sudog::new(&waiter, core::ptr::null_mut(), 0);
-        // SAFETY: under q; sg stays in this frame until `add` takes it off
-        // the queue and wakes us.
-        unsafe { st.waiters.enqueue(&mut sg, &self.q) };
-        // SAFETY: we hold q; it is released once we are parked.
-        waiter.block(|| unsafe { self.q.unlock() });
+        // SAFETY: we hold q, which guards the queue; `add` wakes us.
+        unsafe {
+            WaitQ::wait(
+                &raw mut (*self.st.get()).waiters,
+                &self.q,
+                core::ptr::null_mut(),
+                false,
+            )
+        };
     }
 }
 
@@ -503,13 +492,16 @@ impl Once {
                     unsafe { self.q.unlock() };
                     panic!("sync: Once.call_once called recursively by goroutine {my_id}");
                 }
-                let waiter = Waiter::new();
-                let mut sg = Sudog::new(&waiter, core::ptr::null_mut(), 0);
-                // SAFETY: under q; sg stays in this frame until the runner
-                // takes it off the queue and wakes us.
-                unsafe { st.waiters.enqueue(&mut sg, &self.q) };
-                // SAFETY: we hold q; it is released once we are parked.
-                waiter.block(|| unsafe { self.q.unlock() });
+                // SAFETY: we hold q, which guards the queue; the runner
+                // wakes us when it is done.
+                unsafe {
+                    WaitQ::wait(
+                        &raw mut (*self.st.get()).waiters,
+                        &self.q,
+                        core::ptr::null_mut(),
+                        false,
+                    )
+                };
             }
             _ => {
                 self.state.store(ONCE_RUNNING, Ordering::Relaxed);
@@ -537,13 +529,8 @@ impl Drop for OnceDone<'_> {
         once.state.store(ONCE_DONE, Ordering::Release);
         // SAFETY: under q.
         let st = unsafe { &mut *once.st.get() };
-        let mut wake = Vec::new();
-        // SAFETY: under q; each sudog is ours once dequeued.
-        while let Some((sg, wakeup)) = unsafe { st.waiters.dequeue() } {
-            // SAFETY: as above.
-            unsafe { (*(*sg).waiter).complete(0, true) };
-            wake.push(wakeup);
-        }
+        // SAFETY: under q.
+        let wake = unsafe { st.waiters.dequeue_all(true) };
         // SAFETY: we hold q.
         unsafe { once.q.unlock() };
         for w in wake {
