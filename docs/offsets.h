@@ -43,6 +43,6 @@
 #define SIZEOF_GOBUF 80  /* sizeof(Gobuf) */
 #define SIZEOF_G 216     /* sizeof(G) */
 #define SIZEOF_M 96      /* sizeof(M) */
-#define SIZEOF_P 2152    /* sizeof(P) */
+#define SIZEOF_P 2200    /* sizeof(P) */
 
 #endif /* GOKERNEL_OFFSETS_H */

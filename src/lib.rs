@@ -24,13 +24,18 @@
 //!   with loom; [`proc`] also holds the scheduler proper (`newproc`,
 //!   `schedule`, `findrunnable`, work stealing, spinning Ms, `gopark` /
 //!   `goready`) and [`Sched`](runtime2::Sched).
+//! - [`time`]: timers — a heap per P run by `schedule` /
+//!   `findrunnable`, [`sleep`], [`after_func`](time::after_func), and the
+//!   idle M that sleeps until the next deadline instead of spinning.
 //! - [`platform`]: what the scheduler needs from its world (threads,
-//!   futexes, CPU count); [`lock_futex`]: how idle Ms sleep.
+//!   futexes, a monotonic clock, CPU count); [`lock_futex`]: how idle Ms
+//!   sleep.
 //! - [`stack`]: goroutine stacks: guard pages within a mapping budget,
 //!   arena stacks with soft guards beyond it.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
 //! - Hosted (`std`): `Runtime`, `go`, `spawn`, `JoinHandle`,
-//!   `park`, `current` — the API most programs use.
+//!   `park`, `current` — the API most programs use ([`sleep`] works with
+//!   and without `std`).
 //!
 //! [`gogo`]: asm_amd64::gogo
 //! [`mcall`]: asm_amd64::mcall
@@ -88,6 +93,7 @@ pub mod runtime2;
 mod signal_unix;
 pub mod stack;
 mod stubs;
+pub mod time;
 pub mod tls;
 
 #[cfg(feature = "std")]
@@ -96,4 +102,5 @@ pub use runtime::{
     go, gosched, num_goroutine, park, spawn, try_spawn,
 };
 pub use stubs::systemstack;
+pub use time::sleep;
 pub use tls::getg;
