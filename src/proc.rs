@@ -44,6 +44,10 @@
 //! rest of their P's queue, so after [`RUNNEXT_LIMIT`] such hand-offs in a
 //! row `runnext` is demoted behind the ring.
 //!
+//! Timers (see [`time`](crate::time)) are work too: `findrunnable` runs
+//! expired ones, and an M with nothing to do while timers are pending
+//! sleeps until the next deadline instead of for good.
+//!
 //! # Who calls what
 //!
 //! Functions ending in `_m` run on g0 through `mcall`. `schedule`,

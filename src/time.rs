@@ -71,7 +71,8 @@
 //!   so the next holder's scan sees the timer. And `wakep` makes sure an
 //!   M looks: it starts one if a P is idle and no M spins; a spinning M
 //!   scans after its SeqCst decrement of `nmspinning`, which comes after
-//!   the adder's read of it; with no P idle, the M that idles a P next
+//!   the adder's read of it (or, finding work, calls `wakep` in turn
+//!   first); with no P idle, the M that idles a P next
 //!   scans after its `npidle` increment, which comes after the adder's
 //!   read of `npidle`.
 //! - The adder reads `POLL_PENDING`: it wakes the sleeper. The sleeper read
@@ -101,8 +102,9 @@
 //! # Limits
 //!
 //! - There is no preemption. A timer fires when an M looks at it: at the
-//!   next `schedule` of any M that has run out of local work, or when the
-//!   timer sleeper wakes — which needs an idle P. A timer on a busy P whose
+//!   next `schedule` on its P, at the next `schedule` of any M that has
+//!   run out of queued work, or when the timer sleeper wakes — which needs
+//!   an idle P. A timer on a busy P whose
 //!   M never yields fires on time only if another P is idle (the sleeper
 //!   takes it); with every P held by a G that never yields it fires late,
 //!   when one of them yields, parks or ends.
