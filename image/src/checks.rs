@@ -240,8 +240,7 @@ fn sleep_order(sched: &'static Sched) -> Option<Vec<(u64, bool)>> {
                 .expect("spawn a sleeper");
         }
         wait_zero(&left);
-        let v = order.lock().clone();
-        v
+        order.lock().clone()
     })
 }
 
