@@ -24,8 +24,12 @@
 //!   with loom; [`proc`] also holds the scheduler proper (`newproc`,
 //!   `schedule`, `findrunnable`, work stealing, spinning Ms, `gopark` /
 //!   `goready`) and [`Sched`](runtime2::Sched).
+//! - [`time`]: timers — a heap per P run by `schedule` /
+//!   `findrunnable`, [`sleep`], [`after_func`](time::after_func), and the
+//!   idle M that sleeps until the next deadline instead of spinning.
 //! - [`platform`]: what the scheduler needs from its world (threads,
-//!   futexes, CPU count); [`lock_futex`]: how idle Ms sleep.
+//!   futexes, a monotonic clock, CPU count); [`lock_futex`]: how idle Ms
+//!   sleep.
 //! - [`stack`]: goroutine stacks: guard pages within a mapping budget,
 //!   arena stacks with soft guards beyond it.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
@@ -34,7 +38,8 @@
 //!   [`sema`] (sudogs and wait queues over `gopark` / `goready`); with or
 //!   without `std`, from goroutines and from plain threads.
 //! - Hosted (`std`): `Runtime`, `go`, `spawn`, `JoinHandle`,
-//!   `park`, `current` — the API most programs use.
+//!   `park`, `current` — the API most programs use ([`sleep`] works with
+//!   and without `std`).
 //!
 //! [`gogo`]: asm_amd64::gogo
 //! [`mcall`]: asm_amd64::mcall
@@ -96,6 +101,7 @@ mod signal_unix;
 pub mod stack;
 mod stubs;
 pub mod sync;
+pub mod time;
 pub mod tls;
 
 pub use chan::{Chan, CloseError, RecvError, SendError, TryRecvError, TrySendError, chan};
@@ -105,4 +111,5 @@ pub use runtime::{
     go, gosched, num_goroutine, park, spawn, try_spawn,
 };
 pub use stubs::systemstack;
+pub use time::{after, sleep};
 pub use tls::getg;

@@ -1,8 +1,8 @@
 //! What the scheduler needs from the world it runs in.
 //!
 //! The core never makes a system call itself. Starting an M, sleeping an
-//! idle one and waking it, and knowing how many CPUs there are go through
-//! [`Platform`]. The hosted platform (`hosted`, with the `std` feature)
+//! idle one and waking it, reading the clock for timers, and knowing how
+//! many CPUs there are go through [`Platform`]. The hosted platform (`hosted`, with the `std` feature)
 //! uses OS threads and Linux futexes; a kernel implements the trait over
 //! its own CPUs and wait queues.
 
@@ -36,6 +36,13 @@ impl core::fmt::Display for NewOsProcError {
 ///   check and the sleep may be lost); it may also return spuriously.
 /// - [`futexwakeup`](Platform::futexwakeup) wakes at least one sleeper on
 ///   `addr` if there is one, up to `cnt`.
+/// - [`futexsleep`](Platform::futexsleep) with a timeout of `ns` returns
+///   after at most about `ns` nanoseconds of [`nanotime`](Platform::nanotime)
+///   even if nobody wakes it (an idle M sleeping until the next timer
+///   relies on it); it may return earlier.
+/// - [`nanotime`](Platform::nanotime) is monotonic: it never goes back,
+///   and every M reads the same clock, so a reading on one M is never later
+///   than a reading taken afterwards on another.
 pub unsafe trait Platform: Sync + 'static {
     /// Starts a thread that runs `crate::proc::mstart0(mp)`.
     ///
@@ -50,6 +57,21 @@ pub unsafe trait Platform: Sync + 'static {
     fn futexwakeup(&self, addr: &AtomicU32, cnt: u32);
     /// How many CPUs the scheduler may use (the default for `procs`).
     fn ncpu(&self) -> usize;
+    /// Monotonic time in nanoseconds since an arbitrary origin fixed for
+    /// the life of the process (Go's `nanotime`): timer deadlines are
+    /// readings of this clock. Only the differences between readings mean
+    /// anything.
+    ///
+    /// ```
+    /// # #[cfg(feature = "std")] {
+    /// use gokernel::platform::{Platform, hosted::HOSTED};
+    ///
+    /// let a = HOSTED.nanotime();
+    /// let b = HOSTED.nanotime();
+    /// assert!(b >= a);
+    /// # }
+    /// ```
+    fn nanotime(&self) -> u64;
 }
 
 /// The hosted platform: Linux threads and futexes.
@@ -77,7 +99,8 @@ pub mod hosted {
 
     // SAFETY: newosproc starts a std thread (own stack, own TLS block,
     // default FP environment) that calls mstart0 once; the futex calls are
-    // Linux's FUTEX_WAIT / FUTEX_WAKE, which check the value atomically.
+    // Linux's FUTEX_WAIT / FUTEX_WAKE, which check the value atomically
+    // and time out against CLOCK_MONOTONIC, the clock nanotime reads.
     unsafe impl Platform for Hosted {
         /// A std thread named `gokernel-m<id>` with a 1 MiB stack (g0's).
         ///
@@ -137,6 +160,18 @@ pub mod hosted {
 
         fn ncpu(&self) -> usize {
             std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+
+        /// `clock_gettime(CLOCK_MONOTONIC)` (a vDSO call, no system call).
+        fn nanotime(&self) -> u64 {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec into `ts`, which is
+            // live; CLOCK_MONOTONIC always exists on Linux.
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
         }
     }
 }

@@ -44,6 +44,10 @@
 //! rest of their P's queue, so after [`RUNNEXT_LIMIT`] such hand-offs in a
 //! row `runnext` is demoted behind the ring.
 //!
+//! Timers (see [`time`](crate::time)) are work too: `findrunnable` runs
+//! expired ones, and an M with nothing to do while timers are pending
+//! sleeps until the next deadline instead of for good.
+//!
 //! # Who calls what
 //!
 //! Functions ending in `_m` run on g0 through `mcall`. `schedule`,
@@ -978,6 +982,8 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
             }
             return None;
         }
+        // This P's expired timers (one relaxed load when it has none).
+        let (now, _) = crate::time::checktimers(sched, pp, 0);
         // Fairness: now and then, the global queue first.
         // SAFETY: schedtick is touched only by the P's owner, us.
         let schedtick = unsafe { (*pp).schedtick };
@@ -995,6 +1001,16 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
             if !gp.is_null() {
                 return Some((gp, false));
             }
+        }
+        // Every P's expired timers (an idle P, or one whose M is busy,
+        // keeps its heap); the Gs they ready come to our queue.
+        let (mut now, mut ran) = (now, false);
+        for &p2 in &sched.allp {
+            let (t, r) = crate::time::checktimers(sched, p2, now);
+            (now, ran) = (t, ran | r);
+        }
+        if ran && let Some(x) = runqget(runq) {
+            return Some(x);
         }
         // Steal, if not too many Ms are at it already (at most half the
         // busy Ps' worth).
@@ -1060,6 +1076,12 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
         if all_idle {
             checkdead(sched);
         }
+        // With timers pending, one idle M sleeps until the next deadline.
+        match crate::time::timersleep(sched, mp) {
+            crate::time::Polled::GotP => continue 'top,
+            crate::time::Polled::Stopping => return None,
+            crate::time::Polled::Nothing => {}
+        }
         // SAFETY: on g0 of mp, which holds no P now.
         if !unsafe { stopm(sched, mp) } {
             return None;
@@ -1069,7 +1091,7 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
 
 /// Takes an idle P for `mp` and makes it a spinning M again (work turned
 /// up after it stopped spinning); false if no P is idle. Under the lock.
-fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
+pub(crate) fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
     let pp = pidleget(sl, sched);
     if pp.is_null() {
         return false;
@@ -1089,8 +1111,12 @@ fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
 /// runtime wakes one, nothing ever will. Tells whoever asked
 /// (`Runtime::block_on`); the Ms go to sleep either way.
 fn checkdead(sched: &Sched) {
-    // A goroutine waiting on another runtime can still be woken from there.
-    if sched.ngoroutines() == 0 || sched.external_waits.load(Ordering::SeqCst) != 0 {
+    // A goroutine waiting on another runtime can still be woken from there,
+    // and one waiting on a timer (sleep) by the timer.
+    if sched.ngoroutines() == 0
+        || sched.external_waits.load(Ordering::SeqCst) != 0
+        || crate::time::timesleepuntil(sched) != 0
+    {
         return;
     }
     for (_, hook) in sched.deadlock_hooks.lock().iter() {
@@ -1272,15 +1298,29 @@ unsafe extern "C" fn park_m(gp: *mut G) {
     schedule()
 }
 
-/// Makes a parked G runnable (Go's `goready` / `ready`): it takes the
-/// current P's `runnext`, or, from a thread that is not an M, goes on the
-/// global queue; then an idle P gets an M.
+/// Makes a parked G runnable (Go's `goready`): it takes the current P's
+/// `runnext`, or, from a thread that is not an M, goes on the global
+/// queue; then an idle P gets an M.
 ///
 /// # Safety
 ///
 /// `gp` must be a G of a scheduler parked by [`gopark`] whose unlock
 /// function handed it to this caller; it is readied once.
 pub unsafe fn goready(gp: *mut G) {
+    // SAFETY: the contract is ours.
+    unsafe { ready::<true>(gp) }
+}
+
+/// [`goready`], choosing where the G goes on the current P (Go's `ready`):
+/// `runnext` if `NEXT`, else the tail of the ring (timers use that, so Gs
+/// they ready together run in deadline order). A constant, so `goready`
+/// compiles to what it was before timers.
+///
+/// # Safety
+///
+/// As [`goready`].
+#[inline]
+pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
     // SAFETY: the contract: gp is parked and ours to ready.
     let sched = unsafe { &*(*gp).rt };
     if sched.stopping.load(Ordering::SeqCst) {
@@ -1296,7 +1336,7 @@ pub unsafe fn goready(gp: *mut G) {
             unsafe {
                 (*gp).casstatus(status::WAITING, status::RUNNABLE);
                 let pp = (*(*getg()).m).p;
-                runqput_p(sched, pp, gp, true);
+                runqput_p(sched, pp, gp, NEXT);
             }
             wakep(sched);
         });
@@ -1473,6 +1513,7 @@ impl Sched {
                     gfree: null_mut(),
                     gfreecnt: 0,
                     stats: Default::default(),
+                    timers: crate::time::Timers::new(),
                 }))
             })
             .collect();
@@ -1500,6 +1541,7 @@ impl Sched {
             report_panics,
             self_weak: self_weak.clone(),
             external_waits: AtomicU32::new(0),
+            timerpoll: crate::time::TimerPoll::new(),
         });
         {
             let mut sl = sched.lock.lock();
@@ -1575,9 +1617,12 @@ impl Sched {
     /// Stops the scheduler: Ms finish the G they are running, then exit
     /// instead of looking for more; idle Ms are woken to exit. Returns when
     /// every M's thread is done with the scheduler. Runnable and parked Gs
-    /// are not run again.
+    /// are not run again; timers that have not fired are dropped without
+    /// running.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        // The M sleeping until the next timer is on no idle list.
+        crate::time::netpollbreak(self);
         {
             let mut sl = self.lock.lock();
             loop {
@@ -1600,6 +1645,7 @@ impl Sched {
             }
             self.platform.futexsleep(&self.nmlive, n, None);
         }
+        crate::time::cleartimers(self);
     }
 }
 

@@ -376,6 +376,10 @@ pub struct P {
     pub(crate) gfreecnt: u32,
     /// Counters for [`stats`](crate::proc::PStats).
     pub(crate) stats: PCounters,
+    /// This P's timers: a heap under its own lock, and the earliest
+    /// deadline readable without it (Go's `p.timers`, `p.timer0When`).
+    /// Any M may add to it or run its expired timers.
+    pub(crate) timers: crate::time::Timers,
 }
 
 /// How many Gs in a row may take `runnext` (and so inherit the time slice)
@@ -466,6 +470,9 @@ pub struct Sched {
     /// will do (joining its goroutine): while any do, all-idle is not a
     /// deadlock.
     pub(crate) external_waits: AtomicU32,
+    /// The idle M that sleeps until the next timer, and how to wake it
+    /// (Go's `sched.pollUntil` and `netpollBreak`; see [`crate::time`]).
+    pub(crate) timerpoll: crate::time::TimerPoll,
 }
 
 /// See [`Sched::deadlock_hooks`].

@@ -556,7 +556,12 @@ macro_rules! __select_parse {
 #[macro_export]
 macro_rules! __select_emit {
     ([$([$kind:ident $case:ident $ch:tt $v:tt $p:tt $body:tt])*] ($($default:tt)?)) => {{
-        $( let mut $case = $crate::__select_case!($kind $ch $v); )*
+        // A reference first, so that a temporary channel (`after(d)`) lives
+        // as long as the select.
+        $(
+            let $case = &$ch;
+            let mut $case = $crate::__select_case!($kind $case $v);
+        )*
         let __select = $crate::select::Select::new();
         $( let __select = __select.case(&mut $case); )*
         let __fired: ::core::option::Option<usize> = $crate::__select_wait!(__select $($default)?);
@@ -576,11 +581,11 @@ macro_rules! __select_emit {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __select_case {
-    (recv ($ch:expr) ()) => {
-        $crate::select::RecvCase::new(&$ch)
+    (recv $ch:ident ()) => {
+        $crate::select::RecvCase::new($ch)
     };
-    (send ($ch:expr) ($v:expr)) => {
-        $crate::select::SendCase::new(&$ch, $v)
+    (send $ch:ident ($v:expr)) => {
+        $crate::select::SendCase::new($ch, $v)
     };
 }
 

@@ -346,3 +346,40 @@ fn a_case_type_erased_by_hand_runs_through_select() {
         })
         .unwrap();
 }
+
+#[test]
+fn after_delivers_one_value_after_its_duration_and_times_out_a_select() {
+    use std::time::{Duration, Instant};
+    rt(2)
+        .block_on(|| {
+            // One value, not before the deadline, and only one.
+            let t = Instant::now();
+            let a = gokernel::after(Duration::from_millis(30));
+            assert_eq!(a.try_recv(), Err(gokernel::TryRecvError::Empty));
+            a.recv().unwrap();
+            assert!(
+                t.elapsed() >= Duration::from_millis(30),
+                "fired after {:?}",
+                t.elapsed()
+            );
+            assert_eq!(a.try_recv(), Err(gokernel::TryRecvError::Empty));
+
+            // A select with a timeout: the timeout fires when nothing else is
+            // ready, and not when something is.
+            let never = chan::<u32>(0);
+            let t = Instant::now();
+            let timed_out = select! {
+                recv(never) -> _v => false,
+                recv(gokernel::after(Duration::from_millis(20))) -> _t => true,
+            };
+            assert!(timed_out && t.elapsed() >= Duration::from_millis(20));
+            let ready = chan::<u32>(1);
+            ready.send(5).unwrap();
+            let got = select! {
+                recv(ready) -> v => v.unwrap(),
+                recv(gokernel::after(Duration::from_secs(60))) -> _t => 0,
+            };
+            assert_eq!(got, 5);
+        })
+        .unwrap();
+}

@@ -6,6 +6,7 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::time::Duration;
 
 use gokernel::platform::Platform;
 use gokernel::proc::{Parker, gosched};
@@ -211,6 +212,38 @@ fn parallel_and_stolen(sched: &'static Sched) -> Option<bool> {
     })
 }
 
+/// Sleep durations of the sleep-order check, in the order the goroutines
+/// start (ms): each wakes in deadline order, not start order.
+const SLEEPS_MS: [u64; 5] = [50, 10, 40, 20, 30];
+
+/// Goroutines sleep for [`SLEEPS_MS`] on the 2 Ms; returns, in wake-up
+/// order, each one's duration and whether it woke no earlier than its
+/// deadline.
+fn sleep_order(sched: &'static Sched) -> Option<Vec<(u64, bool)>> {
+    run_g(sched, 20, move || {
+        // SAFETY: on a goroutine.
+        let main = unsafe { Parker::current() };
+        let left = Arc::new(AtomicUsize::new(SLEEPS_MS.len()));
+        let order: Arc<spin::Mutex<Vec<(u64, bool)>>> = Arc::new(spin::Mutex::new(Vec::new()));
+        for ms in SLEEPS_MS {
+            let (left, main, order) = (left.clone(), main.clone(), order.clone());
+            sched
+                .go(Box::new(move || {
+                    let deadline = IMAGE.nanotime() + ms * 1_000_000;
+                    gokernel::sleep(Duration::from_millis(ms));
+                    let on_time = IMAGE.nanotime() >= deadline;
+                    order.lock().push((ms, on_time));
+                    if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        main.unpark();
+                    }
+                }))
+                .expect("spawn a sleeper");
+        }
+        wait_zero(&left);
+        order.lock().clone()
+    })
+}
+
 /// The PT_TLS program header, read through AT_PHDR / AT_PHNUM.
 /// Channels, select and the sync types on 2 Ms: 4 producers send 10,000
 /// numbers each over an unbuffered channel to 4 consumers that add them up
@@ -364,6 +397,19 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
         css.is_some_and(|(sum, expected, selected)| sum == expected && selected == 16),
         format_args!(
             "(sum, expected, values drained by select) = {css:?}, over an unbuffered channel, a Mutex and a WaitGroup"
+        ),
+    );
+
+    let order = sleep_order(sched);
+    let mut sorted = SLEEPS_MS;
+    sorted.sort_unstable();
+    r.check(
+        "sleep-order",
+        order.as_ref().is_some_and(|o| {
+            o.iter().map(|w| w.0).eq(sorted.iter().copied()) && o.iter().all(|w| w.1)
+        }),
+        format_args!(
+            "goroutines sleeping {SLEEPS_MS:?} ms woke as (ms, not before the deadline) {order:?}"
         ),
     );
 

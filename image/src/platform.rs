@@ -158,7 +158,8 @@ unsafe extern "C" fn clone_thread(
 // SAFETY: newosproc runs mstart0 once on a fresh clone(2) thread with its
 // own stack and TLS block (default FP environment: a new thread inherits
 // none of ours beyond the defaults, which Rust code never changes); futex
-// calls are FUTEX_WAIT / FUTEX_WAKE.
+// calls are FUTEX_WAIT / FUTEX_WAKE, whose timeouts run on CLOCK_MONOTONIC,
+// the clock nanotime reads.
 unsafe impl Platform for Image {
     /// A clone(2) thread with a 256 KiB stack and a fresh TLS block.
     ///
@@ -226,5 +227,10 @@ unsafe impl Platform for Image {
 
     fn ncpu(&self) -> usize {
         2
+    }
+
+    /// `clock_gettime(CLOCK_MONOTONIC)` as a raw system call.
+    fn nanotime(&self) -> u64 {
+        monotonic_ns()
     }
 }

@@ -9,10 +9,13 @@ pub const SYS_CLONE: usize = 56;
 pub const SYS_EXIT: usize = 60;
 pub const SYS_ARCH_PRCTL: usize = 158;
 pub const SYS_FUTEX: usize = 202;
+pub const SYS_CLOCK_GETTIME: usize = 228;
 pub const SYS_EXIT_GROUP: usize = 231;
 
 pub const ARCH_SET_FS: usize = 0x1002;
 pub const ARCH_GET_FS: usize = 0x1003;
+
+pub const CLOCK_MONOTONIC: usize = 1;
 
 pub const FUTEX_WAIT_PRIVATE: usize = 128;
 pub const FUTEX_WAKE_PRIVATE: usize = 129;
@@ -134,4 +137,18 @@ pub fn arch_get_fs() -> usize {
         )
     };
     v
+}
+
+/// `clock_gettime(CLOCK_MONOTONIC)` by a real system call (the image has
+/// no vDSO parser), in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = [0u64; 2]; // struct timespec: tv_sec, tv_nsec
+    // SAFETY: the kernel writes one timespec (two words) into `ts`.
+    unsafe {
+        syscall6(
+            SYS_CLOCK_GETTIME,
+            [CLOCK_MONOTONIC, ts.as_mut_ptr() as usize, 0, 0, 0, 0],
+        )
+    };
+    ts[0] * 1_000_000_000 + ts[1]
 }
