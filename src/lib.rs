@@ -93,7 +93,7 @@ pub mod tls;
 #[cfg(feature = "std")]
 pub use runtime::{
     BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, SpawnError, current,
-    go, gosched, num_goroutine, park, spawn, try_spawn,
+    go, gosched, lock_os_thread, num_goroutine, park, spawn, stats, try_spawn, unlock_os_thread,
 };
 pub use stubs::systemstack;
 pub use tls::getg;
