@@ -23,14 +23,17 @@
 //! - [`runq`]: a P's run queue (ring of 256 + `runnext`), model-checked
 //!   with loom; [`proc`] also holds the scheduler proper (`newproc`,
 //!   `schedule`, `findrunnable`, work stealing, spinning Ms, `gopark` /
-//!   `goready`) and [`Sched`](runtime2::Sched).
+//!   `goready`), locked Gs ([`lock_os_thread`](proc::lock_os_thread)),
+//!   introspection ([`Stats`](proc::Stats), [`schedtrace`](proc::schedtrace))
+//!   and [`Sched`](runtime2::Sched).
 //! - [`platform`]: what the scheduler needs from its world (threads,
 //!   futexes, CPU count); [`lock_futex`]: how idle Ms sleep.
 //! - [`stack`]: goroutine stacks: guard pages within a mapping budget,
 //!   arena stacks with soft guards beyond it.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
 //! - Hosted (`std`): `Runtime`, `go`, `spawn`, `JoinHandle`,
-//!   `park`, `current` — the API most programs use.
+//!   `park`, `current`, `lock_os_thread`, `stats` — the API most programs
+//!   use; `GOKERNEL_SCHEDTRACE=<ms>` prints Go's schedtrace lines.
 //!
 //! [`gogo`]: asm_amd64::gogo
 //! [`mcall`]: asm_amd64::mcall
