@@ -1968,8 +1968,11 @@ impl Sched {
 
     /// A snapshot of the scheduler: goroutines by status, the queues, the
     /// Ms and Ps (see [`Stats`] for how consistent it is). It takes the
-    /// scheduler lock and the list of Gs briefly, one after the other; the
-    /// scheduling paths pay nothing for it.
+    /// list of Gs, then the scheduler lock, one after the other; the
+    /// scheduling paths pay nothing for it. It reads the status of every G
+    /// ever allocated and not freed, so it costs time in proportion to
+    /// them (4.4 ms for 200,000 Gs on the 2-core test machine); spawns
+    /// that must allocate a new G wait for it meanwhile.
     ///
     /// ```
     /// use gokernel::platform::hosted::HOSTED;
