@@ -405,8 +405,13 @@ fn dropping_a_runtime_stops_its_schedtrace_monitor_at_once() {
         .build()
         .unwrap();
     assert_eq!(r.block_on(|| 1), Ok(1));
-    // comm is cut to 15 bytes: "gokernel-schedt".
-    assert_eq!(threads_named("gokernel-schedt"), 1, "the monitor runs");
+    // comm is cut to 15 bytes: "gokernel-schedt". The thread names itself
+    // once it runs, which may be a moment after build returns.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while threads_named("gokernel-schedt") != 1 {
+        assert!(Instant::now() < deadline, "no monitor thread is running");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let start = Instant::now();
     drop(r);
     let took = start.elapsed();
