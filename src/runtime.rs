@@ -351,7 +351,12 @@ impl Monitor {
                     }
                     let ms = start.elapsed().as_millis() as u64;
                     let line = crate::proc::schedtrace(&sched.stats(), ms);
-                    std::eprintln!("{line}");
+                    // One write per line; a closed stderr is not our
+                    // business (eprintln would panic).
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr().lock(),
+                        std::format!("{line}\n").as_bytes(),
+                    );
                     // Skip ticks missed while the machine was busy.
                     while next <= Instant::now() {
                         next += period;
