@@ -1349,6 +1349,33 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
     }
 }
 
+/// [`findrunnable`] for `schedule` on `mp`, handing each G it finds locked
+/// to another M over to that M with this M's P (`startlockedm`) and
+/// looking again once this M has a P back: the `goto top` of Go's
+/// `schedule`. `None` when the scheduler is stopping (the M then holds no
+/// P).
+///
+/// On g0 of a scheduler M holding a P and no locked G.
+fn findrunnable_skiplocked(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
+    loop {
+        let (gp, inherit) = findrunnable(sched)?;
+        // SAFETY: gp was taken off a queue by us: its fields are ours to
+        // read.
+        if unsafe { (*gp).lockedm }.is_null() {
+            return Some((gp, inherit));
+        }
+        // SAFETY: mp is ours.
+        if unsafe { (*mp).spinning } {
+            resetspinning(sched, mp);
+        }
+        // SAFETY: on g0 of mp, holding a P; gp is runnable, locked to
+        // another M, and ours.
+        if !unsafe { startlockedm(sched, mp, gp) } {
+            return None;
+        }
+    }
+}
+
 /// Takes an idle P for `mp` and makes it a spinning M again (work turned
 /// up after it stopped spinning); false if no P is idle. Under the lock.
 fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
@@ -1418,34 +1445,21 @@ pub fn schedule() -> ! {
             // SAFETY: as at the end of this function.
             unsafe { gogo(&(*g0).sched) }
         }
-        loop {
-            // SAFETY: a running scheduler M holds a P here.
-            let pp = unsafe { (*mp).p };
-            // SAFETY: pp is ours.
-            if unsafe { (*pp).runnext_streak } >= RUNNEXT_LIMIT {
-                // SAFETY: as above.
-                unsafe { (*pp).runnext_streak = 0 };
-                // SAFETY: as above.
-                if let Some(batch) = runqdemote(unsafe { &(*pp).runq }) {
-                    globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
-                }
+        // SAFETY: a running scheduler M holds a P here.
+        let pp = unsafe { (*mp).p };
+        // SAFETY: pp is ours.
+        if unsafe { (*pp).runnext_streak } >= RUNNEXT_LIMIT {
+            // SAFETY: as above.
+            unsafe { (*pp).runnext_streak = 0 };
+            // SAFETY: as above.
+            if let Some(batch) = runqdemote(unsafe { &(*pp).runq }) {
+                globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
             }
-            let Some((gp, inherit)) = findrunnable(sched) else {
-                break;
-            };
+        }
+        if let Some((gp, inherit)) = findrunnable_skiplocked(sched, mp) {
             // SAFETY: mp is ours.
             if unsafe { (*mp).spinning } {
                 resetspinning(sched, mp);
-            }
-            // SAFETY: gp was taken off a queue by us: its fields are ours
-            // to read.
-            if !unsafe { (*gp).lockedm }.is_null() {
-                // Locked to another M: that M runs it, on our P.
-                // SAFETY: on g0 of mp, holding a P; gp is runnable and ours.
-                if unsafe { startlockedm(sched, mp, gp) } {
-                    continue;
-                }
-                break;
             }
             // SAFETY: gp is runnable and was taken off a queue by us.
             unsafe { execute(gp, inherit) }
