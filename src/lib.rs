@@ -23,7 +23,9 @@
 //! - [`runq`]: a P's run queue (ring of 256 + `runnext`), model-checked
 //!   with loom; [`proc`] also holds the scheduler proper (`newproc`,
 //!   `schedule`, `findrunnable`, work stealing, spinning Ms, `gopark` /
-//!   `goready`) and [`Sched`](runtime2::Sched).
+//!   `goready`), locked Gs ([`lock_os_thread`](proc::lock_os_thread)),
+//!   introspection ([`Stats`](proc::Stats), [`schedtrace`](proc::schedtrace))
+//!   and [`Sched`](runtime2::Sched).
 //! - [`time`]: timers — a heap per P run by `schedule` /
 //!   `findrunnable`, [`sleep`], [`after_func`](time::after_func), and the
 //!   idle M that sleeps until the next deadline instead of spinning.
@@ -38,8 +40,9 @@
 //!   [`sema`] (sudogs and wait queues over `gopark` / `goready`); with or
 //!   without `std`, from goroutines and from plain threads.
 //! - Hosted (`std`): `Runtime`, `go`, `spawn`, `JoinHandle`,
-//!   `park`, `current` — the API most programs use ([`sleep`] works with
-//!   and without `std`).
+//!   `park`, `current`, `lock_os_thread`, `stats` — the API most programs
+//!   use ([`sleep`] works with and without `std`);
+//!   `GOKERNEL_SCHEDTRACE=<ms>` prints Go's schedtrace lines.
 //!
 //! [`gogo`]: asm_amd64::gogo
 //! [`mcall`]: asm_amd64::mcall
@@ -108,7 +111,7 @@ pub use chan::{Chan, CloseError, RecvError, SendError, TryRecvError, TrySendErro
 #[cfg(feature = "std")]
 pub use runtime::{
     BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, SpawnError, current,
-    go, gosched, num_goroutine, park, spawn, try_spawn,
+    go, gosched, lock_os_thread, num_goroutine, park, spawn, stats, try_spawn, unlock_os_thread,
 };
 pub use stubs::systemstack;
 pub use time::{after, sleep};

@@ -1,6 +1,8 @@
 //! The hosted API: [`Runtime`], [`go`], [`spawn`] and [`JoinHandle`],
 //! [`gosched`], [`current`], [`park`] / [`Goroutine::unpark`],
-//! [`num_goroutine`] (the `std` feature).
+//! [`lock_os_thread`] / [`unlock_os_thread`], [`num_goroutine`] and
+//! [`stats`] (the `std` feature), and the schedtrace monitor
+//! (`GOKERNEL_SCHEDTRACE`, [`Builder::schedtrace`]).
 //!
 //! ```
 //! use gokernel::Runtime;
@@ -18,9 +20,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::platform::hosted::HOSTED;
-use crate::proc::{PStats, Parker, newproc};
+use crate::proc::{PStats, Parker, Stats, newproc};
 use crate::runtime2::Sched;
 use crate::stack::{STACK_DEFAULT, StackError, check_stack_size};
 use crate::tls::getg;
@@ -71,6 +74,7 @@ pub struct Builder {
     procs: Option<usize>,
     stack_size: usize,
     report_go_panics: bool,
+    schedtrace: Option<Duration>,
 }
 
 impl Builder {
@@ -101,7 +105,34 @@ impl Builder {
         self
     }
 
-    /// Builds the runtime. No thread starts until there is a G to run.
+    /// Prints a line of scheduler state (see
+    /// [`schedtrace`](crate::proc::schedtrace)) on stderr every `period`,
+    /// from a monitor thread that stops when the runtime is dropped: Go's
+    /// `GODEBUG=schedtrace=<ms>`. [`Duration::ZERO`] turns it off. Periods
+    /// under a millisecond count as one.
+    ///
+    /// Without this option the environment decides:
+    /// `GOKERNEL_SCHEDTRACE=<ms>` (a whole number of milliseconds; 0 or
+    /// empty is off). A value that is not one is reported once on stderr
+    /// (`gokernel: ignoring GOKERNEL_SCHEDTRACE="…": …`) and no trace runs.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let rt = gokernel::Runtime::builder()
+    ///     .procs(1)
+    ///     .schedtrace(Duration::from_millis(100)) // "SCHED 100ms: gomaxprocs=1 …"
+    ///     .build()
+    ///     .unwrap();
+    /// drop(rt); // the monitor stops here
+    /// ```
+    pub fn schedtrace(mut self, period: Duration) -> Self {
+        self.schedtrace = Some(period);
+        self
+    }
+
+    /// Builds the runtime. No thread starts until there is a G to run
+    /// (except the schedtrace monitor, when one is asked for).
     pub fn build(self) -> Result<Runtime, BuildError> {
         let procs = self
             .procs
@@ -110,9 +141,12 @@ impl Builder {
             return Err(BuildError::Procs { procs });
         }
         check_stack_size(self.stack_size).map_err(BuildError::StackSize)?;
-        Ok(Runtime {
-            sched: Sched::with_options(procs, self.stack_size, &HOSTED, self.report_go_panics),
-        })
+        let sched = Sched::with_options(procs, self.stack_size, &HOSTED, self.report_go_panics);
+        let period = self.schedtrace.or_else(schedtrace_from_env);
+        let monitor = period
+            .filter(|p| !p.is_zero())
+            .map(|p| Monitor::start(sched.clone(), p.max(Duration::from_millis(1))));
+        Ok(Runtime { sched, monitor })
     }
 }
 
@@ -121,6 +155,8 @@ impl Builder {
 /// then exits; Gs that are still runnable or parked are not run again.
 pub struct Runtime {
     sched: Arc<Sched>,
+    /// The schedtrace monitor thread, if one was asked for.
+    monitor: Option<Monitor>,
 }
 
 impl Runtime {
@@ -130,6 +166,7 @@ impl Runtime {
             procs: None,
             stack_size: STACK_DEFAULT,
             report_go_panics: false,
+            schedtrace: None,
         }
     }
 
@@ -214,11 +251,134 @@ impl Runtime {
     pub fn p_stats(&self) -> Vec<PStats> {
         self.sched.pstats()
     }
+
+    /// A snapshot of the scheduler: goroutines by status, run queues, Ms
+    /// and Ps, and the per-P counters (see [`Stats`]).
+    ///
+    /// ```
+    /// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+    /// rt.block_on(|| {
+    ///     let hs: Vec<_> = (0..10).map(|_| gokernel::spawn(gokernel::gosched)).collect();
+    ///     hs.into_iter().for_each(|h| h.join().unwrap());
+    /// })
+    /// .unwrap();
+    /// let s = rt.stats();
+    /// assert_eq!(s.procs, 2);
+    /// assert!(s.ps.iter().map(|p| p.spawned).sum::<u64>() >= 10);
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.sched.stats()
+    }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
+        // The monitor first: it would only report the shutdown.
+        drop(self.monitor.take());
         self.sched.shutdown();
+    }
+}
+
+/// The environment variable that turns on the schedtrace monitor.
+const SCHEDTRACE_ENV: &str = "GOKERNEL_SCHEDTRACE";
+
+/// The schedtrace period the environment asks for: `None` when it is unset,
+/// empty or `0`; a bad value is reported once per process and ignored.
+fn schedtrace_from_env() -> Option<Duration> {
+    let v = std::env::var_os(SCHEDTRACE_ENV)?;
+    match parse_schedtrace(v.to_str()) {
+        Ok(p) => p,
+        Err(why) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                std::eprintln!(
+                    "gokernel: ignoring {SCHEDTRACE_ENV}={:?}: {why}",
+                    v.to_string_lossy()
+                );
+            });
+            None
+        }
+    }
+}
+
+/// A `GOKERNEL_SCHEDTRACE` value (`None`: not valid Unicode) as a period.
+fn parse_schedtrace(v: Option<&str>) -> Result<Option<Duration>, &'static str> {
+    let v = v.ok_or("expected a whole number of milliseconds, not valid Unicode")?;
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let ms: u64 = v.parse().map_err(
+        |_| "expected a whole number of milliseconds (e.g. 1000; 0 turns the trace off)",
+    )?;
+    Ok((ms != 0).then(|| Duration::from_millis(ms)))
+}
+
+/// The schedtrace monitor (the part of Go's `sysmon` that calls
+/// `schedtrace`): a thread that prints one line every period until told to
+/// stop.
+struct Monitor {
+    /// Set (under the mutex) to stop the thread; the condition variable
+    /// wakes it.
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Monitor {
+    fn start(sched: Arc<Sched>, period: Duration) -> Monitor {
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let s = stop.clone();
+        let thread = thread::Builder::new()
+            .name("gokernel-schedtrace".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let mut next = start + period;
+                let (lock, cv) = &*s;
+                let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let now = Instant::now();
+                    if now < next {
+                        stopped = cv
+                            .wait_timeout(stopped, next - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    if *stopped {
+                        return;
+                    }
+                    if Instant::now() < next {
+                        continue; // a spurious wake-up
+                    }
+                    let ms = start.elapsed().as_millis() as u64;
+                    let line = crate::proc::schedtrace(&sched.stats(), ms);
+                    // One write per line; a closed stderr is not our
+                    // business (eprintln would panic).
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr().lock(),
+                        std::format!("{line}\n").as_bytes(),
+                    );
+                    // Skip ticks missed while the machine was busy.
+                    while next <= Instant::now() {
+                        next += period;
+                    }
+                }
+            })
+            .expect("gokernel: cannot start the schedtrace monitor thread");
+        Monitor {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -539,4 +699,79 @@ pub fn num_goroutine() -> usize {
     require_goroutine("num_goroutine");
     // SAFETY: on a user G (checked): its M's scheduler is live.
     unsafe { (*(*(*getg()).m).rt).ngoroutines() }
+}
+
+/// A snapshot of the current runtime's scheduler (see [`Stats`]).
+///
+/// # Panics
+///
+/// Outside a goroutine (use [`Runtime::stats`] there).
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// let s = rt.block_on(gokernel::stats).unwrap();
+/// assert_eq!(s.goroutines.running, 1); // the main goroutine, asking
+/// assert_eq!(s.threads, 1);
+/// ```
+pub fn stats() -> Stats {
+    require_goroutine("stats");
+    // SAFETY: on a user G (checked): its M's scheduler is live.
+    unsafe { (*(*(*getg()).m).rt).stats() }
+}
+
+/// Wires the current goroutine to its OS thread until the matching
+/// [`unlock_os_thread`] (Go's `runtime.LockOSThread`): it runs only on
+/// that thread, and the thread runs no other goroutine. Calls nest. A
+/// goroutine that exits locked unlocks its thread, which goes back to the
+/// pool (Go ends the thread instead); see
+/// [`proc::lock_os_thread`](crate::proc::lock_os_thread).
+///
+/// # Panics
+///
+/// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     gokernel::lock_os_thread();
+///     assert_eq!(gokernel::stats().locked_ms, 1);
+///     gokernel::gosched(); // comes back on the same thread
+///     gokernel::unlock_os_thread();
+///     assert_eq!(gokernel::stats().locked_ms, 0);
+/// })
+/// .unwrap();
+/// ```
+pub fn lock_os_thread() {
+    require_goroutine("lock_os_thread");
+    crate::proc::lock_os_thread();
+}
+
+/// Undoes one [`lock_os_thread`] (Go's `runtime.UnlockOSThread`); without
+/// one it does nothing.
+///
+/// # Panics
+///
+/// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// rt.block_on(|| {
+///     gokernel::lock_os_thread();
+///     gokernel::lock_os_thread();
+///     gokernel::unlock_os_thread();
+///     assert_eq!(gokernel::stats().locked_ms, 1); // one lock left
+///     gokernel::unlock_os_thread();
+///     assert_eq!(gokernel::stats().locked_ms, 0);
+/// })
+/// .unwrap();
+/// ```
+pub fn unlock_os_thread() {
+    require_goroutine("unlock_os_thread");
+    crate::proc::unlock_os_thread();
 }

@@ -279,6 +279,12 @@ pub struct G {
     /// While parked on a channel or sync object: its waiter, whose sudogs
     /// a dropped runtime takes off their queues (Go's `g.waiting`).
     pub(crate) waiting: *const crate::sema::Waiter,
+    /// The M this G is locked to by
+    /// [`lock_os_thread`](crate::proc::lock_os_thread), or null (Go's
+    /// `lockedm`). Written by the G itself while it runs on that M (and by
+    /// `goexit0` on the M's g0); read by whichever M takes the G off a run
+    /// queue, which the queue's release/acquire orders after the write.
+    pub(crate) lockedm: *mut M,
 }
 
 impl G {
@@ -350,6 +356,16 @@ pub struct M {
     pub(crate) waitunlockf: Option<unsafe fn(*mut G, *mut ()) -> bool>,
     /// The argument of `waitunlockf`.
     pub(crate) waitlock: *mut (),
+    /// The G locked to this M, or null (Go's `lockedg`): the M runs only
+    /// it, and sleeps in `stoplockedm` while it cannot run. Owner only.
+    pub(crate) lockedg: *mut G,
+    /// [`lock_os_thread`](crate::proc::lock_os_thread) calls not yet undone
+    /// by [`unlock_os_thread`](crate::proc::unlock_os_thread) (Go's
+    /// `lockedExt`). Owner only.
+    pub(crate) lockedext: u32,
+    /// True while this M sleeps in `stoplockedm` and nobody has woken it
+    /// yet; under [`Sched::lock`], like every wake-up of a locked M.
+    pub(crate) lockedsleep: bool,
 }
 
 /// A processor token: an M must hold one to run user Gs. There are `procs`
@@ -417,6 +433,9 @@ pub(crate) struct SchedLocked {
     pub(crate) pidle: *mut P,
     /// Dead Gs with stacks, beyond what the Ps keep.
     pub(crate) gfree: GQueue,
+    /// Locked Ms sleeping in `stoplockedm` (Go's `nmidlelocked`): those
+    /// with `M::lockedsleep` set.
+    pub(crate) nmidlelocked: u32,
 }
 
 // SAFETY: the raw pointers are to runtime-owned Gs, Ms and Ps, which live
@@ -473,6 +492,12 @@ pub struct Sched {
     /// The idle M that sleeps until the next timer, and how to wake it
     /// (Go's `sched.pollUntil` and `netpollBreak`; see [`crate::time`]).
     pub(crate) timerpoll: crate::time::TimerPoll,
+    /// Ms with a locked G (`M::lockedg` non-null), for [`stats`]. Changed
+    /// only by `lock_os_thread`, `unlock_os_thread` and the exit of a locked
+    /// G, never on the scheduling paths.
+    ///
+    /// [`stats`]: Sched::stats
+    pub(crate) nmlocked: AtomicU32,
 }
 
 /// See [`Sched::deadlock_hooks`].

@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize
 use core::time::Duration;
 
 use gokernel::platform::Platform;
-use gokernel::proc::{Parker, gosched};
+use gokernel::proc::{Parker, Stats, gosched, lock_os_thread, schedtrace, unlock_os_thread};
 use gokernel::runtime2::Sched;
 use gokernel::tls::{FsBaseMode, fs0};
 
@@ -244,6 +244,53 @@ fn sleep_order(sched: &'static Sched) -> Option<Vec<(u64, bool)>> {
     })
 }
 
+/// The id of the M running the current goroutine.
+fn m_id() -> i64 {
+    // SAFETY: on a goroutine: its M is live.
+    unsafe { (*(*gokernel::getg()).m).id }
+}
+
+/// A goroutine locked to its M keeps that M (the same id and TLS block)
+/// across 1,000 yields and 1,000 parks; returns that, and the locked Ms
+/// `stats` counted meanwhile.
+fn locked_g(sched: &'static Sched) -> Option<(bool, usize)> {
+    run_g(sched, 60, move || {
+        lock_os_thread();
+        let (m, tp) = (m_id(), fs0());
+        let mut same = true;
+        for _ in 0..1000 {
+            gosched();
+            same &= m_id() == m && fs0() == tp;
+            // SAFETY: on a goroutine.
+            let me = unsafe { Parker::current() };
+            let waker = me.clone();
+            sched
+                .go(Box::new(move || waker.unpark()))
+                .expect("spawn the waker");
+            // SAFETY: our own parker.
+            unsafe { me.park() };
+            same &= m_id() == m && fs0() == tp;
+        }
+        let locked = sched.stats().locked_ms;
+        unlock_os_thread();
+        (same, locked)
+    })
+}
+
+/// Polls `sched.stats()` (up to 10 s) until nothing runs: every P idle,
+/// no live goroutine.
+fn quiescent_stats(sched: &Sched) -> Stats {
+    let zero = AtomicU32::new(0);
+    for _ in 0..10_000 {
+        let s = sched.stats();
+        if s.idle_ps == s.procs && s.goroutines.live() == 0 {
+            return s;
+        }
+        IMAGE.futexsleep(&zero, 0, Some(1_000_000));
+    }
+    sched.stats()
+}
+
 /// The PT_TLS program header, read through AT_PHDR / AT_PHNUM.
 /// Channels, select and the sync types on 2 Ms: 4 producers send 10,000
 /// numbers each over an unbuffered channel to 4 consumers that add them up
@@ -389,6 +436,21 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
         "parallel-and-stolen",
         par == Some(true) && stolen > 0,
         format_args!("two goroutines ran at once: {par:?}; Gs stolen between Ps: {stolen}"),
+    );
+    let locked = locked_g(sched);
+    r.check(
+        "lock-os-thread",
+        locked == Some((true, 1)),
+        format_args!(
+            "(same M and TLS block across 1,000 goscheds and parks, locked Ms) = {locked:?}"
+        ),
+    );
+    let s = quiescent_stats(sched);
+    let queued = s.runqueue + s.ps.iter().map(|p| p.runq_len).sum::<usize>();
+    r.check(
+        "stats",
+        s.idle_ps == 2 && s.goroutines.live() == 0 && queued == 0 && s.locked_ms == 0,
+        format_args!("{}", schedtrace(&s, 0)),
     );
 
     let css = chan_select_sync(sched);

@@ -1,0 +1,341 @@
+//! `lock_os_thread` / `unlock_os_thread` (Go's LockOSThread): a locked
+//! goroutine runs only on its M and that M runs only it, across yields and
+//! parks; locks nest; a locked goroutine that exits, deadlocks or is left
+//! parked at shutdown leaves the runtime in order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use gokernel::{Deadlock, Runtime, getg};
+
+fn rt(procs: usize) -> Runtime {
+    Runtime::builder().procs(procs).build().unwrap()
+}
+
+/// The id of the M running the calling goroutine (re-read from the G on
+/// every call).
+fn current_m_id() -> i64 {
+    // SAFETY: on a goroutine: its M is live.
+    unsafe { (*(*getg()).m).id }
+}
+
+/// The calling OS thread's id, from the kernel (never cached).
+fn tid() -> i64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+fn valgrind() -> bool {
+    std::env::var_os("GOKERNEL_VALGRIND").is_some()
+}
+
+/// Runs `f` on a thread; fails the test if it takes over `secs` seconds.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
+}
+
+/// `n` goroutines that yield in a loop until `stop`, keeping every P busy.
+fn busy_peers(n: usize, stop: &Arc<AtomicBool>) -> Vec<gokernel::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            gokernel::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    gokernel::gosched();
+                }
+            })
+        })
+        .collect()
+}
+
+/// Parks the calling goroutine and has a fresh goroutine wake it.
+fn park_and_get_woken() {
+    let me = gokernel::current();
+    gokernel::go(move || me.unpark());
+    gokernel::park();
+}
+
+#[test]
+fn a_locked_goroutine_keeps_its_m_and_thread_across_10000_goscheds_and_parks() {
+    let r = rt(2);
+    r.block_on(|| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = busy_peers(4, &stop);
+        let locked = gokernel::spawn(|| {
+            gokernel::lock_os_thread();
+            let (m, t) = (current_m_id(), tid());
+            for i in 0..10_000 {
+                gokernel::gosched();
+                assert_eq!(current_m_id(), m, "moved to another M after gosched {i}");
+                assert_eq!(tid(), t, "moved to another thread after gosched {i}");
+                park_and_get_woken();
+                assert_eq!(current_m_id(), m, "moved to another M after park {i}");
+                assert_eq!(tid(), t, "moved to another thread after park {i}");
+            }
+            gokernel::unlock_os_thread();
+        });
+        locked.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for p in peers {
+            p.join().unwrap();
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn no_other_goroutine_runs_on_the_m_of_a_locked_goroutine() {
+    let r = rt(2);
+    r.block_on(|| {
+        // The locked goroutine's M id while it is locked, else 0.
+        let locked_m = Arc::new(AtomicI64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        // Runs of other goroutines seen during the locked period, and those
+        // of them that were on the locked M.
+        let seen = Arc::new(AtomicU64::new(0));
+        let intruders = Arc::new(AtomicU64::new(0));
+        let others: Vec<_> = (0..8)
+            .map(|_| {
+                let (locked_m, stop) = (locked_m.clone(), stop.clone());
+                let (seen, intruders) = (seen.clone(), intruders.clone());
+                gokernel::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        // No switch between these two reads: if the locked
+                        // period covered the first, this M ran us during it.
+                        let lm = locked_m.load(Ordering::SeqCst);
+                        let me = current_m_id();
+                        if lm != 0 {
+                            seen.fetch_add(1, Ordering::Relaxed);
+                            if me == lm {
+                                intruders.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if seen.load(Ordering::Relaxed) % 7 == 0 {
+                            park_and_get_woken();
+                        } else {
+                            gokernel::gosched();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let lm = locked_m.clone();
+        let locked = gokernel::spawn(move || {
+            gokernel::lock_os_thread();
+            lm.store(current_m_id(), Ordering::SeqCst);
+            for _ in 0..2_000 {
+                gokernel::gosched();
+                park_and_get_woken();
+            }
+            lm.store(0, Ordering::SeqCst);
+            gokernel::unlock_os_thread();
+        });
+        locked.join().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        for o in others {
+            o.join().unwrap();
+        }
+        let (seen, intruders) = (
+            seen.load(Ordering::SeqCst),
+            intruders.load(Ordering::SeqCst),
+        );
+        assert!(seen > 100, "other goroutines barely ran: {seen} runs");
+        assert_eq!(
+            intruders, 0,
+            "{intruders} of {seen} runs of other goroutines were on the locked M"
+        );
+    })
+    .unwrap();
+}
+
+#[test]
+fn locks_nest_and_an_unlock_without_a_lock_does_nothing() {
+    let r = rt(2);
+    r.block_on(|| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = busy_peers(4, &stop);
+        gokernel::unlock_os_thread(); // no lock: nothing to undo
+        assert_eq!(gokernel::stats().locked_ms, 0);
+        gokernel::lock_os_thread();
+        gokernel::lock_os_thread();
+        gokernel::unlock_os_thread();
+        assert_eq!(gokernel::stats().locked_ms, 1, "one lock is left");
+        let m = current_m_id();
+        for i in 0..2_000 {
+            gokernel::gosched();
+            assert_eq!(
+                current_m_id(),
+                m,
+                "moved after gosched {i} with one lock left"
+            );
+        }
+        gokernel::unlock_os_thread();
+        assert_eq!(gokernel::stats().locked_ms, 0, "the last unlock unlocks");
+        gokernel::unlock_os_thread(); // one too many: nothing happens
+        assert_eq!(gokernel::stats().locked_ms, 0);
+        // Unlocked, it may run on any M again: with busy peers on 2 Ps it
+        // does soon (bounded by time; under Valgrind a move may never come).
+        if !valgrind() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while current_m_id() == m {
+                assert!(
+                    Instant::now() < deadline,
+                    "never moved after the last unlock"
+                );
+                gokernel::gosched();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for p in peers {
+            p.join().unwrap();
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn goroutines_that_exit_locked_leave_the_runtime_working_and_their_ms_reusable() {
+    let r = rt(2);
+    r.block_on(|| {
+        for _ in 0..200 {
+            let h = gokernel::spawn(|| {
+                gokernel::lock_os_thread();
+                gokernel::lock_os_thread();
+                gokernel::gosched();
+                current_m_id()
+            });
+            h.join().unwrap();
+        }
+        // Every M came back unlocked and took other work: spawn plenty.
+        let hs: Vec<_> = (0..1_000u64).map(|i| gokernel::spawn(move || i)).collect();
+        let sum: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(sum, 999 * 1_000 / 2);
+        // A result arrives just before its goroutine exits (and unlocks):
+        // the last one may still be on its way out.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gokernel::stats().locked_ms != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "an exited goroutine left its M locked"
+            );
+            gokernel::gosched();
+        }
+        let s = gokernel::stats();
+        assert!(
+            s.threads <= 16,
+            "200 locked goroutines exiting made {} threads: their Ms were not reused",
+            s.threads
+        );
+    })
+    .unwrap();
+}
+
+#[test]
+fn shutdown_with_a_locked_goroutine_parked_forever_returns_promptly() {
+    for procs in [1, 2] {
+        within(30, "dropping the runtime", move || {
+            let r = rt(procs);
+            let (tx, rx) = mpsc::channel();
+            r.spawn(move || {
+                gokernel::lock_os_thread();
+                tx.send(()).unwrap();
+                gokernel::park(); // never woken
+            });
+            rx.recv().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while r.stats().idle_locked_ms != 1 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the locked M never went to sleep"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(r);
+        });
+    }
+}
+
+#[test]
+fn a_locked_main_goroutine_that_finishes_returns_its_value() {
+    let r = rt(2);
+    for round in 0..3 {
+        let v = r.block_on(move || {
+            gokernel::lock_os_thread();
+            let t = tid();
+            let hs: Vec<_> = (0..100u64)
+                .map(|i| gokernel::spawn(move || i * 2))
+                .collect();
+            let sum: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+            assert_eq!(tid(), t, "the locked main goroutine moved");
+            sum + round
+        });
+        assert_eq!(v, Ok(9_900 + round));
+    }
+    // The value arrives just before the main goroutine exits and unlocks.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.stats().locked_ms != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the exited main goroutine left its M locked"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_locked_goroutine_that_parks_forever_is_still_reported_as_a_deadlock() {
+    for procs in [1, 2] {
+        let r = within(
+            60,
+            "block_on with a deadlocked, locked main goroutine",
+            move || {
+                let r = rt(procs);
+                let d = r.block_on(|| {
+                    gokernel::lock_os_thread();
+                    gokernel::park();
+                });
+                // The runtime goes on, with the locked M asleep.
+                let v = r.block_on(|| gokernel::spawn(|| 7).join().unwrap());
+                (d, v)
+            },
+        );
+        assert_eq!(r, (Err(Deadlock), Ok(7)), "procs = {procs}");
+    }
+}
+
+#[test]
+fn a_locked_goroutine_on_one_proc_round_trips_through_other_ms() {
+    let r = rt(1);
+    r.block_on(|| {
+        gokernel::lock_os_thread();
+        let m = current_m_id();
+        let others: Vec<_> = (0..10)
+            .map(|_| {
+                gokernel::spawn(move || {
+                    let mut mine = Vec::new();
+                    for _ in 0..100 {
+                        mine.push(current_m_id());
+                        gokernel::gosched();
+                    }
+                    mine
+                })
+            })
+            .collect();
+        for _ in 0..1_000 {
+            gokernel::gosched();
+            assert_eq!(current_m_id(), m);
+        }
+        for o in others {
+            let ms = o.join().unwrap();
+            assert!(!ms.contains(&m), "another goroutine ran on the locked M");
+        }
+        assert_eq!(current_m_id(), m);
+        gokernel::unlock_os_thread();
+    })
+    .unwrap();
+}
