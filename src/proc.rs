@@ -1295,9 +1295,8 @@ fn stealwork(sched: &Sched, mp: *mut M, pp: *mut P) -> *mut G {
 /// slice, or `None` when the scheduler is stopping (the M then holds no P).
 ///
 /// On g0 of a scheduler M holding a P.
-fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
-    // SAFETY: on g0 of a scheduler M (the contract).
-    let mp = unsafe { (*getg()).m };
+#[inline(always)]
+fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
     'top: loop {
         // SAFETY: mp is ours; it holds a P at the top of each round.
         let pp = unsafe { (*mp).p };
@@ -1430,9 +1429,10 @@ fn findrunnable(sched: &Sched) -> Option<(*mut G, bool)> {
 /// P).
 ///
 /// On g0 of a scheduler M holding a P and no locked G.
+#[inline(always)]
 fn findrunnable_skiplocked(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
     loop {
-        let (gp, inherit) = findrunnable(sched)?;
+        let (gp, inherit) = findrunnable(sched, mp)?;
         // SAFETY: gp was taken off a queue by us: its fields are ours to
         // read.
         if unsafe { (*gp).lockedm }.is_null() {
@@ -1539,8 +1539,9 @@ pub fn schedule() -> ! {
             if unsafe { (*mp).spinning } {
                 resetspinning(sched, mp);
             }
-            // SAFETY: gp is runnable and was taken off a queue by us.
-            unsafe { execute(gp, inherit) }
+            // SAFETY: gp is runnable and was taken off a queue by us; mp
+            // is this M.
+            unsafe { execute_on(mp, gp, inherit) }
         }
     }
     // SAFETY: on g0, whose sched was set by mstart1 and whose frame
@@ -1559,11 +1560,20 @@ pub fn schedule() -> ! {
 /// G (fresh from [`gostartcallfn`] or suspended by [`mcall`]) that no
 /// other M is running or about to run.
 pub unsafe fn execute(gp: *mut G, inherit_time: bool) -> ! {
-    let g0 = getg();
     // SAFETY: we are on g0 (the contract), so g0.m is this M.
+    unsafe { execute_on((*getg()).m, gp, inherit_time) }
+}
+
+/// [`execute`] for a caller that knows its M.
+///
+/// # Safety
+///
+/// As [`execute`], and `mp` is the current M.
+#[inline(always)]
+unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
+    // SAFETY: the contract.
     unsafe {
-        let mp = (*g0).m;
-        debug_assert!((*mp).g0 == g0, "execute called off g0");
+        debug_assert!((*mp).g0 == getg(), "execute called off g0");
         (*mp).curg = gp;
         (*gp).m = mp;
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
@@ -1608,12 +1618,13 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
     stackcheck(gp);
     // SAFETY: gp was running on this M and is now suspended.
     unsafe {
-        if (*(*gp).m).rt.is_null() {
+        let rt = (*(*gp).m).rt;
+        if rt.is_null() {
             throw_g("gosched on a goroutine of an M without a scheduler", gp);
         }
+        let sched = &*rt;
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        let mp = dropg(gp);
-        let sched = &*(*mp).rt;
+        dropg(gp);
         // The global queue, as in Go: a yielding goroutine may continue on
         // any P, which is what spreads yielding work over busy Ps.
         globrunqput(&mut sched.lock.lock(), sched, gp);
