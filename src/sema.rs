@@ -19,12 +19,19 @@
 //!    every channel of the select, and the claim is what makes exactly one
 //!    case fire (Go's `selectDone`). Sudogs whose waiter was claimed
 //!    through another queue are dropped from the queue on the way.
-//! 4. The winner records the outcome (`Waiter::complete`), moves the
-//!    value through the sudog's `elem` pointer, releases the lock and
-//!    wakes the waiter (`Waiter::wake`): `goready` for a goroutine,
-//!    `Thread::unpark` for a thread. It touches neither the sudog nor the
-//!    waiter after that: both live on the blocked side's stack, which may
-//!    be gone as soon as it runs.
+//! 4. The winner records the outcome (`Waiter::complete`) and moves the
+//!    value through the sudog's `elem` pointer. Still under the lock it
+//!    takes what the wake-up needs (`Waiter::wakeup`: for a goroutine, a
+//!    strong reference to its scheduler, so that a runtime being dropped is
+//!    never woken into), releases the lock and wakes the waiter
+//!    (`Wakeup::wake`): `goready` for a goroutine, `Thread::unpark` for a
+//!    thread. It touches neither the sudog nor the waiter after that: both
+//!    live on the blocked side's stack, which may be gone as soon as it
+//!    runs.
+//!
+//! A runtime dropped while its goroutines wait here frees their stacks, so
+//! it first takes their sudogs off the queues they are on (`abandon`,
+//! through `G::waiting`); the objects themselves stay usable by others.
 //!
 //! A waiter is woken exactly once, and only after it was claimed, so a
 //! wake-up is never lost and never spurious.
