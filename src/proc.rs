@@ -53,11 +53,12 @@
 //! [`lock_os_thread`] wires a G to its M: the G runs only there, and the M
 //! runs nothing else. When the locked G parks or yields, its M's `schedule`
 //! does not look for other work: `stoplockedm` hands the P off
-//! (`handoffp`: to an M at once if there is work, else to the idle list)
-//! and the M sleeps. Whichever M later takes the G off a run queue gives
-//! that M its own P (`startlockedm`) and stops itself. A locked M asleep
-//! holds no P, so it counts as idle for `checkdead`; `Sched::shutdown` wakes
-//! it to exit. A G that exits locked leaves its M unlocked, back in the
+//! (`handoffp`: to an M at once if there is work, else to the idle list,
+//! after which it looks at the other queues and the timers as an M idling
+//! its P in `findrunnable` does) and the M sleeps. Whichever M later takes
+//! the G off a run queue gives that M its own P (`startlockedm`) and stops
+//! itself. A locked M asleep holds no P, so it counts as idle for
+//! `checkdead`; `Sched::shutdown` wakes it to exit. A G that exits locked leaves its M unlocked, back in the
 //! pool (Go ends the thread; see [`lock_os_thread`]).
 //!
 //! # Introspection
@@ -719,7 +720,9 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
 /// locked, to whoever should run it (Go's `handoffp`): an M started on it
 /// at once if it or the global queue holds work, a spinning M if no M is
 /// looking for work and no P is idle (so that other Ps' queues still get
-/// stolen from), the idle list otherwise.
+/// stolen from), the idle list otherwise; then, as `findrunnable`'s M
+/// does after idling its P, it looks once more at the other Ps' queues
+/// and at the timers, and wakes an M for what it finds.
 ///
 /// Returns true when that made every P idle with nothing queued: the
 /// caller then runs `checkdead`, as `findrunnable` does when it idles the
@@ -751,7 +754,34 @@ fn handoffp(sched: &Sched, pp: *mut P) -> bool {
         return false;
     }
     pidleput(&mut sl, sched, pp);
-    sched.npidle.load(Ordering::SeqCst) as usize == sched.allp.len()
+    let all_idle = sched.npidle.load(Ordering::SeqCst) as usize == sched.allp.len();
+    drop(sl);
+    // The P is idle, and this M sleeps next without looking at anything:
+    // look now, as findrunnable's M does after idling its P. Whoever found
+    // no idle P counted on the next M to idle one looking: the spinning M
+    // we counted on above, if it found work and handed the search on
+    // (resetspinning → wakep) before our pidleput, leaving more Gs in its
+    // ring (seen in tests: a G readied by a timer, stuck there behind a G
+    // that spun waiting for it, with our P idle); and a ready or an
+    // addtimer that read npidle before our pidleput. SeqCst fence after
+    // pidleput's SeqCst increment of npidle, pairing with the fence in
+    // wakep before its load of npidle: either that wakep saw our P idle,
+    // or the loads below see its G. Timers: time.rs module docs ("What the
+    // argument needs", point 2).
+    fence(Ordering::SeqCst);
+    // SAFETY: Ps live as long as the scheduler; only the queues are read.
+    if sched
+        .allp
+        .iter()
+        .any(|&p2| !runqempty(unsafe { &(*p2).runq }))
+    {
+        wakep(sched);
+    }
+    let next = crate::time::timesleepuntil(sched);
+    if next != 0 {
+        crate::time::wakenetpoller(sched, next);
+    }
+    all_idle
 }
 
 /// Stops `mp`, whose locked G cannot run now, until that G is runnable
