@@ -1502,13 +1502,25 @@ pub(crate) fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) ->
 /// runtime wakes one, nothing ever will. Tells whoever asked
 /// (`Runtime::block_on`); the Ms go to sleep either way.
 fn checkdead(sched: &Sched) {
-    // A goroutine waiting on another runtime can still be woken from there,
-    // and one waiting on a timer (sleep) by the timer.
-    if sched.ngoroutines() == 0
-        || sched.external_waits.load(Ordering::SeqCst) != 0
-        || crate::time::timesleepuntil(sched) != 0
     {
-        return;
+        // The caller saw every P idle a moment ago; since then an M may
+        // have taken one (the timer sleeper, or an M woken by handoffp)
+        // and be running the timers — off their heaps already — and the
+        // Gs they ready. Decide under the lock, which every taking of an
+        // idle P holds: with every P idle now, no M runs a G or a timer,
+        // and none can start but from outside the runtime.
+        let sl = sched.lock.lock();
+        if sched.npidle.load(Ordering::SeqCst) as usize != sched.allp.len() || sl.runq.size != 0 {
+            return;
+        }
+        // A goroutine waiting on another runtime can still be woken from
+        // there, and one waiting on a timer (sleep) by the timer.
+        if sched.ngoroutines() == 0
+            || sched.external_waits.load(Ordering::SeqCst) != 0
+            || crate::time::timesleepuntil(sched) != 0
+        {
+            return;
+        }
     }
     for (_, hook) in sched.deadlock_hooks.lock().iter() {
         hook();

@@ -123,10 +123,17 @@
 //! holding a P, and when that G parks the P leaves through `handoffp`.
 //! A locked M asleep in `stoplockedm` holds no P and never sleeps for
 //! timers; when its own G sleeps, the timer readies the G on whichever M
-//! runs it, which hands that M's P to the locked M. `checkdead`, called
-//! when a P is idled last (by either path), sees pending timers and
-//! reports nothing; point 2 means an M will run them, and the last M to
-//! idle a P after they have fired reports a deadlock if one is left.
+//! runs it, which hands that M's P to the locked M.
+//!
+//! `checkdead`, called when a P is idled last (by either path), sees
+//! pending timers and reports nothing; point 2 means an M will run them,
+//! and the last M to idle a P after they have fired reports a deadlock if
+//! one is left. It decides under the scheduler lock, with every P still
+//! idle: an M running timers holds a P, and has taken them off their
+//! heaps before it readies their Gs, so a check made while every P was
+//! idle a moment before (`handoffp` has just woken such an M) could see
+//! neither a timer nor a runnable G and report a deadlock that is not one
+//! (seen under load, before the lock was taken there).
 //!
 //! Point 2 did not hold for `handoffp` at first, and this lost a timer
 //! (`tests/lockosthread.rs` saw it within 2,000 rounds): the timer
