@@ -57,8 +57,10 @@
 //! after which it looks at the other queues and the timers as an M idling
 //! its P in `findrunnable` does) and the M sleeps. Whichever M later takes
 //! the G off a run queue gives that M its own P (`startlockedm`) and stops
-//! itself. A locked M asleep holds no P, so it counts as idle for
-//! `checkdead`; `Sched::shutdown` wakes it to exit. A G that exits locked leaves its M unlocked, back in the
+//! itself; the locked M runs the G inheriting the P's time slice, so that
+//! the `runnext` streak bound holds across hand-offs. A locked M asleep
+//! holds no P, so it counts as idle for `checkdead`; `Sched::shutdown` wakes
+//! it to exit. A G that exits locked leaves its M unlocked, back in the
 //! pool (Go ends the thread; see [`lock_os_thread`]).
 //!
 //! # Introspection
@@ -1559,8 +1561,17 @@ pub fn schedule() -> ! {
             // SAFETY: on g0 of mp, whose locked G just switched out; once
             // stoplockedm returns true the G is runnable and ours to run.
             if unsafe { stoplockedm(sched, mp) } {
+                // Inheriting the time slice: the run counts towards the
+                // P's runnext streak, as the hand-off M that took the G
+                // off a queue (often runnext: a locked G and its waker
+                // passing it back and forth) would have counted it. A new
+                // slice would reset the streak at every hand-off, so
+                // RUNNEXT_LIMIT would never demote runnext and the P's
+                // ring (a G its timer readied, say) would starve for good
+                // on one P. A locked G taken from the ring counts too: it
+                // can only demote runnext sooner.
                 // SAFETY: as above.
-                unsafe { execute(lockedg, false) }
+                unsafe { execute(lockedg, true) }
             }
             // SAFETY: as at the end of this function.
             unsafe { gogo(&(*g0).sched) }
