@@ -53,9 +53,12 @@
 //! [`lock_os_thread`] wires a G to its M: the G runs only there, and the M
 //! runs nothing else. When the locked G parks or yields, its M's `schedule`
 //! does not look for other work: `stoplockedm` hands the P off
-//! (`handoffp`: to an M at once if there is work, else to the idle list)
-//! and the M sleeps. Whichever M later takes the G off a run queue gives
-//! that M its own P (`startlockedm`) and stops itself. A locked M asleep
+//! (`handoffp`: to an M at once if there is work, else to the idle list,
+//! after which it looks at the other queues and the timers as an M idling
+//! its P in `findrunnable` does) and the M sleeps. Whichever M later takes
+//! the G off a run queue gives that M its own P (`startlockedm`) and stops
+//! itself; the locked M runs the G inheriting the P's time slice, so that
+//! the `runnext` streak bound holds across hand-offs. A locked M asleep
 //! holds no P, so it counts as idle for `checkdead`; `Sched::shutdown` wakes
 //! it to exit. A G that exits locked leaves its M unlocked, back in the
 //! pool (Go ends the thread; see [`lock_os_thread`]).
@@ -719,7 +722,9 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
 /// locked, to whoever should run it (Go's `handoffp`): an M started on it
 /// at once if it or the global queue holds work, a spinning M if no M is
 /// looking for work and no P is idle (so that other Ps' queues still get
-/// stolen from), the idle list otherwise.
+/// stolen from), the idle list otherwise; then, as `findrunnable`'s M
+/// does after idling its P, it looks once more at the other Ps' queues
+/// and at the timers, and wakes an M for what it finds.
 ///
 /// Returns true when that made every P idle with nothing queued: the
 /// caller then runs `checkdead`, as `findrunnable` does when it idles the
@@ -751,7 +756,34 @@ fn handoffp(sched: &Sched, pp: *mut P) -> bool {
         return false;
     }
     pidleput(&mut sl, sched, pp);
-    sched.npidle.load(Ordering::SeqCst) as usize == sched.allp.len()
+    let all_idle = sched.npidle.load(Ordering::SeqCst) as usize == sched.allp.len();
+    drop(sl);
+    // The P is idle, and this M sleeps next without looking at anything:
+    // look now, as findrunnable's M does after idling its P. Whoever found
+    // no idle P counted on the next M to idle one looking: the spinning M
+    // we counted on above, if it found work and handed the search on
+    // (resetspinning → wakep) before our pidleput, leaving more Gs in its
+    // ring (seen in tests: a G readied by a timer, stuck there behind a G
+    // that spun waiting for it, with our P idle); and a ready or an
+    // addtimer that read npidle before our pidleput. SeqCst fence after
+    // pidleput's SeqCst increment of npidle, pairing with the fence in
+    // wakep before its load of npidle: either that wakep saw our P idle,
+    // or the loads below see its G. Timers: time.rs module docs ("What the
+    // argument needs", point 2).
+    fence(Ordering::SeqCst);
+    // SAFETY: Ps live as long as the scheduler; only the queues are read.
+    if sched
+        .allp
+        .iter()
+        .any(|&p2| !runqempty(unsafe { &(*p2).runq }))
+    {
+        wakep(sched);
+    }
+    let next = crate::time::timesleepuntil(sched);
+    if next != 0 {
+        crate::time::wakenetpoller(sched, next);
+    }
+    all_idle
 }
 
 /// Stops `mp`, whose locked G cannot run now, until that G is runnable
@@ -1472,13 +1504,25 @@ pub(crate) fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) ->
 /// runtime wakes one, nothing ever will. Tells whoever asked
 /// (`Runtime::block_on`); the Ms go to sleep either way.
 fn checkdead(sched: &Sched) {
-    // A goroutine waiting on another runtime can still be woken from there,
-    // and one waiting on a timer (sleep) by the timer.
-    if sched.ngoroutines() == 0
-        || sched.external_waits.load(Ordering::SeqCst) != 0
-        || crate::time::timesleepuntil(sched) != 0
     {
-        return;
+        // The caller saw every P idle a moment ago; since then an M may
+        // have taken one (the timer sleeper, or an M woken by handoffp)
+        // and be running the timers — off their heaps already — and the
+        // Gs they ready. Decide under the lock, which every taking of an
+        // idle P holds: with every P idle now, no M runs a G or a timer,
+        // and none can start but from outside the runtime.
+        let sl = sched.lock.lock();
+        if sched.npidle.load(Ordering::SeqCst) as usize != sched.allp.len() || sl.runq.size != 0 {
+            return;
+        }
+        // A goroutine waiting on another runtime can still be woken from
+        // there, and one waiting on a timer (sleep) by the timer.
+        if sched.ngoroutines() == 0
+            || sched.external_waits.load(Ordering::SeqCst) != 0
+            || crate::time::timesleepuntil(sched) != 0
+        {
+            return;
+        }
     }
     for (_, hook) in sched.deadlock_hooks.lock().iter() {
         hook();
@@ -1517,8 +1561,17 @@ pub fn schedule() -> ! {
             // SAFETY: on g0 of mp, whose locked G just switched out; once
             // stoplockedm returns true the G is runnable and ours to run.
             if unsafe { stoplockedm(sched, mp) } {
+                // Inheriting the time slice: the run counts towards the
+                // P's runnext streak, as the hand-off M that took the G
+                // off a queue (often runnext: a locked G and its waker
+                // passing it back and forth) would have counted it. A new
+                // slice would reset the streak at every hand-off, so
+                // RUNNEXT_LIMIT would never demote runnext and the P's
+                // ring (a G its timer readied, say) would starve for good
+                // on one P. A locked G taken from the ring counts too: it
+                // can only demote runnext sooner.
                 // SAFETY: as above.
-                unsafe { execute(lockedg, false) }
+                unsafe { execute(lockedg, true) }
             }
             // SAFETY: as at the end of this function.
             unsafe { gogo(&(*g0).sched) }

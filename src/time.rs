@@ -49,7 +49,8 @@
 //! having found work, wakes another M (`resetspinning` → `wakep`) to take
 //! over the post for the timers left. With no idle P it stops for good,
 //! and does not spin: the Ms holding the Ps run timers in `schedule`, and
-//! the next of them to go idle takes the post.
+//! the next of them to give up its P takes the post (or, for an M whose
+//! locked G parks, `handoffp` wakes an M that does).
 //!
 //! `addtimer` stores the new `timer0_when`, then reads `poll_until`
 //! (Go's `wakeNetPoller`): `0` → `wakep`, so that some M wakes up and
@@ -72,9 +73,9 @@
 //!   M looks: it starts one if a P is idle and no M spins; a spinning M
 //!   scans after its SeqCst decrement of `nmspinning`, which comes after
 //!   the adder's read of it (or, finding work, calls `wakep` in turn
-//!   first); with no P idle, the M that idles a P next
-//!   scans after its `npidle` increment, which comes after the adder's
-//!   read of `npidle`.
+//!   first, which is this case again); with no P idle, the M that idles a
+//!   P next scans after its `npidle` increment (point 2 below), which
+//!   comes after the adder's read of `npidle`.
 //! - The adder reads `POLL_PENDING`: it wakes the sleeper. The sleeper read
 //!   `wake` before it looked at the deadlines, so the bump makes its
 //!   `futexsleep` return at once, or wakes it, and it looks again. If it
@@ -98,6 +99,52 @@
 //! - Shutdown stores `stopping`, then bumps `wake`; the sleeper reads
 //!   `wake` before `stopping` each round, so it either sees `stopping` or
 //!   sleeps on a stale value and returns at once.
+//!
+//! # What the argument needs from the rest of the scheduler
+//!
+//! Two things, which every change to how Ps move between Ms must keep:
+//!
+//! 1. Every M that takes a P off the idle list is a spinning M (`wakep`'s
+//!    `startm`, `spin_on_idle_p`), so it scans, or hands the search on,
+//!    as above.
+//! 2. Every M that puts a P on the idle list scans every heap after its
+//!    SeqCst increment of `npidle` and acts on what it sees:
+//!    `findrunnable`'s M in `timersleep`, and `handoffp`, which scans
+//!    and then calls `wakenetpoller` as an adder would (Go's `handoffp`
+//!    does the same). An adder or a hand-on `wakep` that read `npidle`
+//!    before that increment is thus covered by the scan after it.
+//!
+//! LockOSThread moves Ps in two more ways, both to Ms that do not spin:
+//! `handoffp` starts an M on the P of a parked locked G when there is
+//! work (`startm(pp, false)`), and `startlockedm` gives its P to the
+//! locked M of the G it found. Neither P is ever idle — `npidle` does not
+//! change — so neither point is touched: the first M runs `findrunnable`
+//! on the P (its timers first), the locked M runs its G, like any M
+//! holding a P, and when that G parks the P leaves through `handoffp`.
+//! A locked M asleep in `stoplockedm` holds no P and never sleeps for
+//! timers; when its own G sleeps, the timer readies the G on whichever M
+//! runs it, which hands that M's P to the locked M.
+//!
+//! `checkdead`, called when a P is idled last (by either path), sees
+//! pending timers and reports nothing; point 2 means an M will run them,
+//! and the last M to idle a P after they have fired reports a deadlock if
+//! one is left. It decides under the scheduler lock, with every P still
+//! idle: an M running timers holds a P, and has taken them off their
+//! heaps before it readies their Gs, so a check made while every P was
+//! idle a moment before (`handoffp` has just woken such an M) could see
+//! neither a timer nor a runnable G and report a deadlock that is not one
+//! (seen under load, before the lock was taken there).
+//!
+//! Point 2 did not hold for `handoffp` at first, and this lost a timer
+//! (`tests/lockosthread.rs` saw it within 2,000 rounds): the timer
+//! sleeper wakes for one timer and takes the idle P as a spinning M; a
+//! locked G on the other P sleeps, and its `addtimer` sees no sleeper and
+//! no idle P; its M's `handoffp` sees the spinning M and puts the P on
+//! the idle list; but in between the spinning M had run the expired
+//! timer, and its hand-on `wakep`, reading `npidle` before that
+//! `pidleput`, had started nobody. The P sat idle with the timer on its
+//! heap, no M sleeping for it and none spinning, while the spinning M ran
+//! a G that waited for the timer without yielding.
 //!
 //! # Limits
 //!
@@ -313,7 +360,7 @@ pub(crate) fn addtimer(sched: &Sched, when: u64, f: TimerFn) {
 /// A new timer fires at `when`: make sure an M will look at the timers by
 /// then (Go's `wakeNetPoller`; the "net poller" is the timer sleeper). See
 /// the module docs for why no wake-up is lost.
-fn wakenetpoller(sched: &Sched, when: u64) {
+pub(crate) fn wakenetpoller(sched: &Sched, when: u64) {
     // SeqCst: after addtimer's store of timer0_when; pairs with the
     // sleeper's stores of poll_until before its scans.
     let until = sched.timerpoll.poll_until.load(Ordering::SeqCst);

@@ -349,3 +349,226 @@ fn a_locked_goroutine_on_one_proc_round_trips_through_other_ms() {
     })
     .unwrap();
 }
+
+// ---------------------------------------------------------------------
+// Timers and locked goroutines: a locked M sleeps in stoplockedm without
+// looking at timers, and its P moves by hand-offs (handoffp, startlockedm)
+// that do not go through findrunnable. Timers must still fire on time.
+
+/// How late a wake-up may be before a test calls it lost (a noisy machine).
+const LATE: Duration = Duration::from_secs(5);
+
+/// Sleeps `d` and checks the wake-up came after the deadline and not
+/// `LATE` after it; returns how long it took.
+fn sleep_on_time(d: Duration, what: &str) -> Duration {
+    let t = Instant::now();
+    gokernel::sleep(d);
+    let slept = t.elapsed();
+    assert!(slept >= d, "{what}: woke after {slept:?}, before its {d:?}");
+    assert!(
+        slept < d + LATE,
+        "{what}: woke after {slept:?} (asked {d:?})"
+    );
+    slept
+}
+
+#[test]
+fn a_locked_goroutine_that_sleeps_wakes_after_each_deadline_on_its_own_m_and_thread() {
+    for procs in [1, 2] {
+        within(60, "a locked goroutine sleeping", move || {
+            rt(procs)
+                .block_on(move || {
+                    // An unlocked sleeper beside it: its timers share the
+                    // heaps and the timer sleeper with the locked one's.
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let s = stop.clone();
+                    let peer = gokernel::spawn(move || {
+                        while !s.load(Ordering::SeqCst) {
+                            sleep_on_time(Duration::from_millis(20), "the unlocked peer");
+                        }
+                    });
+                    gokernel::lock_os_thread();
+                    let (m, t) = (current_m_id(), tid());
+                    for i in 0..10 {
+                        let what = format!("procs {procs}, locked sleep {i}");
+                        sleep_on_time(Duration::from_millis(50), &what);
+                        assert_eq!(current_m_id(), m, "{what}: woke on another M");
+                        assert_eq!(tid(), t, "{what}: woke on another thread");
+                    }
+                    gokernel::unlock_os_thread();
+                    stop.store(true, Ordering::SeqCst);
+                    peer.join().unwrap();
+                })
+                .unwrap();
+        });
+    }
+}
+
+#[test]
+fn a_goroutine_sleeps_on_time_while_a_locked_goroutine_parks_and_unparks_over_and_over() {
+    // On one P every timer is on that P, which only ever moves by
+    // hand-offs between the locked M and the Ms of the wakers.
+    for procs in [1, 2] {
+        within(60, "sleeping beside a locked ping-pong", move || {
+            rt(procs)
+                .block_on(move || {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let s = stop.clone();
+                    let locked = gokernel::spawn(move || {
+                        gokernel::lock_os_thread();
+                        let m = current_m_id();
+                        let mut rounds = 0u64;
+                        while !s.load(Ordering::SeqCst) {
+                            park_and_get_woken();
+                            assert_eq!(current_m_id(), m, "the locked goroutine moved");
+                            rounds += 1;
+                        }
+                        rounds
+                    });
+                    for i in 0..10 {
+                        let what = format!("procs {procs}, sleep {i} beside the ping-pong");
+                        sleep_on_time(Duration::from_millis(50), &what);
+                    }
+                    stop.store(true, Ordering::SeqCst);
+                    let rounds = locked.join().unwrap();
+                    assert!(rounds > 0, "procs {procs}: the locked goroutine never ran");
+                })
+                .unwrap();
+        });
+    }
+}
+
+/// Starts a goroutine that locks its thread and parks for good, and waits
+/// until its M sleeps.
+fn park_a_locked_goroutine_for_good() {
+    gokernel::go(|| {
+        gokernel::lock_os_thread();
+        gokernel::park(); // nobody unparks it
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gokernel::stats().idle_locked_ms != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the locked M never went to sleep"
+        );
+        gokernel::gosched();
+    }
+}
+
+#[test]
+fn a_timer_beside_a_locked_goroutine_parked_for_good_is_no_deadlock_until_it_has_fired() {
+    for procs in [1, 2] {
+        for main_locked in [false, true] {
+            let case = format!("procs {procs}, main goroutine locked: {main_locked}");
+            let c = case.clone();
+            let (slept, got, parked) = within(60, &case, move || {
+                let lock = move || {
+                    if main_locked {
+                        gokernel::lock_os_thread();
+                    }
+                };
+                let slept = rt(procs).block_on(move || {
+                    park_a_locked_goroutine_for_good();
+                    lock();
+                    sleep_on_time(Duration::from_millis(100), &c)
+                });
+                let got = rt(procs).block_on(move || {
+                    park_a_locked_goroutine_for_good();
+                    lock();
+                    let t = Instant::now();
+                    gokernel::after(Duration::from_millis(100)).recv().unwrap();
+                    t.elapsed()
+                });
+                // The timer fires, then every goroutine is parked for good.
+                let t = Instant::now();
+                let parked = rt(procs).block_on(move || {
+                    park_a_locked_goroutine_for_good();
+                    lock();
+                    gokernel::sleep(Duration::from_millis(50));
+                    gokernel::park();
+                });
+                (slept, got, (parked, t.elapsed()))
+            });
+            assert!(slept.is_ok(), "{case}: a sleep was taken for a deadlock");
+            let got = got.unwrap_or_else(|_| panic!("{case}: after() was taken for a deadlock"));
+            assert!(
+                got >= Duration::from_millis(100),
+                "{case}: after(100ms) arrived after {got:?}"
+            );
+            let (parked, after) = parked;
+            assert_eq!(
+                parked,
+                Err(Deadlock),
+                "{case}: everything parked for good after the timer was no deadlock"
+            );
+            assert!(
+                after >= Duration::from_millis(50),
+                "{case}: a deadlock was reported after {after:?}, with the 50 ms timer pending"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_locked_goroutine_sleeping_in_step_with_a_goroutine_spinning_for_it_is_never_left_asleep() {
+    // The interleaving this catches (procs 2): the main goroutine's timer
+    // sleeper wakes, takes the idle P as a spinning M and readies main;
+    // meanwhile the locked goroutine sleeps, and its M's handoffp sees that
+    // spinning M and puts the P on the idle list without another M being
+    // started. The spinning M hands the search on (wakep) before that P is
+    // idle, so nobody is left to run the locked goroutine's timer (or the
+    // locked goroutine, readied behind main in the spinning M's queue) —
+    // and main spins without yielding until it runs. Also: an M idling
+    // the last P must not report a deadlock because the timers it looks
+    // at were taken off their heaps, a moment after, by an M that took a
+    // P to run them (seen under load). Timing-dependent: many short
+    // rounds.
+    const LOST: Duration = Duration::from_secs(5);
+    let n = rounds(2_000) as u64;
+    let r = within(
+        120,
+        "a locked sleeper beside a spinning waiter",
+        move || {
+            rt(2).block_on(move || {
+                let count = Arc::new(AtomicU64::new(0));
+                let stop = Arc::new(AtomicBool::new(false));
+                let (c, s) = (count.clone(), stop.clone());
+                let locked = gokernel::spawn(move || {
+                    gokernel::lock_os_thread();
+                    while !s.load(Ordering::SeqCst) {
+                        gokernel::sleep(Duration::from_micros(500));
+                        c.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+                let mut lost = None;
+                for i in 0..n {
+                    gokernel::sleep(Duration::from_micros(500));
+                    let seen = count.load(Ordering::SeqCst);
+                    let t = Instant::now();
+                    // No yield: only another M can run the locked goroutine.
+                    while count.load(Ordering::SeqCst) == seen {
+                        if t.elapsed() > LOST {
+                            lost = Some((i, gokernel::stats()));
+                            break;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    if lost.is_some() {
+                        break;
+                    }
+                }
+                stop.store(true, Ordering::SeqCst);
+                locked.join().unwrap();
+                lost
+            })
+        },
+    );
+    let lost = r.unwrap_or_else(|_| {
+        panic!("a deadlock was reported while both goroutines slept on timers")
+    });
+    if let Some((i, stats)) = lost {
+        panic!(
+            "round {i}: the locked goroutine did not run for {LOST:?} while a P was idle; {stats:?}"
+        );
+    }
+}
