@@ -3,22 +3,13 @@
 //!
 //! Alone in its test binary: it measures this process's CPU time.
 
+mod common;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use common::process_cpu;
 use gokernel::{Goroutine, Runtime};
-
-/// CPU time (user + system) of the whole process so far.
-fn process_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0);
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 #[test]
 fn all_goroutines_parked_for_200ms_cost_under_10ms_of_cpu() {

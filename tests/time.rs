@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use common::process_cpu;
 use gokernel::{Deadlock, Runtime};
 
 fn rt(procs: usize) -> Runtime {
@@ -145,18 +146,6 @@ fn sleep_zero_yields_to_another_goroutine() {
         })
         .unwrap();
     assert!(yields >= 1, "the other goroutine ran without a yield");
-}
-
-/// CPU time (user + system) of the whole process so far.
-fn process_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0);
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 #[test]
