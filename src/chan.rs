@@ -409,15 +409,20 @@ impl<T: Send> Chan<T> {
         closechan(self.hchan())
     }
 
-    /// Values in the buffer now (Go's `len(c)`).
-    pub fn len(&self) -> usize {
+    /// Reads the channel's state under its lock.
+    fn peek<R>(&self, f: impl FnOnce(&State<T>) -> R) -> R {
         let c = self.hchan();
         c.lock();
-        // SAFETY: under the lock.
-        let n = unsafe { c.state().buf.len() };
+        // SAFETY: under the lock, and only for the call.
+        let r = f(unsafe { c.state() });
         // SAFETY: we hold the lock.
         unsafe { c.unlock() };
-        n
+        r
+    }
+
+    /// Values in the buffer now (Go's `len(c)`).
+    pub fn len(&self) -> usize {
+        self.peek(|st| st.buf.len())
     }
 
     /// True if no value is buffered now.
@@ -432,13 +437,7 @@ impl<T: Send> Chan<T> {
 
     /// True once [`close`](Self::close) has been called.
     pub fn is_closed(&self) -> bool {
-        let c = self.hchan();
-        c.lock();
-        // SAFETY: under the lock.
-        let closed = unsafe { c.state().closed };
-        // SAFETY: we hold the lock.
-        unsafe { c.unlock() };
-        closed
+        self.peek(|st| st.closed)
     }
 
     /// Receives until the channel is closed and drained (Go's

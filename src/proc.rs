@@ -481,11 +481,15 @@ fn startm(sched: &Sched, pp: *mut P, spinning: bool) {
     }
 }
 
-/// Whether [`wakep`] would start an M: an idle P and no spinning M. A
-/// cheap check for callers that would have to hop to g0 to call it.
+/// Whether [`wakep`] would start an M: an idle P and no spinning M. Its
+/// first step, and a cheap check for callers that would have to hop to
+/// g0 to call it.
+#[inline]
 fn wakep_needed(sched: &Sched) -> bool {
-    // The same fence and loads as wakep's first steps (see there); a false
-    // answer is what wakep itself would have concluded.
+    // SeqCst fence: the G just published (a release store of a queue's
+    // tail) is ordered before these loads, pairing with the spinning M's
+    // SeqCst decrement of nmspinning followed by its re-check of the
+    // queues (findrunnable): one of the two sides sees the other.
     fence(Ordering::SeqCst);
     sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
 }
@@ -493,15 +497,7 @@ fn wakep_needed(sched: &Sched) -> bool {
 /// Starts a spinning M if there is an idle P and no M is spinning (Go's
 /// `wakep`). Called after making a G runnable.
 pub(crate) fn wakep(sched: &Sched) {
-    // SeqCst fence: the G just published (a release store of a queue's
-    // tail) is ordered before these loads, pairing with the spinning M's
-    // SeqCst decrement of nmspinning followed by its re-check of the
-    // queues (findrunnable): one of the two sides sees the other.
-    fence(Ordering::SeqCst);
-    if sched.npidle.load(Ordering::SeqCst) == 0 {
-        return;
-    }
-    if sched.nmspinning.load(Ordering::SeqCst) != 0
+    if !wakep_needed(sched)
         || sched
             .nmspinning
             .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
@@ -618,13 +614,7 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
 /// .unwrap();
 /// ```
 pub fn lock_os_thread() {
-    let gp = getg();
-    // SAFETY: a non-null current G has a live M.
-    let ok = !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() && (*(*gp).m).curg == gp };
-    assert!(
-        ok,
-        "gokernel::lock_os_thread called outside a goroutine of a gokernel runtime"
-    );
+    let gp = require_user_g("lock_os_thread");
     // SAFETY: on a user G of a scheduler M: the G cannot move to another M
     // during this call (there is no preemption), and only this M's own Gs
     // and g0 touch its lock fields.
@@ -662,13 +652,7 @@ pub fn lock_os_thread() {
 /// .unwrap();
 /// ```
 pub fn unlock_os_thread() {
-    let gp = getg();
-    // SAFETY: a non-null current G has a live M.
-    let ok = !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() && (*(*gp).m).curg == gp };
-    assert!(
-        ok,
-        "gokernel::unlock_os_thread called outside a goroutine of a gokernel runtime"
-    );
+    let gp = require_user_g("unlock_os_thread");
     // SAFETY: as in lock_os_thread.
     unsafe {
         let mp = (*gp).m;
@@ -1644,6 +1628,36 @@ unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
     }
 }
 
+/// The current goroutine if the caller is one that can park: a user G
+/// running on an M of a scheduler. Null on a plain thread, on g0, and on
+/// a bare M without a scheduler.
+pub(crate) fn current_user_g() -> *mut G {
+    let gp = getg();
+    if gp.is_null() {
+        return null_mut();
+    }
+    // SAFETY: a non-null current G has a live M (set by mstart / execute).
+    unsafe {
+        let mp = (*gp).m;
+        if mp.is_null() || (*mp).curg != gp || (*mp).rt.is_null() {
+            null_mut()
+        } else {
+            gp
+        }
+    }
+}
+
+/// [`current_user_g`], or a panic naming the API `what` that was called
+/// outside a goroutine of a gokernel runtime.
+pub(crate) fn require_user_g(what: &str) -> *mut G {
+    let gp = current_user_g();
+    assert!(
+        !gp.is_null(),
+        "gokernel::{what} called outside a goroutine of a gokernel runtime"
+    );
+    gp
+}
+
 /// Yields the processor: the current G goes to the global queue and the M
 /// runs something else (Go's `Gosched`).
 ///
@@ -1682,9 +1696,7 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
         // any P, which is what spreads yielding work over busy Ps.
         globrunqput(&mut sched.lock.lock(), sched, gp);
         // Work appeared on the global queue: an idle P may take it.
-        if wakep_needed(sched) {
-            wakep(sched);
-        }
+        wakep(sched);
     }
     schedule()
 }

@@ -574,9 +574,7 @@ fn try_spawn_on<T: Send + 'static>(
 
 /// True on a goroutine of a gokernel runtime.
 fn in_goroutine() -> bool {
-    let gp = getg();
-    // SAFETY: a non-null current G has a live M.
-    !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() && (*(*gp).m).curg == gp }
+    !crate::proc::current_user_g().is_null()
 }
 
 fn require_goroutine(what: &str) {

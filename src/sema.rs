@@ -43,9 +43,8 @@
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
-use crate::proc::{gopark, goready};
+use crate::proc::{current_user_g, gopark, goready};
 use crate::runtime2::G;
-use crate::tls::getg;
 
 /// A short lock for the runtime's own objects (Go's runtime `mutex`): it
 /// guards a channel's buffer and queues, or a sync object's queue, for a
@@ -96,25 +95,6 @@ impl SpinLock {
     pub(crate) unsafe fn unlock(&self) {
         // Release: our writes under the lock happen before the next holder.
         self.locked.store(false, Ordering::Release);
-    }
-}
-
-/// The current goroutine if the caller is one that can park: a user G
-/// running on an M of a scheduler. Null on a plain thread, on g0, and on
-/// a bare M without a scheduler.
-pub(crate) fn current_user_g() -> *mut G {
-    let gp = getg();
-    if gp.is_null() {
-        return null_mut();
-    }
-    // SAFETY: a non-null current G has a live M (set by mstart / execute).
-    unsafe {
-        let mp = (*gp).m;
-        if mp.is_null() || (*mp).curg != gp || (*mp).rt.is_null() {
-            null_mut()
-        } else {
-            gp
-        }
     }
 }
 

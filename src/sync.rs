@@ -25,7 +25,8 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use crate::sema::{SpinLock, WaitQ, Wakeup, current_user_g};
+use crate::proc::current_user_g;
+use crate::sema::{SpinLock, WaitQ, Wakeup};
 
 // ---------------------------------------------------------------------
 // Mutex

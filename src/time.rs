@@ -594,14 +594,8 @@ pub(crate) fn cleartimers(sched: &Sched) {
 ///
 /// Outside a goroutine of a scheduler.
 fn cursched(what: &str) -> *const Sched {
-    let gp = getg();
-    // SAFETY: a non-null current G has a live M.
-    let ok = !gp.is_null() && unsafe { !(*(*gp).m).rt.is_null() && (*(*gp).m).curg == gp };
-    assert!(
-        ok,
-        "gokernel::{what} called outside a goroutine of a gokernel runtime"
-    );
-    // SAFETY: checked above.
+    let gp = crate::proc::require_user_g(what);
+    // SAFETY: a user G of a scheduler has a live M with that scheduler.
     unsafe { (*(*gp).m).rt }
 }
 
