@@ -88,6 +88,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod asm_amd64;
+pub mod bound;
 pub mod chan;
 pub mod lock_futex;
 pub mod panic;
@@ -111,7 +112,8 @@ pub use chan::{Chan, CloseError, RecvError, SendError, TryRecvError, TrySendErro
 #[cfg(feature = "std")]
 pub use runtime::{
     BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, SpawnError, current,
-    go, gosched, lock_os_thread, num_goroutine, park, spawn, stats, try_spawn, unlock_os_thread,
+    go, gosched, lock_os_thread, num_goroutine, park, spawn, spawn_locked, stats, try_spawn,
+    unlock_os_thread,
 };
 pub use stubs::systemstack;
 pub use time::{after, sleep};

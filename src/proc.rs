@@ -89,6 +89,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
 use memoffset::offset_of;
 
 use crate::asm_amd64::{goexit, gogo, gostart, mcall, mstart1};
+use crate::bound::{gqueue_pop, gqueue_push};
 use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
@@ -126,6 +127,7 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         allg_index: 0,
         waiting: core::ptr::null(),
         lockedm: null_mut(),
+        boundm: null_mut(),
     }
 }
 
@@ -151,6 +153,15 @@ impl M {
             lockedg: null_mut(),
             lockedext: 0,
             lockedsleep: false,
+            boundnext: null_mut(),
+            boundq: GQueue::new(),
+            inbox: spin::Mutex::new(GQueue::new()),
+            ninbox: AtomicU32::new(0),
+            sleeping: AtomicU32::new(crate::bound::AWAKE),
+            onmidle: false,
+            bindg: true,
+            nbound: AtomicU32::new(0),
+            pwhen: 0,
         })
     }
 }
@@ -328,6 +339,11 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
             // (see lock_os_thread: Go ends the thread).
             dounlockosthread(gp, (*gp).m);
         }
+        if !(*gp).boundm.is_null() {
+            // Relaxed: a count (see M::nbound).
+            (*(*gp).boundm).nbound.fetch_sub(1, Ordering::Relaxed);
+            (*gp).boundm = null_mut();
+        }
         let mp = dropg(gp);
         let pp = (*mp).p;
         if !(*mp).rt.is_null() && !pp.is_null() {
@@ -423,18 +439,25 @@ pub unsafe fn mstart0(mp: *mut M) {
     }
 }
 
-/// Makes a new M for `sched` that will start with P `pp` (Go's `newm`).
+/// Makes a new M for `sched` that will start with P `pp` (Go's `newm`),
+/// locked to `lockedg` unless that is null.
 ///
 /// # Safety
 ///
 /// `sched` must be inside an `Arc` (a reference is taken for the thread).
-/// `pp` must be an idle P taken off the idle list, or null.
-unsafe fn newm(sched: &Sched, pp: *mut P, spinning: bool) {
+/// `pp` must be an idle P taken off the idle list, or null. `lockedg`, if
+/// not null, is a new runnable G of `sched` on no queue.
+pub(crate) unsafe fn newm(sched: &Sched, pp: *mut P, spinning: bool, lockedg: *mut G) {
     let mut m = M::new(sched.mnext.fetch_add(1, Ordering::Relaxed));
     m.rt = sched;
     m.nextp = pp;
     m.spinning = spinning;
+    m.bindg = !sched.migrate;
     let mp = Box::into_raw(m);
+    if !lockedg.is_null() {
+        // SAFETY: a new M and a new G, nobody else's yet.
+        unsafe { crate::bound::lockfresh(mp, lockedg) };
+    }
     sched.allm.lock().push(mp);
     sched.nmlive.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the contract: sched lives in an Arc; the thread gives this
@@ -469,7 +492,7 @@ fn startm(sched: &Sched, pp: *mut P, spinning: bool) {
     drop(sl);
     if nmp.is_null() {
         // SAFETY: schedulers live in an Arc (Runtime::build); pp is ours.
-        unsafe { newm(sched, pp, spinning) };
+        unsafe { newm(sched, pp, spinning, null_mut()) };
         return;
     }
     // SAFETY: nmp came off the idle list: it sleeps in stopm and nothing
@@ -518,16 +541,35 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
     {
         let mut sl = sched.lock.lock();
         // Checked under the lock that shutdown takes after setting it, so
-        // an M either sees it here or is on the idle list to be woken.
+        // an M either sees it here or is on a list to be woken.
         if sched.stopping.load(Ordering::SeqCst) {
             return false;
         }
-        mput(&mut sl, mp);
+        // SAFETY: mp is this thread's M.
+        unsafe {
+            // SeqCst store, then has_bound_work's SeqCst load of the inbox
+            // count: the M's half of the wake-up argument in bound.rs.
+            (*mp).sleeping.store(crate::bound::IDLE, Ordering::SeqCst);
+            if crate::bound::has_bound_work(mp) {
+                // Gs of this M's own are runnable: only this M can run
+                // them, so it waits for a P instead of for work.
+                let pp = pidleget(&mut sl, sched);
+                if !pp.is_null() {
+                    (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
+                    acquirep(mp, pp);
+                    return true;
+                }
+                crate::bound::wantpput(&mut sl, sched, mp);
+            } else {
+                mput(&mut sl, mp);
+            }
+        }
     }
     // SAFETY: mp is this thread's M; the note is its own.
     unsafe {
         notesleep(sched.platform, &(*mp).park);
         noteclear(&(*mp).park);
+        (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
         let pp = (*mp).nextp;
         (*mp).nextp = null_mut();
         if pp.is_null() {
@@ -670,8 +712,9 @@ pub fn unlock_os_thread() {
 ///
 /// # Safety
 ///
-/// `gp` runs on `mp`, which belongs to a scheduler; the caller is that G.
-unsafe fn dolockosthread(gp: *mut G, mp: *mut M) {
+/// `gp` runs on `mp`, which belongs to a scheduler, and the caller is that
+/// G; or both are new and nobody else's yet (`bound::lockfresh`).
+pub(crate) unsafe fn dolockosthread(gp: *mut G, mp: *mut M) {
     // SAFETY: the contract: both are the caller's own.
     unsafe {
         if (*mp).lockedg.is_null() {
@@ -680,6 +723,12 @@ unsafe fn dolockosthread(gp: *mut G, mp: *mut M) {
         }
         (*mp).lockedg = gp;
         (*gp).lockedm = mp;
+        if (*gp).boundm.is_null() {
+            // Migrating scheduler: bound while locked.
+            (*gp).boundm = mp;
+            // Relaxed: a count (see M::nbound).
+            (*mp).nbound.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -697,6 +746,12 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
         (*mp).lockedext = 0;
         (*mp).lockedg = null_mut();
         (*gp).lockedm = null_mut();
+        if !(*mp).bindg {
+            // Migrating scheduler: free to move again.
+            (*gp).boundm = null_mut();
+            // Relaxed: a count (see M::nbound).
+            (*mp).nbound.fetch_sub(1, Ordering::Relaxed);
+        }
         // Relaxed: a statistic.
         (*(*mp).rt).nmlocked.fetch_sub(1, Ordering::Relaxed);
     }
@@ -771,8 +826,8 @@ fn handoffp(sched: &Sched, pp: *mut P) -> bool {
 }
 
 /// Stops `mp`, whose locked G cannot run now, until that G is runnable
-/// again (Go's `stoplockedm`): hands its P off, then sleeps until
-/// `startlockedm` wakes it with a P. Returns true holding that P, the G
+/// again (Go's `stoplockedm`): hands its P off, then sleeps until the G is
+/// runnable and it has a P again. Returns true holding that P, the G
 /// runnable; false, holding no P, when the scheduler is stopping.
 ///
 /// # Safety
@@ -792,70 +847,45 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
                 checkdead(sched);
             }
         }
-        {
-            let mut sl = sched.lock.lock();
-            if sched.stopping.load(Ordering::SeqCst) {
+        loop {
+            {
+                let mut sl = sched.lock.lock();
                 let pp = core::mem::replace(&mut (*mp).nextp, null_mut());
-                if !pp.is_null() {
-                    pidleput(&mut sl, sched, pp);
+                if sched.stopping.load(Ordering::SeqCst) {
+                    if !pp.is_null() {
+                        pidleput(&mut sl, sched, pp);
+                    }
+                    (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
+                    return false;
                 }
-                return false;
+                if !pp.is_null() {
+                    // Given to us on mwantp, where we went with the G
+                    // runnable.
+                    (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
+                    acquirep(mp, pp);
+                    return true;
+                }
+                // SeqCst store, then locked_runnable's SeqCst load: the
+                // M's half of the wake-up argument (bound.rs).
+                (*mp)
+                    .sleeping
+                    .store(crate::bound::LOCKED, Ordering::SeqCst);
+                if crate::bound::locked_runnable(gp) {
+                    let pp = pidleget(&mut sl, sched);
+                    if !pp.is_null() {
+                        (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
+                        acquirep(mp, pp);
+                        return true;
+                    }
+                    crate::bound::wantpput(&mut sl, sched, mp);
+                } else {
+                    (*mp).lockedsleep = true;
+                    sl.nmidlelocked += 1;
+                }
             }
-            if (*mp).nextp.is_null() {
-                (*mp).lockedsleep = true;
-                sl.nmidlelocked += 1;
-            }
+            notesleep(sched.platform, &(*mp).park);
+            noteclear(&(*mp).park);
         }
-        notesleep(sched.platform, &(*mp).park);
-        noteclear(&(*mp).park);
-        let pp = core::mem::replace(&mut (*mp).nextp, null_mut());
-        if pp.is_null() {
-            return false;
-        }
-        if (*gp).readgstatus() != status::RUNNABLE {
-            throw_g("stoplockedm: the locked goroutine is not runnable", gp);
-        }
-        acquirep(mp, pp);
-    }
-    true
-}
-
-/// `schedule` on `mp` took `gp`, which is locked to another M: hands that
-/// M this M's P (it will run `gp`), then stops this M until it gets a P
-/// again (Go's `startlockedm`). Returns false, holding no P, when the
-/// scheduler is stopping.
-///
-/// # Safety
-///
-/// On g0 of `mp`, a scheduler M holding a P; `gp` is runnable, locked to
-/// another M, and was taken off a run queue by this M.
-unsafe fn startlockedm(sched: &Sched, mp: *mut M, gp: *mut G) -> bool {
-    // SAFETY: the contract; `lm` sleeps in (or is on its way to)
-    // stoplockedm, where it reads nextp only after its note is woken; the
-    // protocol is in the comment above lock_os_thread.
-    unsafe {
-        let lm = (*gp).lockedm;
-        if lm == mp {
-            throw_g("startlockedm: the goroutine is locked to this M", gp);
-        }
-        let pp = releasep(mp);
-        {
-            let mut sl = sched.lock.lock();
-            if sched.stopping.load(Ordering::SeqCst) {
-                pidleput(&mut sl, sched, pp);
-                return false;
-            }
-            if !(*lm).nextp.is_null() {
-                throw("startlockedm: the locked M already has a P");
-            }
-            (*lm).nextp = pp;
-            if (*lm).lockedsleep {
-                (*lm).lockedsleep = false;
-                sl.nmidlelocked -= 1;
-            }
-            notewakeup(sched.platform, &(*lm).park);
-        }
-        stopm(sched, mp)
     }
 }
 
@@ -873,6 +903,11 @@ unsafe fn acquirep(mp: *mut M, pp: *mut P) {
         );
         (*mp).p = pp;
         (*pp).m = mp;
+        let rt = (*mp).rt;
+        // Only while Ms wait for a P is the clock read at all.
+        if !rt.is_null() && (*rt).nmwantp.load(Ordering::Relaxed) != 0 {
+            (*mp).pwhen = (*rt).platform.nanotime();
+        }
     }
 }
 
@@ -881,7 +916,7 @@ unsafe fn acquirep(mp: *mut M, pp: *mut P) {
 /// # Safety
 ///
 /// `mp` holds a P.
-unsafe fn releasep(mp: *mut M) -> *mut P {
+pub(crate) unsafe fn releasep(mp: *mut M) -> *mut P {
     // SAFETY: the contract.
     unsafe {
         let pp = (*mp).p;
@@ -894,7 +929,10 @@ unsafe fn releasep(mp: *mut M) -> *mut P {
 /// Puts an idle M on the idle list (Go's `mput`).
 fn mput(sl: &mut SchedLocked, mp: *mut M) {
     // SAFETY: mp is the caller's own M, about to sleep.
-    unsafe { (*mp).schedlink = sl.midle };
+    unsafe {
+        (*mp).schedlink = sl.midle;
+        (*mp).onmidle = true;
+    }
     sl.midle = mp;
 }
 
@@ -903,13 +941,27 @@ fn mget(sl: &mut SchedLocked) -> *mut M {
     let mp = sl.midle;
     if !mp.is_null() {
         // SAFETY: mp is on the idle list, which the lock guards.
-        unsafe { sl.midle = (*mp).schedlink };
+        unsafe {
+            sl.midle = (*mp).schedlink;
+            (*mp).onmidle = false;
+        }
     }
     mp
 }
 
 /// Puts P `pp` on the idle list (Go's `pidleput`).
-fn pidleput(sl: &mut SchedLocked, sched: &Sched, pp: *mut P) {
+/// An M waiting for a P to run its bound Gs (`mwantp`) gets it instead.
+pub(crate) fn pidleput(sl: &mut SchedLocked, sched: &Sched, pp: *mut P) {
+    let wm = crate::bound::wantpget(sl, sched);
+    if !wm.is_null() {
+        // SAFETY: wm sleeps in stopm or stoplockedm and reads nextp only
+        // after its note is woken.
+        unsafe {
+            (*wm).nextp = pp;
+            notewakeup(sched.platform, &(*wm).park);
+        }
+        return;
+    }
     // SAFETY: pp was just released by its M; the lock guards the list.
     unsafe { (*pp).link = sl.pidle };
     sl.pidle = pp;
@@ -917,7 +969,7 @@ fn pidleput(sl: &mut SchedLocked, sched: &Sched, pp: *mut P) {
 }
 
 /// Takes a P off the idle list (Go's `pidleget`).
-fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
+pub(crate) fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
     let pp = sl.pidle;
     if !pp.is_null() {
         // SAFETY: pp is on the idle list, which the lock guards.
@@ -1019,7 +1071,7 @@ fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
 ///
 /// `pp` is the caller's P, or null from a thread that is not an M.
 #[inline(always)]
-fn newproc1<F: FnOnce() + Send + 'static>(
+pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     sched: &Sched,
     pp: *mut P,
     f: F,
@@ -1122,36 +1174,6 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
 
 // ---------------------------------------------------------------------
 // Run queues.
-
-fn gqueue_push(q: &mut GQueue, gp: *mut G) {
-    // SAFETY: gp is owned by the caller and goes on q, which the caller
-    // holds (under the lock).
-    unsafe { (*gp).schedlink = null_mut() };
-    if q.tail.is_null() {
-        q.head = gp;
-    } else {
-        // SAFETY: the tail is on q.
-        unsafe { (*q.tail).schedlink = gp };
-    }
-    q.tail = gp;
-    q.size += 1;
-}
-
-fn gqueue_pop(q: &mut GQueue) -> *mut G {
-    let gp = q.head;
-    if !gp.is_null() {
-        // SAFETY: gp is on q.
-        unsafe {
-            q.head = (*gp).schedlink;
-            (*gp).schedlink = null_mut();
-        }
-        if q.head.is_null() {
-            q.tail = null_mut();
-        }
-        q.size -= 1;
-    }
-    gp
-}
 
 /// Puts `gp` at the tail of the global queue (Go's `globrunqput`).
 fn globrunqput(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) {
@@ -1342,8 +1364,28 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
                 return Some((gp, false));
             }
         }
+        // This M's own Gs (bound to it: see bound.rs) and this P's queue,
+        // taking turns by the parity of schedtick; boundnext, like
+        // runnext, inherits the time slice.
+        // SAFETY: mp is this thread's M.
+        let gp = unsafe { crate::bound::boundnextget(mp) };
+        if !gp.is_null() {
+            return Some((gp, true));
+        }
+        if schedtick & 1 == 0 {
+            // SAFETY: as above.
+            let gp = unsafe { crate::bound::boundqget(mp) };
+            if !gp.is_null() {
+                return Some((gp, false));
+            }
+        }
         if let Some(x) = runqget(runq) {
             return Some(x);
+        }
+        // SAFETY: as above.
+        let gp = unsafe { crate::bound::boundqget(mp) };
+        if !gp.is_null() {
+            return Some((gp, false));
         }
         if sched.runqsize.load(Ordering::Relaxed) != 0 {
             let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 0);
@@ -1358,8 +1400,20 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
             let (t, r) = crate::time::checktimers(sched, p2, now);
             (now, ran) = (t, ran | r);
         }
-        if ran && let Some(x) = runqget(runq) {
-            return Some(x);
+        if ran {
+            // SAFETY: mp is this thread's M.
+            let gp = unsafe { crate::bound::boundnextget(mp) };
+            if !gp.is_null() {
+                return Some((gp, true));
+            }
+            // SAFETY: as above.
+            let gp = unsafe { crate::bound::boundqget(mp) };
+            if !gp.is_null() {
+                return Some((gp, false));
+            }
+            if let Some(x) = runqget(runq) {
+                return Some(x);
+            }
         }
         // Steal, if not too many Ms are at it already (at most half the
         // busy Ps' worth).
@@ -1435,33 +1489,12 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
         if !unsafe { stopm(sched, mp) } {
             return None;
         }
-    }
-}
-
-/// [`findrunnable`] for `schedule` on `mp`, handing each G it finds locked
-/// to another M over to that M with this M's P (`startlockedm`) and
-/// looking again once this M has a P back: the `goto top` of Go's
-/// `schedule`. `None` when the scheduler is stopping (the M then holds no
-/// P).
-///
-/// On g0 of a scheduler M holding a P and no locked G.
-#[inline(always)]
-fn findrunnable_skiplocked(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
-    loop {
-        let (gp, inherit) = findrunnable(sched, mp)?;
-        // SAFETY: gp was taken off a queue by us: its fields are ours to
-        // read.
-        if unsafe { (*gp).lockedm }.is_null() {
-            return Some((gp, inherit));
-        }
         // SAFETY: mp is ours.
-        if unsafe { (*mp).spinning } {
-            resetspinning(sched, mp);
-        }
-        // SAFETY: on g0 of mp, holding a P; gp is runnable, locked to
-        // another M, and ours.
-        if !unsafe { startlockedm(sched, mp, gp) } {
-            return None;
+        let lockedg = unsafe { (*mp).lockedg };
+        if !lockedg.is_null() {
+            // Woken to run a goroutine started locked on an M of its own
+            // (bound::newproc_locked): it is runnable and on no queue.
+            return Some((lockedg, false));
         }
     }
 }
@@ -1505,6 +1538,21 @@ fn checkdead(sched: &Sched) {
             || sched.external_waits.load(Ordering::SeqCst) != 0
             || crate::time::timesleepuntil(sched) != 0
         {
+            return;
+        }
+        // An M on its way to sleep with a bound G of its own made runnable
+        // meanwhile (in its inbox, or its locked G) takes a P for it in
+        // stopm or stoplockedm: not dead.
+        if sched.allm.lock().iter().any(|&mp| {
+            // SAFETY: Ms live as long as the scheduler; only atomics are
+            // read, and lockedg, which changes only while its M holds a P
+            // (none does now).
+            unsafe {
+                (*mp).ninbox.load(Ordering::SeqCst) != 0
+                    || (!(*mp).lockedg.is_null()
+                        && (*(*mp).lockedg).readgstatus() == status::RUNNABLE)
+            }
+        }) {
             return;
         }
     }
@@ -1560,18 +1608,34 @@ pub fn schedule() -> ! {
             // SAFETY: as at the end of this function.
             unsafe { gogo(&(*g0).sched) }
         }
+        // Ms wait for a P to run Gs bound to them: maybe give them ours.
+        // SAFETY: on g0 of mp, holding a P and no locked G; stopm as at
+        // the end of findrunnable.
+        if sched.nmwantp.load(Ordering::Relaxed) != 0
+            && unsafe { crate::bound::handoff_wanted(sched, mp) }
+            && !unsafe { stopm(sched, mp) }
+        {
+            // SAFETY: as at the end of this function.
+            unsafe { gogo(&(*g0).sched) }
+        }
         // SAFETY: a running scheduler M holds a P here.
         let pp = unsafe { (*mp).p };
         // SAFETY: pp is ours.
         if unsafe { (*pp).runnext_streak } >= RUNNEXT_LIMIT {
-            // SAFETY: as above.
-            unsafe { (*pp).runnext_streak = 0 };
+            // SAFETY: as above; boundnext is this M's own.
+            unsafe {
+                (*pp).runnext_streak = 0;
+                let gp = crate::bound::boundnextget(mp);
+                if !gp.is_null() {
+                    crate::bound::boundput(mp, gp, false);
+                }
+            }
             // SAFETY: as above.
             if let Some(batch) = runqdemote(unsafe { &(*pp).runq }) {
                 globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
             }
         }
-        if let Some((gp, inherit)) = findrunnable_skiplocked(sched, mp) {
+        if let Some((gp, inherit)) = findrunnable(sched, mp) {
             // SAFETY: mp is ours.
             if unsafe { (*mp).spinning } {
                 resetspinning(sched, mp);
@@ -1611,6 +1675,17 @@ unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
     // SAFETY: the contract.
     unsafe {
         debug_assert!((*mp).g0 == getg(), "execute called off g0");
+        let bm = (*gp).boundm;
+        if bm.is_null() {
+            if (*mp).bindg {
+                // Its first run: from now on the G runs only here.
+                (*gp).boundm = mp;
+                // Relaxed: a count (see M::nbound).
+                (*mp).nbound.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if bm != mp {
+            throw_g("execute: the goroutine is bound to another M", gp);
+        }
         (*mp).curg = gp;
         (*gp).m = mp;
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
@@ -1691,12 +1766,20 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
         }
         let sched = &*rt;
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        dropg(gp);
-        // The global queue, as in Go: a yielding goroutine may continue on
-        // any P, which is what spreads yielding work over busy Ps.
-        globrunqput(&mut sched.lock.lock(), sched, gp);
-        // Work appeared on the global queue: an idle P may take it.
-        wakep(sched);
+        let mp = dropg(gp);
+        if !(*gp).lockedm.is_null() {
+            // Runnable and on no queue: its M's schedule (stoplockedm)
+            // sees it, after handing the P to whoever has work.
+        } else if !(*gp).boundm.is_null() {
+            // Bound to this M: the tail of its own queue.
+            crate::bound::boundput(mp, gp, false);
+        } else {
+            // The global queue, as in Go: a yielding goroutine may continue
+            // on any P, which is what spreads yielding work over busy Ps.
+            globrunqput(&mut sched.lock.lock(), sched, gp);
+            // Work appeared on the global queue: an idle P may take it.
+            wakep(sched);
+        }
     }
     schedule()
 }
@@ -1780,6 +1863,25 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         return;
     }
     let cur = getg();
+    // SAFETY: the contract: gp is parked and ours to ready; its boundm
+    // and lockedm were written by its own M before it parked, which the
+    // wait it parked on orders before this call.
+    unsafe {
+        let bm = (*gp).boundm;
+        if !bm.is_null() {
+            (*gp).casstatus(status::WAITING, status::RUNNABLE);
+            if !(*gp).lockedm.is_null() {
+                // On no queue: its M waits for exactly this G.
+                crate::bound::readylocked(sched, bm);
+            } else if !cur.is_null() && (*cur).m == bm {
+                // On its own M's thread: that M's own queue, no lock.
+                crate::bound::boundput(bm, gp, NEXT);
+            } else {
+                crate::bound::readyhome(sched, bm, gp);
+            }
+            return;
+        }
+    }
     // SAFETY: a non-null current G has a live M.
     let on_m = !cur.is_null() && unsafe { (*(*cur).m).rt == (*gp).rt && !(*(*cur).m).p.is_null() };
     if on_m {
@@ -2088,6 +2190,44 @@ impl Sched {
         platform: &'static dyn crate::platform::Platform,
         report_panics: bool,
     ) -> Arc<Sched> {
+        Self::make(procs, stack_size, platform, report_panics, false)
+    }
+
+    /// [`Sched::with_options`] with Go's full migration: a goroutine that
+    /// has started may resume on any M after it yields or parks, and
+    /// started goroutines are stolen and go through the global queue as
+    /// in Go. By default a started goroutine resumes only on the M it
+    /// started on (see [`crate::bound`]).
+    ///
+    /// # Safety
+    ///
+    /// The program promises that no goroutine of this scheduler depends on
+    /// staying on one M (one OS thread or CPU) between two scheduling
+    /// points (a yield, a park, or any call that may do either): it holds
+    /// no thread-local or per-CPU address, no reference into such data,
+    /// and no thread-affine value (a lock keyed by thread, a `!Send`
+    /// handle to thread state, an unwinding panic) across them. Compiled
+    /// code breaks this without any reference in the source: LLVM computes
+    /// a thread-local's address once per function and keeps it across
+    /// calls, so a function that touches a `thread_local!` (or a kernel's
+    /// per-CPU data) both before and after a switch may use the old M's
+    /// copy afterwards.
+    pub unsafe fn with_migration(
+        procs: usize,
+        stack_size: usize,
+        platform: &'static dyn crate::platform::Platform,
+        report_panics: bool,
+    ) -> Arc<Sched> {
+        Self::make(procs, stack_size, platform, report_panics, true)
+    }
+
+    fn make(
+        procs: usize,
+        stack_size: usize,
+        platform: &'static dyn crate::platform::Platform,
+        report_panics: bool,
+        migrate: bool,
+    ) -> Arc<Sched> {
         assert!(procs >= 1, "a scheduler needs at least one P");
         let allp: Vec<*mut P> = (0..procs)
             .map(|id| {
@@ -2112,6 +2252,7 @@ impl Sched {
                 pidle: null_mut(),
                 gfree: GQueue::new(),
                 nmidlelocked: 0,
+                mwantp: null_mut(),
             }),
             runqsize: AtomicU32::new(0),
             npidle: AtomicU32::new(0),
@@ -2132,6 +2273,8 @@ impl Sched {
             external_waits: AtomicU32::new(0),
             timerpoll: crate::time::TimerPoll::new(),
             nmlocked: AtomicU32::new(0),
+            nmwantp: AtomicU32::new(0),
+            migrate,
         });
         {
             let mut sl = sched.lock.lock();
@@ -2283,6 +2426,19 @@ impl Sched {
                     notewakeup(self.platform, &(*mp).park);
                 }
             }
+            // Ms waiting for a P for their bound Gs: a null nextp tells
+            // them to exit.
+            loop {
+                let mp = crate::bound::wantpget(&mut sl, self);
+                if mp.is_null() {
+                    break;
+                }
+                // SAFETY: mp sleeps in stopm or stoplockedm.
+                unsafe {
+                    (*mp).nextp = null_mut();
+                    notewakeup(self.platform, &(*mp).park);
+                }
+            }
             // Locked Ms asleep in stoplockedm (the protocol above
             // lock_os_thread): a marked M has not been woken and has no
             // nextp, so this wake-up tells it to exit.
@@ -2311,7 +2467,7 @@ impl Sched {
 }
 
 impl GQueue {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         GQueue {
             head: null_mut(),
             tail: null_mut(),

@@ -75,9 +75,55 @@ pub struct Builder {
     stack_size: usize,
     report_go_panics: bool,
     schedtrace: Option<Duration>,
+    migrate: bool,
 }
 
 impl Builder {
+    /// Go's full migration of goroutines between threads: a goroutine
+    /// that has started may resume on any thread after it yields or parks,
+    /// yields go to the global queue, and idle threads steal started
+    /// goroutines too.
+    ///
+    /// Without it (the default) a goroutine that has started runs only on
+    /// the OS thread it first ran on; goroutines that have not started yet
+    /// go to whichever thread is free (their closures are `Send`), which
+    /// is what balances the load. What migration gains: a goroutine woken
+    /// or yielding while its own thread is busy with another goroutine can
+    /// run at once on an idle one. What it gives up is below.
+    ///
+    /// # Safety
+    ///
+    /// The program promises that no goroutine of this runtime depends on
+    /// staying on one thread between two scheduling points (a yield, a
+    /// park, `sleep`, a channel or `sync` operation that waits, `join`):
+    ///
+    /// - it uses no `thread_local!` (its own or any library's, std's
+    ///   included: `thread::current`, `RandomState` keys and the panic
+    ///   count are thread-local) in a function that also reaches a
+    ///   scheduling point — LLVM computes a thread-local's address once per
+    ///   function and keeps it across calls, so the access after the switch
+    ///   may use the old thread's copy (a double free in glibc has been seen
+    ///   from a `Cell<Option<Box<_>>>`);
+    /// - it holds no thread-keyed lock or handle across one (`StdoutLock`,
+    ///   a reentrant mutex, anything `!Send` tied to the thread);
+    /// - no panic unwinds across one (std counts panics per thread; a
+    ///   destructor that parks during unwinding would finish the unwind on
+    ///   another thread).
+    ///
+    /// Breaking the promise is undefined behaviour, not a panic.
+    ///
+    /// ```
+    /// // SAFETY: these goroutines touch no thread-local state.
+    /// let rt = unsafe { gokernel::Runtime::builder().procs(2).migrate_started_goroutines() }
+    ///     .build()
+    ///     .unwrap();
+    /// rt.block_on(|| gokernel::gosched()).unwrap();
+    /// ```
+    pub unsafe fn migrate_started_goroutines(mut self) -> Self {
+        self.migrate = true;
+        self
+    }
+
     /// The number of Ps: Gs that run in parallel (Go's GOMAXPROCS). The
     /// default is the number of CPUs.
     pub fn procs(mut self, n: usize) -> Self {
@@ -141,7 +187,13 @@ impl Builder {
             return Err(BuildError::Procs { procs });
         }
         check_stack_size(self.stack_size).map_err(BuildError::StackSize)?;
-        let sched = Sched::with_options(procs, self.stack_size, &HOSTED, self.report_go_panics);
+        let sched = if self.migrate {
+            // SAFETY: the caller of migrate_started_goroutines made the
+            // promise with_migration asks for.
+            unsafe { Sched::with_migration(procs, self.stack_size, &HOSTED, self.report_go_panics) }
+        } else {
+            Sched::with_options(procs, self.stack_size, &HOSTED, self.report_go_panics)
+        };
         let period = self.schedtrace.or_else(schedtrace_from_env);
         let monitor = period
             .filter(|p| !p.is_zero())
@@ -167,6 +219,7 @@ impl Runtime {
             stack_size: STACK_DEFAULT,
             report_go_panics: false,
             schedtrace: None,
+            migrate: false,
         }
     }
 
@@ -222,13 +275,26 @@ impl Runtime {
         spawn_on(Some(&self.sched), f)
     }
 
+    /// [`spawn_locked`](crate::spawn_locked) from outside the runtime
+    /// (or inside it).
+    ///
+    /// # Panics
+    ///
+    /// If its stack cannot be allocated.
+    pub fn spawn_locked<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        try_spawn_on(Some(&self.sched), true, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+    }
+
     /// [`spawn`](Self::spawn), returning an error instead of panicking when
     /// the goroutine's stack cannot be allocated.
     pub fn try_spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<JoinHandle<T>, SpawnError> {
-        try_spawn_on(Some(&self.sched), f)
+        try_spawn_on(Some(&self.sched), false, f)
     }
 
     /// The number of Ps.
@@ -549,11 +615,12 @@ fn spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
-    try_spawn_on(sched, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+    try_spawn_on(sched, false, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
 }
 
 fn try_spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
+    locked: bool,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
     let inner = Arc::new(JoinInner {
@@ -568,7 +635,12 @@ fn try_spawn_on<T: Send + 'static>(
         finish(&done, r);
     };
     // On failure the closure (and with it `f`) is dropped: nothing leaks.
-    let id = newproc(sched, body).map_err(SpawnError)?;
+    let id = if locked {
+        crate::bound::newproc_locked(sched, body)
+    } else {
+        newproc(sched, body)
+    }
+    .map_err(SpawnError)?;
     Ok(JoinHandle { inner, id })
 }
 
@@ -609,7 +681,41 @@ pub fn try_spawn<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
     require_goroutine("try_spawn");
-    try_spawn_on(None, f)
+    try_spawn_on(None, false, f)
+}
+
+/// [`spawn`] on an OS thread of its own, locked to it as if `f` began with
+/// [`lock_os_thread`]: no other goroutine runs on that thread until `f`
+/// calls [`unlock_os_thread`] or returns. The thread is an idle one that
+/// no started goroutine lives on, or a new one.
+///
+/// Use this, rather than `lock_os_thread` inside a goroutine, for a
+/// goroutine that changes its thread's state (namespaces, credentials,
+/// signal masks, a C library's per-thread context): a goroutine that has
+/// run lives on the thread it started on, and so may other goroutines
+/// that started there; `lock_os_thread` makes those wait until it
+/// unlocks (see [`lock_os_thread`]), while here there are none.
+///
+/// # Panics
+///
+/// Outside a goroutine (use [`Runtime::spawn_locked`] there), or if its
+/// stack cannot be allocated.
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let main_thread = std::thread::current().id();
+///     let h = gokernel::spawn_locked(move || {
+///         gokernel::gosched(); // comes back to the same thread
+///         std::thread::current().id() != main_thread
+///     });
+///     assert!(h.join().unwrap(), "a thread of its own");
+/// })
+/// .unwrap();
+/// ```
+pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    require_goroutine("spawn_locked");
+    try_spawn_on(None, true, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
 }
 
 /// Starts a goroutine running `f` and returns a handle to join it. A panic
@@ -725,6 +831,15 @@ pub fn stats() -> Stats {
 /// goroutine that exits locked unlocks its thread, which goes back to the
 /// pool (Go ends the thread instead); see
 /// [`proc::lock_os_thread`](crate::proc::lock_os_thread).
+///
+/// Every goroutine already stays on the thread it started on (see
+/// [`Builder::migrate_started_goroutines`]); what locking adds is that the
+/// thread runs nothing else. Other goroutines that started on this thread
+/// before the lock cannot move either, so they wait, runnable, until the
+/// lock is released or the locked goroutine exits: if the locked goroutine
+/// waits for one of them, nothing runs again (reported as a [`Deadlock`]
+/// when nothing else can wake it). To lock a thread without neighbours,
+/// start the goroutine with [`spawn_locked`].
 ///
 /// # Panics
 ///

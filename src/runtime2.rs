@@ -285,6 +285,12 @@ pub struct G {
     /// `goexit0` on the M's g0); read by whichever M takes the G off a run
     /// queue, which the queue's release/acquire orders after the write.
     pub(crate) lockedm: *mut M,
+    /// The M this G must run on, or null: it may run on any M (Go has no
+    /// such field). Set by `execute` when a G first runs on a scheduler
+    /// that binds started Gs (the default: see [`crate::bound`]), or by
+    /// `lock_os_thread`; written only by the G's own M, before the G can
+    /// be seen parked, and cleared when it exits.
+    pub(crate) boundm: *mut M,
 }
 
 impl G {
@@ -366,6 +372,33 @@ pub struct M {
     /// True while this M sleeps in `stoplockedm` and nobody has woken it
     /// yet; under [`Sched::lock`], like every wake-up of a locked M.
     pub(crate) lockedsleep: bool,
+    /// This M's own run queue: started Gs bound to it (see
+    /// [`crate::bound`]) made runnable on this M. `boundnext` jumps the
+    /// queue as a P's `runnext` does. Owner (this M's thread) only.
+    pub(crate) boundnext: *mut G,
+    /// See `boundnext`.
+    pub(crate) boundq: GQueue,
+    /// Gs bound to this M made runnable by other threads; moved to
+    /// `boundq` by the M itself.
+    pub(crate) inbox: spin::Mutex<GQueue>,
+    /// Length of `inbox`, readable without its lock (SeqCst: pairs with
+    /// `sleeping`, see [`crate::bound`]).
+    pub(crate) ninbox: AtomicU32,
+    /// Whether, and how, this M sleeps without a P: one of
+    /// [`crate::bound`]'s `AWAKE`, `IDLE`, `LOCKED`, `TIMER`. Written by the
+    /// M itself; read by wakers of its bound Gs.
+    pub(crate) sleeping: AtomicU32,
+    /// On `SchedLocked::midle`; under [`Sched::lock`].
+    pub(crate) onmidle: bool,
+    /// Bind the Gs this M starts to it (`!Sched::migrate`), copied here
+    /// so `execute` need not read the scheduler.
+    pub(crate) bindg: bool,
+    /// Gs bound to this M that have not exited (relaxed: a count for
+    /// choosing an M with none, and for stats).
+    pub(crate) nbound: AtomicU32,
+    /// When this M last acquired a P (`Platform::nanotime`), for handing
+    /// the P to an M waiting for one only after a time slice.
+    pub(crate) pwhen: u64,
 }
 
 /// A processor token: an M must hold one to run user Gs. There are `procs`
@@ -436,6 +469,10 @@ pub(crate) struct SchedLocked {
     /// Locked Ms sleeping in `stoplockedm` (Go's `nmidlelocked`): those
     /// with `M::lockedsleep` set.
     pub(crate) nmidlelocked: u32,
+    /// Ms that have runnable bound Gs and wait for a P, linked by
+    /// `M::schedlink` (see [`crate::bound`]); never non-empty while a P is
+    /// idle.
+    pub(crate) mwantp: *mut M,
 }
 
 // SAFETY: the raw pointers are to runtime-owned Gs, Ms and Ps, which live
@@ -498,6 +535,12 @@ pub struct Sched {
     ///
     /// [`stats`]: Sched::stats
     pub(crate) nmlocked: AtomicU32,
+    /// Length of `SchedLocked::mwantp`, readable without the lock.
+    pub(crate) nmwantp: AtomicU32,
+    /// Go's full migration: started Gs may resume on any M (the `unsafe`
+    /// opt-in; see [`crate::bound`]). False by default: a started G runs
+    /// only on the M it started on.
+    pub(crate) migrate: bool,
 }
 
 /// See [`Sched::deadlock_hooks`].

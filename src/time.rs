@@ -494,6 +494,8 @@ pub(crate) enum Polled {
 /// Why the timer sleeper stopped sleeping.
 enum Woke {
     Due,
+    /// A G bound to the sleeping M became runnable (see crate::bound).
+    Home,
     Empty,
     Stopping,
 }
@@ -521,12 +523,21 @@ pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
             // The holder looks after every timer, this one included.
             return Polled::Nothing;
         }
+        // SeqCst store, then has_bound_work's SeqCst load below: the M's
+        // half of the wake-up argument in crate::bound (a waker that sees
+        // TIMER calls netpollbreak).
+        // SAFETY: mp is this thread's M.
+        unsafe { (*mp).sleeping.store(crate::bound::TIMER, Ordering::SeqCst) };
         let woke = loop {
             // SeqCst, and before the checks: a wake-up after this read
             // makes the futexsleep below return at once.
             let seen = tp.wake.load(Ordering::SeqCst);
             if sched.stopping.load(Ordering::SeqCst) {
                 break Woke::Stopping;
+            }
+            // SAFETY: as above.
+            if unsafe { crate::bound::has_bound_work(mp) } {
+                break Woke::Home;
             }
             let next = timesleepuntil(sched);
             if next == 0 {
@@ -546,8 +557,16 @@ pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
         // Leave the post (SeqCst: from here on adders wake Ms with wakep),
         // then deal with what is left.
         tp.poll_until.store(0, Ordering::SeqCst);
+        // SAFETY: as above.
+        unsafe {
+            (*mp)
+                .sleeping
+                .store(crate::bound::AWAKE, Ordering::Relaxed)
+        };
         match woke {
             Woke::Stopping => return Polled::Stopping,
+            // stopm, next, finds this M's Gs and gets a P for them.
+            Woke::Home => return Polled::Nothing,
             // Scan again: a timer whose adder saw POLL_PENDING (and only
             // woke us) is seen now.
             Woke::Empty => continue,
