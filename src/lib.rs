@@ -58,7 +58,7 @@
 //! use gokernel::{getg, systemstack};
 //!
 //! let mut g = malg(64 * 1024).unwrap();
-//! g.goid = newgoid();
+//! g.set_goid(newgoid());
 //! let gp: *mut _ = &mut *g;
 //! // SAFETY: the G is new and its stack unused.
 //! unsafe {
