@@ -117,13 +117,13 @@ fn handoff_chan(n: u64) {
 /// On g0: resume the caller at once.
 unsafe extern "C" fn back(gp: *mut G) {
     // SAFETY: gp was just suspended by mcall on this M.
-    unsafe { gogo(&(*gp).sched) }
+    unsafe { gogo((*gp).sched()) }
 }
 
 /// `n` bare `mcall` + `gogo` round trips on a G of a bare M (no scheduler).
 fn switch_round_trips(n: u64) {
     let mut g = malg(64 * 1024).expect("malg");
-    g.goid = newgoid();
+    g.set_goid(newgoid());
     let gp: *mut G = &mut *g;
     let body = Box::new(move || {
         for _ in 0..n {

@@ -40,12 +40,12 @@ unsafe extern "C" fn to_other(gp: *mut G) {
 /// On g0: resume the caller at once (the bare round trip G -> g0 -> G).
 unsafe extern "C" fn back(gp: *mut G) {
     // SAFETY: gp was just suspended by mcall on this M.
-    unsafe { gogo(&(*gp).sched) }
+    unsafe { gogo((*gp).sched()) }
 }
 
 fn new_g(f: impl FnOnce() + Send + 'static) -> Box<G> {
     let mut g = malg(64 * 1024).expect("malg");
-    g.goid = newgoid();
+    g.set_goid(newgoid());
     // SAFETY: a new G: not running, its stack unused.
     unsafe { gostartcallfn(&mut *g, Box::new(f)) };
     g

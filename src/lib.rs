@@ -30,8 +30,8 @@
 //!   `findrunnable`, [`sleep`], [`after_func`](time::after_func), and the
 //!   idle M that sleeps until the next deadline instead of spinning.
 //! - [`platform`]: what the scheduler needs from its world (threads,
-//!   futexes, a monotonic clock, CPU count); [`lock_futex`]: how idle Ms
-//!   sleep.
+//!   futexes, a monotonic clock, CPU count); `lock_futex` (internal): how
+//!   idle Ms sleep.
 //! - [`stack`]: goroutine stacks: guard pages within a mapping budget,
 //!   arena stacks with soft guards beyond it.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
@@ -58,7 +58,7 @@
 //! use gokernel::{getg, systemstack};
 //!
 //! let mut g = malg(64 * 1024).unwrap();
-//! g.goid = newgoid();
+//! g.set_goid(newgoid());
 //! let gp: *mut _ = &mut *g;
 //! // SAFETY: the G is new and its stack unused.
 //! unsafe {
@@ -90,7 +90,7 @@ extern crate std;
 pub mod asm_amd64;
 pub mod bound;
 pub mod chan;
-pub mod lock_futex;
+pub(crate) mod lock_futex;
 pub mod panic;
 pub mod platform;
 pub mod proc;

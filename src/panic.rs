@@ -110,9 +110,16 @@ pub(crate) fn report_g(msg: &str, gp: *const G) {
     write_line("error: ", msg, gp);
 }
 
-/// Like [`throw`], naming `gp` as the goroutine at fault.
+/// Like [`throw`], naming `gp` as the goroutine at fault. `gp` must be
+/// null or a live G (its id and M are read): crate-private, since a safe
+/// caller could pass any pointer.
+///
+/// ```compile_fail,E0603
+/// // Would read a G at address 8.
+/// gokernel::panic::throw_g("boom", 8 as *const gokernel::runtime2::G);
+/// ```
 #[cold]
-pub fn throw_g(msg: &str, gp: *const G) -> ! {
+pub(crate) fn throw_g(msg: &str, gp: *const G) -> ! {
     write_line("fatal error: ", msg, gp);
     die()
 }

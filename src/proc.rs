@@ -363,7 +363,7 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
 /// `g0.sched` (once, in [`mstart1`]) and calls `f` on g0.
 ///
 /// Returns when `f` returns, or when code on this M ends it with
-/// `gogo(&g0.sched)` (as [`schedule`] does when there is nothing left to
+/// `gogo(&g0.sched)` (as the scheduler does when there is nothing left to
 /// run); in the second case `f`'s frames are abandoned without running
 /// destructors. Afterwards the thread is no longer an M.
 ///
@@ -1124,7 +1124,13 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
     } else {
         unsafe { (*(*gp).m).rt }
     };
-    let in_rt = !here.is_null() && sched.is_none_or(|s| core::ptr::eq(s, here));
+    // Only with a P: a scheduler M's g0 may run user code without one (a
+    // deadlock hook, a timer callback on an idle M), and then the new G
+    // goes on the global queue like one started from outside.
+    // SAFETY: as above; the M is this thread's, so its p is ours to read.
+    let in_rt = !here.is_null()
+        && sched.is_none_or(|s| core::ptr::eq(s, here))
+        && unsafe { !(*(*gp).m).p.is_null() };
     if in_rt {
         // Fast path, on the goroutine's own stack: its P has a dead G at
         // hand, so nothing below allocates, takes a lock or starts a
@@ -1577,7 +1583,16 @@ fn resetspinning(sched: &Sched, mp: *mut M) {
 /// stopping ends the same way. An M with a locked G runs only that G: it
 /// waits in `stoplockedm` until the G is runnable; a G found locked to
 /// another M goes to that M with this M's P (`startlockedm`).
-pub fn schedule() -> ! {
+///
+/// Only the scheduler calls it: it dereferences the current G as g0 of a
+/// live M, so from a plain thread it would crash, and from a goroutine it
+/// would run the scheduler on that goroutine's stack and abandon it. It is
+/// not part of the public API:
+///
+/// ```compile_fail,E0603
+/// gokernel::proc::schedule(); // private: only g0 of an M may call it
+/// ```
+pub(crate) fn schedule() -> ! {
     let g0 = getg();
     // SAFETY: schedule runs on g0 of a live M.
     let mp = unsafe { (*g0).m };

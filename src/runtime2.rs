@@ -27,9 +27,9 @@ use static_assertions::{const_assert, const_assert_eq};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stack {
     /// Lowest usable address (asm: [`STACK_LO`]).
-    pub lo: usize,
+    pub(crate) lo: usize,
     /// One past the highest usable address (asm: [`STACK_HI`]).
-    pub hi: usize,
+    pub(crate) hi: usize,
 }
 
 /// The saved context of a G that is not running (Go's `gobuf`).
@@ -41,35 +41,79 @@ pub struct Stack {
 /// real return address of the `mcall` (what a traceback wants).
 ///
 /// All fields are read by asm; do not reorder them without running
-/// `cargo xtask offsets`.
+/// `cargo xtask offsets`. They are private: `gogo` trusts them (it jumps to
+/// `pc` on stack `sp`), so only the switch code and the scheduler write
+/// them; the getters ([`Gobuf::sp`], [`Gobuf::pc`], …) read them.
+///
+/// ```compile_fail,E0616
+/// let mut buf = gokernel::runtime2::Gobuf::new();
+/// buf.pc = 0xdead; // private: only the switch code writes a Gobuf
+/// ```
 #[repr(C)]
 #[derive(Debug)]
 pub struct Gobuf {
     /// Stack pointer to resume with (asm: [`GOBUF_SP`]).
-    pub sp: usize,
+    pub(crate) sp: usize,
     /// Address to jump to (asm: [`GOBUF_PC`]).
-    pub pc: usize,
+    pub(crate) pc: usize,
     /// The G this context belongs to; `gogo` installs it as the current G
     /// (asm: [`GOBUF_G`]).
-    pub g: *mut G,
+    pub(crate) g: *mut G,
     /// Closure context: `gogo` loads it into rdx. A fresh G's entry
     /// trampoline takes its [`FuncVal`] from there (asm: [`GOBUF_CTXT`]).
-    pub ctxt: usize,
+    pub(crate) ctxt: usize,
     /// Frame pointer, rbp (asm: [`GOBUF_BP`]).
-    pub bp: usize,
+    pub(crate) bp: usize,
     /// Callee-saved rbx (asm: [`GOBUF_RBX`]).
-    pub rbx: usize,
+    pub(crate) rbx: usize,
     /// Callee-saved r12 (asm: [`GOBUF_R12`]).
-    pub r12: usize,
+    pub(crate) r12: usize,
     /// Callee-saved r13 (asm: [`GOBUF_R13`]).
-    pub r13: usize,
+    pub(crate) r13: usize,
     /// Callee-saved r14 (asm: [`GOBUF_R14`]).
-    pub r14: usize,
+    pub(crate) r14: usize,
     /// Callee-saved r15 (asm: [`GOBUF_R15`]).
-    pub r15: usize,
+    pub(crate) r15: usize,
+}
+
+impl Stack {
+    /// Lowest usable address.
+    pub const fn lo(&self) -> usize {
+        self.lo
+    }
+
+    /// One past the highest usable address.
+    pub const fn hi(&self) -> usize {
+        self.hi
+    }
 }
 
 impl Gobuf {
+    /// The stack pointer the context resumes with.
+    pub const fn sp(&self) -> usize {
+        self.sp
+    }
+
+    /// The address the context resumes at.
+    pub const fn pc(&self) -> usize {
+        self.pc
+    }
+
+    /// The frame pointer (rbp) the context resumes with.
+    pub const fn bp(&self) -> usize {
+        self.bp
+    }
+
+    /// The G this context belongs to (null for an empty context).
+    pub const fn g(&self) -> *mut G {
+        self.g
+    }
+
+    /// The closure context `gogo` loads into rdx.
+    pub const fn ctxt(&self) -> usize {
+        self.ctxt
+    }
+
     /// An empty context: `gogo` on it is a fatal error (no G).
     pub const fn new() -> Self {
         Gobuf {
@@ -105,7 +149,7 @@ impl Default for Gobuf {
 pub struct FuncVal {
     /// The code, called with the `FuncVal`'s address in rdi
     /// (asm: [`FUNCVAL_FN`]).
-    pub fn_: unsafe extern "C" fn(*mut FuncVal),
+    pub(crate) fn_: unsafe extern "C" fn(*mut FuncVal),
 }
 
 /// A goroutine's function, kept in its G (Go keeps a pointer to a
@@ -245,19 +289,27 @@ pub mod status {
 /// A goroutine.
 ///
 /// The first fields are read by asm (offsets [`G_STACK`], [`G_SCHED`],
-/// [`G_M`]); the rest are Rust's.
+/// [`G_M`]); the rest are Rust's. All are private: the switch code trusts
+/// `stack`, `sched` and `m`, and the scheduler everything else, so safe
+/// code reads them through getters ([`G::stack`], [`G::sched`], [`G::m`],
+/// [`G::goid`], [`G::readgstatus`]) and cannot break them.
+///
+/// ```compile_fail,E0616
+/// let mut g = gokernel::proc::malg(64 * 1024).unwrap();
+/// g.stack = Default::default(); // private: the stack `g` owns and frees
+/// ```
 #[repr(C)]
 pub struct G {
     /// The stack `[lo, hi)` this G runs on (asm: [`G_STACK`]).
-    pub stack: Stack,
+    pub(crate) stack: Stack,
     /// Where to resume this G (asm: [`G_SCHED`]).
-    pub sched: Gobuf,
+    pub(crate) sched: Gobuf,
     /// The M running this G, or null (asm: [`G_M`]).
-    pub m: *mut M,
+    pub(crate) m: *mut M,
     /// Goroutine id; g0s have id 0 (asm: [`G_GOID`], read by tools).
-    pub goid: u64,
+    pub(crate) goid: u64,
     /// A [`status`] value.
-    pub atomicstatus: AtomicU32,
+    pub(crate) atomicstatus: AtomicU32,
     /// The function a fresh G runs: [`gostart`](crate::asm_amd64::gostart)
     /// calls it through `sched.ctxt`, which points at `startfv`.
     pub(crate) startfv: FuncVal,
@@ -294,6 +346,34 @@ pub struct G {
 }
 
 impl G {
+    /// The stack `[lo, hi)` this G runs on (`lo == hi == 0` for a g0 on
+    /// its thread's own stack).
+    pub fn stack(&self) -> Stack {
+        self.stack
+    }
+
+    /// Where this G resumes (what [`gogo`](crate::asm_amd64::gogo) takes).
+    pub fn sched(&self) -> &Gobuf {
+        &self.sched
+    }
+
+    /// The M running this G, or null.
+    pub fn m(&self) -> *mut M {
+        self.m
+    }
+
+    /// The goroutine id (0 for g0s and for Gs not given one yet).
+    pub fn goid(&self) -> u64 {
+        self.goid
+    }
+
+    /// Gives this G an id (a G made by [`malg`](crate::proc::malg) has
+    /// none; the scheduler gives its own Gs theirs). Ids only name Gs in
+    /// messages, traces and handles; nothing relies on them being unique.
+    pub fn set_goid(&mut self, goid: u64) {
+        self.goid = goid;
+    }
+
     /// This G's status (acquire: pairs with the release in
     /// [`G::casstatus`] so a G seen as `RUNNABLE` has its `sched` visible).
     pub fn readgstatus(&self) -> u32 {
@@ -329,21 +409,34 @@ impl core::fmt::Debug for G {
 /// A worker: an OS thread (hosted) or a CPU (bare metal).
 ///
 /// The first fields are read by asm (offsets [`M_G0`], [`M_CURG`],
-/// [`M_GSIGNAL`]).
+/// [`M_GSIGNAL`]). All fields are private: an M owns its g0 (dropping the
+/// M frees it) and the switch code trusts `g0`, `curg` and `gsignal`, so
+/// safe code only reads them ([`M::g0`], [`M::curg`], …).
+///
+/// ```compile_fail,E0616
+/// let mut m = gokernel::runtime2::M::new(1);
+/// m.g0 = core::ptr::null_mut(); // private: Drop for M frees g0
+/// ```
+///
+/// ```compile_fail,E0616
+/// use gokernel::runtime2::M;
+/// let (mut a, b) = (M::new(1), M::new(2));
+/// a.g0 = b.g0; // private: two Ms owning one g0 would free it twice
+/// ```
 #[repr(C)]
 pub struct M {
     /// The scheduling G: its stack is this M's system stack
     /// (asm: [`M_G0`]).
-    pub g0: *mut G,
+    pub(crate) g0: *mut G,
     /// The user G this M is running, or null (asm: [`M_CURG`]).
-    pub curg: *mut G,
+    pub(crate) curg: *mut G,
     /// The G whose stack signal handlers run on, or null. `systemstack`
     /// from it runs the function directly (asm: [`M_GSIGNAL`]).
-    pub gsignal: *mut G,
+    pub(crate) gsignal: *mut G,
     /// The P this M holds, or null.
-    pub p: *mut P,
+    pub(crate) p: *mut P,
     /// M id, for messages.
-    pub id: i64,
+    pub(crate) id: i64,
     /// The scheduler this M works for; null for a bare M started with
     /// [`mstart`](crate::proc::mstart) alone.
     pub(crate) rt: *const Sched,
@@ -402,13 +495,14 @@ pub struct M {
 }
 
 /// A processor token: an M must hold one to run user Gs. There are `procs`
-/// of them (Go's GOMAXPROCS). No asm reads a P.
+/// of them (Go's GOMAXPROCS). No asm reads a P. Its fields are the
+/// scheduler's (private); [`P::id`] and [`P::m`] read the two that name it.
 #[repr(C)]
 pub struct P {
     /// P id, `0..procs`.
-    pub id: i32,
+    pub(crate) id: i32,
     /// The M holding this P, or null (idle P).
-    pub m: *mut M,
+    pub(crate) m: *mut M,
     /// Next P on the idle list (`Sched::pidle`), under the scheduler lock.
     pub(crate) link: *mut P,
     /// Incremented on every scheduler call that starts a new time slice;
@@ -429,6 +523,46 @@ pub struct P {
     /// deadline readable without it (Go's `p.timers`, `p.timer0When`).
     /// Any M may add to it or run its expired timers.
     pub(crate) timers: crate::time::Timers,
+}
+
+impl M {
+    /// The scheduling G, whose stack is this M's system stack. Never null
+    /// for an M made by [`M::new`]; the M owns it.
+    pub fn g0(&self) -> *mut G {
+        self.g0
+    }
+
+    /// The user G this M is running, or null.
+    pub fn curg(&self) -> *mut G {
+        self.curg
+    }
+
+    /// The G signal handlers run on, or null.
+    pub fn gsignal(&self) -> *mut G {
+        self.gsignal
+    }
+
+    /// The P this M holds, or null.
+    pub fn p(&self) -> *mut P {
+        self.p
+    }
+
+    /// The M id (for messages).
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+}
+
+impl P {
+    /// The P id, `0..procs`.
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    /// The M holding this P, or null (idle P).
+    pub fn m(&self) -> *mut M {
+        self.m
+    }
 }
 
 /// How many Gs in a row may take `runnext` (and so inherit the time slice)

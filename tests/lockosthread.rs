@@ -18,7 +18,7 @@ fn rt(procs: usize) -> Runtime {
 /// every call).
 fn current_m_id() -> i64 {
     // SAFETY: on a goroutine: its M is live.
-    unsafe { (*(*getg()).m).id }
+    unsafe { (*(*getg()).m()).id() }
 }
 
 /// The calling OS thread's id, from the kernel (never cached).

@@ -11,7 +11,7 @@ use common::{
 use gokernel::asm_amd64::{gogo, mcall};
 use gokernel::getg;
 use gokernel::proc::{execute, mstart};
-use gokernel::runtime2::{G, M};
+use gokernel::runtime2::{G, G_M, M};
 use gokernel::systemstack;
 
 const STACK: usize = 64 * 1024;
@@ -57,8 +57,10 @@ unsafe extern "C" fn switch_behind_curgs_back(_gp: *mut G) {
     // SAFETY: SECOND is a fresh G of this M, set before the mcall.
     unsafe {
         let second = SECOND;
-        (*second).m = (*getg()).m;
-        gogo(&(*second).sched)
+        // G.m is private to the runtime; write it the way an embedder's
+        // assembly would, through its published offset.
+        second.byte_add(G_M).cast::<*mut M>().write((*getg()).m());
+        gogo((*second).sched())
     }
 }
 

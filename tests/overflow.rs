@@ -103,7 +103,11 @@ fn an_overwritten_soft_guard_is_reported_at_the_next_switch() {
         overflow_in_a_goroutine(1, || {
             let gp = gokernel::getg();
             // SAFETY: the word below lo is this G's own soft guard region.
-            unsafe { ((*gp).stack.lo as *mut u64).sub(1).write_volatile(0xbad) };
+            unsafe {
+                ((*gp).stack().lo() as *mut u64)
+                    .sub(1)
+                    .write_volatile(0xbad)
+            };
             gokernel::gosched();
         });
     }

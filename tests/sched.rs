@@ -201,7 +201,7 @@ fn a_goroutine_spinning_on_a_flag_makes_progress_through_gosched() {
 /// The id of the M running the current goroutine.
 fn current_m_id() -> i64 {
     // SAFETY: on a goroutine: its M is live.
-    unsafe { (*(*getg()).m).id }
+    unsafe { (*(*getg()).m()).id() }
 }
 
 #[test]

@@ -23,8 +23,8 @@ fn malg_stacks_are_freed_on_drop_over_100_000_cycles() {
         // Touch the top and bottom pages so the stack is really committed.
         // SAFETY: [lo, hi) is the G's own, unused stack.
         unsafe {
-            ((g.stack.hi - 8) as *mut u64).write_volatile(u64::from(i));
-            (g.stack.lo as *mut u64).write_volatile(u64::from(i));
+            ((g.stack().hi() - 8) as *mut u64).write_volatile(u64::from(i));
+            (g.stack().lo() as *mut u64).write_volatile(u64::from(i));
         }
         drop(g);
     }
@@ -72,7 +72,7 @@ fn malg_rejects_bad_stack_sizes_with_a_typed_error() {
 #[test]
 fn the_guard_page_sits_just_below_the_stack() {
     let g = malg(STACK_MIN).unwrap();
-    let lo = g.stack.lo;
+    let lo = g.stack().lo();
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let guard = maps.lines().find_map(|l| {
         let (range, rest) = l.split_once(' ')?;

@@ -112,13 +112,13 @@ fn eight_threads_ping_pong_at_once_with_isolated_tls() {
 
 fn g0_of_current_m() -> *mut G {
     // SAFETY: the current G is a live G of a live M.
-    unsafe { (*(*getg()).m).g0 }
+    unsafe { (*(*getg()).m()).g0() }
 }
 
 fn stack_contains(gp: *mut G, sp: usize) -> bool {
     // SAFETY: gp is a live G.
-    let st = unsafe { (*gp).stack };
-    st.lo <= sp && sp < st.hi
+    let st = unsafe { (*gp).stack() };
+    st.lo() <= sp && sp < st.hi()
 }
 
 #[test]
@@ -369,10 +369,10 @@ fn a_fresh_g_starts_on_its_own_stack_and_exits_through_goexit() {
         let me = getg();
         let sp = caller_sp();
         // SAFETY: me is the running G.
-        let (st, m, goid) = unsafe { ((*me).stack, (*me).m, (*me).goid) };
+        let (st, m, goid) = unsafe { ((*me).stack(), (*me).m(), (*me).goid()) };
         // SAFETY: m is this G's live M.
-        let curg = unsafe { (*m).curg };
-        (st.lo <= sp && sp < st.hi, curg == me, goid)
+        let curg = unsafe { (*m).curg() };
+        (st.lo() <= sp && sp < st.hi(), curg == me, goid)
     });
     assert!(got.0, "the G ran off its own stack");
     assert!(got.1, "m.curg is not the running G");

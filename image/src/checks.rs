@@ -247,7 +247,7 @@ fn sleep_order(sched: &'static Sched) -> Option<Vec<(u64, bool)>> {
 /// The id of the M running the current goroutine.
 fn m_id() -> i64 {
     // SAFETY: on a goroutine: its M is live.
-    unsafe { (*(*gokernel::getg()).m).id }
+    unsafe { (*(*gokernel::getg()).m()).id() }
 }
 
 /// A goroutine locked to its M keeps that M (the same id and TLS block)

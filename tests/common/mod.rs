@@ -33,7 +33,7 @@ pub fn on_g0<R>(f: impl FnOnce() -> R) -> R {
 /// A G ready to run `f` (runnable, with a fresh goid).
 pub fn newg(stack_size: usize, f: impl FnOnce() + Send + 'static) -> Box<G> {
     let mut g = malg(stack_size).expect("malg");
-    g.goid = newgoid();
+    g.set_goid(newgoid());
     // SAFETY: the G is new: not running, its stack unused.
     unsafe { gostartcallfn(&mut *g, Box::new(f)) };
     g
