@@ -189,7 +189,10 @@ pub(crate) extern "C" fn badgogo() -> ! {
 
 /// Which check caught a goroutine running off its stack, and where: what
 /// [`stackoverflow_at`] reports.
+/// Hosted only but the switch check: the others come from the signal
+/// handler.
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
 pub(crate) enum Overflow {
     /// The soft guard below the stack was found written when the G
     /// switched out (stacks without a guard page).

@@ -8,7 +8,7 @@
 //! writes a byte of anything else (Rust's stack probes touch every page of
 //! a large frame in order, so no frame jumps over the page), and the
 //! SIGSEGV handler reports it, naming the goroutine
-//! ([`signal_unix`](crate::signal_unix)).
+//! (`src/signal_unix.rs`).
 //!
 //! A guarded stack is one anonymous `mmap` of guard + stack
 //! (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK`: address
@@ -37,7 +37,7 @@
 //! and the command that raises it: `try_spawn` returns it, `go` and `spawn`
 //! panic with it. No stack silently loses its guard.
 //!
-//! [`set_guard_page_budget`] can only *lower* the limit (so that a program
+//! `set_guard_page_budget` can only *lower* the limit (so that a program
 //! keeps mappings for other uses, or a test reaches exhaustion quickly); it
 //! cannot remove guards, which is why it is safe. It is process-wide
 //! because the mapping limit it shares out is.
@@ -45,7 +45,7 @@
 //! # Unguarded stacks: an `unsafe` opt-in
 //!
 //! [`stackalloc_unguarded`] (and, for a whole runtime,
-//! [`Builder::unguarded_stacks`](crate::Builder::unguarded_stacks) or
+//! `Builder::unguarded_stacks` or
 //! [`Sched::use_unguarded_stacks`](crate::runtime2::Sched::use_unguarded_stacks))
 //! carves stacks from arenas instead: one mapping holds 256 stacks, each
 //! with a *soft* guard: the page below `lo`, which must stay zero. The
@@ -122,7 +122,7 @@ pub enum StackError {
     /// Every guarded stack the process's mapping limit allows is in use
     /// (see the [module docs](self)): `limit` live stacks, under
     /// `vm.max_map_count = max_map_count` (or a lower
-    /// [`set_guard_page_budget`]).
+    /// `set_guard_page_budget`).
     GuardedStacksExhausted {
         /// How many guarded stacks may be live at once.
         limit: usize,
@@ -331,7 +331,7 @@ pub fn stackalloc(size: usize) -> Result<StackMem, StackError> {
 
 /// Allocates a stack of `size` usable bytes with only a soft guard below
 /// it: hosted, a slot of an arena of 256 stacks (1/256 of a kernel mapping
-/// per stack, no [`guard_page_budget`] used); freestanding, the same as
+/// per stack, no `guard_page_budget` used); freestanding, the same as
 /// [`stackalloc`].
 ///
 /// # Safety
