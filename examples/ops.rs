@@ -216,11 +216,25 @@ fn main() {
         println!("result switch 1 {n} {ns:.2} ns/op");
         return;
     }
-    let rt = Runtime::builder()
+    let builder = Runtime::builder()
         .procs(procs)
-        .stack_size(gokernel::stack::STACK_MIN)
-        .build()
-        .unwrap();
+        .stack_size(gokernel::stack::STACK_MIN);
+    // All N alive at once may be more guarded stacks than vm.max_map_count
+    // allows (28,669 by default): then unguarded ones, said on stderr.
+    let alive = matches!(op.as_str(), "spawn-alive" | "parked");
+    let builder = if alive && n as usize + 16 > gokernel::stack::guard_page_budget() {
+        eprintln!(
+            "ops: {n} goroutines alive need more guarded stacks than vm.max_map_count = {} allows; \
+             using unguarded stacks",
+            gokernel::stack::max_map_count()
+        );
+        // SAFETY: these goroutines do nothing or park: a few hundred bytes
+        // of their 16 KiB stacks.
+        unsafe { builder.unguarded_stacks() }
+    } else {
+        builder
+    };
+    let rt = builder.build().unwrap();
     let (value, unit) = match op.as_str() {
         "gosched" | "spawn" | "spawn-alive" | "handoff" | "handoff-chan" => {
             let f: fn(u64) = match op.as_str() {

@@ -32,8 +32,9 @@
 //! - [`platform`]: what the scheduler needs from its world (threads,
 //!   futexes, a monotonic clock, CPU count); `lock_futex` (internal): how
 //!   idle Ms sleep.
-//! - [`stack`]: goroutine stacks: guard pages within a mapping budget,
-//!   arena stacks with soft guards beyond it.
+//! - [`stack`]: goroutine stacks: a guard page below every stack, as many
+//!   as `vm.max_map_count` allows; arena stacks with soft guards only behind
+//!   an `unsafe` opt-in.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
 //! - [`chan`](mod@chan) (channels), [`select`](mod@select) (`select!`),
 //!   [`sync`] (`Mutex`, `WaitGroup`, `Once`): Go's toolkit, built on

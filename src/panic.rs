@@ -194,32 +194,110 @@ pub(crate) extern "C" fn badgogo() -> ! {
     throw("gogo on a Gobuf whose g is null")
 }
 
-/// Reports that `gp` ran off its stack and aborts:
-/// `fatal error: goroutine N: stack overflow (stack [lo, hi), S bytes)`.
-/// `fault` is the faulting address when a guard page caught it (0 when the
-/// soft guard region did).
+/// Which check caught a goroutine running off its stack, and where: what
+/// [`stackoverflow_at`] reports.
+/// Hosted only but the switch check: the others come from the signal
+/// handler.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+pub(crate) enum Overflow {
+    /// The soft guard below the stack was found written when the G
+    /// switched out (stacks without a guard page).
+    SoftGuardAtSwitch,
+    /// A fault at `addr` inside the `PROT_NONE` guard page below the stack.
+    GuardPage {
+        /// The faulting address.
+        addr: usize,
+    },
+    /// A fault elsewhere, and the soft guard below the stack was found
+    /// written.
+    SoftGuardAtFault {
+        /// `"segmentation fault"` or `"bus error"`.
+        what: &'static str,
+        /// The faulting address.
+        addr: usize,
+    },
+    /// A fault at `addr`, outside the guard page, with the stack pointer
+    /// `sp` below the stack (in its guard page or beyond).
+    SpBelowStack {
+        /// `"segmentation fault"` or `"bus error"`.
+        what: &'static str,
+        /// The faulting address.
+        addr: usize,
+        /// The stack pointer at the fault.
+        sp: usize,
+        /// The G's stack has a `PROT_NONE` guard page (else a soft guard).
+        guard_page: bool,
+    },
+}
+
+/// Reports that `gp` ran off its stack and aborts. `fault` is 0 for the
+/// soft-guard check at a switch ([`Overflow::SoftGuardAtSwitch`]), which is
+/// the only caller that does not say more.
 #[cold]
 pub(crate) fn stackoverflow(gp: *const G, fault: usize) -> ! {
-    let mut line = Line::new();
+    debug_assert_eq!(fault, 0, "faults are reported with stackoverflow_at");
+    stackoverflow_at(gp, Overflow::SoftGuardAtSwitch)
+}
+
+/// Reports that `gp` ran off its stack, saying which check fired and
+/// where, and aborts:
+///
+/// - `fatal error: stack overflow: goroutine N faulted at A in the guard
+///   page below its stack [lo, hi) of S bytes (goroutine N on m M)`;
+/// - `fatal error: stack overflow: goroutine N's soft guard below its stack
+///   [lo, hi) of S bytes was written (checked at switch) (…)`, or
+///   `(found at a segmentation fault at A)`;
+/// - `fatal error: stack overflow: goroutine N's stack pointer P is below
+///   its stack [lo, hi) of S bytes; segmentation fault at A (not in
+///   goroutine N's guard page [lo - 4096, lo)) (…)`.
+#[cold]
+pub(crate) fn stackoverflow_at(gp: *const G, how: Overflow) -> ! {
+    let mut msg = Line::new();
     // SAFETY: gp is a live G (the one that overflowed).
-    let (goid, st, mp) = unsafe { ((*gp).goid, (*gp).stack, (*gp).m) };
-    let _ = write!(
-        line,
-        "fatal error: goroutine {goid}: stack overflow (stack [{:#x}, {:#x}), {} bytes)",
-        st.lo,
-        st.hi,
-        st.hi - st.lo
-    );
-    if !mp.is_null() {
-        // SAFETY: a G's m is null or a live M.
-        let _ = write!(line, " on m {}", unsafe { (*mp).id });
+    let (goid, st) = unsafe { ((*gp).goid, (*gp).stack) };
+    let stack = StackFmt(st.lo, st.hi);
+    let _ = match how {
+        Overflow::GuardPage { addr } => write!(
+            msg,
+            "stack overflow: goroutine {goid} faulted at {addr:#x} in the guard page below its stack {stack}"
+        ),
+        Overflow::SoftGuardAtSwitch => write!(
+            msg,
+            "stack overflow: goroutine {goid}'s soft guard below its stack {stack} was written (checked at switch)"
+        ),
+        Overflow::SoftGuardAtFault { what, addr } => write!(
+            msg,
+            "stack overflow: goroutine {goid}'s soft guard below its stack {stack} was written (found at a {what} at {addr:#x})"
+        ),
+        Overflow::SpBelowStack {
+            what,
+            addr,
+            sp,
+            guard_page,
+        } => write!(
+            msg,
+            "stack overflow: goroutine {goid}'s stack pointer {sp:#x} is below its stack {stack}; \
+             {what} at {addr:#x} (not in goroutine {goid}'s {}guard page [{:#x}, {:#x}))",
+            if guard_page { "" } else { "soft " },
+            st.lo.wrapping_sub(crate::stack::PAGE_SIZE),
+            st.lo
+        ),
+    };
+    throw_g(&msg, gp)
+}
+
+/// `[lo, hi) of S bytes`.
+struct StackFmt(usize, usize);
+
+impl core::fmt::Display for StackFmt {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "[{:#x}, {:#x}) of {} bytes",
+            self.0,
+            self.1,
+            self.1.wrapping_sub(self.0)
+        )
     }
-    if fault != 0 {
-        let _ = write!(line, ": fault at {fault:#x} in the guard page");
-    } else {
-        let _ = line.push_str(": the guard region below its stack was overwritten");
-    }
-    let _ = line.push('\n');
-    write_out(line.as_bytes());
-    die()
 }

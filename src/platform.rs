@@ -43,6 +43,14 @@ impl core::fmt::Display for NewOsProcError {
 /// - [`nanotime`](Platform::nanotime) is monotonic: it never goes back,
 ///   and every M reads the same clock, so a reading on one M is never later
 ///   than a reading taken afterwards on another.
+///
+/// And, built without `std`, the embedder accepts goroutine stacks without
+/// a hardware guard: they come from the global allocator with only a soft
+/// guard below each (see [`stack`](crate::stack)), checked when a goroutine
+/// switches out, so the embedder promises that no goroutine overflows its
+/// stack, or unmaps the page below each stack's `lo` in its own page tables
+/// (a kernel with paging can) so that an overflow faults. The hosted
+/// platform gives every stack a `PROT_NONE` guard page instead.
 pub unsafe trait Platform: Sync + 'static {
     /// Starts a thread that runs `crate::proc::mstart0(mp)`.
     ///

@@ -180,10 +180,27 @@ impl Drop for M {
 /// it frees its stack. `stack_size` must pass
 /// [`check_stack_size`](crate::stack::check_stack_size).
 pub fn malg(stack_size: usize) -> Result<Box<G>, StackError> {
-    let mem = stackalloc(stack_size)?;
+    Ok(malg_with(stackalloc(stack_size)?))
+}
+
+/// [`malg`] for a G of `sched`: its stack size, and a stack without a
+/// hardware guard if the scheduler was told to use those
+/// ([`Sched::use_unguarded_stacks`]).
+fn malg_for(sched: &Sched) -> Result<Box<G>, StackError> {
+    let mem = if sched.unguarded_stacks.load(Ordering::Relaxed) {
+        // SAFETY: whoever set unguarded_stacks promised, in
+        // use_unguarded_stacks' contract, that no G of sched overflows.
+        unsafe { crate::stack::stackalloc_unguarded(sched.stack_size)? }
+    } else {
+        stackalloc(sched.stack_size)?
+    };
+    Ok(malg_with(mem))
+}
+
+fn malg_with(mem: crate::stack::StackMem) -> Box<G> {
     let mut gp = Box::new(newg_struct(mem.bounds(), Some(mem)));
     gp.sched.g = &raw mut *gp;
-    Ok(gp)
+    gp
 }
 
 /// Prepares `gp` to run `f` the next time something does
@@ -867,9 +884,7 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
                 }
                 // SeqCst store, then locked_runnable's SeqCst load: the
                 // M's half of the wake-up argument (bound.rs).
-                (*mp)
-                    .sleeping
-                    .store(crate::bound::LOCKED, Ordering::SeqCst);
+                (*mp).sleeping.store(crate::bound::LOCKED, Ordering::SeqCst);
                 if crate::bound::locked_runnable(gp) {
                     let pp = pidleget(&mut sl, sched);
                     if !pp.is_null() {
@@ -1082,7 +1097,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
         gfget(sched, pp)
     };
     if gp.is_null() {
-        gp = Box::into_raw(malg(sched.stack_size)?);
+        gp = Box::into_raw(malg_for(sched)?);
         // SAFETY: a new G, ours alone.
         unsafe { (*gp).rt = sched };
         let mut all = sched.allgs.lock();
@@ -2279,6 +2294,7 @@ impl Sched {
             stopping: core::sync::atomic::AtomicBool::new(false),
             ngoroutines: core::sync::atomic::AtomicI64::new(0),
             stack_size,
+            unguarded_stacks: core::sync::atomic::AtomicBool::new(false),
             platform,
             mnext: core::sync::atomic::AtomicI64::new(1),
             steal_order: RandomOrder::new(procs as u32),

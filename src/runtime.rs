@@ -69,6 +69,16 @@ impl core::fmt::Display for BuildError {
 impl std::error::Error for BuildError {}
 
 /// Configures a [`Runtime`].
+///
+/// Every goroutine stack a runtime allocates has a hardware guard: a
+/// `PROT_NONE` page below it, so an overflow faults at once and is reported
+/// naming the goroutine. Each costs two of the process's kernel mappings,
+/// so about 28,669 goroutines (live, or dead and kept for reuse) fit under
+/// Linux's default `vm.max_map_count` of 65,530; beyond that, spawning
+/// fails with [`StackError::GuardedStacksExhausted`], which says how to
+/// raise the limit (see [`stack`](crate::stack)). A program that needs
+/// more goroutines than it can raise the limit for can give up the guards
+/// with the `unsafe` [`unguarded_stacks`](Self::unguarded_stacks).
 #[derive(Clone, Debug)]
 pub struct Builder {
     procs: Option<usize>,
@@ -76,6 +86,7 @@ pub struct Builder {
     report_go_panics: bool,
     schedtrace: Option<Duration>,
     migrate: bool,
+    unguarded_stacks: bool,
 }
 
 impl Builder {
@@ -177,6 +188,28 @@ impl Builder {
         self
     }
 
+    /// Gives this runtime's goroutines stacks without a hardware guard:
+    /// slots of arenas of 256 stacks, each with a *soft* guard (a page
+    /// below the stack that must stay zero, checked whenever the goroutine
+    /// switches out). They cost 1/256 of a kernel mapping each instead of
+    /// two, so a million goroutines fit under the default
+    /// `vm.max_map_count`, and they are not counted against
+    /// [`stack::guard_page_budget`](crate::stack::guard_page_budget).
+    ///
+    /// # Safety
+    ///
+    /// The program promises that no goroutine of this runtime overflows its
+    /// stack ([`stack_size`](Self::stack_size) bytes). Nothing catches an
+    /// overflow as it happens: it is detected only at the goroutine's next
+    /// switch (or if it happens to fault), and until then the goroutine
+    /// writes through its soft guard into whatever lies below — another
+    /// goroutine's stack, an M's stack — silently corrupting it. Unbounded
+    /// recursion on such a stack is undefined behaviour.
+    pub unsafe fn unguarded_stacks(mut self) -> Self {
+        self.unguarded_stacks = true;
+        self
+    }
+
     /// Builds the runtime. No thread starts until there is a G to run
     /// (except the schedtrace monitor, when one is asked for).
     pub fn build(self) -> Result<Runtime, BuildError> {
@@ -194,6 +227,11 @@ impl Builder {
         } else {
             Sched::with_options(procs, self.stack_size, &HOSTED, self.report_go_panics)
         };
+        if self.unguarded_stacks {
+            // SAFETY: the caller of Builder::unguarded_stacks made the same
+            // promise for this runtime's goroutines.
+            unsafe { sched.use_unguarded_stacks() };
+        }
         let period = self.schedtrace.or_else(schedtrace_from_env);
         let monitor = period
             .filter(|p| !p.is_zero())
@@ -220,6 +258,7 @@ impl Runtime {
             report_go_panics: false,
             schedtrace: None,
             migrate: false,
+            unguarded_stacks: false,
         }
     }
 

@@ -639,6 +639,11 @@ pub struct Sched {
     pub(crate) ngoroutines: core::sync::atomic::AtomicI64,
     /// Stack size of every G.
     pub(crate) stack_size: usize,
+    /// Gs get stacks without a hardware guard (arena stacks with soft
+    /// guards): set only by the `unsafe`
+    /// [`Sched::use_unguarded_stacks`]. Relaxed: it only picks the
+    /// allocator for the next new G's stack; nothing is published with it.
+    pub(crate) unguarded_stacks: core::sync::atomic::AtomicBool,
     /// Thread creation, futexes, CPU count.
     pub(crate) platform: &'static dyn crate::platform::Platform,
     /// Source of M ids.

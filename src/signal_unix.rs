@@ -3,16 +3,29 @@
 //! Every stack `stackalloc` maps has a `PROT_NONE` guard page below it. A G
 //! that runs off its stack faults there with SIGSEGV (or SIGBUS). The
 //! handler, running on the thread's alternate signal stack (the G's own
-//! stack is the one that is full), looks at the current G: if the fault
-//! address is in its guard page, its stack pointer has left its stack, or
-//! (for an arena stack) anything in its soft guard page was written, it
-//! reports `goroutine N: stack overflow (stack [lo, hi), S bytes)` and
-//! aborts. Any other fault goes to the handler that was there before (Rust's
-//! own, which reports overflows of thread stacks), or to the default action.
+//! stack is the one that is full), looks at the current G and says which
+//! check fired and where:
+//!
+//! 1. the fault address is in the G's guard page: `stack overflow:
+//!    goroutine N faulted at A in the guard page below its stack [lo, hi)`;
+//! 2. the G's stack is an unguarded one (soft guard, see
+//!    [`stackalloc_unguarded`](crate::stack::stackalloc_unguarded)) and
+//!    its soft guard page was written: `… goroutine N's soft guard below its
+//!    stack [lo, hi) was written (found at a segmentation fault at A)`;
+//! 3. the fault is elsewhere but the G's stack pointer is below its stack:
+//!    `… goroutine N's stack pointer P is below its stack [lo, hi);
+//!    segmentation fault at A (not in goroutine N's guard page [g, lo))` —
+//!    never "in the guard page" when the address was not.
+//!
+//! then aborts. Any other fault goes to the handler that was there before
+//! (Rust's own, which reports overflows of thread stacks), or to the
+//! default action.
 
 use core::mem::MaybeUninit;
 use core::ptr::null_mut;
 
+use crate::panic::Overflow;
+use crate::runtime2::G;
 use crate::stack::PAGE_SIZE;
 use crate::tls::getg;
 
@@ -108,6 +121,43 @@ impl Drop for AltStack {
     }
 }
 
+/// Whether a fault at `addr` with stack pointer `rsp` on the current G `gp`
+/// is that G running off its stack, and which check says so (see the
+/// module docs). `None`: some other fault.
+fn classify(gp: *mut G, sig: libc::c_int, addr: usize, rsp: usize) -> Option<Overflow> {
+    // SAFETY: the current G is live (it is the one that faulted, or g0).
+    let (st, mem) = unsafe { ((*gp).stack, (*gp).stackmem.as_ref()) };
+    // Only stacks gokernel allocated have a guard of either kind (g0 runs
+    // on its thread's stack, whose guard is the thread's).
+    let mem = mem?;
+    if st.lo == 0 {
+        return None;
+    }
+    let guard_page = !mem.has_soft_guard();
+    let in_guard = |a: usize| a < st.lo && a >= st.lo - PAGE_SIZE;
+    let what = if sig == libc::SIGBUS {
+        "bus error"
+    } else {
+        "segmentation fault"
+    };
+    if guard_page && in_guard(addr) {
+        return Some(Overflow::GuardPage { addr });
+    }
+    if !guard_page && !crate::stack::soft_guard_page_clean(mem) {
+        return Some(Overflow::SoftGuardAtFault { what, addr });
+    }
+    // A G's stack pointer is never below its stack, however far it went.
+    if rsp < st.lo && st.lo - rsp <= crate::stack::STACK_MAX {
+        return Some(Overflow::SpBelowStack {
+            what,
+            addr,
+            sp: rsp,
+            guard_page,
+        });
+    }
+    None
+}
+
 /// The SIGSEGV / SIGBUS handler (Go's `sighandler`, for this one job).
 ///
 /// # Safety
@@ -127,19 +177,10 @@ unsafe extern "C" fn sighandler(
         )
     };
     let gp = getg();
-    if !gp.is_null() {
-        // SAFETY: the current G is live (it is the one that faulted, or g0).
-        let st = unsafe { (*gp).stack };
-        let in_guard = |a: usize| st.lo != 0 && a < st.lo && a >= st.lo - PAGE_SIZE;
-        // A G's stack pointer is never below its stack, however far it went.
-        let rsp_below = st.lo != 0 && rsp < st.lo && st.lo - rsp <= crate::stack::STACK_MAX;
-        // SAFETY: as above: the G's stack memory is live.
-        let soft_guard_hit = unsafe { &(*gp).stackmem }
-            .as_ref()
-            .is_some_and(|mem| !crate::stack::soft_guard_page_clean(mem));
-        if in_guard(addr) || in_guard(rsp) || rsp_below || soft_guard_hit {
-            crate::panic::stackoverflow(gp, addr);
-        }
+    if !gp.is_null()
+        && let Some(how) = classify(gp, sig, addr, rsp)
+    {
+        crate::panic::stackoverflow_at(gp, how);
     }
     // Not a goroutine's overflow: whoever handled it before.
     let idx = usize::from(sig != SIGNALS[0]);

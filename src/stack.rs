@@ -1,26 +1,76 @@
 //! Goroutine stacks: `stackalloc` / `stackfree` (Go's `stack.go`).
 //!
-//! Every stack has a guard region just below its usable part `[lo, hi)`:
+//! # What is guaranteed
 //!
-//! - Hosted, a stack is normally its own `mmap` with a `PROT_NONE` guard
-//!   page below `lo`: running off the end faults, and the signal handler
-//!   reports the overflow. Each such stack costs two kernel mappings, and
-//!   Linux allows 65,530 per process by default (`vm.max_map_count`), so
-//!   only `guard_page_budget()` stacks (16,384 by default: 32,768 mappings)
-//!   get one.
-//! - Beyond that budget, stacks are carved from arenas: one mapping holds
-//!   256 stacks, each with a *soft* guard region: the page below `lo`,
-//!   which must stay zero. The scheduler checks its top
-//!   [`SOFT_GUARD_CHECK`] bytes every time the G switches out, and the
-//!   fault handler checks it on any fault. An overflow that writes there is
-//!   reported at the next switch; a frame large enough to jump over the
-//!   whole page can corrupt the stack below unnoticed — the price of a
-//!   million stacks.
-//! - Freestanding, stacks come from the global allocator with the same
-//!   soft guard region.
+//! Hosted (the `std` feature), **every stack the safe API makes has a
+//! hardware guard**: a `PROT_NONE` page just below its usable part
+//! `[lo, hi)`. A goroutine that runs off its stack faults there before it
+//! writes a byte of anything else (Rust's stack probes touch every page of
+//! a large frame in order, so no frame jumps over the page), and the
+//! SIGSEGV handler reports it, naming the goroutine
+//! (`src/signal_unix.rs`).
+//!
+//! A guarded stack is one anonymous `mmap` of guard + stack
+//! (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK`: address
+//! space only, no swap reserved; pages cost memory when touched), whose
+//! first page is then made `PROT_NONE` with `mprotect`. That is
+//! [`MAPPINGS_PER_GUARDED_STACK`] = **2 kernel mappings (VMAs) per stack**,
+//! and it cannot be fewer with `mprotect`-style guards: Linux merges
+//! neighbouring mappings only when their protections match, and guard and
+//! stack alternate (`…[guard][stack][guard][stack]…`), so *n* stacks are
+//! *n* `PROT_NONE` areas and *n* read-write areas however they are laid
+//! out. (`tests/guard.rs` counts them in `/proc/self/maps`.)
+//!
+//! Linux caps the mappings of a process at `vm.max_map_count` (65,530 by
+//! default). The stacks may use all of it but [`MAP_COUNT_RESERVE`]
+//! (8,192) mappings, which are left to the rest of the process, so at most
+//! [`guarded_stack_limit`]`(max_map_count)` = (max_map_count − 8,192) / 2
+//! guarded stacks are live at once: **28,669 under the default limit**
+//! (1,095,904 with `vm.max_map_count = 2200000`). A live stack is one that
+//! a G holds, running, parked or dead and kept on a free list for reuse.
+//! The limit is read from `/proc/sys/vm/max_map_count` when first needed,
+//! and again whenever it is reached, so raising the sysctl while the
+//! program runs takes effect.
+//!
+//! When it is reached, [`stackalloc`] fails with
+//! [`StackError::GuardedStacksExhausted`], whose message names the limit
+//! and the command that raises it: `try_spawn` returns it, `go` and `spawn`
+//! panic with it. No stack silently loses its guard.
+//!
+//! `set_guard_page_budget` can only *lower* the limit (so that a program
+//! keeps mappings for other uses, or a test reaches exhaustion quickly); it
+//! cannot remove guards, which is why it is safe. It is process-wide
+//! because the mapping limit it shares out is.
+//!
+//! # Unguarded stacks: an `unsafe` opt-in
+//!
+//! [`stackalloc_unguarded`] (and, for a whole runtime,
+//! `Builder::unguarded_stacks` or
+//! [`Sched::use_unguarded_stacks`](crate::runtime2::Sched::use_unguarded_stacks))
+//! carves stacks from arenas instead: one mapping holds 256 stacks, each
+//! with a *soft* guard: the page below `lo`, which must stay zero. The
+//! scheduler checks its top [`SOFT_GUARD_CHECK`] bytes every time the G
+//! switches out, and the fault handler checks all of it on any fault. That
+//! costs 1/256 of a mapping per stack, so a million stacks fit in the
+//! default limit, but it gives up the guarantee: an overflow is noticed only
+//! at the goroutine's next switch, and a goroutine that recurses without
+//! switching runs through its soft guard into the stack below (another
+//! goroutine's, or further) and corrupts it before anything notices. Hence
+//! `unsafe`: the caller promises that no goroutine overflows its stack.
 //!
 //! Checking a soft guard costs no memory: the page is never written, and
 //! reading an untouched page maps the kernel's shared zero page.
+//!
+//! # Freestanding
+//!
+//! Without `std` there is no `mmap`: stacks come from the global allocator
+//! with the same soft guard below each, checked at every switch — the only
+//! detection. That is part of the bare-metal contract: a freestanding
+//! scheduler needs a [`Platform`](crate::platform::Platform), an `unsafe`
+//! trait whose implementer accepts it (see its `# Safety`). A kernel with
+//! paging can give each stack a hardware guard by unmapping the page below
+//! `lo` (the soft guard page) in its own page tables; gokernel does not do
+//! it for the embedder.
 //!
 //! The memory is owned by a [`StackMem`], which frees it on drop (an arena
 //! stack goes back to its arena, its pages returned to the kernel); a [`G`]
@@ -69,6 +119,46 @@ pub enum StackError {
         /// The size asked for.
         size: usize,
     },
+    /// Every guarded stack the process's mapping limit allows is in use
+    /// (see the [module docs](self)): `limit` live stacks, under
+    /// `vm.max_map_count = max_map_count` (or a lower
+    /// `set_guard_page_budget`).
+    GuardedStacksExhausted {
+        /// How many guarded stacks may be live at once.
+        limit: usize,
+        /// The `vm.max_map_count` that limit was derived from.
+        max_map_count: usize,
+    },
+}
+
+/// Kernel mappings (VMAs) one guarded stack uses: its `PROT_NONE` guard
+/// page and its read-write stack (see the [module docs](self)).
+pub const MAPPINGS_PER_GUARDED_STACK: usize = 2;
+
+/// Mappings of `vm.max_map_count` that guarded stacks leave to the rest of
+/// the process: the executable and its libraries (a few hundred), every OS
+/// thread (stack and guard, alternate signal stack and guard: 4 each, so
+/// 1,024 Ms take 4,096), glibc's malloc arenas (up to 8 per CPU, 1–2
+/// mappings each), arenas of unguarded stacks, and whatever else the
+/// program maps.
+pub const MAP_COUNT_RESERVE: usize = 8192;
+
+/// Linux's default `vm.max_map_count`, assumed when
+/// `/proc/sys/vm/max_map_count` cannot be read.
+pub const DEFAULT_MAX_MAP_COUNT: usize = 65_530;
+
+/// How many guarded stacks may be live at once under a mapping limit of
+/// `max_map_count`: `(max_map_count - MAP_COUNT_RESERVE) /
+/// MAPPINGS_PER_GUARDED_STACK`; 28,669 for the default 65,530.
+pub const fn guarded_stack_limit(max_map_count: usize) -> usize {
+    max_map_count.saturating_sub(MAP_COUNT_RESERVE) / MAPPINGS_PER_GUARDED_STACK
+}
+
+/// A `vm.max_map_count` worth suggesting to a program that ran out under
+/// `current`: four times as much, at least 262,144.
+const fn suggested_max_map_count(current: usize) -> usize {
+    let four = current.saturating_mul(4);
+    if four > 262_144 { four } else { 262_144 }
 }
 
 impl core::fmt::Display for StackError {
@@ -94,6 +184,34 @@ impl core::fmt::Display for StackError {
             }
             StackError::OutOfMemory { size } => {
                 write!(f, "out of memory allocating a {size}-byte stack")
+            }
+            StackError::GuardedStacksExhausted {
+                limit,
+                max_map_count,
+            } => {
+                write!(
+                    f,
+                    "out of guarded stacks: {limit} live goroutine stacks use "
+                )?;
+                if limit < guarded_stack_limit(max_map_count) {
+                    write!(
+                        f,
+                        "the budget set with stack::set_guard_page_budget (the process's \
+                         memory-mapping limit, vm.max_map_count = {max_map_count}, allows {})",
+                        guarded_stack_limit(max_map_count)
+                    )?;
+                } else {
+                    write!(
+                        f,
+                        "the process's memory-mapping limit (vm.max_map_count = {max_map_count})"
+                    )?;
+                }
+                write!(
+                    f,
+                    "; raise it with `sysctl -w vm.max_map_count={}` (as root), or opt in to \
+                     unguarded stacks with the unsafe Builder::unguarded_stacks",
+                    suggested_max_map_count(max_map_count)
+                )
             }
         }
     }
@@ -198,13 +316,61 @@ pub fn soft_guard_page_clean(mem: &StackMem) -> bool {
 /// Allocates a stack of `size` usable bytes (Go's `stackalloc`).
 ///
 /// `size` must pass [`check_stack_size`]. The returned bounds have a
-/// page-aligned (so 16-byte aligned) `hi`.
+/// page-aligned (so 16-byte aligned) `hi`. Hosted, the stack has a
+/// `PROT_NONE` guard page below `lo`; when the process has as many guarded
+/// stacks as its mapping limit allows, this fails with
+/// [`StackError::GuardedStacksExhausted`] (see the [module docs](self)).
+/// Freestanding, the stack has a soft guard.
 pub fn stackalloc(size: usize) -> Result<StackMem, StackError> {
     check_stack_size(size)?;
     if inject_failure() {
         return Err(StackError::OutOfMemory { size });
     }
     imp::alloc(size)
+}
+
+/// Allocates a stack of `size` usable bytes with only a soft guard below
+/// it: hosted, a slot of an arena of 256 stacks (1/256 of a kernel mapping
+/// per stack, no `guard_page_budget` used); freestanding, the same as
+/// [`stackalloc`].
+///
+/// # Safety
+///
+/// Nothing stops a goroutine that overflows this stack before its next
+/// switch: it writes through the soft guard into the memory below (another
+/// goroutine's stack), silently. The caller promises that whatever runs on
+/// the stack never uses more than its `size` bytes.
+pub unsafe fn stackalloc_unguarded(size: usize) -> Result<StackMem, StackError> {
+    check_stack_size(size)?;
+    if inject_failure() {
+        return Err(StackError::OutOfMemory { size });
+    }
+    #[cfg(feature = "std")]
+    {
+        imp::alloc_arena(size)
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        imp::alloc(size)
+    }
+}
+
+impl crate::runtime2::Sched {
+    /// Makes this scheduler give the Gs it allocates from now on stacks
+    /// without a hardware guard ([`stackalloc_unguarded`]): hosted, arena
+    /// stacks with soft guards, which fit a million goroutines under the
+    /// default mapping limit. Freestanding stacks have soft guards anyway.
+    ///
+    /// # Safety
+    ///
+    /// The caller promises that no goroutine of this scheduler overflows
+    /// its stack: an overflow is detected only at the goroutine's next
+    /// switch and may first silently corrupt the stacks of other
+    /// goroutines (or of an M) below it.
+    pub unsafe fn use_unguarded_stacks(&self) {
+        self.unguarded_stacks
+            .store(true, core::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Stack allocations still to fail on purpose (tests of out-of-memory
@@ -244,7 +410,7 @@ impl Drop for StackMem {
 }
 
 #[cfg(feature = "std")]
-pub use imp::{guard_page_budget, set_guard_page_budget};
+pub use imp::{guard_page_budget, guarded_stacks_live, max_map_count, set_guard_page_budget};
 
 /// Valgrind client requests: telling Valgrind where goroutine stacks are,
 /// so that its memory checker treats a jump of the stack pointer between
@@ -295,43 +461,102 @@ mod valgrind {
 mod imp {
     use core::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::{Kind, PAGE_SIZE, StackError, StackMem};
+    use super::{
+        DEFAULT_MAX_MAP_COUNT, Kind, PAGE_SIZE, StackError, StackMem, guarded_stack_limit,
+    };
     use crate::runtime2::Stack;
 
     /// Stacks in one arena mapping.
     const ARENA_SLOTS: usize = 256;
 
-    /// Live stacks that have their own guarded mapping.
-    static MAPPED: AtomicUsize = AtomicUsize::new(0);
-    /// How many may (two kernel mappings each).
-    static BUDGET: AtomicUsize = AtomicUsize::new(16_384);
+    /// Live guarded stacks (each its own mapping). Changed only by
+    /// `alloc` (a compare-and-swap against the limit) and `free`.
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    /// The cap [`set_guard_page_budget`] set (`usize::MAX`: none).
+    static CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
+    /// `vm.max_map_count` as last read (0: not read yet).
+    static MAX_MAP_COUNT: AtomicUsize = AtomicUsize::new(0);
 
-    /// How many stacks may have a guard page of their own at once; the
-    /// rest come from arenas with soft guards.
+    // Every atomic here is Relaxed: each is a counter or a setting read on
+    // its own; no other memory is published through them.
+
+    /// Reads `/proc/sys/vm/max_map_count` (the default 65,530 if it cannot
+    /// be read) and remembers it.
+    fn read_max_map_count() -> usize {
+        let n = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_MAP_COUNT);
+        MAX_MAP_COUNT.store(n, Ordering::Relaxed);
+        n
+    }
+
+    /// The process's mapping limit, `vm.max_map_count`, as last read: the
+    /// guarded-stack limit is derived from it (see the
+    /// [module docs](super)). Read when first needed and again whenever
+    /// the limit is reached.
+    pub fn max_map_count() -> usize {
+        match MAX_MAP_COUNT.load(Ordering::Relaxed) {
+            0 => read_max_map_count(),
+            n => n,
+        }
+    }
+
+    /// How many guarded stacks may be live at once:
+    /// [`guarded_stack_limit`]`(`[`max_map_count`]`())`, or less if
+    /// [`set_guard_page_budget`] lowered it.
     pub fn guard_page_budget() -> usize {
-        BUDGET.load(Ordering::Relaxed)
+        guarded_stack_limit(max_map_count()).min(CAP.load(Ordering::Relaxed))
     }
 
-    /// Sets [`guard_page_budget`] (process-wide): lower it if the process
-    /// needs its mappings for other things, raise it if
-    /// `vm.max_map_count` was raised.
+    /// Lowers [`guard_page_budget`] to `n` guarded stacks, process-wide
+    /// (`usize::MAX` lifts the cap again): for a program that needs
+    /// mappings for other things, or a test that wants to reach
+    /// [`StackError::GuardedStacksExhausted`] quickly. It never raises the
+    /// budget beyond what `vm.max_map_count` allows (raise the sysctl for
+    /// that) and never takes a guard away: stack allocations beyond it fail.
+    /// Stacks already live keep theirs.
     pub fn set_guard_page_budget(n: usize) {
-        BUDGET.store(n, Ordering::Relaxed);
+        CAP.store(n, Ordering::Relaxed);
     }
 
-    /// Free slots and the unused tail of the newest arena, for one size.
-    struct Pool {
-        size: usize,
-        free: alloc::vec::Vec<usize>,
-        next: usize,
-        end: usize,
+    /// Guarded stacks live in the process now (those of dead Gs kept for
+    /// reuse included).
+    pub fn guarded_stacks_live() -> usize {
+        LIVE.load(Ordering::Relaxed)
     }
 
-    static POOLS: spin::Mutex<alloc::vec::Vec<Pool>> = spin::Mutex::new(alloc::vec::Vec::new());
+    /// Takes one guarded stack from the budget, or says why not.
+    fn take_budget() -> Result<(), StackError> {
+        let mut limit = guard_page_budget();
+        let mut reread = false;
+        loop {
+            if LIVE
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if reread {
+                return Err(StackError::GuardedStacksExhausted {
+                    limit,
+                    max_map_count: max_map_count(),
+                });
+            }
+            // The sysctl may have been raised since it was read.
+            read_max_map_count();
+            limit = guard_page_budget();
+            reread = true;
+        }
+    }
 
     fn map(len: usize) -> *mut u8 {
         // SAFETY: an anonymous private mapping at a kernel-chosen address
-        // touches no existing memory.
+        // touches no existing memory. MAP_NORESERVE: no swap is reserved
+        // for pages a stack never touches; MAP_STACK: documents the use
+        // (and keeps transparent huge pages off it on recent kernels).
         let p = unsafe {
             libc::mmap(
                 core::ptr::null_mut(),
@@ -349,17 +574,17 @@ mod imp {
         }
     }
 
+    /// A guarded stack, within the budget.
     pub(super) fn alloc(size: usize) -> Result<StackMem, StackError> {
-        if MAPPED.fetch_add(1, Ordering::Relaxed) < BUDGET.load(Ordering::Relaxed)
-            && let Some(m) = alloc_mapped(size)
-        {
-            return Ok(m);
-        }
-        MAPPED.fetch_sub(1, Ordering::Relaxed);
-        alloc_arena(size)
+        take_budget()?;
+        alloc_mapped(size).ok_or_else(|| {
+            LIVE.fetch_sub(1, Ordering::Relaxed);
+            StackError::OutOfMemory { size }
+        })
     }
 
-    /// One `mmap` of guard + stack; the guard page is made `PROT_NONE`.
+    /// One `mmap` of guard + stack; the guard page is made `PROT_NONE`:
+    /// two mappings.
     fn alloc_mapped(size: usize) -> Option<StackMem> {
         let len = size + PAGE_SIZE;
         let base = map(len);
@@ -380,8 +605,19 @@ mod imp {
         })
     }
 
-    /// A slot of an arena: a soft guard page, then the stack.
-    fn alloc_arena(size: usize) -> Result<StackMem, StackError> {
+    /// Free slots and the unused tail of the newest arena, for one size.
+    struct Pool {
+        size: usize,
+        free: alloc::vec::Vec<usize>,
+        next: usize,
+        end: usize,
+    }
+
+    static POOLS: spin::Mutex<alloc::vec::Vec<Pool>> = spin::Mutex::new(alloc::vec::Vec::new());
+
+    /// A slot of an arena: a soft guard page, then the stack (see
+    /// [`stackalloc_unguarded`](super::stackalloc_unguarded)).
+    pub(super) fn alloc_arena(size: usize) -> Result<StackMem, StackError> {
         let len = size + PAGE_SIZE;
         let mut pools = POOLS.lock();
         let pool = match pools.iter().position(|p| p.size == size) {
@@ -428,7 +664,7 @@ mod imp {
                 // SAFETY: per the contract, the mapping is ours and unused.
                 let rc = unsafe { libc::munmap(base.cast(), len) };
                 debug_assert_eq!(rc, 0, "munmap of a goroutine stack failed");
-                MAPPED.fetch_sub(1, Ordering::Relaxed);
+                LIVE.fetch_sub(1, Ordering::Relaxed);
             }
             Kind::Arena { slot, len } => {
                 // Give the pages back; they read as zero again, which also

@@ -558,11 +558,7 @@ pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
         // then deal with what is left.
         tp.poll_until.store(0, Ordering::SeqCst);
         // SAFETY: as above.
-        unsafe {
-            (*mp)
-                .sleeping
-                .store(crate::bound::AWAKE, Ordering::Relaxed)
-        };
+        unsafe { (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed) };
         match woke {
             Woke::Stopping => return Polled::Stopping,
             // stopm, next, finds this M's Gs and gets a P for them.

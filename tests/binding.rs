@@ -240,39 +240,43 @@ fn a_stdout_lock_held_across_a_sleep_excludes_goroutines_of_other_threads() {
     let inside = Arc::new(Mutex::new(std::collections::HashMap::<i64, i64>::new()));
     let overlaps = Arc::new(AtomicU32::new(0));
     let (ins, ovl) = (inside.clone(), overlaps.clone());
-    within(60, "goroutines holding StdoutLock across sleeps", move || {
-        let rt = Runtime::builder().procs(2).build().unwrap();
-        rt.block_on(move || {
-            let hs: Vec<_> = (0..8)
-                .map(|_| {
-                    let (inside, overlaps) = (ins.clone(), ovl.clone());
-                    gokernel::spawn(move || {
-                        use std::io::Write;
-                        for _ in 0..50 {
-                            let mut out = std::io::stdout().lock();
-                            {
-                                let mut m = inside.lock().unwrap();
-                                let me = tid();
-                                if m.iter().any(|(&t, &n)| t != me && n != 0) {
-                                    overlaps.fetch_add(1, Ordering::Relaxed);
+    within(
+        60,
+        "goroutines holding StdoutLock across sleeps",
+        move || {
+            let rt = Runtime::builder().procs(2).build().unwrap();
+            rt.block_on(move || {
+                let hs: Vec<_> = (0..8)
+                    .map(|_| {
+                        let (inside, overlaps) = (ins.clone(), ovl.clone());
+                        gokernel::spawn(move || {
+                            use std::io::Write;
+                            for _ in 0..50 {
+                                let mut out = std::io::stdout().lock();
+                                {
+                                    let mut m = inside.lock().unwrap();
+                                    let me = tid();
+                                    if m.iter().any(|(&t, &n)| t != me && n != 0) {
+                                        overlaps.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    *m.entry(me).or_default() += 1;
                                 }
-                                *m.entry(me).or_default() += 1;
+                                gokernel::sleep(Duration::from_micros(100));
+                                out.write_all(b"").unwrap();
+                                *inside.lock().unwrap().entry(tid()).or_default() -= 1;
+                                drop(out);
+                                gokernel::gosched();
                             }
-                            gokernel::sleep(Duration::from_micros(100));
-                            out.write_all(b"").unwrap();
-                            *inside.lock().unwrap().entry(tid()).or_default() -= 1;
-                            drop(out);
-                            gokernel::gosched();
-                        }
+                        })
                     })
-                })
-                .collect();
-            for h in hs {
-                h.join().unwrap();
-            }
-        })
-        .unwrap();
-    });
+                    .collect();
+                for h in hs {
+                    h.join().unwrap();
+                }
+            })
+            .unwrap();
+        },
+    );
     assert_eq!(
         overlaps.load(Ordering::Relaxed),
         0,
@@ -327,7 +331,10 @@ fn started_goroutines_never_change_threads_by_default() {
     for procs in [1, 2, 4] {
         let rt = Runtime::builder().procs(procs).build().unwrap();
         let n = thread_changes(&rt, 3_000);
-        assert_eq!(n, 0, "procs {procs}: {n} thread changes of started goroutines");
+        assert_eq!(
+            n, 0,
+            "procs {procs}: {n} thread changes of started goroutines"
+        );
     }
 }
 

@@ -4,6 +4,10 @@
 //!
 //! `cargo xtask test` runs a short form (100,000 goroutines);
 //! `cargo xtask soak` runs 1,000,000 (`GOKERNEL_SOAK_GOROUTINES`).
+//! Up to all of them are alive at once: as root the test raises
+//! `vm.max_map_count` so that their stacks are guarded; otherwise it says so
+//! and uses unguarded stacks (see `tests/million.rs`).
+//!
 //! Alone in its test binary: it reads RSS.
 
 mod common;
@@ -12,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::rss_kb;
+use common::{raise_max_map_count, rss_kb};
 use gokernel::{Goroutine, Runtime};
 
 struct Soak {
@@ -125,11 +129,20 @@ fn soak_random_park_unpark_gosched_spawn_accounts_for_every_goroutine() {
                 .expect("GOKERNEL_SOAK_GOROUTINES must be a number")
         })
         .unwrap_or(100_000);
-    let rt = Runtime::builder()
+    // Up to `total` goroutines may be alive at once: more guarded stacks
+    // than the default vm.max_map_count allows (28,669).
+    let builder = Runtime::builder()
         .procs(2)
-        .stack_size(gokernel::stack::STACK_MIN)
-        .build()
-        .unwrap();
+        .stack_size(gokernel::stack::STACK_MIN);
+    let builder = if total < gokernel::stack::guard_page_budget() / 2 || raise_max_map_count("soak")
+    {
+        builder
+    } else {
+        // SAFETY: the workers park, yield and spawn: a few KiB of their
+        // 16 KiB stacks.
+        unsafe { builder.unguarded_stacks() }
+    };
+    let rt = builder.build().unwrap();
     // Warm up with a full round: allocator pools, free lists (which keep
     // up to a few thousand dead Gs with their stacks for reuse), the Ms.
     // A second round must then leave RSS where the first left it.

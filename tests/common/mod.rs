@@ -82,6 +82,7 @@ pub fn in_crash_child() -> bool {
 
 /// What a crash child did.
 pub struct Crash {
+    pub stdout: String,
     pub stderr: String,
     pub signal: Option<i32>,
     pub code: Option<i32>,
@@ -97,6 +98,7 @@ pub fn run_crash_child(name: &str) -> Crash {
         .output()
         .expect("spawn the crash child");
     Crash {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         signal: out.status.signal(),
         code: out.status.code(),
@@ -160,4 +162,78 @@ pub fn mappings() -> usize {
         .unwrap()
         .lines()
         .count()
+}
+
+/// Re-runs the test `name` in a child process (as [`run_crash_child`]) for
+/// a test that changes process-wide state or counts the process's
+/// mappings, and asserts that the child passed.
+pub fn run_child_ok(name: &str) -> Crash {
+    let c = run_crash_child(name);
+    assert_eq!(
+        c.code,
+        Some(0),
+        "the child test failed (signal {:?}); stderr:\n{}",
+        c.signal,
+        c.stderr
+    );
+    assert!(
+        c.stdout.contains("test result: ok. 1 passed"),
+        "the child did not run the test {name:?}; stdout:\n{}",
+        c.stdout
+    );
+    c
+}
+
+/// This process's memory mappings, by start address: (end, permissions).
+pub fn mapping_table() -> std::collections::HashMap<usize, (usize, String)> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (a, b) = w.next()?.split_once('-')?;
+            let perms = w.next()?.to_string();
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                (usize::from_str_radix(b, 16).ok()?, perms),
+            ))
+        })
+        .collect()
+}
+
+/// The `vm.max_map_count` [`raise_max_map_count`] raises the sysctl to:
+/// room for a million guarded stacks and more (1,095,904 with the reserve,
+/// `stack::guarded_stack_limit`).
+pub const MAX_MAP_COUNT: usize = 2_200_000;
+
+/// Raises `vm.max_map_count` to [`MAX_MAP_COUNT`] if it is lower (never
+/// lowers it), so that a test can have a million guarded stacks; false,
+/// with a line on stderr saying so, if it is lower and cannot be raised
+/// (not root, read-only /proc/sys): the test then opts in to unguarded
+/// stacks. `who` names the test in that line.
+pub fn raise_max_map_count(who: &str) -> bool {
+    const PATH: &str = "/proc/sys/vm/max_map_count";
+    let Some(cur) = std::fs::read_to_string(PATH)
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    else {
+        eprintln!("{who}: cannot read {PATH}; using unguarded stacks (Builder::unguarded_stacks)");
+        return false;
+    };
+    if cur >= MAX_MAP_COUNT {
+        return true;
+    }
+    match std::fs::write(PATH, format!("{MAX_MAP_COUNT}\n")) {
+        Ok(()) => {
+            eprintln!("{who}: raised vm.max_map_count from {cur} to {MAX_MAP_COUNT}");
+            true
+        }
+        Err(e) => {
+            eprintln!(
+                "{who}: vm.max_map_count is {cur} and cannot be raised to {MAX_MAP_COUNT} ({e}); \
+                 using unguarded stacks (Builder::unguarded_stacks) instead"
+            );
+            false
+        }
+    }
 }
