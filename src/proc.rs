@@ -48,20 +48,78 @@
 //! expired ones, and an M with nothing to do while timers are pending
 //! sleeps until the next deadline instead of for good.
 //!
+//! # Where goroutines run
+//!
+//! Go moves a goroutine to whichever M is free: a yield goes to the
+//! global queue, a wake-up to the waker's P, and idle Ms steal. Rust code
+//! cannot be moved that way. LLVM treats the thread pointer as fixed
+//! within a function, so it computes a `thread_local!`'s address once and
+//! keeps it across calls: after a switch that resumed the goroutine on
+//! another thread, the function uses the old thread's copy (seen: glibc's
+//! "double free or corruption" from a `Cell<Option<Box<_>>>`, `RefCell`s
+//! borrowed twice, std's per-thread panic count off by one on two
+//! threads). No care in user code avoids it, since the source holds no
+//! reference across the switch. So, by default:
+//!
+//! - **The invariant.** A G that has started runs only on the M it first
+//!   ran on (`G::boundm`, set by `execute` on the first run and cleared by
+//!   `goexit0`). A G that has not started yet may run anywhere: its
+//!   closure is `Send` and no frame of it exists.
+//! - **Where it is enforced.** Bound Gs never go on a P's run queue or the
+//!   global queue, so no steal and no other M's `findrunnable` can find
+//!   them; `execute` throws if handed one bound elsewhere. A bound G made
+//!   runnable goes to its own M's queue: `gosched_m` and a `ready` on that
+//!   M's thread put it in `boundnext` / `boundq` (owner-only, no lock, no
+//!   atomic); a `ready` on any other thread puts it in the M's `inbox`
+//!   (see [`crate::bound`]). `findrunnable` takes the M's own Gs and the
+//!   P's queue by turns.
+//! - **How it gets back to its thread.** Its M runs it at its next
+//!   scheduling point if it holds a P. If the M sleeps, the waker wakes it
+//!   with an idle P, or — every P busy — puts it on `mwantp`, the list of
+//!   Ms waiting for a P: the next P to go idle goes to it (`pidleput`), and
+//!   an M holding a P gives it up at its next scheduling point
+//!   (`bound::handoff_wanted`: at once if it has no bound G of its own
+//!   waiting, after a 1 ms slice otherwise).
+//! - **Why no wake-up is lost.** The waker publishes the G and then reads
+//!   the M's `sleeping`; the M sets `sleeping` and then looks at its inbox
+//!   before it sleeps, all sequentially consistent, and both act under
+//!   `Sched::lock` on what they saw: one of them sees the other (the full
+//!   argument is in [`crate::bound`]). An M that found work elsewhere is
+//!   awake and reaches its inbox at its next scheduling point. `checkdead`
+//!   counts an M on its way to sleep with its inbox non-empty as work.
+//! - **What balances the load.** New Gs: `newproc` puts them in the P's
+//!   `runnext`, and idle Ms steal them as in Go. A goroutine that started
+//!   on a busy M stays there; two goroutines that talk to each other
+//!   usually share a thread, which makes their hand-offs cheap.
+//! - **The opt-in.** [`Sched::with_migration`] (hosted:
+//!   `Builder::migrate_started_goroutines`, both `unsafe`) leaves
+//!   `boundm` null except while a G is locked: Go's behaviour, with a
+//!   promise from the program that nothing it runs depends on its thread
+//!   across a scheduling point. The freestanding [`Sched::new`] binds by
+//!   default too: a kernel's per-CPU data is the same hazard as a
+//!   thread-local, and the `unsafe` `Platform` contract cannot make LLVM
+//!   reload a per-CPU address.
+//!
 //! # Locked Gs (LockOSThread)
 //!
-//! [`lock_os_thread`] wires a G to its M: the G runs only there, and the M
-//! runs nothing else. When the locked G parks or yields, its M's `schedule`
-//! does not look for other work: `stoplockedm` hands the P off
-//! (`handoffp`: to an M at once if there is work, else to the idle list,
-//! after which it looks at the other queues and the timers as an M idling
-//! its P in `findrunnable` does) and the M sleeps. Whichever M later takes
-//! the G off a run queue gives that M its own P (`startlockedm`) and stops
-//! itself; the locked M runs the G inheriting the P's time slice, so that
-//! the `runnext` streak bound holds across hand-offs. A locked M asleep
-//! holds no P, so it counts as idle for `checkdead`; `Sched::shutdown` wakes
-//! it to exit. A G that exits locked leaves its M unlocked, back in the
-//! pool (Go ends the thread; see [`lock_os_thread`]).
+//! [`lock_os_thread`] wires a G to its M (bound already, or bound now when
+//! the scheduler migrates) and makes the M run nothing else. A locked G
+//! made runnable goes on no queue at all: its status says it. When it
+//! parks or yields, its M's `schedule` goes to `stoplockedm`, which hands
+//! the P off (`handoffp`: to an M at once if there is work, else to the
+//! idle list, after which it looks at the other queues and the timers as
+//! an M idling its P in `findrunnable` does) and sleeps until the G is
+//! runnable and a P is free (an idle one, or one handed to it on
+//! `mwantp`). A locked M asleep holds no P, so it counts as idle for
+//! `checkdead`; `Sched::shutdown` wakes it to exit. A G that exits locked
+//! leaves its M unlocked, back in the pool (Go ends the thread; see
+//! [`lock_os_thread`]).
+//!
+//! Other Gs bound to a locked M (started there before the lock) cannot
+//! move: they wait, runnable, until the lock is released or the locked G
+//! exits. [`crate::spawn_locked`] (`bound::newproc_locked`) starts a G
+//! locked on an M with no bound Gs — an idle one or a new one — which is
+//! what a goroutine that changes its thread's state should use.
 //!
 //! # Introspection
 //!
@@ -74,8 +132,8 @@
 //! # Who calls what
 //!
 //! Functions ending in `_m` run on g0 through `mcall`. `schedule`,
-//! `findrunnable`, `execute`, `stopm`, `stoplockedm`, `startlockedm` run
-//! on g0. The run-queue functions on
+//! `findrunnable`, `execute`, `stopm`, `stoplockedm` run on g0. An M's
+//! own queue (`boundnext`, `boundq`) is for that M's thread only. The run-queue functions on
 //! a P (`runqput`, `runqget`) are for the M holding that P; `runqsteal`
 //! takes from any P. Functions taking `&mut SchedLocked` run under
 //! `Sched::lock`.
@@ -601,33 +659,32 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
 // LockOSThread: a G wired to its M.
 //
 // A locked G runs only on its M (`g.lockedm`), and that M runs only it
-// (`m.lockedg`). While the G cannot run (parked, or yielded to a run queue)
-// its M gives its P to another M (`handoffp`) and sleeps on its note
-// (`stoplockedm`). When some M's `schedule` takes the G off a run queue it
-// sees `lockedm`, hands that M its own P (`startlockedm`) and stops; the
-// locked M wakes with the P and runs the G. A yield or a park of a locked G
-// thus costs two M wake-ups where an unlocked one costs none.
+// (`m.lockedg`). While the G cannot run (parked, or yielded) its M gives
+// its P to another M (`handoffp`) and sleeps on its note (`stoplockedm`).
+// Whoever makes the G runnable sets its status and then, if the M sleeps,
+// gives it a P (bound::readylocked → wakehome). A yield or a park of a
+// locked G thus costs an M wake-up where an unlocked one costs none.
 //
 // No lost or double wake-up of a locked M: its note has two wakers,
-// `startlockedm` and `Sched::shutdown`, and both act under `Sched::lock`,
-// as does the M's own decision to sleep.
+// `wakehome` (directly, or through `mwantp` when a P frees up) and
+// `Sched::shutdown`, and all act under `Sched::lock`, as does the M's own
+// decision to sleep.
 //
 // - The M, under the lock: `stopping` → exit (returning a P handed to it
-//   to the idle list); else, if no P was handed to it yet (`nextp` null),
-//   mark itself `lockedsleep`. Then it sleeps on its note.
-// - `startlockedm`, under the lock: `stopping` → it wakes no one (the M
-//   exits through the check above or through shutdown's wake-up); else it
-//   sets `nextp`, clears `lockedsleep` and wakes the note. It may come
-//   before the M's own lock section (the G was readied and taken while its
-//   M was still on its way to `stoplockedm`): the M then finds `nextp` set,
-//   does not mark itself, and its sleep returns at once on the note
-//   already set.
+//   to the idle list); a P handed to it (`nextp`) → run the G; else it
+//   stores `sleeping = LOCKED` and reads the G's status (both SeqCst): if
+//   runnable, it takes an idle P or goes on `mwantp`; if not, it marks
+//   itself `lockedsleep`. Then it sleeps on its note.
+// - The waker, after its SeqCst status change and fence, reads
+//   `sleeping`; if set, under the lock: an M marked `lockedsleep` is
+//   unmarked and given an idle P (woken) or put on `mwantp` (woken by
+//   whoever hands it a P). One of the two sees the other's write, so the
+//   runnable G is never left with its M asleep and unmarked.
 // - `shutdown`, under the lock and after setting `stopping`: wakes the Ms
-//   marked `lockedsleep` (clearing the mark), with `nextp` null: exit.
+//   on `mwantp` and those marked `lockedsleep`, with `nextp` null: exit.
 //
-// `startlockedm` wakes an M at most once per run of its G (one M takes the
-// G off a queue), shutdown only Ms still marked, and neither wakes after
-// the other: each sleep ends with exactly one wake-up.
+// Each sleep ends with exactly one wake-up: the mark and the place on
+// `mwantp` are each taken away by the one that wakes the M.
 
 /// Wires the calling goroutine to its M (hosted: its OS thread) until the
 /// matching [`unlock_os_thread`] (Go's `LockOSThread`): from then on the
@@ -635,9 +692,14 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
 /// nest, as Go's do: each needs its own unlock.
 ///
 /// While the goroutine is parked or has yielded, its M sleeps and the M's
-/// P runs other goroutines elsewhere; resuming it costs two M wake-ups
-/// (another M takes it off a run queue and hands its P over, then this M
-/// wakes).
+/// P runs other goroutines elsewhere; resuming it costs an M wake-up (its
+/// waker, or the next M to free a P, hands this M a P).
+///
+/// Goroutines that started on this M before the lock (they stay on the M
+/// they started on, unless the scheduler migrates) wait, runnable, until
+/// the last unlock or the goroutine's exit. A goroutine that should have
+/// its thread to itself is best started with
+/// [`spawn_locked`](crate::spawn_locked).
 ///
 /// A goroutine that exits while locked unlocks its M, which goes back to
 /// the pool and runs other goroutines. (Go ends the thread instead, so
@@ -1596,8 +1658,9 @@ fn resetspinning(sched: &Sched, mp: *mut M) {
 /// On a bare M (no scheduler, as in the switch tests) there is nothing to
 /// look for: the M ends, returning from [`mstart`]. A scheduler M that is
 /// stopping ends the same way. An M with a locked G runs only that G: it
-/// waits in `stoplockedm` until the G is runnable; a G found locked to
-/// another M goes to that M with this M's P (`startlockedm`).
+/// waits in `stoplockedm` until the G is runnable. An M holding a P while
+/// others wait for one to run their bound Gs may give it to them first
+/// (`bound::handoff_wanted`).
 ///
 /// Only the scheduler calls it: it dereferences the current G as g0 of a
 /// live M, so from a plain thread it would crash, and from a goroutine it
@@ -1643,10 +1706,20 @@ pub(crate) fn schedule() -> ! {
         // the end of findrunnable.
         if sched.nmwantp.load(Ordering::Relaxed) != 0
             && unsafe { crate::bound::handoff_wanted(sched, mp) }
-            && !unsafe { stopm(sched, mp) }
         {
-            // SAFETY: as at the end of this function.
-            unsafe { gogo(&(*g0).sched) }
+            // SAFETY: on g0 of mp, which holds no P now.
+            if !unsafe { stopm(sched, mp) } {
+                // SAFETY: as at the end of this function.
+                unsafe { gogo(&(*g0).sched) }
+            }
+            // SAFETY: mp is ours.
+            let lockedg = unsafe { (*mp).lockedg };
+            if !lockedg.is_null() {
+                // Woken to run a goroutine started locked on it, as at the
+                // end of findrunnable.
+                // SAFETY: it is runnable, on no queue, and ours to run.
+                unsafe { execute_on(mp, lockedg, false) }
+            }
         }
         // SAFETY: a running scheduler M holds a P here.
         let pp = unsafe { (*mp).p };
@@ -1763,8 +1836,9 @@ pub(crate) fn require_user_g(what: &str) -> *mut G {
     gp
 }
 
-/// Yields the processor: the current G goes to the global queue and the M
-/// runs something else (Go's `Gosched`).
+/// Yields the processor: the current G goes to its M's own queue (a
+/// migrating scheduler: the global queue) and the M runs something else
+/// (Go's `Gosched`).
 ///
 /// # Panics
 ///
@@ -1781,7 +1855,8 @@ pub fn gosched() {
     unsafe { mcall(gosched_m) };
 }
 
-/// On g0: `gp` yields (Go's `gosched_m`): runnable, on the global queue.
+/// On g0: `gp` yields (Go's `gosched_m`): runnable, on its M's own queue
+/// if it is bound, on the global queue otherwise.
 ///
 /// # Safety
 ///
@@ -2417,6 +2492,13 @@ impl Sched {
     /// `Runtime`.
     pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         newproc(Some(self), f)
+    }
+
+    /// [`Sched::go`] for a goroutine locked to an M of its own, as if it
+    /// began with [`lock_os_thread`]: an idle M that no started goroutine
+    /// is bound to, or a new one (hosted: `spawn_locked`).
+    pub fn go_locked(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
+        crate::bound::newproc_locked(Some(self), f)
     }
 
     /// Registers `hook` to be called (on an M going idle) whenever every P

@@ -70,6 +70,12 @@ impl std::error::Error for BuildError {}
 
 /// Configures a [`Runtime`].
 ///
+/// Two settings trade a guarantee for something else and are `unsafe`:
+/// [`migrate_started_goroutines`](Builder::migrate_started_goroutines)
+/// (goroutines may move between threads once started; by default they
+/// never do) and [`unguarded_stacks`](Builder::unguarded_stacks) (stacks
+/// without a hardware guard page; by default every stack has one).
+///
 /// Every goroutine stack a runtime allocates has a hardware guard: a
 /// `PROT_NONE` page below it, so an overflow faults at once and is reported
 /// naming the goroutine. Each costs two of the process's kernel mappings,
@@ -699,6 +705,14 @@ fn require_goroutine(what: &str) {
 /// Starts a goroutine running `f` (Go's `go` statement). A panic in it
 /// ends the process with the panic message and the goroutine's id.
 ///
+/// Where it runs: the new goroutine takes its P's `runnext`, and an idle
+/// thread may take it before it starts; once it has run, it stays on that
+/// OS thread for good (unless the runtime was built with the `unsafe`
+/// [`Builder::migrate_started_goroutines`]), so thread-locals and
+/// thread-keyed state stay coherent across its yields and waits. Its stack
+/// has a hardware guard page (unless built with
+/// [`Builder::unguarded_stacks`]).
+///
 /// # Panics
 ///
 /// Outside a goroutine, or if its stack cannot be allocated.
@@ -758,7 +772,8 @@ pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 }
 
 /// Starts a goroutine running `f` and returns a handle to join it. A panic
-/// in `f` comes back as `Err` from [`JoinHandle::join`].
+/// in `f` comes back as `Err` from [`JoinHandle::join`]. Where it runs, and
+/// its stack, as for [`go`]: it stays on the thread it first runs on.
 ///
 /// # Panics
 ///
@@ -769,7 +784,9 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinH
     spawn_on(None, f)
 }
 
-/// Yields: the current goroutine goes to the back of the global queue.
+/// Yields: the current goroutine goes to the back of its thread's queue
+/// (with [`Builder::migrate_started_goroutines`], to the back of the global
+/// queue, as in Go) and the thread runs something else first.
 ///
 /// # Panics
 ///

@@ -114,16 +114,20 @@
 //!    does the same). An adder or a hand-on `wakep` that read `npidle`
 //!    before that increment is thus covered by the scan after it.
 //!
-//! LockOSThread moves Ps in two more ways, both to Ms that do not spin:
-//! `handoffp` starts an M on the P of a parked locked G when there is
-//! work (`startm(pp, false)`), and `startlockedm` gives its P to the
-//! locked M of the G it found. Neither P is ever idle — `npidle` does not
-//! change — so neither point is touched: the first M runs `findrunnable`
-//! on the P (its timers first), the locked M runs its G, like any M
-//! holding a P, and when that G parks the P leaves through `handoffp`.
-//! A locked M asleep in `stoplockedm` holds no P and never sleeps for
-//! timers; when its own G sleeps, the timer readies the G on whichever M
-//! runs it, which hands that M's P to the locked M.
+//! LockOSThread and bound Gs (see [`crate::bound`]) move Ps in two more
+//! ways, both to Ms that do not spin: `handoffp` starts an M on the P of a
+//! parked locked G when there is work (`startm(pp, false)`), and an M
+//! waiting on `mwantp` is given a P by `pidleput` or by an M at a
+//! scheduling point (`bound::handoff_wanted`). Neither P is ever idle —
+//! `npidle` does not change — so neither point is touched: the M runs
+//! `findrunnable` on the P (its timers first) or its locked G, like any M
+//! holding a P, and when that G parks the P leaves through `handoffp`. An
+//! M asleep in `stoplockedm` holds no P and never sleeps for timers; when
+//! its own G sleeps, the timer readies the G on whichever M runs it, which
+//! wakes the locked M with an idle P or puts it on `mwantp`. The timer
+//! sleeper itself may have bound Gs: it marks itself `TIMER` and looks at
+//! its inbox before each sleep, and a waker that sees the mark breaks the
+//! sleep (`netpollbreak`).
 //!
 //! `checkdead`, called when a P is idled last (by either path), sees
 //! pending timers and reports nothing; point 2 means an M will run them,
