@@ -15,6 +15,11 @@
 //!   one one-way hand-off;
 //! - `handoff-chan`: the same over two unbuffered channels (ping, pong);
 //!   one op = one one-way hand-off (a send and the receive it meets);
+//! - `handoff-cross` (PROCS ≥ 2): `handoff` with the two goroutines started
+//!   on different threads: the first spins, without a scheduling point,
+//!   until another M has taken the second and started it. In bound mode
+//!   they stay there, so every hand-off wakes the other thread; in migrate
+//!   mode they may come together;
 //! - `parked`: N goroutines parked at once; the value is RSS bytes per
 //!   parked goroutine;
 //! - `work`: a CPU-bound job split over 64 goroutines; the value is the
@@ -103,6 +108,48 @@ fn handoff(n: u64) {
         gokernel::gosched();
     }
     let p = peer_slot.get().unwrap().clone();
+    for _ in 0..n / 2 {
+        p.unpark();
+        gokernel::park();
+    }
+    peer.join().unwrap();
+}
+
+/// The calling thread's id (a system call: no thread-local, so safe in
+/// migrate mode too).
+fn gettid() -> i64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// `handoff`, with the peer started by another M than the main
+/// goroutine's (see the module docs).
+fn handoff_cross(n: u64) {
+    let main = gokernel::current();
+    let main_tid = gettid();
+    let peer_slot = Arc::new(OnceLock::new());
+    let ps = peer_slot.clone();
+    let peer = gokernel::spawn(move || {
+        ps.set((gokernel::current(), gettid())).unwrap();
+        for _ in 0..n / 2 {
+            gokernel::park();
+            main.unpark();
+        }
+    });
+    // No scheduling point here: only another M can start the peer.
+    let t = Instant::now();
+    while peer_slot.get().is_none() {
+        if t.elapsed().as_secs() >= 10 {
+            eprintln!("ops: handoff-cross: no other M started the peer in 10 s");
+            std::process::exit(1);
+        }
+        std::hint::spin_loop();
+    }
+    let (p, peer_tid) = peer_slot.get().unwrap().clone();
+    assert_ne!(
+        peer_tid, main_tid,
+        "the peer started on the main goroutine's thread"
+    );
     for _ in 0..n / 2 {
         p.unpark();
         gokernel::park();
@@ -211,7 +258,7 @@ fn work(n: u64) -> u64 {
 }
 
 const USAGE: &str = "usage: ops OP N [PROCS [MODE]]
-  OP:    switch|gosched|spawn|spawn-alive|handoff|handoff-chan|parked|work
+  OP:    switch|gosched|spawn|spawn-alive|handoff|handoff-chan|handoff-cross|parked|work
   N:     operations (work: computation steps), a whole number > 0
   PROCS: Ps, default 1
   MODE:  bound (default: a started goroutine stays on its thread) | migrate (as in Go)";
@@ -223,6 +270,7 @@ const OPS: &[&str] = &[
     "spawn-alive",
     "handoff",
     "handoff-chan",
+    "handoff-cross",
     "parked",
     "work",
 ];
@@ -267,6 +315,9 @@ fn main() {
         Some(other) => usage_error(&format!("MODE must be `bound` or `migrate`, not `{other}`")),
     };
     let mode = if migrate { "migrate" } else { "bound" };
+    if op == "handoff-cross" && procs < 2 {
+        usage_error("handoff-cross needs PROCS >= 2");
+    }
     let t = Instant::now();
     if op == "switch" {
         switch_round_trips(n);
@@ -301,12 +352,13 @@ fn main() {
     };
     let rt = builder.build().unwrap();
     let (value, unit) = match op.as_str() {
-        "gosched" | "spawn" | "spawn-alive" | "handoff" | "handoff-chan" => {
+        "gosched" | "spawn" | "spawn-alive" | "handoff" | "handoff-chan" | "handoff-cross" => {
             let f: fn(u64) = match op.as_str() {
                 "gosched" => gosched_pair,
                 "spawn" => spawn_batches,
                 "spawn-alive" => spawn_and_wait,
                 "handoff" => handoff,
+                "handoff-cross" => handoff_cross,
                 _ => handoff_chan,
             };
             rt.block_on(move || f(n)).unwrap();

@@ -57,6 +57,8 @@ const TIMED: &[(&str, usize, u64)] = &[
     ("handoff", 2, 1_000_000),
     ("handoff-chan", 1, 1_000_000),
     ("handoff-chan", 2, 1_000_000),
+    // Bound: every hand-off wakes the other thread (microseconds each).
+    ("handoff-cross", 2, 100_000),
     ("parked", 1, 100_000),
     ("work", 1, 4_000_000_000),
     ("work", 2, 4_000_000_000),
@@ -284,14 +286,14 @@ fn timed_table(rows: &[[Runs; 2]], speedups: [Option<f64>; 2]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<12} {:>5} | {:>10} {:>21} | {:>10} {:>21} | {:>7}  unit",
+        "{:<13} {:>5} | {:>10} {:>21} | {:>10} {:>21} | {:>7}  unit",
         "workload", "procs", "bound", "min – max", "migrate", "min – max", "b ÷ m"
     );
     for (&(op, procs, _), [b, m]) in TIMED.iter().zip(rows) {
         let range = |r: &Runs| format!("{:.2} – {:.2}", r.min(), r.max());
         let _ = writeln!(
             t,
-            "{op:<12} {procs:>5} | {:>10.2} {:>21} | {:>10.2} {:>21} | {:>7.2}  {}",
+            "{op:<13} {procs:>5} | {:>10.2} {:>21} | {:>10.2} {:>21} | {:>7.2}  {}",
             b.median(),
             range(b),
             m.median(),
@@ -303,7 +305,7 @@ fn timed_table(rows: &[[Runs; 2]], speedups: [Option<f64>; 2]) -> String {
     let fmt = |s: Option<f64>| s.map_or("—".to_string(), |s| format!("{s:.2}x"));
     let _ = writeln!(
         t,
-        "{:<18} | {:>10} {:>21} | {:>10} {:>21} |          (target >= {SPEEDUP_TARGET}x)",
+        "{:<19} | {:>10} {:>21} | {:>10} {:>21} |          (target >= {SPEEDUP_TARGET}x)",
         "work 1 P / 2 Ps",
         fmt(speedups[0]),
         "",
