@@ -2,7 +2,7 @@
 //! the workloads of `cargo xtask bench`, one process each.
 //!
 //! ```text
-//! cargo run --release --example ops -- OP N [PROCS]
+//! cargo run --release --example ops -- OP N [PROCS [MODE]]
 //! ```
 //!
 //! OP is one of:
@@ -15,12 +15,31 @@
 //!   one one-way hand-off;
 //! - `handoff-chan`: the same over two unbuffered channels (ping, pong);
 //!   one op = one one-way hand-off (a send and the receive it meets);
+//! - `handoff-cross` (PROCS ≥ 2): `handoff` with the two goroutines started
+//!   on different threads: the first spins, without a scheduling point,
+//!   until another M has taken the second and started it. In bound mode
+//!   they stay there, so every hand-off wakes the other thread; in migrate
+//!   mode they may come together;
 //! - `parked`: N goroutines parked at once; the value is RSS bytes per
 //!   parked goroutine;
 //! - `work`: a CPU-bound job split over 64 goroutines; the value is the
 //!   job's seconds (compare PROCS = 1 and 2 for the speed-up).
 //!
-//! The last line is `result OP PROCS N VALUE UNIT`. Under
+//! PROCS is the number of Ps (default 1). MODE is where a started
+//! goroutine may run:
+//! - `bound` (the default, as `Runtime::builder()` builds it): only on the
+//!   M (OS thread) it started on;
+//! - `migrate`: on any M, as in Go
+//!   (`Builder::migrate_started_goroutines`; sound here, since these
+//!   workloads keep nothing thread-local across a scheduling point).
+//!
+//! `switch` runs on a bare M, with no scheduler: PROCS and MODE change
+//! nothing there.
+//!
+//! Without arguments, or with ones it cannot read, it prints the usage on
+//! stderr and exits with status 2.
+//!
+//! The last line is `result OP PROCS N VALUE UNIT MODE`. Under
 //! `valgrind --tool=callgrind`, run N and 2N: the instructions per op are
 //! (Ir(2N) - Ir(N)) / N, free of start-up costs.
 
@@ -89,6 +108,48 @@ fn handoff(n: u64) {
         gokernel::gosched();
     }
     let p = peer_slot.get().unwrap().clone();
+    for _ in 0..n / 2 {
+        p.unpark();
+        gokernel::park();
+    }
+    peer.join().unwrap();
+}
+
+/// The calling thread's id (a system call: no thread-local, so safe in
+/// migrate mode too).
+fn gettid() -> i64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// `handoff`, with the peer started by another M than the main
+/// goroutine's (see the module docs).
+fn handoff_cross(n: u64) {
+    let main = gokernel::current();
+    let main_tid = gettid();
+    let peer_slot = Arc::new(OnceLock::new());
+    let ps = peer_slot.clone();
+    let peer = gokernel::spawn(move || {
+        ps.set((gokernel::current(), gettid())).unwrap();
+        for _ in 0..n / 2 {
+            gokernel::park();
+            main.unpark();
+        }
+    });
+    // No scheduling point here: only another M can start the peer.
+    let t = Instant::now();
+    while peer_slot.get().is_none() {
+        if t.elapsed().as_secs() >= 10 {
+            eprintln!("ops: handoff-cross: no other M started the peer in 10 s");
+            std::process::exit(1);
+        }
+        std::hint::spin_loop();
+    }
+    let (p, peer_tid) = peer_slot.get().unwrap().clone();
+    assert_ne!(
+        peer_tid, main_tid,
+        "the peer started on the main goroutine's thread"
+    );
     for _ in 0..n / 2 {
         p.unpark();
         gokernel::park();
@@ -196,29 +257,84 @@ fn work(n: u64) -> u64 {
     hs.into_iter().fold(0, |a, h| a ^ h.join().unwrap())
 }
 
+const USAGE: &str = "usage: ops OP N [PROCS [MODE]]
+  OP:    switch|gosched|spawn|spawn-alive|handoff|handoff-chan|handoff-cross|parked|work
+  N:     operations (work: computation steps), a whole number > 0
+  PROCS: Ps, default 1
+  MODE:  bound (default: a started goroutine stays on its thread) | migrate (as in Go)";
+
+const OPS: &[&str] = &[
+    "switch",
+    "gosched",
+    "spawn",
+    "spawn-alive",
+    "handoff",
+    "handoff-chan",
+    "handoff-cross",
+    "parked",
+    "work",
+];
+
+/// Prints `problem` and the usage on stderr and exits with status 2.
+fn usage_error(problem: &str) -> ! {
+    if !problem.is_empty() {
+        eprintln!("ops: {problem}");
+    }
+    eprintln!("{USAGE}");
+    std::process::exit(2)
+}
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let usage =
-        "usage: ops switch|gosched|spawn|spawn-alive|handoff|handoff-chan|parked|work N [PROCS]";
-    let op = args.next().expect(usage);
-    let n: u64 = args
-        .next()
-        .expect(usage)
-        .parse()
-        .expect("N must be a whole number");
-    let procs: usize = args
-        .next()
-        .map_or(1, |p| p.parse().expect("PROCS must be a whole number"));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() {
+        usage_error("");
+    }
+    if args.len() > 4 {
+        usage_error(&format!("unexpected argument `{}`", args[4]));
+    }
+    let op = args[0].clone();
+    if !OPS.contains(&op.as_str()) {
+        usage_error(&format!("unknown OP `{op}`"));
+    }
+    let n: u64 = match args.get(1).map(|a| a.parse()) {
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => usage_error(&format!("N must be a whole number > 0, not `{}`", args[1])),
+        None => usage_error("N is missing"),
+    };
+    let procs: usize = match args.get(2).map(|a| a.parse()) {
+        None => 1,
+        Some(Ok(p)) if p > 0 => p,
+        Some(_) => usage_error(&format!(
+            "PROCS must be a whole number > 0, not `{}`",
+            args[2]
+        )),
+    };
+    let migrate = match args.get(3).map(String::as_str) {
+        None | Some("bound") => false,
+        Some("migrate") => true,
+        Some(other) => usage_error(&format!("MODE must be `bound` or `migrate`, not `{other}`")),
+    };
+    let mode = if migrate { "migrate" } else { "bound" };
+    if op == "handoff-cross" && procs < 2 {
+        usage_error("handoff-cross needs PROCS >= 2");
+    }
     let t = Instant::now();
     if op == "switch" {
         switch_round_trips(n);
         let ns = t.elapsed().as_secs_f64() * 1e9 / n as f64;
-        println!("result switch 1 {n} {ns:.2} ns/op");
+        println!("result switch 1 {n} {ns:.2} ns/op {mode}");
         return;
     }
     let builder = Runtime::builder()
         .procs(procs)
         .stack_size(gokernel::stack::STACK_MIN);
+    let builder = if migrate {
+        // SAFETY: no workload here keeps thread-local state, a thread-keyed
+        // lock or an unwinding panic across a scheduling point.
+        unsafe { builder.migrate_started_goroutines() }
+    } else {
+        builder
+    };
     // All N alive at once may be more guarded stacks than vm.max_map_count
     // allows (28,669 by default): then unguarded ones, said on stderr.
     let alive = matches!(op.as_str(), "spawn-alive" | "parked");
@@ -236,12 +352,13 @@ fn main() {
     };
     let rt = builder.build().unwrap();
     let (value, unit) = match op.as_str() {
-        "gosched" | "spawn" | "spawn-alive" | "handoff" | "handoff-chan" => {
+        "gosched" | "spawn" | "spawn-alive" | "handoff" | "handoff-chan" | "handoff-cross" => {
             let f: fn(u64) = match op.as_str() {
                 "gosched" => gosched_pair,
                 "spawn" => spawn_batches,
                 "spawn-alive" => spawn_and_wait,
                 "handoff" => handoff,
+                "handoff-cross" => handoff_cross,
                 _ => handoff_chan,
             };
             rt.block_on(move || f(n)).unwrap();
@@ -252,7 +369,7 @@ fn main() {
             std::hint::black_box(rt.block_on(move || work(n)).unwrap());
             (t.elapsed().as_secs_f64(), "s")
         }
-        _ => panic!("{usage}"),
+        _ => unreachable!("OP was checked against OPS"),
     };
-    println!("result {op} {procs} {n} {value:.2} {unit}");
+    println!("result {op} {procs} {n} {value:.2} {unit} {mode}");
 }

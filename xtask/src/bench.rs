@@ -1,19 +1,31 @@
 //! `cargo xtask bench [--instructions] [--update-baseline]`: the benchmark
-//! suite.
+//! suite, in both thread-binding modes side by side.
 //!
-//! Every workload of `examples/ops.rs` runs in a process of its own: one
-//! warm-up run, then [`REPS`] measured runs. The table gives the median and
-//! the min–max of the runs; `target/bench.json` gets the same numbers. The
+//! Every workload of `examples/ops.rs` runs in a process of its own, in each
+//! of the two [`MODES`]: `bound` (the default runtime: a started goroutine
+//! resumes only on the thread it started on) and `migrate`
+//! (`Builder::migrate_started_goroutines`, Go's behaviour). Per workload:
+//! one warm-up run in each mode, then [`REPS`] repetitions, each running
+//! both modes one after the other (which goes first alternates), so that
+//! whatever else the machine does hits both modes alike. The table gives,
+//! per mode, the median and the min–max of the runs, and the ratio of the
+//! medians, bound ÷ migrate; `target/bench.json` gets the same numbers. The
 //! statistics are a median and a range over a handful of processes, which
-//! needs no harness: each run already averages over N operations.
+//! needs no harness: each run already averages over N operations. Below
+//! the table: the CPU-bound fan-out's speed-up from 1 P to 2 Ps, per mode
+//! (target [`SPEEDUP_TARGET`]).
 //!
 //! With `--instructions` the hot-path workloads run under
-//! `valgrind --tool=callgrind` at N and 2N operations instead, and the
-//! result is instructions per operation, (Ir(2N) − Ir(N)) / N: start-up
-//! costs cancel, and the count does not depend on how busy the machine is.
-//! They go to `target/bench-instructions.json`; `--update-baseline` also
-//! writes them to `bench/baseline.json`, which `cargo xtask test` checks
-//! (see [`check_baseline`]).
+//! `valgrind --tool=callgrind` at N and 2N operations instead, in both
+//! modes, and the result is instructions per operation,
+//! (Ir(2N) − Ir(N)) / N: start-up costs cancel, and the count does not
+//! depend on how busy the machine is. They go to
+//! `target/bench-instructions.json`; `--update-baseline` also writes them to
+//! `bench/baseline.json`, which `cargo xtask test` checks (see
+//! [`check_baseline`]). Only the default mode, `bound`, is gated: its
+//! counts are the file's plain `"op": count` entries, as before; the
+//! `migrate` counts are written beside them as `"migrate/op": count`, for
+//! information (a reader that looks for `"op": ` does not see them).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,8 +34,16 @@ use std::time::Duration;
 
 use crate::process;
 
-/// Measured runs per workload (after one warm-up run).
+/// Measured repetitions per workload (after one warm-up run per mode); each
+/// repetition runs every mode once.
 const REPS: usize = 5;
+
+/// The thread-binding modes, as `examples/ops.rs` names them: the default
+/// first (it is the one the baseline gates).
+const MODES: [&str; 2] = ["bound", "migrate"];
+
+/// The mode `cargo xtask test` checks against the baseline: the default.
+const GATED_MODE: &str = MODES[0];
 
 /// The timed workloads: (op, procs, N).
 const TIMED: &[(&str, usize, u64)] = &[
@@ -37,10 +57,16 @@ const TIMED: &[(&str, usize, u64)] = &[
     ("handoff", 2, 1_000_000),
     ("handoff-chan", 1, 1_000_000),
     ("handoff-chan", 2, 1_000_000),
+    // Bound: every hand-off wakes the other thread (microseconds each).
+    ("handoff-cross", 2, 100_000),
     ("parked", 1, 100_000),
     ("work", 1, 4_000_000_000),
     ("work", 2, 4_000_000_000),
 ];
+
+/// What the CPU-bound fan-out (`work`: 64 fresh goroutines of pure
+/// computation) should gain from 2 Ps over 1.
+const SPEEDUP_TARGET: f64 = 1.9;
 
 /// The instruction-counted workloads (1 P): (op, N).
 pub const COUNTED: &[(&str, u64)] = &[
@@ -66,14 +92,19 @@ fn build_ops(root: &Path) -> bool {
     matches!(process::run(&mut c, Duration::from_mins(10)), Ok(s) if s.success())
 }
 
-/// Runs one workload; returns the value of its `result` line.
-fn run_once(bin: &Path, op: &str, procs: usize, n: u64) -> Option<f64> {
+/// Runs one workload in one mode; returns the value of its `result` line.
+fn run_once(bin: &Path, op: &str, procs: usize, n: u64, mode: &str) -> Option<f64> {
     let mut c = Command::new(bin);
-    c.args([op, &n.to_string(), &procs.to_string()]);
+    c.args([op, &n.to_string(), &procs.to_string(), mode]);
     let (status, out) = process::output(&mut c, Duration::from_mins(5)).ok()?;
     if !status.success() {
         return None;
     }
+    result_value(&out)
+}
+
+/// The value of the last `result OP PROCS N VALUE UNIT MODE` line of `out`.
+fn result_value(out: &str) -> Option<f64> {
     out.lines()
         .rev()
         .find_map(|l| l.strip_prefix("result "))
@@ -81,15 +112,16 @@ fn run_once(bin: &Path, op: &str, procs: usize, n: u64) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Instructions per operation of `op` on 1 P, from callgrind at N and 2N.
-pub fn instructions(bin: &Path, op: &str, n: u64) -> Option<f64> {
+/// Instructions per operation of `op` on 1 P in `mode`, from callgrind at
+/// N and 2N.
+pub fn instructions(bin: &Path, op: &str, n: u64, mode: &str) -> Option<f64> {
     let ir = |n: u64| -> Option<u64> {
-        let out_file = std::env::temp_dir().join(format!("gokernel-callgrind-{op}-{n}"));
+        let out_file = std::env::temp_dir().join(format!("gokernel-callgrind-{op}-{mode}-{n}"));
         let mut c = Command::new("valgrind");
         c.args(["--tool=callgrind", "-q"])
             .arg(format!("--callgrind-out-file={}", out_file.display()))
             .arg(bin)
-            .args([op, &n.to_string(), "1"]);
+            .args([op, &n.to_string(), "1", mode]);
         let (status, _) = process::output(&mut c, Duration::from_mins(10)).ok()?;
         let text = std::fs::read_to_string(&out_file).ok();
         let _ = std::fs::remove_file(&out_file);
@@ -105,6 +137,30 @@ pub fn instructions(bin: &Path, op: &str, n: u64) -> Option<f64> {
     };
     let (a, b) = (ir(n)?, ir(2 * n)?);
     Some((b.saturating_sub(a)) as f64 / n as f64)
+}
+
+/// The unit of `op`'s value.
+fn unit(op: &str) -> &'static str {
+    match op {
+        "parked" => "B/G",
+        "work" => "s",
+        _ => "ns/op",
+    }
+}
+
+/// The sorted runs of one workload in one mode.
+struct Runs(Vec<f64>);
+
+impl Runs {
+    fn median(&self) -> f64 {
+        self.0[self.0.len() / 2]
+    }
+    fn min(&self) -> f64 {
+        self.0[0]
+    }
+    fn max(&self) -> f64 {
+        self.0[self.0.len() - 1]
+    }
 }
 
 /// `cargo xtask bench`.
@@ -129,81 +185,218 @@ pub fn run(args: &[String]) -> ExitCode {
     if counted {
         return run_counted(root, &bin, update);
     }
-    let mut table = String::new();
-    let mut json = String::from("[\n");
-    let _ = writeln!(
-        table,
-        "{:<12} {:>5} {:>12} {:>12} {:>12}  unit",
-        "workload", "procs", "median", "min", "max"
-    );
+    run_timed(root, &bin)
+}
+
+/// The timed suite: every workload in both modes, interleaved.
+fn run_timed(root: &Path, bin: &Path) -> ExitCode {
+    // rows[i][m]: TIMED[i] in MODES[m].
+    let mut rows: Vec<[Runs; 2]> = Vec::new();
     for (i, &(op, procs, n)) in TIMED.iter().enumerate() {
-        let _ = run_once(&bin, op, procs, n); // warm-up
-        let mut vals: Vec<f64> = (0..REPS)
-            .filter_map(|_| run_once(&bin, op, procs, n))
-            .collect();
-        if vals.len() != REPS {
-            println!("bench: {op} (procs {procs}) failed");
-            return ExitCode::FAILURE;
+        println!(
+            "bench: [{}/{}] {op} on {procs} P, N = {n}: a warm-up and {REPS} runs per mode",
+            i + 1,
+            TIMED.len()
+        );
+        for mode in MODES {
+            let _ = run_once(bin, op, procs, n, mode); // warm-up
         }
-        vals.sort_by(f64::total_cmp);
-        let unit = match op {
-            "parked" => "B/G",
-            "work" => "s",
-            _ => "ns/op",
+        let mut vals: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for rep in 0..REPS {
+            // Alternate which mode goes first, so neither always runs
+            // right after the other.
+            for k in 0..MODES.len() {
+                let m = (k + rep) % MODES.len();
+                match run_once(bin, op, procs, n, MODES[m]) {
+                    Some(v) => vals[m].push(v),
+                    None => {
+                        println!("bench: {op} (procs {procs}, {}) failed", MODES[m]);
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        }
+        let [b, m] = vals.map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            Runs(v)
+        });
+        println!(
+            "bench: [{}/{}] {op} on {procs} P: bound {:.2}, migrate {:.2} {} (medians)",
+            i + 1,
+            TIMED.len(),
+            b.median(),
+            m.median(),
+            unit(op)
+        );
+        rows.push([b, m]);
+    }
+    let speedup = |m: usize| {
+        let med = |p: usize| {
+            TIMED
+                .iter()
+                .position(|&(op, procs, _)| op == "work" && procs == p)
+                .map(|i| rows[i][m].median())
         };
-        let (med, min, max) = (vals[REPS / 2], vals[0], vals[REPS - 1]);
-        let _ = writeln!(
-            table,
-            "{op:<12} {procs:>5} {med:>12.2} {min:>12.2} {max:>12.2}  {unit}"
-        );
-        let _ = writeln!(
-            json,
-            "  {{\"workload\": \"{op}\", \"procs\": {procs}, \"n\": {n}, \"unit\": \"{unit}\", \
-             \"median\": {med}, \"min\": {min}, \"max\": {max}, \"runs\": {vals:?}}}{}",
-            if i + 1 < TIMED.len() { "," } else { "" }
-        );
+        Some(med(1)? / med(2)?)
+    };
+    let speedups = [speedup(0), speedup(1)];
+    println!("\n{}", timed_table(&rows, speedups));
+    let mut json = String::from("[\n");
+    for (i, (&(op, procs, n), runs)) in TIMED.iter().zip(&rows).enumerate() {
+        for (m, (mode, r)) in MODES.iter().zip(runs).enumerate() {
+            let last = i + 1 == TIMED.len() && m + 1 == MODES.len();
+            let _ = writeln!(
+                json,
+                "  {{\"workload\": \"{op}\", \"procs\": {procs}, \"mode\": \"{mode}\", \"n\": {n}, \
+                 \"unit\": \"{}\", \"median\": {}, \"min\": {}, \"max\": {}, \"runs\": {:?}}}{}",
+                unit(op),
+                r.median(),
+                r.min(),
+                r.max(),
+                r.0,
+                if last { "" } else { "," }
+            );
+        }
     }
     json.push_str("]\n");
-    println!("\n{table}");
-    let work = |p: usize| {
-        json.lines()
-            .find(|l| {
-                l.contains("\"workload\": \"work\"") && l.contains(&format!("\"procs\": {p},"))
-            })
-            .and_then(|l| l.split("\"median\": ").nth(1))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    if let (Some(w1), Some(w2)) = (work(1), work(2)) {
-        println!(
-            "scaling: work on 2 procs is {:.2}x faster than on 1",
-            w1 / w2
-        );
-    }
     let path = root.join("target/bench.json");
     if std::fs::write(&path, json).is_err() {
+        println!("bench: could not write {}", path.display());
         return ExitCode::FAILURE;
     }
     println!("wrote {}", path.display());
+    let short: Vec<&str> = MODES
+        .iter()
+        .zip(speedups)
+        .filter(|&(_, s)| s.is_some_and(|s| s < SPEEDUP_TARGET))
+        .map(|(&mode, _)| mode)
+        .collect();
+    if !short.is_empty() {
+        println!(
+            "note: the work speed-up is under the {SPEEDUP_TARGET}x target in: {}",
+            short.join(", ")
+        );
+    }
     ExitCode::SUCCESS
 }
 
-fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
-    let mut json = String::from("{\n");
-    println!("\n{:<12} {:>10}", "workload", "Ir/op");
-    for (i, &(op, n)) in COUNTED.iter().enumerate() {
-        let Some(ir) = instructions(bin, op, n) else {
-            println!("bench: callgrind on {op} failed (is valgrind installed?)");
-            return ExitCode::FAILURE;
-        };
-        println!("{op:<12} {ir:>10.1}");
+/// The timed table: per workload, each mode's median and min–max, and the
+/// ratio of the medians; then the 2-P speed-up of `work` per mode.
+fn timed_table(rows: &[[Runs; 2]], speedups: [Option<f64>; 2]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<13} {:>5} | {:>10} {:>21} | {:>10} {:>21} | {:>7}  unit",
+        "workload", "procs", "bound", "min – max", "migrate", "min – max", "b ÷ m"
+    );
+    for (&(op, procs, _), [b, m]) in TIMED.iter().zip(rows) {
+        let range = |r: &Runs| format!("{:.2} – {:.2}", r.min(), r.max());
         let _ = writeln!(
-            json,
-            "  \"{op}\": {ir:.1}{}",
-            if i + 1 < COUNTED.len() { "," } else { "" }
+            t,
+            "{op:<13} {procs:>5} | {:>10.2} {:>21} | {:>10.2} {:>21} | {:>7.2}  {}",
+            b.median(),
+            range(b),
+            m.median(),
+            range(m),
+            b.median() / m.median(),
+            unit(op)
         );
     }
-    json.push_str("}\n");
+    let fmt = |s: Option<f64>| s.map_or("—".to_string(), |s| format!("{s:.2}x"));
+    let _ = writeln!(
+        t,
+        "{:<19} | {:>10} {:>21} | {:>10} {:>21} |          (target >= {SPEEDUP_TARGET}x)",
+        "work 1 P / 2 Ps",
+        fmt(speedups[0]),
+        "",
+        fmt(speedups[1]),
+        ""
+    );
+    t
+}
+
+/// The baseline count of `op` in `text` (the contents of
+/// [`BASELINE`]): its plain `"op": count` line, the gated mode's.
+fn baseline_count(text: &str, op: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("\"{op}\": ")))
+        .and_then(|v| v.trim_end_matches(',').parse::<f64>().ok())
+}
+
+/// The JSON of the counts: the gated mode's as `"op": count`, the others'
+/// as `"mode/op": count`.
+fn counts_json(counts: &[(&str, [f64; 2])]) -> String {
+    let mut entries = Vec::new();
+    for (m, mode) in MODES.iter().enumerate() {
+        for &(op, ir) in counts {
+            let key = if *mode == GATED_MODE {
+                op.to_string()
+            } else {
+                format!("{mode}/{op}")
+            };
+            entries.push(format!("  \"{key}\": {:.1}", ir[m]));
+        }
+    }
+    format!("{{\n{}\n}}\n", entries.join(",\n"))
+}
+
+fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
+    let baseline = std::fs::read_to_string(root.join(BASELINE)).unwrap_or_default();
+    let mut counts: Vec<(&str, [f64; 2])> = Vec::new();
+    for (i, &(op, n)) in COUNTED.iter().enumerate() {
+        let mut ir = [0.0; 2];
+        for (m, mode) in MODES.iter().enumerate() {
+            println!(
+                "bench: [{}/{}] callgrind: {op} on 1 P, {mode}, N = {n} and {}",
+                i + 1,
+                COUNTED.len(),
+                2 * n
+            );
+            let Some(v) = instructions(bin, op, n, mode) else {
+                println!("bench: callgrind on {op} ({mode}) failed (is valgrind installed?)");
+                return ExitCode::FAILURE;
+            };
+            ir[m] = v;
+        }
+        println!(
+            "bench: [{}/{}] {op}: bound {:.1}, migrate {:.1} Ir/op",
+            i + 1,
+            COUNTED.len(),
+            ir[0],
+            ir[1]
+        );
+        counts.push((op, ir));
+    }
+    println!(
+        "\n{:<12} | {:>9} {:>9} {:>8} | {:>9} | {:>7}",
+        "workload", "bound", "baseline", "vs base", "migrate", "b − m"
+    );
+    let mut over = Vec::new();
+    for &(op, [b, m]) in &counts {
+        let (base, delta) = match baseline_count(&baseline, op) {
+            Some(base) => {
+                let d = b / base - 1.0;
+                if d > TOLERANCE {
+                    over.push(format!("{op} (+{:.1} %)", d * 100.0));
+                }
+                (format!("{base:.1}"), format!("{:+.1} %", d * 100.0))
+            }
+            None => ("—".into(), "—".into()),
+        };
+        println!(
+            "{op:<12} | {b:>9.1} {base:>9} {delta:>8} | {m:>9.1} | {:>+7.1}",
+            b - m
+        );
+    }
+    println!("(Ir/op on 1 P; the baseline and its +10 % limit apply to bound, the default)");
+    if !over.is_empty() {
+        println!(
+            "bound-mode counts over {BASELINE} by more than {:.0} %: {}",
+            TOLERANCE * 100.0,
+            over.join(", ")
+        );
+    }
+    let json = counts_json(&counts);
     let out = root.join("target/bench-instructions.json");
     let _ = std::fs::write(&out, &json);
     println!("wrote {}", out.display());
@@ -216,8 +409,9 @@ fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The gate's regression guard: counts the hot paths again and fails if
-/// any grew more than [`TOLERANCE`] over `bench/baseline.json`.
+/// The gate's regression guard: counts the hot paths again in the default
+/// (bound) mode and fails if any grew more than [`TOLERANCE`] over
+/// `bench/baseline.json`. The file's `migrate/…` entries are not checked.
 pub fn check_baseline(root: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(root.join(BASELINE)) else {
         println!("{BASELINE} is missing: run `cargo xtask bench --update-baseline`");
@@ -229,16 +423,12 @@ pub fn check_baseline(root: &Path) -> bool {
     let bin = ops_binary(root);
     let mut ok = true;
     for &(op, n) in COUNTED {
-        let base = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(&format!("\"{op}\": ")))
-            .and_then(|v| v.trim_end_matches(',').parse::<f64>().ok());
-        let Some(base) = base else {
+        let Some(base) = baseline_count(&text, op) else {
             println!("{BASELINE} has no count for {op}: run `cargo xtask bench --update-baseline`");
             ok = false;
             continue;
         };
-        let Some(now) = instructions(&bin, op, n) else {
+        let Some(now) = instructions(&bin, op, n, GATED_MODE) else {
             println!("callgrind on {op} failed");
             ok = false;
             continue;
@@ -246,7 +436,7 @@ pub fn check_baseline(root: &Path) -> bool {
         let limit = base * (1.0 + TOLERANCE);
         let verdict = if now <= limit { "ok" } else { "REGRESSION" };
         println!(
-            "{op:<10} {now:>8.1} Ir/op   baseline {base:>8.1}   limit {limit:>8.1}   {verdict}"
+            "{op:<12} {now:>8.1} Ir/op ({GATED_MODE})   baseline {base:>8.1}   limit {limit:>8.1}   {verdict}"
         );
         ok &= now <= limit;
     }
@@ -258,4 +448,38 @@ pub fn check_baseline(root: &Path) -> bool {
         );
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_baseline_reads() {
+        let old = "{\n  \"switch\": 49.0,\n  \"gosched\": 196.7,\n  \"handoff-chan\": 598.5\n}\n";
+        assert_eq!(baseline_count(old, "switch"), Some(49.0));
+        assert_eq!(baseline_count(old, "handoff-chan"), Some(598.5));
+        assert_eq!(baseline_count(old, "handoff"), None);
+    }
+
+    #[test]
+    fn migrate_entries_are_not_gated() {
+        let counts = [("switch", [49.0, 50.0]), ("handoff", [367.5, 300.0])];
+        let json = counts_json(&counts);
+        assert_eq!(
+            json,
+            "{\n  \"switch\": 49.0,\n  \"handoff\": 367.5,\n  \"migrate/switch\": 50.0,\n  \
+             \"migrate/handoff\": 300.0\n}\n"
+        );
+        assert_eq!(baseline_count(&json, "switch"), Some(49.0));
+        assert_eq!(baseline_count(&json, "handoff"), Some(367.5));
+    }
+
+    #[test]
+    fn result_line() {
+        let out = "noise\nresult handoff 2 1000000 140.33 ns/op bound\n";
+        assert_eq!(result_value(out), Some(140.33));
+        // Before the MODE field existed.
+        assert_eq!(result_value("result work 1 4 0.55 s\n"), Some(0.55));
+    }
 }

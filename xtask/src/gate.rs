@@ -26,8 +26,9 @@
 //!    freestanding for the host triple), each build run as a Linux process
 //!    with the FS base set by `wrfsbase` and by `arch_prctl`
 //! 9. instruction counts: the switch, gosched, spawn and hand-off paths
-//!    under callgrind must stay within 10 % of `bench/baseline.json` (see
-//!    [`bench`]); cannot flake, since counts do not depend on load
+//!    under callgrind, in the default (bound) thread-binding mode, must stay
+//!    within 10 % of `bench/baseline.json` (see [`bench`]); cannot flake,
+//!    since counts do not depend on load
 //! 10. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
 //!     with and without the `std` feature
 //! 11. `cargo xtask offsets --check`, run in-process
@@ -223,7 +224,8 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
         Step {
             name: "instruction counts",
             action: Action::InProcess {
-                command_line: "cargo xtask bench --instructions  # vs bench/baseline.json".into(),
+                command_line:
+                    "cargo xtask bench --instructions  # bound mode vs bench/baseline.json".into(),
                 check: Box::new(bench::check_baseline),
             },
         },
