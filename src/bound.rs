@@ -12,16 +12,16 @@
 //!   global queue as in Go, and may be stolen; a bound G never does.
 //! - Each M's own queue: `boundnext` (like a P's `runnext`) and `boundq`,
 //!   touched only by the M's thread, and `inbox`, where other threads put
-//!   the M's Gs they make runnable ([`readyhome`]).
+//!   the M's Gs they make runnable (`readyhome`).
 //! - `M::sleeping` says whether the M sleeps without a P, and where:
-//!   [`IDLE`] (in `stopm`, on the idle list or waiting for a P), [`LOCKED`]
-//!   (in `stoplockedm`, waiting for its locked G), [`TIMER`] (the timer
+//!   `IDLE` (in `stopm`, on the idle list or waiting for a P), `LOCKED`
+//!   (in `stoplockedm`, waiting for its locked G), `TIMER` (the timer
 //!   sleeper in `timersleep`).
 //! - `SchedLocked::mwantp`: Ms with runnable bound Gs and no P. A P that
 //!   becomes idle goes to one of them first (`pidleput`), and an M holding
-//!   a P gives it to one at its next scheduling point ([`handoff_wanted`]),
+//!   a P gives it to one at its next scheduling point (`handoff_wanted`),
 //!   at once if it has no bound Gs of its own to run, after a time slice
-//!   of [`WANTP_SLICE_NS`] otherwise. So `npidle > 0` implies `mwantp` is
+//!   of `WANTP_SLICE_NS` otherwise. So `npidle > 0` implies `mwantp` is
 //!   empty, under the lock.
 //!
 //! # No lost wake-up
@@ -31,7 +31,7 @@
 //! `sleeping`; the M stores `sleeping` and then reads `ninbox` (or its
 //! locked G's status) before it sleeps. All four are sequentially
 //! consistent, so one side sees the other: either the waker sees the M
-//! asleep (or about to be) and wakes it ([`wakehome`]), or the M sees the
+//! asleep (or about to be) and wakes it (`wakehome`), or the M sees the
 //! G and does not sleep. The M makes that check under `Sched::lock`, and
 //! the waker acts on what it read under the same lock, so it finds the M
 //! either still awake or fully on its list.

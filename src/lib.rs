@@ -106,6 +106,7 @@ mod signal_unix;
 pub mod stack;
 mod stubs;
 pub mod sync;
+pub mod teardown;
 pub mod time;
 pub mod tls;
 
@@ -117,5 +118,6 @@ pub use runtime::{
     unlock_os_thread,
 };
 pub use stubs::systemstack;
+pub use teardown::RuntimeDropped;
 pub use time::{after, sleep};
 pub use tls::getg;

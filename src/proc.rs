@@ -117,8 +117,8 @@
 //!
 //! Other Gs bound to a locked M (started there before the lock) cannot
 //! move: they wait, runnable, until the lock is released or the locked G
-//! exits. [`crate::spawn_locked`] (`bound::newproc_locked`) starts a G
-//! locked on an M with no bound Gs — an idle one or a new one — which is
+//! exits. [`Sched::go_locked`] (hosted: `spawn_locked`;
+//! `bound::newproc_locked`) starts a G locked on an M with no bound Gs — an idle one or a new one — which is
 //! what a goroutine that changes its thread's state should use.
 //!
 //! # Introspection
@@ -186,6 +186,8 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         waiting: core::ptr::null(),
         lockedm: null_mut(),
         boundm: null_mut(),
+        force: crate::teardown::FORCE_NONE,
+        teardownfrom: 0,
     }
 }
 
@@ -220,6 +222,7 @@ impl M {
             bindg: true,
             nbound: AtomicU32::new(0),
             pwhen: 0,
+            tornup: false,
         })
     }
 }
@@ -331,6 +334,8 @@ fn run_catching(gp: *mut G) {
     match std::panic::catch_unwind(core::panic::AssertUnwindSafe(run)) {
         Ok(true) => return,
         Ok(false) => throw_g("goroutine started without a function", gp),
+        // Unwound by its runtime's teardown: it ends quietly.
+        Err(p) if p.is::<crate::teardown::RuntimeDropped>() => return,
         Err(_) => {}
     }
     // SAFETY: gp is the running G; its scheduler (if any) outlives it.
@@ -698,8 +703,8 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
 /// Goroutines that started on this M before the lock (they stay on the M
 /// they started on, unless the scheduler migrates) wait, runnable, until
 /// the last unlock or the goroutine's exit. A goroutine that should have
-/// its thread to itself is best started with
-/// [`spawn_locked`](crate::spawn_locked).
+/// its thread to itself is best started with [`Sched::go_locked`]
+/// (hosted: `spawn_locked`).
 ///
 /// A goroutine that exits while locked unlocks its M, which goes back to
 /// the pool and runs other goroutines. (Go ends the thread instead, so
@@ -1680,6 +1685,12 @@ pub(crate) fn schedule() -> ! {
         // SAFETY: an M's scheduler outlives it.
         let sched = unsafe { &*rt };
         // SAFETY: mp is ours.
+        if unsafe { (*mp).tornup } {
+            // Tearing down: the next goroutine to unwind, or the end.
+            // SAFETY: on g0 of mp, stopping, running no G.
+            unsafe { crate::teardown::mexit(sched, mp) }
+        }
+        // SAFETY: mp is ours.
         let lockedg = unsafe { (*mp).lockedg };
         if !lockedg.is_null() {
             // This M runs only its locked G: wait until it is runnable.
@@ -1698,8 +1709,8 @@ pub(crate) fn schedule() -> ! {
                 // SAFETY: as above.
                 unsafe { execute(lockedg, true) }
             }
-            // SAFETY: as at the end of this function.
-            unsafe { gogo(&(*g0).sched) }
+            // SAFETY: stopping (stoplockedm said so), on g0, no G running.
+            unsafe { crate::teardown::mexit(sched, mp) }
         }
         // Ms wait for a P to run Gs bound to them: maybe give them ours.
         // SAFETY: on g0 of mp, holding a P and no locked G; stopm as at
@@ -1709,8 +1720,8 @@ pub(crate) fn schedule() -> ! {
         {
             // SAFETY: on g0 of mp, which holds no P now.
             if !unsafe { stopm(sched, mp) } {
-                // SAFETY: as at the end of this function.
-                unsafe { gogo(&(*g0).sched) }
+                // SAFETY: stopping (stopm said so), on g0, no G running.
+                unsafe { crate::teardown::mexit(sched, mp) }
             }
             // SAFETY: mp is ours.
             let lockedg = unsafe { (*mp).lockedg };
@@ -1747,6 +1758,9 @@ pub(crate) fn schedule() -> ! {
             // is this M.
             unsafe { execute_on(mp, gp, inherit) }
         }
+        // SAFETY: findrunnable returns None only when stopping; on g0, no
+        // G running.
+        unsafe { crate::teardown::mexit(sched, mp) }
     }
     // SAFETY: on g0, whose sched was set by mstart1 and whose frame
     // (mstart's) is live while the M runs.
@@ -1804,6 +1818,28 @@ unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
         }
         gogo(&(*gp).sched)
     }
+}
+
+/// [`execute`] for the teardown: runs `gp`, which it claimed, on `mp`.
+///
+/// # Safety
+///
+/// As [`execute_on`].
+pub(crate) unsafe fn execute_teardown(mp: *mut M, gp: *mut G) -> ! {
+    // SAFETY: the contract.
+    unsafe { execute_on(mp, gp, false) }
+}
+
+/// Ends M `mp`: back to `mstart`, which returns (Go's `mexit`, reached
+/// through [`crate::teardown::mexit`] for a scheduler M).
+///
+/// # Safety
+///
+/// On g0 of `mp`, which runs no G.
+pub(crate) unsafe fn mend(mp: *mut M) -> ! {
+    // SAFETY: the contract: g0.sched was set by mstart1 and its frame is
+    // live while the M runs.
+    unsafe { gogo(&(*(*mp).g0).sched) }
 }
 
 /// The current goroutine if the caller is one that can park: a user G
@@ -1904,10 +1940,15 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
 pub unsafe fn gopark(unlockf: unsafe fn(*mut G, *mut ()) -> bool, lock: *mut ()) {
     // SAFETY: the contract: the current G has a live M.
     unsafe {
-        let mp = (*getg()).m;
+        let gp = getg();
+        // A scheduler tearing down unwinds its goroutines at their parks
+        // (crate::teardown).
+        crate::teardown::checkforce(gp, false);
+        let mp = (*gp).m;
         (*mp).waitunlockf = Some(unlockf);
         (*mp).waitlock = lock;
         mcall(park_m);
+        crate::teardown::checkforce(gp, true);
     }
 }
 
@@ -2381,6 +2422,7 @@ impl Sched {
             nmlocked: AtomicU32::new(0),
             nmwantp: AtomicU32::new(0),
             migrate,
+            teardown: crate::runtime2::TeardownBarrier::new(),
         });
         {
             let mut sl = sched.lock.lock();
@@ -2517,11 +2559,14 @@ impl Sched {
         self.deadlock_hooks.lock().retain(|(k, _)| *k != key);
     }
 
-    /// Stops the scheduler: Ms finish the G they are running, then exit
-    /// instead of looking for more; idle Ms, and Ms waiting for their
-    /// locked G, are woken to exit. Returns when every M's thread is done
-    /// with the scheduler. Runnable and parked Gs are not run again; timers
-    /// that have not fired are dropped without running.
+    /// Stops the scheduler: Ms finish the G they are running, then stop
+    /// looking for more; idle Ms, and Ms waiting for their locked G, are
+    /// woken. Once every M has stopped, each unwinds the goroutines that
+    /// started on it and have not finished (with unwinding; without it
+    /// their stacks are leaked): see [`crate::teardown`]. Returns when
+    /// every M's thread is done with the scheduler. Timers that have not
+    /// fired are dropped without running; goroutines that never started
+    /// are dropped unrun when the scheduler is.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         // The M sleeping until the next timer is on no idle list.
@@ -2602,11 +2647,21 @@ impl Drop for Sched {
             // parked on a channel or sync object has sudogs on that
             // object's queues, in its stack: unlink them first.
             unsafe {
+                let st = (*gp).readgstatus();
                 let w = (*gp).waiting;
-                if !w.is_null() && (*gp).readgstatus() == status::WAITING {
+                if !w.is_null() && st == status::WAITING {
                     crate::sema::abandon(w);
                 }
-                drop(Box::from_raw(gp));
+                let mut g = Box::from_raw(gp);
+                let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
+                if unfinished {
+                    // Started and not finished: frames on its stack are
+                    // live (the teardown could not unwind it, or this
+                    // build does not unwind). The stack is leaked, never
+                    // freed under them (see crate::teardown).
+                    core::mem::forget(g.stackmem.take());
+                }
+                drop(g);
             }
         }
         for &pp in &self.allp {

@@ -383,9 +383,35 @@ impl Runtime {
 }
 
 impl Drop for Runtime {
+    /// Stops the runtime: each thread finishes the goroutine it is running
+    /// (up to its next yield, park or exit: one that never gets there holds
+    /// the drop up for good), then every goroutine that started and has not
+    /// finished is unwound on its own thread — its pending park returns by
+    /// unwinding — so its destructors run once and the locks it holds are
+    /// released; goroutines that never started are dropped unrun. Their
+    /// [`JoinHandle`]s then report [`RuntimeDropped`](crate::RuntimeDropped).
+    /// A destructor that parks during that unwinding is a fatal error. See
+    /// [`teardown`](crate::teardown) for the details and the one case
+    /// that leaks instead.
+    ///
+    /// Dropped from one of its own goroutines, it cannot wait for that
+    /// goroutine's thread: the shutdown goes on in a thread of its own and
+    /// this returns at once; the calling goroutine is unwound at its next
+    /// park, like the others.
     fn drop(&mut self) {
         // The monitor first: it would only report the shutdown.
         drop(self.monitor.take());
+        let me = crate::proc::current_user_g();
+        // SAFETY: a user G of a scheduler M: its scheduler is live.
+        let own = !me.is_null() && core::ptr::eq(unsafe { (*(*me).m).rt }, &*self.sched);
+        if own {
+            let sched = self.sched.clone();
+            thread::Builder::new()
+                .name("gokernel-shutdown".into())
+                .spawn(move || sched.shutdown())
+                .expect("gokernel: cannot start the shutdown thread of a runtime dropped from its own goroutine");
+            return;
+        }
         self.sched.shutdown();
     }
 }
@@ -674,10 +700,21 @@ fn try_spawn_on<T: Send + 'static>(
         result: spin::Mutex::new(None),
         waiter: spin::Mutex::new(None),
     });
-    let done = inner.clone();
+    // Finishes the handle even if the body never runs (the runtime was
+    // dropped first): join then reports RuntimeDropped.
+    struct Finisher<T>(Option<Arc<JoinInner<T>>>);
+    impl<T> Drop for Finisher<T> {
+        fn drop(&mut self) {
+            if let Some(inner) = self.0.take() {
+                finish(&inner, Err(Box::new(crate::RuntimeDropped)));
+            }
+        }
+    }
+    let mut done = Finisher(Some(inner.clone()));
     let body = move || {
         let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(f));
-        finish(&done, r);
+        let inner = done.0.take().expect("a goroutine body runs once");
+        finish(&inner, r);
     };
     // On failure the closure (and with it `f`) is dropped: nothing leaks.
     let id = if locked {

@@ -214,6 +214,11 @@ impl StartFn {
         }
     }
 
+    /// Whether a function is stored (the G has not started yet).
+    pub(crate) fn is_set(&self) -> bool {
+        self.op.is_some()
+    }
+
     /// Drops the function, if any, without running it.
     pub(crate) fn clear(&mut self) {
         if let Some(op) = self.op.take() {
@@ -343,6 +348,12 @@ pub struct G {
     /// `lock_os_thread`; written only by the G's own M, before the G can
     /// be seen parked, and cleared when it exits.
     pub(crate) boundm: *mut M,
+    /// What the teardown of a stopping scheduler wants of this G at its
+    /// parks (`teardown::FORCE_*`). Written by the G's own M while the G
+    /// is not running, and by the G itself.
+    pub(crate) force: u8,
+    /// The status the teardown claimed this G from.
+    pub(crate) teardownfrom: u32,
 }
 
 impl G {
@@ -492,6 +503,9 @@ pub struct M {
     /// When this M last acquired a P (`Platform::nanotime`), for handing
     /// the P to an M waiting for one only after a time slice.
     pub(crate) pwhen: u64,
+    /// In the scheduler's teardown (`teardown::mexit`): past the barrier,
+    /// unwinding its goroutines. Owner only.
+    pub(crate) tornup: bool,
 }
 
 /// A processor token: an M must hold one to run user Gs. There are `procs`
@@ -680,6 +694,28 @@ pub struct Sched {
     /// opt-in; see [`crate::bound`]). False by default: a started G runs
     /// only on the M it started on.
     pub(crate) migrate: bool,
+    /// The teardown barrier (see [`crate::teardown`]).
+    pub(crate) teardown: TeardownBarrier,
+}
+
+/// Ms arriving at the teardown (see [`crate::teardown`]).
+pub(crate) struct TeardownBarrier {
+    /// Ms that have arrived.
+    pub(crate) arrived: AtomicU32,
+    /// Set once every live M has arrived.
+    pub(crate) go: core::sync::atomic::AtomicBool,
+    /// Bumped when `go` is set; Ms wait on it.
+    pub(crate) wake: AtomicU32,
+}
+
+impl TeardownBarrier {
+    pub(crate) const fn new() -> Self {
+        TeardownBarrier {
+            arrived: AtomicU32::new(0),
+            go: core::sync::atomic::AtomicBool::new(false),
+            wake: AtomicU32::new(0),
+        }
+    }
 }
 
 /// See [`Sched::deadlock_hooks`].

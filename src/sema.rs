@@ -108,6 +108,11 @@ pub struct Waiter {
     /// Whether the operation completed (a value moved, a lock handed
     /// over) rather than failed (the channel was closed).
     success: AtomicBool,
+    /// Set by `complete`: the outcome is recorded (a claim alone is not
+    /// an outcome: a waker that claims a goroutine of a stopping runtime
+    /// drops it without completing). Read by the teardown, under the
+    /// queue locks `abandon` takes.
+    completed: AtomicBool,
     /// The goroutine, or null for a thread.
     g: *mut G,
     /// A thread's wake-up flag (0 asleep, 1 woken).
@@ -129,6 +134,7 @@ impl Waiter {
             claimed: AtomicBool::new(false),
             fired: AtomicUsize::new(0),
             success: AtomicBool::new(false),
+            completed: AtomicBool::new(false),
             g,
             woken: AtomicU32::new(0),
             #[cfg(feature = "std")]
@@ -152,6 +158,7 @@ impl Waiter {
         // Relaxed: published by the wake-up that follows.
         self.fired.store(case, Ordering::Relaxed);
         self.success.store(success, Ordering::Relaxed);
+        self.completed.store(true, Ordering::Relaxed);
     }
 
     /// Which case fired (after [`block`](Self::block) returned).
@@ -535,4 +542,17 @@ pub(crate) unsafe fn abandon(w: *const Waiter) {
             sg = (*sg).waitlink;
         }
     }
+}
+
+/// Whether a waker recorded an outcome for `w` (a value moved to or from
+/// it, a lock handed to it, a close): if so, the goroutine must resume
+/// normally to take it up, not unwind from its park.
+///
+/// # Safety
+///
+/// As for [`abandon`], which must have run first (its locks order the
+/// waker's writes before this read).
+pub(crate) unsafe fn completed(w: *const Waiter) -> bool {
+    // SAFETY: the contract.
+    unsafe { (*w).completed.load(Ordering::Relaxed) }
 }

@@ -206,7 +206,12 @@ fn current_m_id() -> i64 {
 
 #[test]
 fn current_and_getg_stay_right_after_a_goroutine_moves_to_another_m() {
-    let r = rt(2);
+    // Only with migration does a started goroutine move to another M.
+    // SAFETY: these goroutines keep no thread-local or thread-affine state
+    // across a switch (getg() reads the slot afresh each time).
+    let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
+        .build()
+        .unwrap();
     r.block_on(|| {
         let stop = Arc::new(AtomicBool::new(false));
         // Busy peers keep both Ps' queues moving.

@@ -183,10 +183,20 @@ fn a_sleeping_goroutine_wakes_while_the_other_p_spins_without_yielding() {
     // First the sleeper must move to the idle P (we never yield), so its
     // timer is on the idle P's heap; then it sleeps on our P (we yield
     // until it parks), so its timer is on the busy P's heap. Either way the
-    // idle M must wake for it while we spin.
+    // idle M must wake for it while we spin. The second case needs
+    // migration: by default a goroutine that started on our M waits for
+    // our M, which spins.
     for yield_first in [false, true] {
         let r = within_a_minute("spin until the sleeper wakes", move || {
-            rt(2).block_on(move || {
+            let b = Runtime::builder().procs(2);
+            // SAFETY: the sleeper keeps no thread-local or thread-affine
+            // state across its sleep.
+            let b = if yield_first {
+                unsafe { b.migrate_started_goroutines() }
+            } else {
+                b
+            };
+            b.build().unwrap().block_on(move || {
                 let parked = Arc::new(AtomicBool::new(false));
                 let woke = Arc::new(AtomicBool::new(false));
                 let (p, w) = (parked.clone(), woke.clone());

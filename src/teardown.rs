@@ -1,0 +1,277 @@
+//! What happens to goroutines that have not finished when their scheduler
+//! shuts down ([`Sched::shutdown`], hosted: dropping a `Runtime`). Go has
+//! no counterpart: a Go program's runtime lives until the process ends.
+//!
+//! # The rule
+//!
+//! No stack is freed while a frame on it is live. With unwinding (the
+//! `std` feature and `panic = "unwind"`), every goroutine that has started
+//! and not finished is unwound on the thread it runs on, so each of its
+//! destructors runs exactly once and the locks it holds are released;
+//! goroutines that never started have their closures dropped instead.
+//! Without unwinding the stacks of started goroutines are leaked.
+//!
+//! # How
+//!
+//! 1. `shutdown` sets `stopping` and wakes every sleeping M. An M finishes
+//!    the goroutine it is running (up to its next yield, park or exit:
+//!    a goroutine that never gets there delays the shutdown for good) and
+//!    comes here, `mexit`, instead of looking for work.
+//! 2. A barrier: no M unwinds anything until every live M has arrived, so
+//!    no goroutine of this scheduler runs user code any more except the
+//!    ones being unwound, and none is in the middle of a wake-up from
+//!    inside the runtime (`ready` and `Waiter::wakeup` do nothing once
+//!    `stopping` is set).
+//! 3. Each M then resumes, one at a time, the unfinished goroutines it
+//!    owns (those bound to it; with migration, unbound ones are shared out
+//!    by a claim on their status):
+//!    - a goroutine parked on a channel or sync object first has its
+//!      sudogs taken off every queue (`sema::abandon`), so no waker can
+//!      find it again and no queue keeps a pointer into its stack. If a
+//!      waker had already completed its operation (a value handed over, a
+//!      lock passed to it) it resumes normally and unwinds at its next
+//!      park, so the value or the lock is not lost; otherwise its park
+//!      returns by unwinding at once (`FORCE_NOW`);
+//!    - any other parked or runnable goroutine resumes with
+//!      `FORCE_NEXT`: its pending park (a sleep, `park`, a join) returns
+//!      by unwinding, or, if it was runnable, it unwinds at its next park.
+//!
+//!    The unwinding carries a [`RuntimeDropped`] payload: `spawn`'s
+//!    handle reports it from `join`, and the goroutine's entry ends
+//!    quietly on it. Each resumed goroutine comes back here (it exited,
+//!    or yielded on the way) and the M takes the next.
+//! 4. A park while being unwound (a destructor that waits on a channel or
+//!    a lock, or sleeps) is a fatal error naming the goroutine: it could
+//!    only wait for goroutines that are being torn down too, and unwinding
+//!    a second time from inside a destructor would abort anyway. A
+//!    goroutine that catches the unwinding and carries on is unwound again
+//!    at its next park.
+//! 5. An M whose thread is itself unwinding a panic (some goroutine of it
+//!    parked in the middle of unwinding one, in a destructor) cannot start
+//!    another unwind there: std would abort. Its unfinished goroutines are
+//!    left as they are and their stacks leaked — the one case where a
+//!    dropped runtime leaks instead of unwinding.
+//! 6. When the last M has exited, `Drop for Sched` drops the closures of
+//!    goroutines that never started and frees the stacks of finished ones;
+//!    any other stack is leaked.
+
+use core::sync::atomic::Ordering;
+
+use crate::runtime2::{G, M, Sched, status};
+
+/// `G::force`: nothing to do.
+pub(crate) const FORCE_NONE: u8 = 0;
+/// `G::force`: its next park unwinds instead of parking.
+pub(crate) const FORCE_NEXT: u8 = 1;
+/// `G::force`: the park it is resumed from returns by unwinding.
+pub(crate) const FORCE_NOW: u8 = 2;
+/// `G::force`: it is being unwound; a park now is fatal.
+pub(crate) const FORCE_UNWINDING: u8 = 3;
+
+/// The payload of the unwinding that tears down a goroutine whose runtime
+/// was dropped: what `JoinHandle::join` (hosted)
+/// returns (`Err`, downcastable to this type) for a goroutine that never
+/// finished.
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// let h = rt.spawn(|| gokernel::park()); // parks for good
+/// drop(rt);
+/// let err = h.join().unwrap_err();
+/// assert!(err.downcast_ref::<gokernel::RuntimeDropped>().is_some());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuntimeDropped;
+
+impl core::fmt::Display for RuntimeDropped {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("the goroutine's runtime was dropped before it finished")
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for RuntimeDropped {}
+
+/// Whether this build unwinds goroutines at shutdown (else it leaks their
+/// stacks).
+pub(crate) const UNWINDS: bool = cfg!(all(feature = "std", panic = "unwind"));
+
+/// At a park of `gp` (before it parks: `after` false; when it is resumed:
+/// true): unwinds if the teardown asked for it.
+///
+/// # Safety
+///
+/// `gp` is the running G (the caller).
+#[inline]
+pub(crate) unsafe fn checkforce(gp: *mut G, after: bool) {
+    // SAFETY: the contract: only the G's own M writes `force`, while the
+    // G is not running.
+    let f = unsafe { (*gp).force };
+    if f == FORCE_NONE || (after && f == FORCE_NEXT) {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { forceunwind(gp, f) }
+}
+
+/// Unwinds the running G `gp` for the teardown (or, if it is already
+/// being unwound, ends the process naming it).
+///
+/// # Safety
+///
+/// `gp` is the running G (the caller), and `f` its `force`, not
+/// `FORCE_NONE`.
+#[cold]
+unsafe fn forceunwind(gp: *mut G, f: u8) {
+    if f == FORCE_UNWINDING {
+        crate::panic::throw_g(
+            "a goroutine parked while it was being unwound because its runtime \
+             was dropped (a destructor waited on a channel, a lock, a sleep or a \
+             join)",
+            gp,
+        );
+    }
+    // SAFETY: the contract.
+    unsafe { (*gp).force = FORCE_UNWINDING };
+    #[cfg(all(feature = "std", panic = "unwind"))]
+    std::panic::resume_unwind(alloc::boxed::Box::new(RuntimeDropped));
+    #[cfg(not(all(feature = "std", panic = "unwind")))]
+    crate::panic::throw_g("forced unwind without unwinding support", gp);
+}
+
+/// On g0 of `mp`, an M of `sched` that is stopping and holds no G to run:
+/// waits for every M to stop, then unwinds this M's unfinished goroutines
+/// one by one, then ends the M (see the module docs). Never returns.
+///
+/// # Safety
+///
+/// On g0 of `mp`, with `sched.stopping` set and no G of this M running.
+pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
+    // SAFETY: the contract.
+    unsafe {
+        if !(*mp).p.is_null() {
+            let pp = crate::proc::releasep(mp);
+            crate::proc::pidleput(&mut sched.lock.lock(), sched, pp);
+        }
+        if !(*mp).tornup {
+            (*mp).tornup = true;
+            barrier(sched);
+        }
+        // See step 5: unwinding here would abort.
+        let can_unwind = UNWINDS && !thread_panicking();
+        if can_unwind {
+            let gp = nextvictim(sched, mp);
+            if !gp.is_null() {
+                prepare(gp);
+                crate::proc::execute_teardown(mp, gp);
+            }
+        }
+        crate::proc::mend(mp)
+    }
+}
+
+/// Whether this thread is unwinding a panic (some goroutine of it is
+/// parked in the middle of one).
+fn thread_panicking() -> bool {
+    #[cfg(feature = "std")]
+    return std::thread::panicking();
+    #[cfg(not(feature = "std"))]
+    false
+}
+
+/// Step 2: counts this M in and waits until every live M is in.
+fn barrier(sched: &Sched) {
+    let tp = &sched.teardown;
+    // SeqCst: the count and nmlive are compared by every arrival.
+    tp.arrived.fetch_add(1, Ordering::SeqCst);
+    loop {
+        if tp.go.load(Ordering::SeqCst) {
+            return;
+        }
+        // Ms started during the shutdown count in nmlive before their
+        // thread runs, and arrive here like the others.
+        if tp.arrived.load(Ordering::SeqCst) >= sched.nmlive.load(Ordering::SeqCst) {
+            tp.go.store(true, Ordering::SeqCst);
+            tp.wake.fetch_add(1, Ordering::SeqCst);
+            // i32::MAX: Linux reads the count as an int (u32::MAX would be -1:
+            // one waiter).
+            sched.platform.futexwakeup(&tp.wake, i32::MAX as u32);
+            return;
+        }
+        let seen = tp.wake.load(Ordering::SeqCst);
+        if tp.go.load(Ordering::SeqCst) {
+            return;
+        }
+        sched.platform.futexsleep(&tp.wake, seen, None);
+    }
+}
+
+/// The next unfinished goroutine `mp` should unwind, claimed (its status
+/// is `RUNNING` until `prepare` makes it runnable), or null.
+///
+/// # Safety
+///
+/// On g0 of `mp`, after the barrier.
+unsafe fn nextvictim(sched: &Sched, mp: *mut M) -> *mut G {
+    let all = sched.allgs.lock();
+    for &gp in all.iter() {
+        // SAFETY: Gs in allgs are live while listed (we hold the list);
+        // after the barrier only the M that claims a G touches it.
+        unsafe {
+            let bm = (*gp).boundm;
+            let mine = bm == mp || (bm.is_null() && sched.migrate);
+            if !mine || (*gp).startfn.is_set() {
+                continue;
+            }
+            let st = &(*gp).atomicstatus;
+            for old in [status::WAITING, status::RUNNABLE] {
+                // The claim: with migration, several Ms look at the same
+                // unbound Gs.
+                if st
+                    .compare_exchange(old, status::RUNNING, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    (*gp).teardownfrom = old;
+                    return gp;
+                }
+            }
+        }
+    }
+    core::ptr::null_mut()
+}
+
+/// Step 3 for a claimed victim: takes it off every wait queue and decides
+/// how it resumes; leaves it runnable.
+///
+/// # Safety
+///
+/// `gp` was just claimed by [`nextvictim`].
+unsafe fn prepare(gp: *mut G) {
+    // SAFETY: the contract: the G is ours, parked or runnable.
+    unsafe {
+        let from = (*gp).teardownfrom;
+        let w = (*gp).waiting;
+        let mut force = if (*gp).force == FORCE_NONE {
+            FORCE_NEXT
+        } else {
+            (*gp).force
+        };
+        if from == status::WAITING && !w.is_null() {
+            crate::sema::abandon(w);
+            if !crate::sema::completed(w) {
+                // Nobody can complete its wait now: the park unwinds.
+                force = FORCE_NOW;
+            }
+        } else if from == status::WAITING {
+            // A park with no waiter (a sleep, park(), a join): nothing was
+            // handed to it that unwinding would lose.
+            force = FORCE_NOW;
+        }
+        if (*gp).force != FORCE_UNWINDING {
+            (*gp).force = force;
+        }
+        (*gp)
+            .atomicstatus
+            .store(status::RUNNABLE, Ordering::Release);
+    }
+}

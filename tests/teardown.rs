@@ -1,0 +1,321 @@
+//! Dropping a runtime while goroutines are parked or runnable: every
+//! goroutine that started is unwound on its own thread (each destructor
+//! runs once, locks are released, no stack is freed under a live frame),
+//! the others are dropped unrun, and their handles say the runtime was
+//! dropped.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use common::{assert_aborted_with, in_crash_child, run_crash_child};
+use gokernel::{Runtime, RuntimeDropped, chan};
+
+/// Counts its drops.
+struct Counted(Arc<AtomicU32>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn rt(procs: usize) -> Runtime {
+    Runtime::builder().procs(procs).build().unwrap()
+}
+
+fn tid() -> i64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// Runs `f` on a thread; fails the test if it takes over `secs` seconds.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
+}
+
+/// Waits until `n` goroutines of `rt` are parked.
+fn wait_parked(rt: &Runtime, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rt.stats().goroutines.waiting < n {
+        assert!(Instant::now() < deadline, "{n} goroutines never parked");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn values_held_by_parked_senders_and_receivers_are_dropped_exactly_once() {
+    for procs in [1, 2] {
+        let drops = Arc::new(AtomicU32::new(0));
+        let r = rt(procs);
+        let (to_nobody, from_nobody) = (chan::<Counted>(0), chan::<Counted>(0));
+        for _ in 0..10 {
+            let (c, d) = (to_nobody.clone(), drops.clone());
+            // Parks in send, the value in its frame.
+            drop(r.spawn(move || c.send(Counted(d))));
+            let (c, d) = (from_nobody.clone(), drops.clone());
+            // Parks in recv, holding a value of its own meanwhile.
+            drop(r.spawn(move || {
+                let _mine = Counted(d);
+                c.recv()
+            }));
+        }
+        wait_parked(&r, 20);
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
+        within(60, "dropping the runtime", move || drop(r));
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            20,
+            "procs {procs}: values held by parked goroutines were not dropped exactly once"
+        );
+        // The channels are still usable and have nobody waiting on them.
+        assert!(to_nobody.try_recv().is_err());
+        assert!(
+            from_nobody
+                .try_send(Counted(Arc::new(AtomicU32::new(0))))
+                .is_err()
+        );
+    }
+}
+
+#[test]
+fn a_mutex_held_by_a_parked_goroutine_is_released_when_its_runtime_is_dropped() {
+    let m = Arc::new(gokernel::sync::Mutex::new(0u32));
+    let r = rt(2);
+    let m2 = m.clone();
+    let locked = Arc::new(AtomicBool::new(false));
+    let l = locked.clone();
+    drop(r.spawn(move || {
+        let mut g = m2.lock();
+        *g += 1;
+        l.store(true, Ordering::SeqCst);
+        gokernel::park(); // for good, holding the lock
+    }));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !locked.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the goroutine never took the lock"
+        );
+        std::thread::yield_now();
+    }
+    wait_parked(&r, 1);
+    within(60, "dropping the runtime", move || drop(r));
+    // A plain thread can take it now.
+    let v = within(20, "locking the released mutex", move || *m.lock());
+    assert_eq!(v, 1);
+}
+
+#[test]
+fn a_goroutine_woken_in_a_select_but_not_run_leaves_no_entry_on_the_other_channel() {
+    for _ in 0..20 {
+        let r = rt(1);
+        let (a, b) = (chan::<u32>(0), chan::<u32>(0));
+        let (a2, b2) = (a.clone(), b.clone());
+        drop(r.spawn(move || {
+            gokernel::select! {
+                recv(a2) -> v => v.ok(),
+                recv(b2) -> v => v.ok(),
+            }
+        }));
+        wait_parked(&r, 1);
+        // The only P spins until told, so the selector, once woken, waits.
+        let (spinning, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (s2, st2) = (spinning.clone(), stop.clone());
+        drop(r.spawn(move || {
+            s2.store(true, Ordering::SeqCst);
+            while !st2.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+        }));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !spinning.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the spinner never ran");
+            std::thread::yield_now();
+        }
+        a.send(1).unwrap(); // wakes the selector; it cannot run yet
+        stop.store(true, Ordering::SeqCst);
+        within(60, "dropping the runtime", move || drop(r));
+        // Its sudog on b is gone: this finds no receiver (and reads no
+        // freed stack).
+        assert!(b.try_send(2).is_err());
+    }
+}
+
+#[test]
+fn join_reports_runtime_dropped_for_goroutines_that_never_finished_or_never_started() {
+    let r = rt(1);
+    let parked = r.spawn(|| gokernel::park());
+    wait_parked(&r, 1);
+    // Spawned from outside with the only P busy: never starts.
+    let (spinning, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (s2, st2) = (spinning.clone(), stop.clone());
+    let spinner = r.spawn(move || {
+        s2.store(true, Ordering::SeqCst);
+        while !st2.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spinning.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the spinner never ran");
+        std::thread::yield_now();
+    }
+    let never = r.spawn(|| 5);
+    // Stop the spinner from a thread, after the drop has begun.
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::SeqCst);
+    });
+    within(60, "dropping the runtime", move || drop(r));
+    assert!(spinner.join().is_ok(), "the spinner finished normally");
+    for (what, h) in [
+        ("parked", parked.join().map(|_| 0)),
+        ("never started", never.join()),
+    ] {
+        let e = h.expect_err(what);
+        assert!(
+            e.downcast_ref::<RuntimeDropped>().is_some(),
+            "{what}: the error is not RuntimeDropped"
+        );
+    }
+}
+
+#[test]
+fn goroutines_are_unwound_on_the_thread_they_ran_on() {
+    struct NotesThread(i64, Arc<AtomicI64>);
+    impl Drop for NotesThread {
+        fn drop(&mut self) {
+            if tid() != self.0 {
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    let moved = Arc::new(AtomicI64::new(0));
+    let r = rt(2);
+    for i in 0..16 {
+        let m = moved.clone();
+        drop(r.spawn(move || {
+            let _n = NotesThread(tid(), m);
+            if i % 2 == 0 {
+                gokernel::park();
+            } else {
+                gokernel::sleep(Duration::from_secs(3600));
+            }
+        }));
+    }
+    wait_parked(&r, 16);
+    within(60, "dropping the runtime", move || drop(r));
+    assert_eq!(
+        moved.load(Ordering::SeqCst),
+        0,
+        "a goroutine was unwound on another thread"
+    );
+}
+
+#[test]
+fn a_goroutine_parked_inside_a_thread_scope_is_unwound_after_its_scoped_thread_ends() {
+    // The scoped thread writes into the goroutine's stack until the scope
+    // closure's guard, dropped by the unwinding, tells it to stop; std's
+    // scope then waits for it before the frame goes away.
+    let writes = Arc::new(AtomicU32::new(0));
+    let w = writes.clone();
+    let r = rt(1);
+    drop(r.spawn(move || {
+        let mut on_stack = [0u64; 64];
+        let stop = AtomicBool::new(false);
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        std::thread::scope(|s| {
+            let stop = &stop;
+            let slot = &mut on_stack;
+            let w = &w;
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    slot[7] = slot[7].wrapping_add(1);
+                    w.fetch_add(1, Ordering::SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+            let _stop = Stop(stop);
+            gokernel::park(); // for good: the drop unwinds from here
+        });
+    }));
+    wait_parked(&r, 1);
+    within(60, "dropping the runtime", move || drop(r));
+    let n = writes.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        n,
+        "the scoped thread outlived the drop"
+    );
+}
+
+#[test]
+fn a_runtime_dropped_from_its_own_goroutine_does_not_hang() {
+    let r = Arc::new(std::sync::Mutex::new(Some(rt(2))));
+    let r2 = r.clone();
+    let h = within(60, "a runtime dropping itself", move || {
+        let guard = r2.lock().unwrap();
+        let h = guard.as_ref().unwrap().spawn(move || {
+            let rt = r.lock().unwrap().take().unwrap();
+            drop(rt); // returns at once; the shutdown goes on elsewhere
+            7
+        });
+        drop(guard);
+        h
+    });
+    let v = within(
+        60,
+        "joining the goroutine that dropped its runtime",
+        move || h.join(),
+    );
+    assert_eq!(v.ok(), Some(7), "it finished before its next park");
+}
+
+#[test]
+fn a_destructor_that_blocks_while_its_runtime_is_dropped_is_a_named_fatal_error() {
+    if in_crash_child() {
+        struct RecvOnDrop(gokernel::Chan<u32>);
+        impl Drop for RecvOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.recv(); // nobody sends
+            }
+        }
+        let r = rt(1);
+        let c = chan::<u32>(0);
+        drop(r.spawn(move || {
+            let _d = RecvOnDrop(c);
+            gokernel::park();
+        }));
+        wait_parked(&r, 1);
+        drop(r);
+        unreachable!("the blocking destructor was not noticed");
+    }
+    let c = run_crash_child(
+        "a_destructor_that_blocks_while_its_runtime_is_dropped_is_a_named_fatal_error",
+    );
+    assert_aborted_with(
+        &c,
+        &[
+            "fatal error: a goroutine parked while it was being unwound because its runtime was dropped",
+            "goroutine ",
+        ],
+    );
+}
