@@ -75,7 +75,7 @@ pub(crate) const FORCE_UNWINDING: u8 = 3;
 ///
 /// ```
 /// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
-/// let h = rt.spawn(|| gokernel::park()); // parks for good
+/// let h = rt.spawn(gokernel::park); // parks for good
 /// drop(rt);
 /// let err = h.join().unwrap_err();
 /// assert!(err.downcast_ref::<gokernel::RuntimeDropped>().is_some());

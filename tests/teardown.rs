@@ -153,7 +153,7 @@ fn a_goroutine_woken_in_a_select_but_not_run_leaves_no_entry_on_the_other_channe
 #[test]
 fn join_reports_runtime_dropped_for_goroutines_that_never_finished_or_never_started() {
     let r = rt(1);
-    let parked = r.spawn(|| gokernel::park());
+    let parked = r.spawn(gokernel::park);
     wait_parked(&r, 1);
     // Spawned from outside with the only P busy: never starts.
     let (spinning, stop) = (
