@@ -334,12 +334,23 @@ impl WaitGroup {
     /// # Panics
     ///
     /// If the count would go negative, with Go's message
-    /// `sync: negative WaitGroup counter` (the count is left unchanged).
+    /// `sync: negative WaitGroup counter`, or above `i64::MAX`, with
+    /// `sync: WaitGroup counter overflow`; the count is left unchanged and
+    /// the group stays usable.
     pub fn add(&self, delta: i64) {
         self.q.lock();
         // SAFETY: under q.
         let st = unsafe { &mut *self.st.get() };
-        let count = st.count + delta;
+        // Checked, and the lock released before any panic: a panic under
+        // `q` would leave it held, and every later call spinning.
+        let Some(count) = st.count.checked_add(delta) else {
+            // SAFETY: we hold q.
+            unsafe { self.q.unlock() };
+            if delta < 0 {
+                panic!("sync: negative WaitGroup counter");
+            }
+            panic!("sync: WaitGroup counter overflow");
+        };
         if count < 0 {
             // SAFETY: we hold q.
             unsafe { self.q.unlock() };
@@ -555,8 +566,8 @@ impl core::fmt::Debug for Once {
 }
 
 // A panic cannot leave these half-changed: their state changes under
-// their lock in steps that do not panic (a negative WaitGroup count is
-// refused before it is stored; a panicking `Once` function still marks it
+// their lock in steps that do not panic (a negative or overflowing WaitGroup
+// count is refused before it is stored; a panicking `Once` function still marks it
 // done). A `Mutex` is not marked: without poisoning, data left half
 // changed by a panic would be seen by the next holder.
 impl core::panic::RefUnwindSafe for WaitGroup {}
