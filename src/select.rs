@@ -41,7 +41,10 @@
 //! every channel locked, in address order (`lockorder`, so two selects
 //! never deadlock on each other's locks); the first case that can proceed
 //! runs. If none can, and the select may wait, one
-//! [`Waiter`] gets a [`Sudog`] on every case's queue and parks; the
+//! [`Waiter`] gets a [`Sudog`] on every case's queue, in lock order
+//! (cases on the same channel in their random poll order, so a partner
+//! that comes later, taking the first sudog queued, picks among them at
+//! random), and parks; the
 //! locks are released once it is parked. The first operation on any of
 //! those channels that claims the waiter completes that case, and the
 //! others lose the claim and drop their sudog. Woken, the select locks
@@ -413,8 +416,14 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
         let j = (cheaprand() % (i as u64 + 1)) as usize;
         pollorder.swap(i, j);
     }
-    let mut lockorder: Vec<usize> = (0..n).collect();
-    lockorder.sort_unstable_by_key(|&i| cases[i].key());
+    // The lock order is the poll order sorted by channel, stably (Go
+    // builds it from `pollorder` with a heap sort): cases on the same
+    // channel keep their random relative order. Pass 2 queues the sudogs
+    // in this order, and a partner that comes later takes the first one
+    // queued, so several cases on one channel each fire with equal odds
+    // (Go's TestPseudoRandomSend) instead of always the first written.
+    let mut lockorder = pollorder.clone();
+    lockorder.sort_by_key(|&i| cases[i].key());
 
     sellock(cases, &lockorder);
     // Pass 1: a case that can proceed now.

@@ -285,6 +285,48 @@ fn the_same_channel_in_two_receive_cases_fires_once_and_leaves_no_sudog() {
         .unwrap();
 }
 
+/// Go's TestPseudoRandomSend: a select with two send cases on the same
+/// channel (`c <- 1`, `c <- 0`); a receiver that arrives after the select
+/// has queued (it yields first) must find either case with fair odds, not
+/// always the first one queued.
+#[test]
+fn a_waiting_select_with_two_sends_on_one_channel_fires_either_at_random() {
+    let n = 100;
+    for procs in [1, 2] {
+        for cap in [0, n] {
+            let counts = rt(procs)
+                .block_on(move || {
+                    let c = chan::<usize>(cap);
+                    let rx = c.clone();
+                    let h = gokernel::spawn(move || {
+                        (0..n)
+                            .map(|_| {
+                                gokernel::gosched();
+                                rx.recv().unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    for _ in 0..n {
+                        select! {
+                            send(c, 1) -> r => r.unwrap(),
+                            send(c, 0) -> r => r.unwrap(),
+                        }
+                    }
+                    let l = h.join().unwrap();
+                    let ones = l.iter().sum::<usize>();
+                    (n - ones, ones)
+                })
+                .unwrap();
+            let (zeros, ones) = counts;
+            assert!(
+                zeros > n / 10 && ones > n / 10,
+                "want pseudorandom, got {zeros} zeros and {ones} ones \
+                 (chan cap {cap}, {procs} procs)"
+            );
+        }
+    }
+}
+
 #[test]
 fn an_empty_select_waits_forever_and_is_a_deadlock_alone() {
     let r = rt(1).block_on(|| {
