@@ -97,6 +97,11 @@ pub unsafe trait SelectCase {
     fn fired(&mut self, success: bool);
     /// Sets the case's index in its select.
     fn set_index(&mut self, index: usize);
+    /// Gets a case that may have run in an earlier select ready for a new
+    /// one: drops what it still holds from then (a receive's value) and
+    /// forgets how it ended. Called by [`Select::case`], before any lock
+    /// is taken, so a `Drop` that uses the channel cannot deadlock on it.
+    fn reset(&mut self) {}
 }
 
 /// The direction of a [`Case`]: [`RecvDir`] or [`SendDir`].
@@ -303,6 +308,20 @@ unsafe impl<T: Send, D: Dir> SelectCase for Case<'_, T, D> {
     fn set_index(&mut self, index: usize) {
         self.index = index;
     }
+    fn reset(&mut self) {
+        self.closed = false;
+        self.sudog = None;
+        if D::SEND {
+            // Checked here, outside every lock, rather than in poll_locked.
+            assert!(
+                self.slot.is_some(),
+                "gokernel::select: a send case reused after its value was sent"
+            );
+        } else {
+            // The old value is dropped here, with no channel locked.
+            self.slot = None;
+        }
+    }
 }
 
 /// A select over cases added with [`case`](Self::case), run with
@@ -336,8 +355,16 @@ impl<'a> Select<'a> {
         Select { cases: Vec::new() }
     }
 
-    /// Adds a case; its index is the number of cases added before it.
+    /// Adds a case; its index is the number of cases added before it. A
+    /// case may be reused after an earlier select: a receive case drops
+    /// the value it still holds from then (here, not under the channel's
+    /// lock); a send case must still hold its value.
+    ///
+    /// # Panics
+    ///
+    /// If `case` is a send case whose value was already sent.
     pub fn case(mut self, case: &'a mut dyn SelectCase) -> Self {
+        case.reset();
         case.set_index(self.cases.len());
         self.cases.push(case);
         self
