@@ -2051,6 +2051,25 @@ impl Parker {
         }
     }
 
+    /// A parker of its own for the current G, apart from the G's park
+    /// token (which `current` gives): for a wait inside the runtime
+    /// (`JoinHandle::join`) that must not consume or leave a token the
+    /// program's `park` / `unpark` use.
+    ///
+    /// # Safety
+    ///
+    /// On a user G of a scheduler; only that G parks on it.
+    pub(crate) unsafe fn new_for_current() -> Arc<Parker> {
+        let gp = getg();
+        Arc::new(Parker {
+            state: AtomicU32::new(PARK_EMPTY),
+            gp: AtomicPtr::new(gp),
+            // SAFETY: the contract: gp is a running user G, so its
+            // scheduler is live.
+            rt: unsafe { (*(*gp).rt).self_weak.clone() },
+        })
+    }
+
     /// Blocks the current G until its token is available, then consumes
     /// it. The parker must be the current G's.
     ///

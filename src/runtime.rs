@@ -291,12 +291,12 @@ impl Runtime {
             "gokernel: Runtime::block_on called from a goroutine; use spawn and join instead"
         );
         let deadlocked = Arc::new(AtomicBool::new(false));
-        let me = thread::current();
+        let me = JoinSignal::current();
         let d = deadlocked.clone();
         // Registered before the main G exists, so no deadlock is missed.
         let key = self.sched.add_deadlock_hook(Box::new(move || {
             d.store(true, Ordering::SeqCst);
-            me.unpark();
+            me.notify();
         }));
         let h = self.spawn(f);
         let r = h.wait(|| deadlocked.load(Ordering::SeqCst));
@@ -503,20 +503,24 @@ struct JoinInner<T> {
     waiter: spin::Mutex<Option<Waiter>>,
 }
 
-/// Who waits for a goroutine to finish.
+/// Who waits for a goroutine to finish. Neither kind touches the
+/// waiter's own park token (`park` / `unpark`, `std::thread::park`), as
+/// std's `join` leaves a thread's alone: a goroutine parks on a parker of
+/// its own made for the wait, a thread on its [`JoinSignal`].
 #[derive(Clone)]
 enum Waiter {
     G(Arc<Parker>),
-    Thread(thread::Thread),
+    Thread(Arc<JoinSignal>),
 }
 
 impl Waiter {
     fn current() -> Waiter {
         if in_goroutine() {
-            // SAFETY: on a user G of a scheduler (checked).
-            Waiter::G(unsafe { Parker::current() })
+            // SAFETY: on a user G of a scheduler (checked); only this G
+            // parks on the new parker (in `wait`).
+            Waiter::G(unsafe { Parker::new_for_current() })
         } else {
-            Waiter::Thread(thread::current())
+            Waiter::Thread(JoinSignal::current())
         }
     }
 
@@ -524,15 +528,51 @@ impl Waiter {
         match self {
             // SAFETY: a G waiter is made by and waited on by the same G.
             Waiter::G(p) => unsafe { p.park() },
-            Waiter::Thread(_) => thread::park(),
+            Waiter::Thread(s) => s.wait(),
         }
     }
 
     fn wake(self) {
         match self {
             Waiter::G(p) => p.unpark(),
-            Waiter::Thread(t) => t.unpark(),
+            Waiter::Thread(s) => s.notify(),
         }
+    }
+}
+
+/// A plain thread's wake-up for joins (and `block_on`'s deadlock hook): a
+/// token like the thread's park token, but apart from it. One per thread;
+/// a stale token only costs a waiter one more look at what it waits for.
+struct JoinSignal {
+    token: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl JoinSignal {
+    /// The calling thread's signal.
+    fn current() -> Arc<JoinSignal> {
+        std::thread_local! {
+            static SIGNAL: Arc<JoinSignal> = Arc::new(JoinSignal {
+                token: std::sync::Mutex::new(false),
+                cv: std::sync::Condvar::new(),
+            });
+        }
+        SIGNAL.with(Arc::clone)
+    }
+
+    /// Blocks until the token is available, then consumes it.
+    fn wait(&self) {
+        let mut t = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        while !*t {
+            t = self.cv.wait(t).unwrap_or_else(|e| e.into_inner());
+        }
+        *t = false;
+    }
+
+    /// Makes the token available, waking the thread if it waits.
+    fn notify(&self) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_one();
     }
 }
 
@@ -588,7 +628,7 @@ impl<T> JoinHandle<T> {
                 *slot = Some(me.clone());
                 registered = true;
             }
-            // Park tokens make a wake-up that comes before this wait count.
+            // Tokens make a wake-up that comes before this wait count.
             me.wait();
         }
     }

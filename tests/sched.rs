@@ -280,6 +280,50 @@ fn an_unpark_before_park_is_not_lost() {
     .unwrap();
 }
 
+#[test]
+fn join_leaves_the_goroutines_park_token_alone() {
+    for procs in [1, 2] {
+        let r = rt(procs).block_on(|| {
+            let me = gokernel::current();
+            me.unpark();
+            // The join has to wait (the goroutine sleeps first); it must
+            // not take our token for its own wake-up.
+            let h = gokernel::spawn(|| {
+                gokernel::sleep(Duration::from_millis(20));
+                7
+            });
+            assert_eq!(h.join().unwrap(), 7);
+            gokernel::park(); // returns at once: the token is still there
+        });
+        assert_eq!(
+            r,
+            Ok(()),
+            "the park token was consumed by join ({procs} procs)"
+        );
+    }
+}
+
+#[test]
+fn join_from_a_plain_thread_leaves_its_park_token_alone() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = rt(2);
+        std::thread::current().unpark();
+        let h = r.spawn(|| {
+            gokernel::sleep(Duration::from_millis(20));
+            7
+        });
+        assert_eq!(h.join().unwrap(), 7);
+        std::thread::park(); // returns at once: the token is still there
+        tx.send(()).unwrap();
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20)),
+        Ok(()),
+        "the thread's park token was consumed by join"
+    );
+}
+
 /// Spawns a G that publishes its handle and then runs `body`; returns the
 /// join handle and, once it is up, the G's handle.
 fn spawn_with_handle(
