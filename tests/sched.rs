@@ -463,7 +463,7 @@ fn builder_rejects_bad_procs_and_stack_sizes_naming_the_bound() {
         }
     );
     let e = Runtime::builder().stack_size(1000).build().err().unwrap();
-    assert!(e.to_string().contains("minimum of 16384"), "{e}");
+    assert!(e.to_string().contains("minimum of 32768"), "{e}");
     let e = Runtime::builder().stack_size(20_000).build().err().unwrap();
     assert!(
         e.to_string().contains("multiple of the 4096-byte page"),
