@@ -148,13 +148,18 @@ impl Builder {
         self
     }
 
-    /// The stack size of every G, a multiple of 4096 between
+    /// The stack size of every G, between
     /// [`STACK_MIN`](crate::stack::STACK_MIN) and
-    /// [`STACK_MAX`](crate::stack::STACK_MAX). The default is
+    /// [`STACK_MAX`](crate::stack::STACK_MAX), rounded up to a whole page
+    /// of [`PAGE_SIZE`](crate::stack::PAGE_SIZE) bytes (40,000 becomes
+    /// 40,960) before the bounds are checked. The default is
     /// [`STACK_DEFAULT`] (256 KiB of address space; only touched pages cost
     /// memory).
     pub fn stack_size(mut self, bytes: usize) -> Self {
-        self.stack_size = bytes;
+        let page = crate::stack::PAGE_SIZE;
+        // Saturating: a size too large to round is refused by `build` as
+        // above STACK_MAX.
+        self.stack_size = bytes.saturating_add(page - 1) & !(page - 1);
         self
     }
 

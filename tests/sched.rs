@@ -464,10 +464,30 @@ fn builder_rejects_bad_procs_and_stack_sizes_naming_the_bound() {
     );
     let e = Runtime::builder().stack_size(1000).build().err().unwrap();
     assert!(e.to_string().contains("minimum of 32768"), "{e}");
-    let e = Runtime::builder().stack_size(20_000).build().err().unwrap();
+}
+
+#[test]
+fn builder_rounds_a_stack_size_up_to_a_whole_page() {
+    let r = Runtime::builder()
+        .procs(1)
+        .stack_size(40_000)
+        .build()
+        .expect("a stack size that is not a page multiple is rounded up");
+    let size = r
+        .block_on(|| {
+            // SAFETY: getg() is the running goroutine.
+            let s = unsafe { (*getg()).stack() };
+            s.hi() - s.lo()
+        })
+        .unwrap();
+    assert_eq!(size, 40_960);
+    // Rounded before the bounds are checked: just under the minimum is
+    // the minimum.
     assert!(
-        e.to_string().contains("multiple of the 4096-byte page"),
-        "{e}"
+        Runtime::builder()
+            .stack_size(gokernel::stack::STACK_MIN - 100)
+            .build()
+            .is_ok()
     );
 }
 
