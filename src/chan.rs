@@ -94,11 +94,13 @@ unsafe impl<T: Send> Sync for Hchan<T> {}
 ///
 /// If the buffer cannot be allocated (`cap` too large), with a message
 /// naming the capacity.
+#[track_caller]
 pub fn chan<T: Send>(cap: usize) -> Chan<T> {
     makechan(cap)
 }
 
 /// [`chan`] under Go's name.
+#[track_caller]
 fn makechan<T: Send>(cap: usize) -> Chan<T> {
     let mut buf = VecDeque::new();
     if buf.try_reserve_exact(cap).is_err() {

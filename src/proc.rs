@@ -1827,6 +1827,7 @@ pub(crate) fn current_user_g() -> *mut G {
 
 /// [`current_user_g`], or a panic naming the API `what` that was called
 /// outside a goroutine of a gokernel runtime.
+#[track_caller]
 pub(crate) fn require_user_g(what: &str) -> *mut G {
     let gp = current_user_g();
     assert!(
@@ -1843,6 +1844,7 @@ pub(crate) fn require_user_g(what: &str) -> *mut G {
 /// # Panics
 ///
 /// Outside a goroutine of a scheduler.
+#[track_caller]
 pub fn gosched() {
     // Outside any goroutine: a clear panic. (On g0 `mcall` itself is a
     // named fatal error, and a G of a bare M without a scheduler is

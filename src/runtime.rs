@@ -287,6 +287,7 @@ impl Runtime {
     ///
     /// If called from a goroutine (it would block its M), or if the main
     /// G's stack cannot be allocated.
+    #[track_caller]
     pub fn block_on<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -318,6 +319,7 @@ impl Runtime {
     /// # Panics
     ///
     /// If its stack cannot be allocated.
+    #[track_caller]
     pub fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -331,15 +333,20 @@ impl Runtime {
     /// # Panics
     ///
     /// If its stack cannot be allocated.
+    #[track_caller]
     pub fn spawn_locked<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
-        try_spawn_on(Some(&self.sched), true, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+        match try_spawn_on(Some(&self.sched), true, f) {
+            Ok(h) => h,
+            Err(e) => panic!("gokernel: {e}"),
+        }
     }
 
     /// [`spawn`](Self::spawn), returning an error instead of panicking when
     /// the goroutine's stack cannot be allocated.
+    #[track_caller]
     pub fn try_spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -701,13 +708,19 @@ impl core::fmt::Display for SpawnError {
 
 impl std::error::Error for SpawnError {}
 
+#[track_caller]
 fn spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
-    try_spawn_on(sched, false, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+    // A match, not a closure, so that the panic points at the caller.
+    match try_spawn_on(sched, false, f) {
+        Ok(h) => h,
+        Err(e) => panic!("gokernel: {e}"),
+    }
 }
 
+#[track_caller]
 fn try_spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
     locked: bool,
@@ -739,6 +752,7 @@ fn in_goroutine() -> bool {
     !crate::proc::current_user_g().is_null()
 }
 
+#[track_caller]
 fn require_goroutine(what: &str) {
     assert!(
         in_goroutine(),
@@ -761,6 +775,7 @@ fn require_goroutine(what: &str) {
 /// # Panics
 ///
 /// Outside a goroutine, or if its stack cannot be allocated.
+#[track_caller]
 pub fn go(f: impl FnOnce() + Send + 'static) {
     require_goroutine("go");
     if let Err(e) = newproc(None, f) {
@@ -775,6 +790,7 @@ pub fn go(f: impl FnOnce() + Send + 'static) {
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn try_spawn<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
@@ -811,9 +827,13 @@ pub fn try_spawn<T: Send + 'static>(
 /// })
 /// .unwrap();
 /// ```
+#[track_caller]
 pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     require_goroutine("spawn_locked");
-    try_spawn_on(None, true, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+    match try_spawn_on(None, true, f) {
+        Ok(h) => h,
+        Err(e) => panic!("gokernel: {e}"),
+    }
 }
 
 /// Starts a goroutine running `f` and returns a handle to join it. A panic
@@ -824,6 +844,7 @@ pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 ///
 /// Outside a goroutine (use [`Runtime::spawn`] there), or if its stack
 /// cannot be allocated.
+#[track_caller]
 pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     require_goroutine("spawn");
     spawn_on(None, f)
@@ -836,6 +857,7 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinH
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn gosched() {
     crate::proc::gosched();
 }
@@ -873,6 +895,7 @@ impl core::fmt::Debug for Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn current() -> Goroutine {
     require_goroutine("current");
     let gp = getg();
@@ -888,6 +911,7 @@ pub fn current() -> Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn park() {
     require_goroutine("park");
     // SAFETY: on a user G (checked); the parker is its own.
@@ -900,6 +924,7 @@ pub fn park() {
 /// # Panics
 ///
 /// Outside a goroutine (use [`Runtime::num_goroutine`] there).
+#[track_caller]
 pub fn num_goroutine() -> usize {
     require_goroutine("num_goroutine");
     // SAFETY: on a user G (checked): its M's scheduler is live.
@@ -920,6 +945,7 @@ pub fn num_goroutine() -> usize {
 /// assert_eq!(s.goroutines.running, 1); // the main goroutine, asking
 /// assert_eq!(s.threads, 1);
 /// ```
+#[track_caller]
 pub fn stats() -> Stats {
     require_goroutine("stats");
     // SAFETY: on a user G (checked): its M's scheduler is live.
@@ -959,6 +985,7 @@ pub fn stats() -> Stats {
 /// })
 /// .unwrap();
 /// ```
+#[track_caller]
 pub fn lock_os_thread() {
     require_goroutine("lock_os_thread");
     crate::proc::lock_os_thread();
@@ -985,6 +1012,7 @@ pub fn lock_os_thread() {
 /// })
 /// .unwrap();
 /// ```
+#[track_caller]
 pub fn unlock_os_thread() {
     require_goroutine("unlock_os_thread");
     crate::proc::unlock_os_thread();

@@ -82,6 +82,7 @@ impl<F: FnOnce() -> R, R> OnceFrame<F, R> {
 ///     });
 /// }
 /// ```
+#[track_caller]
 pub fn systemstack<R>(f: impl FnOnce() -> R) -> R {
     assert!(
         !getg().is_null(),

@@ -612,6 +612,7 @@ pub(crate) fn cleartimers(sched: &Sched) {
 /// # Panics
 ///
 /// Outside a goroutine of a scheduler.
+#[track_caller]
 fn cursched(what: &str) -> *const Sched {
     let gp = crate::proc::require_user_g(what);
     // SAFETY: a user G of a scheduler has a live M with that scheduler.
@@ -650,6 +651,7 @@ fn deadline(sched: &Sched, d: Duration) -> u64 {
 /// assert!(slept.unwrap() >= Duration::from_millis(20));
 /// # }
 /// ```
+#[track_caller]
 pub fn sleep(d: Duration) {
     // SAFETY: a goroutine's scheduler outlives it.
     let sched = unsafe { &*cursched("sleep") };
@@ -708,9 +710,16 @@ unsafe fn resetforsleep(gp: *mut G, arg: *mut ()) -> bool {
 /// assert_eq!(woken, Ok(true));
 /// # }
 /// ```
+#[track_caller]
 pub fn after_func(d: Duration, f: impl FnOnce() + Send + 'static) {
+    after_func_as("after_func", d, f);
+}
+
+/// [`after_func`], naming `what` when called outside a goroutine.
+#[track_caller]
+fn after_func_as(what: &str, d: Duration, f: impl FnOnce() + Send + 'static) {
     // SAFETY: a goroutine's scheduler outlives it.
-    let sched = unsafe { &*cursched("after_func") };
+    let sched = unsafe { &*cursched(what) };
     addtimer(sched, deadline(sched, d), TimerFn::Call(Box::new(f)));
 }
 
@@ -740,10 +749,11 @@ pub fn after_func(d: Duration, f: impl FnOnce() + Send + 'static) {
 /// assert_eq!(timed_out, Ok(true));
 /// # }
 /// ```
+#[track_caller]
 pub fn after(d: Duration) -> crate::chan::Chan<()> {
     let c = crate::chan::chan::<()>(1);
     let tx = c.clone();
-    after_func(d, move || {
+    after_func_as("after", d, move || {
         // Room for one value, and only this timer sends: never blocks.
         let _ = tx.try_send(());
     });
