@@ -2061,6 +2061,7 @@ impl Parker {
     /// # Safety
     ///
     /// On a user G of a scheduler; only that G parks on it.
+    #[cfg(feature = "std")]
     pub(crate) unsafe fn new_for_current() -> Arc<Parker> {
         let gp = getg();
         Arc::new(Parker {

@@ -632,9 +632,13 @@ fn deadline(sched: &Sched, d: Duration) -> u64 {
 /// `sleep(Duration::ZERO)` yields instead, like [`gosched`](crate::proc::gosched).
 /// How late it wakes depends on the Ms: see the module docs' limits.
 ///
+/// On a plain thread (not a goroutine) it blocks the thread with
+/// `std::thread::sleep`, as channel operations do there.
+///
 /// # Panics
 ///
-/// Outside a goroutine of a gokernel runtime.
+/// On a plain thread without the `std` feature (the crate cannot put an
+/// arbitrary thread to sleep), or on an M's own stack (g0).
 ///
 /// # Example
 ///
@@ -653,6 +657,20 @@ fn deadline(sched: &Sched, d: Duration) -> u64 {
 /// ```
 #[track_caller]
 pub fn sleep(d: Duration) {
+    if getg().is_null() {
+        // A plain thread (not an M): channels work there, so sleep does
+        // too, by blocking the thread.
+        #[cfg(feature = "std")]
+        {
+            std::thread::sleep(d);
+            return;
+        }
+        #[cfg(not(feature = "std"))]
+        panic!(
+            "gokernel::sleep called outside a goroutine of a gokernel runtime: \
+             without the std feature a plain thread cannot be put to sleep"
+        );
+    }
     // SAFETY: a goroutine's scheduler outlives it.
     let sched = unsafe { &*cursched("sleep") };
     if d.is_zero() {

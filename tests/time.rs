@@ -396,7 +396,13 @@ fn dropping_the_runtime_while_goroutines_sleep_for_an_hour_returns_promptly() {
 }
 
 #[test]
-#[should_panic(expected = "gokernel::sleep called outside a goroutine")]
-fn sleep_outside_a_goroutine_panics_saying_so() {
-    gokernel::sleep(Duration::from_millis(1));
+fn sleep_on_a_plain_thread_sleeps_the_thread() {
+    let t = Instant::now();
+    gokernel::sleep(Duration::from_millis(30));
+    assert!(
+        t.elapsed() >= Duration::from_millis(30),
+        "{:?}",
+        t.elapsed()
+    );
+    gokernel::sleep(Duration::ZERO);
 }
