@@ -752,6 +752,37 @@ fn in_goroutine() -> bool {
     !crate::proc::current_user_g().is_null()
 }
 
+/// The scheduler a `go` / `spawn` from here starts its goroutine on: the
+/// current goroutine's, or, on an M's own stack (g0: an `after_func`
+/// callback, a `systemstack` closure), that M's. Go's `newproc` runs on g0
+/// too: there the new goroutine goes to the M's P, or to the global queue
+/// when the M holds none (a callback run by an idle M).
+///
+/// # Panics
+///
+/// On a thread that is not an M of a runtime, naming `what`.
+#[track_caller]
+fn spawn_sched(what: &str) -> &'static Sched {
+    let gp = getg();
+    // SAFETY: a non-null current G has a live M (mstart / execute set it);
+    // its scheduler outlives the M, and so this call.
+    let rt = unsafe {
+        if gp.is_null() || (*gp).m.is_null() {
+            core::ptr::null()
+        } else {
+            (*(*gp).m).rt
+        }
+    };
+    // SAFETY: as above: a non-null scheduler of this M is live.
+    match unsafe { rt.as_ref() } {
+        Some(s) => s,
+        None => panic!(
+            "gokernel::{what} called outside a goroutine of a gokernel runtime \
+             (start one with Runtime::block_on or Runtime::spawn)"
+        ),
+    }
+}
+
 #[track_caller]
 fn require_goroutine(what: &str) {
     assert!(
@@ -772,13 +803,19 @@ fn require_goroutine(what: &str) {
 /// has a hardware guard page (unless built with
 /// [`Builder::unguarded_stacks`]).
 ///
+/// It may also be called on an M's own stack (an
+/// [`after_func`](crate::time::after_func) callback, a
+/// [`systemstack`](crate::systemstack) closure): the goroutine goes to that
+/// M's runtime. So may [`spawn`], [`try_spawn`] and [`spawn_locked`].
+///
 /// # Panics
 ///
-/// Outside a goroutine, or if its stack cannot be allocated.
+/// Outside a goroutine (or an M's stack), or if its stack cannot be
+/// allocated.
 #[track_caller]
 pub fn go(f: impl FnOnce() + Send + 'static) {
-    require_goroutine("go");
-    if let Err(e) = newproc(None, f) {
+    let sched = spawn_sched("go");
+    if let Err(e) = newproc(Some(sched), f) {
         panic!("gokernel: {}", SpawnError(e));
     }
 }
@@ -794,8 +831,8 @@ pub fn go(f: impl FnOnce() + Send + 'static) {
 pub fn try_spawn<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
-    require_goroutine("try_spawn");
-    try_spawn_on(None, false, f)
+    let sched = spawn_sched("try_spawn");
+    try_spawn_on(Some(sched), false, f)
 }
 
 /// [`spawn`] on an OS thread of its own, locked to it as if `f` began with
@@ -829,8 +866,8 @@ pub fn try_spawn<T: Send + 'static>(
 /// ```
 #[track_caller]
 pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    require_goroutine("spawn_locked");
-    match try_spawn_on(None, true, f) {
+    let sched = spawn_sched("spawn_locked");
+    match try_spawn_on(Some(sched), true, f) {
         Ok(h) => h,
         Err(e) => panic!("gokernel: {e}"),
     }
@@ -846,8 +883,8 @@ pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 /// cannot be allocated.
 #[track_caller]
 pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    require_goroutine("spawn");
-    spawn_on(None, f)
+    let sched = spawn_sched("spawn");
+    spawn_on(Some(sched), f)
 }
 
 /// Yields: the current goroutine goes to the back of its thread's queue
