@@ -527,6 +527,8 @@ enum Waiter {
 
 impl Waiter {
     fn current() -> Waiter {
+        // A wait on g0 would sleep the M: a named fatal error.
+        crate::sema::forbid_blocking_on_system_stack();
         if in_goroutine() {
             // SAFETY: on a user G of a scheduler (checked); only this G
             // parks on the new parker (in `wait`).

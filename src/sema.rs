@@ -169,6 +169,9 @@ impl Waiter {
     /// goroutine it runs on g0 once the goroutine is parked, for a thread
     /// before it sleeps.
     pub(crate) fn block<F: FnOnce()>(&self, unlock: F) {
+        if self.g.is_null() {
+            forbid_blocking_on_system_stack();
+        }
         if !self.g.is_null() {
             // SAFETY: self.g is the running G; only it and (after every M
             // stopped) its scheduler's destructor read `waiting`.
@@ -230,6 +233,29 @@ impl Waiter {
             Some(Wakeup(WakeupKind::Spinner(&(*w).woken)))
         }
     }
+}
+
+/// Refuses to wait on an M's own stack (g0, or the signal stack): an
+/// `after_func` callback, a `systemstack` closure. Waiting there would put
+/// the M's thread to sleep (it is not a goroutine that can park), with the
+/// P it holds and every goroutine bound to that thread: the runtime would
+/// hang silently. It is a fatal error instead, naming the goroutine whose
+/// `systemstack` closure it is, or the M. A plain thread (no M) may wait.
+pub(crate) fn forbid_blocking_on_system_stack() {
+    let gp = crate::tls::getg();
+    // SAFETY: a non-null current G has a live M (mstart / execute set it).
+    let on_system_stack = !gp.is_null()
+        && unsafe {
+            let mp = (*gp).m;
+            !mp.is_null() && (core::ptr::eq((*mp).g0, gp) || core::ptr::eq((*mp).gsignal, gp))
+        };
+    if !on_system_stack {
+        return;
+    }
+    crate::panic::throw_on_system_stack(
+        "blocking on the system stack: a channel, sync or join wait in an after_func callback \
+         or a systemstack closure would put the M to sleep (they must not block)",
+    );
 }
 
 /// A wake-up taken under a queue's lock by `Waiter::wakeup`, done after

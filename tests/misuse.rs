@@ -262,3 +262,64 @@ fn misuse_panics_point_at_the_callers_line_not_into_gokernel() {
     assert!(msg.contains("block_on"), "{msg:?}");
     assert_eq!((file.as_str(), at), (file!(), 0), "block_on: {msg:?}");
 }
+
+#[test]
+fn a_timer_callback_that_blocks_on_a_channel_is_fatal_naming_the_m() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+        let _ = rt.block_on(|| {
+            let c = gokernel::chan::<u32>(0);
+            gokernel::time::after_func(std::time::Duration::from_millis(1), move || {
+                let _ = c.recv(); // nobody sends: this would sleep the M
+            });
+            gokernel::sleep(std::time::Duration::from_secs(20));
+        });
+        unreachable!("the runtime went on after blocking on the system stack");
+    }
+    let c = run_crash_child("a_timer_callback_that_blocks_on_a_channel_is_fatal_naming_the_m");
+    assert_aborted_with(
+        &c,
+        &["fatal error: blocking on the system stack", "(g0 of m "],
+    );
+}
+
+#[test]
+fn a_systemstack_closure_that_waits_for_a_mutex_is_fatal_naming_the_goroutine() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+        let _ = rt.block_on(|| {
+            let m = std::sync::Arc::new(gokernel::sync::Mutex::new(0));
+            let held = m.lock();
+            let m2 = m.clone();
+            gokernel::spawn(move || systemstack(|| *m2.lock() += 1))
+                .join()
+                .ok();
+            drop(held);
+        });
+        unreachable!("the runtime went on after blocking on the system stack");
+    }
+    let c = run_crash_child(
+        "a_systemstack_closure_that_waits_for_a_mutex_is_fatal_naming_the_goroutine",
+    );
+    assert_aborted_with(
+        &c,
+        &["fatal error: blocking on the system stack", "(goroutine "],
+    );
+}
+
+#[test]
+fn a_systemstack_closure_that_joins_a_goroutine_is_fatal() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+        let _ = rt.block_on(|| {
+            let h = gokernel::spawn(|| gokernel::sleep(std::time::Duration::from_secs(20)));
+            systemstack(move || h.join().ok());
+        });
+        unreachable!("the runtime went on after blocking on the system stack");
+    }
+    let c = run_crash_child("a_systemstack_closure_that_joins_a_goroutine_is_fatal");
+    assert_aborted_with(
+        &c,
+        &["fatal error: blocking on the system stack", "(goroutine "],
+    );
+}
