@@ -323,3 +323,20 @@ fn a_systemstack_closure_that_joins_a_goroutine_is_fatal() {
         &["fatal error: blocking on the system stack", "(goroutine "],
     );
 }
+
+#[test]
+fn a_panic_in_a_systemstack_closure_is_fatal_with_its_message() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+        let _ = rt.block_on(|| systemstack(|| panic!("boom on g0")));
+        unreachable!("the runtime went on after a panic on the system stack");
+    }
+    let c = run_crash_child("a_panic_in_a_systemstack_closure_is_fatal_with_its_message");
+    assert_aborted_with(
+        &c,
+        &[
+            "fatal error: panic on the system stack: boom on g0",
+            "(goroutine ",
+        ],
+    );
+}
