@@ -109,18 +109,21 @@ fn makechan<T: Send>(cap: usize) -> Chan<T> {
             core::mem::size_of::<T>()
         );
     }
-    Chan {
-        c: Arc::new(Hchan {
-            lock: SpinLock::new(),
-            cap,
-            st: UnsafeCell::new(State {
-                buf,
-                closed: false,
-                recvq: WaitQ::new(),
-                sendq: WaitQ::new(),
-            }),
+    let c = Arc::new(Hchan {
+        lock: SpinLock::new(),
+        cap,
+        st: UnsafeCell::new(State {
+            buf,
+            closed: false,
+            recvq: WaitQ::new(),
+            sendq: WaitQ::new(),
         }),
-    }
+    });
+    // Made counts as used: a channel made on a plain thread (and handed
+    // to goroutines) is shared from the start, one made in a goroutine
+    // belongs to its runtime until another uses it.
+    c.lock.note();
+    Chan { c }
 }
 
 /// `send` on a closed channel: the value comes back.
@@ -234,6 +237,12 @@ impl<T: Send> Hchan<T> {
     /// Takes the channel's lock.
     pub(crate) fn lock(&self) {
         self.lock.lock();
+    }
+
+    /// True if another runtime or a plain thread has used the channel
+    /// (see [`SpinLock::shared`]).
+    pub(crate) fn shared(&self) -> bool {
+        self.lock.shared()
     }
 
     /// Releases the channel's lock.

@@ -277,11 +277,16 @@ impl Runtime {
     /// calling thread until it finishes. A panic in `f` is resumed here.
     ///
     /// If every goroutine ends up parked with nothing runnable before `f`
-    /// finishes, nothing can ever wake them (`block_on` assumes goroutines
-    /// are woken only by goroutines), and it returns [`Deadlock`] instead of
-    /// hanging. The parked goroutines stay parked. Code that wakes
-    /// goroutines from plain threads should use [`spawn`](Self::spawn) and
-    /// `join` instead, which never give up.
+    /// finishes, and none of them can be woken from outside the runtime,
+    /// it returns [`Deadlock`] instead of hanging. The parked goroutines
+    /// stay parked. Waits that count as wakeable from outside (so no
+    /// deadlock is reported while one lasts): a pending timer, a `join` of
+    /// another runtime's goroutine, and a wait on a channel, `Mutex`,
+    /// `WaitGroup` or `Once` that another runtime or a plain thread has
+    /// used (or, for a channel, that was made on a plain thread). A
+    /// goroutine woken only by `Goroutine::unpark` from a plain thread is
+    /// not seen: use [`spawn`](Self::spawn) and `join` for that, which
+    /// never give up. See `docs/failures.md` (Deadlock).
     ///
     /// # Panics
     ///

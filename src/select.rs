@@ -97,6 +97,15 @@ pub unsafe trait SelectCase {
     fn fired(&mut self, success: bool);
     /// Sets the case's index in its select.
     fn set_index(&mut self, index: usize);
+    /// True if the case's channel is used by another runtime or a plain
+    /// thread (so a wait on it is not one this runtime alone can end).
+    ///
+    /// # Safety
+    ///
+    /// Under the channel's lock.
+    unsafe fn shared_locked(&self) -> bool {
+        false
+    }
     /// Gets a case that may have run in an earlier select ready for a new
     /// one: drops what it still holds from then (a receive's value) and
     /// forgets how it ended. Called by [`Select::case`], before any lock
@@ -308,6 +317,12 @@ unsafe impl<T: Send, D: Dir> SelectCase for Case<'_, T, D> {
     fn set_index(&mut self, index: usize) {
         self.index = index;
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::shared_locked`].
+    unsafe fn shared_locked(&self) -> bool {
+        self.ch.hchan().shared()
+    }
     fn reset(&mut self) {
         self.closed = false;
         self.sudog = None;
@@ -472,6 +487,10 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
     }
     // Pass 2: wait on every channel at once.
     let waiter = Waiter::new();
+    // SAFETY: every channel is locked.
+    if cases.iter().any(|c| unsafe { c.shared_locked() }) {
+        waiter.set_external();
+    }
     for &i in &lockorder {
         // SAFETY: every channel is locked; the cases are borrowed by the
         // caller for the whole call, so they stay put.

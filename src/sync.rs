@@ -99,6 +99,10 @@ impl<T> Mutex<T> {
 impl<T: ?Sized> Mutex<T> {
     /// Locks, waiting as long as it takes (Go's `Lock`).
     pub fn lock(&self) -> MutexGuard<'_, T> {
+        // Who uses it (one load in the common case): a goroutine of
+        // another runtime waiting for a holder from here is then no
+        // deadlock of its runtime (see `SpinLock::note`).
+        self.q.note();
         // Acquire: the previous holder's writes to the data are visible.
         if self
             .state
@@ -112,6 +116,8 @@ impl<T: ?Sized> Mutex<T> {
 
     /// Locks if that can be done without waiting (Go's `TryLock`).
     pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        // As in `lock`.
+        self.q.note();
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
             if s & (LOCKED | HANDOFF) != 0 {
