@@ -196,7 +196,8 @@ fn misuse_panics_point_at_the_callers_line_not_into_gokernel() {
     use std::time::Duration;
     // The calls, each named as its message names it.
     let first = line!();
-    let calls: Vec<(&str, Box<dyn FnOnce()>)> = vec![
+    type Call = (&'static str, Box<dyn FnOnce()>);
+    let calls: Vec<Call> = vec![
         ("go", Box::new(|| gokernel::go(|| ()))),
         ("spawn", Box::new(|| drop(gokernel::spawn(|| ())))),
         ("try_spawn", Box::new(|| drop(gokernel::try_spawn(|| ())))),
