@@ -345,7 +345,7 @@ fn main() {
             gokernel::stack::max_map_count()
         );
         // SAFETY: these goroutines do nothing or park: a few hundred bytes
-        // of their 16 KiB stacks.
+        // of their 32 KiB stacks.
         unsafe { builder.unguarded_stacks() }
     } else {
         builder

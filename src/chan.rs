@@ -94,11 +94,13 @@ unsafe impl<T: Send> Sync for Hchan<T> {}
 ///
 /// If the buffer cannot be allocated (`cap` too large), with a message
 /// naming the capacity.
+#[track_caller]
 pub fn chan<T: Send>(cap: usize) -> Chan<T> {
     makechan(cap)
 }
 
 /// [`chan`] under Go's name.
+#[track_caller]
 fn makechan<T: Send>(cap: usize) -> Chan<T> {
     let mut buf = VecDeque::new();
     if buf.try_reserve_exact(cap).is_err() {
@@ -107,18 +109,21 @@ fn makechan<T: Send>(cap: usize) -> Chan<T> {
             core::mem::size_of::<T>()
         );
     }
-    Chan {
-        c: Arc::new(Hchan {
-            lock: SpinLock::new(),
-            cap,
-            st: UnsafeCell::new(State {
-                buf,
-                closed: false,
-                recvq: WaitQ::new(),
-                sendq: WaitQ::new(),
-            }),
+    let c = Arc::new(Hchan {
+        lock: SpinLock::new(),
+        cap,
+        st: UnsafeCell::new(State {
+            buf,
+            closed: false,
+            recvq: WaitQ::new(),
+            sendq: WaitQ::new(),
         }),
-    }
+    });
+    // Made counts as used: a channel made on a plain thread (and handed
+    // to goroutines) is shared from the start, one made in a goroutine
+    // belongs to its runtime until another uses it.
+    c.lock.note();
+    Chan { c }
 }
 
 /// `send` on a closed channel: the value comes back.
@@ -232,6 +237,12 @@ impl<T: Send> Hchan<T> {
     /// Takes the channel's lock.
     pub(crate) fn lock(&self) {
         self.lock.lock();
+    }
+
+    /// True if another runtime or a plain thread has used the channel
+    /// (see [`SpinLock::shared`]).
+    pub(crate) fn shared(&self) -> bool {
+        self.lock.shared()
     }
 
     /// Releases the channel's lock.

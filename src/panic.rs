@@ -95,6 +95,25 @@ fn describe(line: &mut Line, gp: *const G) {
     }
 }
 
+/// A fatal error raised on an M's own stack (g0 or the signal stack) by
+/// code run there for someone: names the goroutine of a `systemstack`
+/// closure (the M's current goroutine), or g0 of the M when there is none
+/// (an `after_func` callback run by the scheduler).
+#[cold]
+pub(crate) fn throw_on_system_stack(msg: &str) -> ! {
+    let gp = getg();
+    // SAFETY: a non-null current G has a live M, whose curg is null or a
+    // live G (the one that called systemstack).
+    let curg = unsafe {
+        if gp.is_null() || (*gp).m.is_null() {
+            core::ptr::null()
+        } else {
+            (*(*gp).m).curg.cast_const()
+        }
+    };
+    throw_g(msg, if curg.is_null() { gp } else { curg })
+}
+
 /// Reports a fatal runtime error and aborts (Go's `throw`). The message
 /// names the current goroutine and M.
 #[cold]

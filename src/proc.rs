@@ -1863,6 +1863,7 @@ pub(crate) fn current_user_g() -> *mut G {
 
 /// [`current_user_g`], or a panic naming the API `what` that was called
 /// outside a goroutine of a gokernel runtime.
+#[track_caller]
 pub(crate) fn require_user_g(what: &str) -> *mut G {
     let gp = current_user_g();
     assert!(
@@ -1879,6 +1880,7 @@ pub(crate) fn require_user_g(what: &str) -> *mut G {
 /// # Panics
 ///
 /// Outside a goroutine of a scheduler.
+#[track_caller]
 pub fn gosched() {
     // Outside any goroutine: a clear panic. (On g0 `mcall` itself is a
     // named fatal error, and a G of a bare M without a scheduler is
@@ -2090,6 +2092,26 @@ impl Parker {
                 })
                 .clone()
         }
+    }
+
+    /// A parker of its own for the current G, apart from the G's park
+    /// token (which `current` gives): for a wait inside the runtime
+    /// (`JoinHandle::join`) that must not consume or leave a token the
+    /// program's `park` / `unpark` use.
+    ///
+    /// # Safety
+    ///
+    /// On a user G of a scheduler; only that G parks on it.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn new_for_current() -> Arc<Parker> {
+        let gp = getg();
+        Arc::new(Parker {
+            state: AtomicU32::new(PARK_EMPTY),
+            gp: AtomicPtr::new(gp),
+            // SAFETY: the contract: gp is a running user G, so its
+            // scheduler is live.
+            rt: unsafe { (*(*gp).rt).self_weak.clone() },
+        })
     }
 
     /// Blocks the current G until its token is available, then consumes

@@ -148,13 +148,18 @@ impl Builder {
         self
     }
 
-    /// The stack size of every G, a multiple of 4096 between
+    /// The stack size of every G, between
     /// [`STACK_MIN`](crate::stack::STACK_MIN) and
-    /// [`STACK_MAX`](crate::stack::STACK_MAX). The default is
+    /// [`STACK_MAX`](crate::stack::STACK_MAX), rounded up to a whole page
+    /// of [`PAGE_SIZE`](crate::stack::PAGE_SIZE) bytes (40,000 becomes
+    /// 40,960) before the bounds are checked. The default is
     /// [`STACK_DEFAULT`] (256 KiB of address space; only touched pages cost
     /// memory).
     pub fn stack_size(mut self, bytes: usize) -> Self {
-        self.stack_size = bytes;
+        let page = crate::stack::PAGE_SIZE;
+        // Saturating: a size too large to round is refused by `build` as
+        // above STACK_MAX.
+        self.stack_size = bytes.saturating_add(page - 1) & !(page - 1);
         self
     }
 
@@ -272,16 +277,22 @@ impl Runtime {
     /// calling thread until it finishes. A panic in `f` is resumed here.
     ///
     /// If every goroutine ends up parked with nothing runnable before `f`
-    /// finishes, nothing can ever wake them (`block_on` assumes goroutines
-    /// are woken only by goroutines), and it returns [`Deadlock`] instead of
-    /// hanging. The parked goroutines stay parked. Code that wakes
-    /// goroutines from plain threads should use [`spawn`](Self::spawn) and
-    /// `join` instead, which never give up.
+    /// finishes, and none of them can be woken from outside the runtime,
+    /// it returns [`Deadlock`] instead of hanging. The parked goroutines
+    /// stay parked. Waits that count as wakeable from outside (so no
+    /// deadlock is reported while one lasts): a pending timer, a `join` of
+    /// another runtime's goroutine, and a wait on a channel, `Mutex`,
+    /// `WaitGroup` or `Once` that another runtime or a plain thread has
+    /// used (or, for a channel, that was made on a plain thread). A
+    /// goroutine woken only by `Goroutine::unpark` from a plain thread is
+    /// not seen: use [`spawn`](Self::spawn) and `join` for that, which
+    /// never give up. See `docs/failures.md` (Deadlock).
     ///
     /// # Panics
     ///
     /// If called from a goroutine (it would block its M), or if the main
     /// G's stack cannot be allocated.
+    #[track_caller]
     pub fn block_on<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -291,12 +302,12 @@ impl Runtime {
             "gokernel: Runtime::block_on called from a goroutine; use spawn and join instead"
         );
         let deadlocked = Arc::new(AtomicBool::new(false));
-        let me = thread::current();
+        let me = JoinSignal::current();
         let d = deadlocked.clone();
         // Registered before the main G exists, so no deadlock is missed.
         let key = self.sched.add_deadlock_hook(Box::new(move || {
             d.store(true, Ordering::SeqCst);
-            me.unpark();
+            me.notify();
         }));
         let h = self.spawn(f);
         let r = h.wait(|| deadlocked.load(Ordering::SeqCst));
@@ -313,6 +324,7 @@ impl Runtime {
     /// # Panics
     ///
     /// If its stack cannot be allocated.
+    #[track_caller]
     pub fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -326,15 +338,20 @@ impl Runtime {
     /// # Panics
     ///
     /// If its stack cannot be allocated.
+    #[track_caller]
     pub fn spawn_locked<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
-        try_spawn_on(Some(&self.sched), true, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+        match try_spawn_on(Some(&self.sched), true, f) {
+            Ok(h) => h,
+            Err(e) => panic!("gokernel: {e}"),
+        }
     }
 
     /// [`spawn`](Self::spawn), returning an error instead of panicking when
     /// the goroutine's stack cannot be allocated.
+    #[track_caller]
     pub fn try_spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -529,20 +546,26 @@ struct JoinInner<T> {
     waiter: spin::Mutex<Option<Waiter>>,
 }
 
-/// Who waits for a goroutine to finish.
+/// Who waits for a goroutine to finish. Neither kind touches the
+/// waiter's own park token (`park` / `unpark`, `std::thread::park`), as
+/// std's `join` leaves a thread's alone: a goroutine parks on a parker of
+/// its own made for the wait, a thread on its [`JoinSignal`].
 #[derive(Clone)]
 enum Waiter {
     G(Arc<Parker>),
-    Thread(thread::Thread),
+    Thread(Arc<JoinSignal>),
 }
 
 impl Waiter {
     fn current() -> Waiter {
+        // A wait on g0 would sleep the M: a named fatal error.
+        crate::sema::forbid_blocking_on_system_stack();
         if in_goroutine() {
-            // SAFETY: on a user G of a scheduler (checked).
-            Waiter::G(unsafe { Parker::current() })
+            // SAFETY: on a user G of a scheduler (checked); only this G
+            // parks on the new parker (in `wait`).
+            Waiter::G(unsafe { Parker::new_for_current() })
         } else {
-            Waiter::Thread(thread::current())
+            Waiter::Thread(JoinSignal::current())
         }
     }
 
@@ -550,15 +573,51 @@ impl Waiter {
         match self {
             // SAFETY: a G waiter is made by and waited on by the same G.
             Waiter::G(p) => unsafe { p.park() },
-            Waiter::Thread(_) => thread::park(),
+            Waiter::Thread(s) => s.wait(),
         }
     }
 
     fn wake(self) {
         match self {
             Waiter::G(p) => p.unpark(),
-            Waiter::Thread(t) => t.unpark(),
+            Waiter::Thread(s) => s.notify(),
         }
+    }
+}
+
+/// A plain thread's wake-up for joins (and `block_on`'s deadlock hook): a
+/// token like the thread's park token, but apart from it. One per thread;
+/// a stale token only costs a waiter one more look at what it waits for.
+struct JoinSignal {
+    token: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl JoinSignal {
+    /// The calling thread's signal.
+    fn current() -> Arc<JoinSignal> {
+        std::thread_local! {
+            static SIGNAL: Arc<JoinSignal> = Arc::new(JoinSignal {
+                token: std::sync::Mutex::new(false),
+                cv: std::sync::Condvar::new(),
+            });
+        }
+        SIGNAL.with(Arc::clone)
+    }
+
+    /// Blocks until the token is available, then consumes it.
+    fn wait(&self) {
+        let mut t = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        while !*t {
+            t = self.cv.wait(t).unwrap_or_else(|e| e.into_inner());
+        }
+        *t = false;
+    }
+
+    /// Makes the token available, waking the thread if it waits.
+    fn notify(&self) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_one();
     }
 }
 
@@ -614,7 +673,7 @@ impl<T> JoinHandle<T> {
                 *slot = Some(me.clone());
                 registered = true;
             }
-            // Park tokens make a wake-up that comes before this wait count.
+            // Tokens make a wake-up that comes before this wait count.
             me.wait();
         }
     }
@@ -682,13 +741,19 @@ impl core::fmt::Display for SpawnError {
 
 impl std::error::Error for SpawnError {}
 
+#[track_caller]
 fn spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
-    try_spawn_on(sched, false, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+    // A match, not a closure, so that the panic points at the caller.
+    match try_spawn_on(sched, false, f) {
+        Ok(h) => h,
+        Err(e) => panic!("gokernel: {e}"),
+    }
 }
 
+#[track_caller]
 fn try_spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
     locked: bool,
@@ -731,6 +796,38 @@ fn in_goroutine() -> bool {
     !crate::proc::current_user_g().is_null()
 }
 
+/// The scheduler a `go` / `spawn` from here starts its goroutine on: the
+/// current goroutine's, or, on an M's own stack (g0: an `after_func`
+/// callback, a `systemstack` closure), that M's. Go's `newproc` runs on g0
+/// too: there the new goroutine goes to the M's P, or to the global queue
+/// when the M holds none (a callback run by an idle M).
+///
+/// # Panics
+///
+/// On a thread that is not an M of a runtime, naming `what`.
+#[track_caller]
+fn spawn_sched(what: &str) -> &'static Sched {
+    let gp = getg();
+    // SAFETY: a non-null current G has a live M (mstart / execute set it);
+    // its scheduler outlives the M, and so this call.
+    let rt = unsafe {
+        if gp.is_null() || (*gp).m.is_null() {
+            core::ptr::null()
+        } else {
+            (*(*gp).m).rt
+        }
+    };
+    // SAFETY: as above: a non-null scheduler of this M is live.
+    match unsafe { rt.as_ref() } {
+        Some(s) => s,
+        None => panic!(
+            "gokernel::{what} called outside a goroutine of a gokernel runtime \
+             (start one with Runtime::block_on or Runtime::spawn)"
+        ),
+    }
+}
+
+#[track_caller]
 fn require_goroutine(what: &str) {
     assert!(
         in_goroutine(),
@@ -750,12 +847,19 @@ fn require_goroutine(what: &str) {
 /// has a hardware guard page (unless built with
 /// [`Builder::unguarded_stacks`]).
 ///
+/// It may also be called on an M's own stack (an
+/// [`after_func`](crate::time::after_func) callback, a
+/// [`systemstack`](crate::systemstack) closure): the goroutine goes to that
+/// M's runtime. So may [`spawn`], [`try_spawn`] and [`spawn_locked`].
+///
 /// # Panics
 ///
-/// Outside a goroutine, or if its stack cannot be allocated.
+/// Outside a goroutine (or an M's stack), or if its stack cannot be
+/// allocated.
+#[track_caller]
 pub fn go(f: impl FnOnce() + Send + 'static) {
-    require_goroutine("go");
-    if let Err(e) = newproc(None, f) {
+    let sched = spawn_sched("go");
+    if let Err(e) = newproc(Some(sched), f) {
         panic!("gokernel: {}", SpawnError(e));
     }
 }
@@ -767,11 +871,12 @@ pub fn go(f: impl FnOnce() + Send + 'static) {
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn try_spawn<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
-    require_goroutine("try_spawn");
-    try_spawn_on(None, false, f)
+    let sched = spawn_sched("try_spawn");
+    try_spawn_on(Some(sched), false, f)
 }
 
 /// [`spawn`] on an OS thread of its own, locked to it as if `f` began with
@@ -803,9 +908,13 @@ pub fn try_spawn<T: Send + 'static>(
 /// })
 /// .unwrap();
 /// ```
+#[track_caller]
 pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    require_goroutine("spawn_locked");
-    try_spawn_on(None, true, f).unwrap_or_else(|e| panic!("gokernel: {e}"))
+    let sched = spawn_sched("spawn_locked");
+    match try_spawn_on(Some(sched), true, f) {
+        Ok(h) => h,
+        Err(e) => panic!("gokernel: {e}"),
+    }
 }
 
 /// Starts a goroutine running `f` and returns a handle to join it. A panic
@@ -816,9 +925,10 @@ pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 ///
 /// Outside a goroutine (use [`Runtime::spawn`] there), or if its stack
 /// cannot be allocated.
+#[track_caller]
 pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    require_goroutine("spawn");
-    spawn_on(None, f)
+    let sched = spawn_sched("spawn");
+    spawn_on(Some(sched), f)
 }
 
 /// Yields: the current goroutine goes to the back of its thread's queue
@@ -828,6 +938,7 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinH
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn gosched() {
     crate::proc::gosched();
 }
@@ -865,6 +976,7 @@ impl core::fmt::Debug for Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn current() -> Goroutine {
     require_goroutine("current");
     let gp = getg();
@@ -880,6 +992,7 @@ pub fn current() -> Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+#[track_caller]
 pub fn park() {
     require_goroutine("park");
     // SAFETY: on a user G (checked); the parker is its own.
@@ -892,6 +1005,7 @@ pub fn park() {
 /// # Panics
 ///
 /// Outside a goroutine (use [`Runtime::num_goroutine`] there).
+#[track_caller]
 pub fn num_goroutine() -> usize {
     require_goroutine("num_goroutine");
     // SAFETY: on a user G (checked): its M's scheduler is live.
@@ -912,6 +1026,7 @@ pub fn num_goroutine() -> usize {
 /// assert_eq!(s.goroutines.running, 1); // the main goroutine, asking
 /// assert_eq!(s.threads, 1);
 /// ```
+#[track_caller]
 pub fn stats() -> Stats {
     require_goroutine("stats");
     // SAFETY: on a user G (checked): its M's scheduler is live.
@@ -951,6 +1066,7 @@ pub fn stats() -> Stats {
 /// })
 /// .unwrap();
 /// ```
+#[track_caller]
 pub fn lock_os_thread() {
     require_goroutine("lock_os_thread");
     crate::proc::lock_os_thread();
@@ -977,6 +1093,7 @@ pub fn lock_os_thread() {
 /// })
 /// .unwrap();
 /// ```
+#[track_caller]
 pub fn unlock_os_thread() {
     require_goroutine("unlock_os_thread");
     crate::proc::unlock_os_thread();

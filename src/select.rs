@@ -41,7 +41,10 @@
 //! every channel locked, in address order (`lockorder`, so two selects
 //! never deadlock on each other's locks); the first case that can proceed
 //! runs. If none can, and the select may wait, one
-//! [`Waiter`] gets a [`Sudog`] on every case's queue and parks; the
+//! [`Waiter`] gets a [`Sudog`] on every case's queue, in lock order
+//! (cases on the same channel in their random poll order, so a partner
+//! that comes later, taking the first sudog queued, picks among them at
+//! random), and parks; the
 //! locks are released once it is parked. The first operation on any of
 //! those channels that claims the waiter completes that case, and the
 //! others lose the claim and drop their sudog. Woken, the select locks
@@ -94,6 +97,20 @@ pub unsafe trait SelectCase {
     fn fired(&mut self, success: bool);
     /// Sets the case's index in its select.
     fn set_index(&mut self, index: usize);
+    /// True if the case's channel is used by another runtime or a plain
+    /// thread (so a wait on it is not one this runtime alone can end).
+    ///
+    /// # Safety
+    ///
+    /// Under the channel's lock.
+    unsafe fn shared_locked(&self) -> bool {
+        false
+    }
+    /// Gets a case that may have run in an earlier select ready for a new
+    /// one: drops what it still holds from then (a receive's value) and
+    /// forgets how it ended. Called by [`Select::case`], before any lock
+    /// is taken, so a `Drop` that uses the channel cannot deadlock on it.
+    fn reset(&mut self) {}
 }
 
 /// The direction of a [`Case`]: [`RecvDir`] or [`SendDir`].
@@ -300,6 +317,26 @@ unsafe impl<T: Send, D: Dir> SelectCase for Case<'_, T, D> {
     fn set_index(&mut self, index: usize) {
         self.index = index;
     }
+    /// # Safety
+    ///
+    /// As [`SelectCase::shared_locked`].
+    unsafe fn shared_locked(&self) -> bool {
+        self.ch.hchan().shared()
+    }
+    fn reset(&mut self) {
+        self.closed = false;
+        self.sudog = None;
+        if D::SEND {
+            // Checked here, outside every lock, rather than in poll_locked.
+            assert!(
+                self.slot.is_some(),
+                "gokernel::select: a send case reused after its value was sent"
+            );
+        } else {
+            // The old value is dropped here, with no channel locked.
+            self.slot = None;
+        }
+    }
 }
 
 /// A select over cases added with [`case`](Self::case), run with
@@ -333,8 +370,16 @@ impl<'a> Select<'a> {
         Select { cases: Vec::new() }
     }
 
-    /// Adds a case; its index is the number of cases added before it.
+    /// Adds a case; its index is the number of cases added before it. A
+    /// case may be reused after an earlier select: a receive case drops
+    /// the value it still holds from then (here, not under the channel's
+    /// lock); a send case must still hold its value.
+    ///
+    /// # Panics
+    ///
+    /// If `case` is a send case whose value was already sent.
     pub fn case(mut self, case: &'a mut dyn SelectCase) -> Self {
+        case.reset();
         case.set_index(self.cases.len());
         self.cases.push(case);
         self
@@ -413,8 +458,14 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
         let j = (cheaprand() % (i as u64 + 1)) as usize;
         pollorder.swap(i, j);
     }
-    let mut lockorder: Vec<usize> = (0..n).collect();
-    lockorder.sort_unstable_by_key(|&i| cases[i].key());
+    // The lock order is the poll order sorted by channel, stably (Go
+    // builds it from `pollorder` with a heap sort): cases on the same
+    // channel keep their random relative order. Pass 2 queues the sudogs
+    // in this order, and a partner that comes later takes the first one
+    // queued, so several cases on one channel each fire with equal odds
+    // (Go's TestPseudoRandomSend) instead of always the first written.
+    let mut lockorder = pollorder.clone();
+    lockorder.sort_by_key(|&i| cases[i].key());
 
     sellock(cases, &lockorder);
     // Pass 1: a case that can proceed now.
@@ -436,6 +487,10 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
     }
     // Pass 2: wait on every channel at once.
     let waiter = Waiter::new();
+    // SAFETY: every channel is locked.
+    if cases.iter().any(|c| unsafe { c.shared_locked() }) {
+        waiter.set_external();
+    }
     for &i in &lockorder {
         // SAFETY: every channel is locked; the cases are borrowed by the
         // caller for the whole call, so they stay put.

@@ -52,8 +52,46 @@ use crate::runtime2::G;
 ///
 /// It spins; with `std`, a thread that spins long yields its CPU (the
 /// holder may be a thread the OS preempted).
+///
+/// It also records who uses the object it guards ([`note`](Self::note)):
+/// one runtime, or several runtimes or plain threads ("shared"). A
+/// goroutine that waits on a shared object counts as an external wait of
+/// its runtime (`Sched::external_waits`), so that runtime's deadlock check
+/// does not report it while another runtime or thread may still wake it.
 pub struct SpinLock {
     locked: AtomicBool,
+    /// [`REACH_NONE`], the address of the one scheduler whose goroutines
+    /// have used the object, or [`REACH_SHARED`].
+    reach: AtomicUsize,
+}
+
+/// No one has used the object yet.
+const REACH_NONE: usize = 0;
+/// Used by two runtimes, or by a plain thread (or an M without a
+/// runtime). Schedulers are aligned, so no scheduler has this address.
+const REACH_SHARED: usize = 1;
+
+/// Who is calling, for [`SpinLock::note`]: the address of the current M's
+/// scheduler, or [`REACH_SHARED`] on a plain thread or an M without one.
+fn reach_key() -> usize {
+    let gp = crate::tls::getg();
+    if gp.is_null() {
+        return REACH_SHARED;
+    }
+    // SAFETY: a non-null current G has a live M (mstart / execute set it).
+    let rt = unsafe {
+        let mp = (*gp).m;
+        if mp.is_null() {
+            core::ptr::null()
+        } else {
+            (*mp).rt
+        }
+    };
+    if rt.is_null() {
+        REACH_SHARED
+    } else {
+        rt as usize
+    }
 }
 
 impl SpinLock {
@@ -61,11 +99,56 @@ impl SpinLock {
     pub(crate) const fn new() -> Self {
         SpinLock {
             locked: AtomicBool::new(false),
+            reach: AtomicUsize::new(REACH_NONE),
         }
+    }
+
+    /// Records a use of the guarded object by the caller's runtime (or
+    /// thread). Called by [`lock`](Self::lock), when the object is made,
+    /// and by fast paths that do not take the lock (`Mutex::lock`).
+    #[inline]
+    pub(crate) fn note(&self) {
+        // Relaxed: the common case, nothing to record. A change is made
+        // with SeqCst (below) and read under the lock by a waiter.
+        let cur = self.reach.load(Ordering::Relaxed);
+        if cur == REACH_SHARED {
+            return;
+        }
+        let me = reach_key();
+        if cur == me {
+            return;
+        }
+        self.note_slow(cur, me);
+    }
+
+    #[cold]
+    fn note_slow(&self, mut cur: usize, me: usize) {
+        loop {
+            let want = if cur == REACH_NONE { me } else { REACH_SHARED };
+            // SeqCst: pairs with the load in `shared`; the object's
+            // lock, held by both sides or taken after by the waiter,
+            // orders it before a waiter's decision.
+            match self
+                .reach
+                .compare_exchange(cur, want, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return,
+                Err(now) if now == REACH_SHARED || now == me => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// True once the object has been used by more than one runtime, or by
+    /// a plain thread. Read under the lock by a goroutine about to wait.
+    pub(crate) fn shared(&self) -> bool {
+        // SeqCst: pairs with the change in `note_slow`.
+        self.reach.load(Ordering::SeqCst) == REACH_SHARED
     }
 
     /// Takes the lock.
     pub(crate) fn lock(&self) {
+        self.note();
         let mut spins = 0u32;
         loop {
             // Acquire: what the previous holder wrote is visible to us.
@@ -124,6 +207,10 @@ pub struct Waiter {
     /// runtime dropped while its goroutine waits can take them off their
     /// queues: [`abandon`]).
     sudogs: core::cell::Cell<*mut Sudog>,
+    /// It waits on an object another runtime or a thread uses
+    /// ([`SpinLock::shared`]): a goroutine's wait then counts in its
+    /// runtime's `external_waits`.
+    external: core::cell::Cell<bool>,
 }
 
 impl Waiter {
@@ -140,7 +227,15 @@ impl Waiter {
             #[cfg(feature = "std")]
             thread: g.is_null().then(std::thread::current),
             sudogs: core::cell::Cell::new(null_mut()),
+            external: core::cell::Cell::new(false),
         }
+    }
+
+    /// Marks the wait as one that another runtime or a thread can end
+    /// (see [`SpinLock::shared`]); call before [`block`](Self::block), if
+    /// any object waited on is shared.
+    pub(crate) fn set_external(&self) {
+        self.external.set(true);
     }
 
     /// Claims the waiter: true for the first caller only.
@@ -176,7 +271,18 @@ impl Waiter {
     /// goroutine it runs on g0 once the goroutine is parked, for a thread
     /// before it sleeps.
     pub(crate) fn block<F: FnOnce()>(&self, unlock: F) {
+        if self.g.is_null() {
+            forbid_blocking_on_system_stack();
+        }
         if !self.g.is_null() {
+            // While it waits on an object others use, its runtime's
+            // all-idle is not a deadlock (see `checkdead`). Counted before
+            // it parks, so no check can see it idle and uncounted.
+            // SAFETY: self.g is the running G, so its scheduler is live.
+            let ext = self
+                .external
+                .get()
+                .then(|| unsafe { ExternalCount::begin(&*(*self.g).rt) });
             // SAFETY: self.g is the running G; only it and (after every M
             // stopped) its scheduler's destructor read `waiting`.
             unsafe { (*self.g).waiting = self };
@@ -188,6 +294,7 @@ impl Waiter {
             unsafe { gopark(run_unlock::<F>, (&mut f as *mut Option<F>).cast()) };
             // SAFETY: as above; we run again, so nobody else reads it.
             unsafe { (*self.g).waiting = core::ptr::null() };
+            drop(ext);
             return;
         }
         unlock();
@@ -236,6 +343,47 @@ impl Waiter {
             }
             Some(Wakeup(WakeupKind::Spinner(&(*w).woken)))
         }
+    }
+}
+
+/// Refuses to wait on an M's own stack (g0, or the signal stack): an
+/// `after_func` callback, a `systemstack` closure. Waiting there would put
+/// the M's thread to sleep (it is not a goroutine that can park), with the
+/// P it holds and every goroutine bound to that thread: the runtime would
+/// hang silently. It is a fatal error instead, naming the goroutine whose
+/// `systemstack` closure it is, or the M. A plain thread (no M) may wait.
+pub(crate) fn forbid_blocking_on_system_stack() {
+    let gp = crate::tls::getg();
+    // SAFETY: a non-null current G has a live M (mstart / execute set it).
+    let on_system_stack = !gp.is_null()
+        && unsafe {
+            let mp = (*gp).m;
+            !mp.is_null() && (core::ptr::eq((*mp).g0, gp) || core::ptr::eq((*mp).gsignal, gp))
+        };
+    if !on_system_stack {
+        return;
+    }
+    crate::panic::throw_on_system_stack(
+        "blocking on the system stack: a channel, sync or join wait in an after_func callback \
+         or a systemstack closure would put the M to sleep (they must not block)",
+    );
+}
+
+/// One count in a scheduler's `external_waits`, for as long as it lives.
+struct ExternalCount<'a>(&'a crate::runtime2::Sched);
+
+impl<'a> ExternalCount<'a> {
+    fn begin(s: &'a crate::runtime2::Sched) -> Self {
+        // SeqCst: checkdead reads it with SeqCst under the scheduler lock.
+        s.external_waits.fetch_add(1, Ordering::SeqCst);
+        ExternalCount(s)
+    }
+}
+
+impl Drop for ExternalCount<'_> {
+    fn drop(&mut self) {
+        // SeqCst: as in `begin`.
+        self.0.external_waits.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -475,6 +623,9 @@ impl WaitQ {
     /// stay alive while the caller waits.
     pub(crate) unsafe fn wait(q: *mut WaitQ, lock: &SpinLock, elem: *mut (), front: bool) -> bool {
         let waiter = Waiter::new();
+        if lock.shared() {
+            waiter.set_external();
+        }
         let mut sg = Sudog::new(&waiter, elem, 0);
         // SAFETY: the contract; sg stays in this frame until a waker takes
         // it off the queue, which it must do before waking us. The

@@ -84,9 +84,14 @@ use crate::runtime2::Stack;
 /// The page size stacks are rounded to and guarded with.
 pub const PAGE_SIZE: usize = 4096;
 
-/// The smallest stack [`stackalloc`] hands out: 16 KiB. Rust code formats,
-/// unwinds and calls into libc; Go's 2 KiB would not hold it.
-pub const STACK_MIN: usize = 16 * 1024;
+/// The smallest stack [`stackalloc`] hands out: 32 KiB. Rust code formats,
+/// unwinds and calls into libc; Go's 2 KiB would not hold it. The deepest
+/// thing an ordinary program does is a caught panic printed with
+/// `RUST_BACKTRACE=1` (std's hook symbolizes the backtrace on the
+/// goroutine's stack): 16 KiB overflowed there, 24 KiB sufficed, 32 KiB
+/// leaves room (`tests/panics.rs`:
+/// `a_caught_panic_with_rust_backtrace_fits_in_the_minimum_stack`).
+pub const STACK_MIN: usize = 32 * 1024;
 
 /// The largest stack [`stackalloc`] hands out: 1 GiB (Go's `maxstacksize`
 /// on 64-bit).

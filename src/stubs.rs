@@ -64,8 +64,11 @@ impl<F: FnOnce() -> R, R> OnceFrame<F, R> {
 /// M rather than on a G, uses it. A backtrace taken inside `f` shows the
 /// G's frames below `systemstack`.
 ///
-/// `f` must not switch goroutines, and must not panic: unwinding cannot
-/// cross the switch, so a panic in `f` aborts the process.
+/// `f` must not switch goroutines, block or panic: a channel, `sync` or
+/// `join` wait in `f` is a fatal error (`blocking on the system stack`),
+/// and so is a panic (unwinding cannot cross the switch; with `std` it is
+/// caught on g0 and reported as `panic on the system stack: <message>`,
+/// naming the goroutine; without `std` it goes to the panic handler).
 ///
 /// # Panics
 ///
@@ -82,11 +85,30 @@ impl<F: FnOnce() -> R, R> OnceFrame<F, R> {
 ///     });
 /// }
 /// ```
+#[track_caller]
 pub fn systemstack<R>(f: impl FnOnce() -> R) -> R {
     assert!(
         !getg().is_null(),
         "gokernel::systemstack called on a thread that is not a gokernel M"
     );
+    // A panic cannot unwind across the switch to g0 and back (the unwinder
+    // stops there: "failed to initiate panic"): catch it on g0 and make it
+    // a named fatal error.
+    #[cfg(feature = "std")]
+    let f = move || match std::panic::catch_unwind(core::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| {
+                    p.downcast_ref::<alloc::string::String>()
+                        .map(|s| s.as_str())
+                })
+                .unwrap_or("(a payload that is not a string)");
+            crate::panic::throw_on_system_stack(&alloc::format!("panic on the system stack: {msg}"))
+        }
+    };
     let mut frame = OnceFrame::new(f);
     // SAFETY: the frame lives on this stack until systemstack returns; the
     // current G belongs to this thread's M (checked non-null above, and

@@ -99,6 +99,10 @@ impl<T> Mutex<T> {
 impl<T: ?Sized> Mutex<T> {
     /// Locks, waiting as long as it takes (Go's `Lock`).
     pub fn lock(&self) -> MutexGuard<'_, T> {
+        // Who uses it (one load in the common case): a goroutine of
+        // another runtime waiting for a holder from here is then no
+        // deadlock of its runtime (see `SpinLock::note`).
+        self.q.note();
         // Acquire: the previous holder's writes to the data are visible.
         if self
             .state
@@ -112,6 +116,8 @@ impl<T: ?Sized> Mutex<T> {
 
     /// Locks if that can be done without waiting (Go's `TryLock`).
     pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        // As in `lock`.
+        self.q.note();
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
             if s & (LOCKED | HANDOFF) != 0 {
@@ -334,12 +340,23 @@ impl WaitGroup {
     /// # Panics
     ///
     /// If the count would go negative, with Go's message
-    /// `sync: negative WaitGroup counter` (the count is left unchanged).
+    /// `sync: negative WaitGroup counter`, or above `i64::MAX`, with
+    /// `sync: WaitGroup counter overflow`; the count is left unchanged and
+    /// the group stays usable.
     pub fn add(&self, delta: i64) {
         self.q.lock();
         // SAFETY: under q.
         let st = unsafe { &mut *self.st.get() };
-        let count = st.count + delta;
+        // Checked, and the lock released before any panic: a panic under
+        // `q` would leave it held, and every later call spinning.
+        let Some(count) = st.count.checked_add(delta) else {
+            // SAFETY: we hold q.
+            unsafe { self.q.unlock() };
+            if delta < 0 {
+                panic!("sync: negative WaitGroup counter");
+            }
+            panic!("sync: WaitGroup counter overflow");
+        };
         if count < 0 {
             // SAFETY: we hold q.
             unsafe { self.q.unlock() };
@@ -555,8 +572,8 @@ impl core::fmt::Debug for Once {
 }
 
 // A panic cannot leave these half-changed: their state changes under
-// their lock in steps that do not panic (a negative WaitGroup count is
-// refused before it is stored; a panicking `Once` function still marks it
+// their lock in steps that do not panic (a negative or overflowing WaitGroup
+// count is refused before it is stored; a panicking `Once` function still marks it
 // done). A `Mutex` is not marked: without poisoning, data left half
 // changed by a panic would be seen by the next holder.
 impl core::panic::RefUnwindSafe for WaitGroup {}

@@ -612,6 +612,7 @@ pub(crate) fn cleartimers(sched: &Sched) {
 /// # Panics
 ///
 /// Outside a goroutine of a scheduler.
+#[track_caller]
 fn cursched(what: &str) -> *const Sched {
     let gp = crate::proc::require_user_g(what);
     // SAFETY: a user G of a scheduler has a live M with that scheduler.
@@ -631,9 +632,13 @@ fn deadline(sched: &Sched, d: Duration) -> u64 {
 /// `sleep(Duration::ZERO)` yields instead, like [`gosched`](crate::proc::gosched).
 /// How late it wakes depends on the Ms: see the module docs' limits.
 ///
+/// On a plain thread (not a goroutine) it blocks the thread with
+/// `std::thread::sleep`, as channel operations do there.
+///
 /// # Panics
 ///
-/// Outside a goroutine of a gokernel runtime.
+/// On a plain thread without the `std` feature (the crate cannot put an
+/// arbitrary thread to sleep), or on an M's own stack (g0).
 ///
 /// # Example
 ///
@@ -650,7 +655,22 @@ fn deadline(sched: &Sched, d: Duration) -> u64 {
 /// assert!(slept.unwrap() >= Duration::from_millis(20));
 /// # }
 /// ```
+#[track_caller]
 pub fn sleep(d: Duration) {
+    if getg().is_null() {
+        // A plain thread (not an M): channels work there, so sleep does
+        // too, by blocking the thread.
+        #[cfg(feature = "std")]
+        {
+            std::thread::sleep(d);
+            return;
+        }
+        #[cfg(not(feature = "std"))]
+        panic!(
+            "gokernel::sleep called outside a goroutine of a gokernel runtime: \
+             without the std feature a plain thread cannot be put to sleep"
+        );
+    }
     // SAFETY: a goroutine's scheduler outlives it.
     let sched = unsafe { &*cursched("sleep") };
     if d.is_zero() {
@@ -708,9 +728,16 @@ unsafe fn resetforsleep(gp: *mut G, arg: *mut ()) -> bool {
 /// assert_eq!(woken, Ok(true));
 /// # }
 /// ```
+#[track_caller]
 pub fn after_func(d: Duration, f: impl FnOnce() + Send + 'static) {
+    after_func_as("after_func", d, f);
+}
+
+/// [`after_func`], naming `what` when called outside a goroutine.
+#[track_caller]
+fn after_func_as(what: &str, d: Duration, f: impl FnOnce() + Send + 'static) {
     // SAFETY: a goroutine's scheduler outlives it.
-    let sched = unsafe { &*cursched("after_func") };
+    let sched = unsafe { &*cursched(what) };
     addtimer(sched, deadline(sched, d), TimerFn::Call(Box::new(f)));
 }
 
@@ -740,10 +767,11 @@ pub fn after_func(d: Duration, f: impl FnOnce() + Send + 'static) {
 /// assert_eq!(timed_out, Ok(true));
 /// # }
 /// ```
+#[track_caller]
 pub fn after(d: Duration) -> crate::chan::Chan<()> {
     let c = crate::chan::chan::<()>(1);
     let tx = c.clone();
-    after_func(d, move || {
+    after_func_as("after", d, move || {
         // Room for one value, and only this timer sends: never blocks.
         let _ = tx.try_send(());
     });

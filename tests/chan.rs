@@ -251,8 +251,9 @@ fn plain_threads_and_goroutines_talk_over_channels_both_ways() {
             sum
         }
     });
-    // `block_on` would call this a deadlock (it assumes only goroutines
-    // wake goroutines); `spawn` + `join` waits as long as it takes.
+    // `spawn` + `join` waits as long as it takes (`block_on` would too
+    // here, since the channels were made on this thread: see
+    // docs/failures.md, Deadlock).
     r.spawn(move || {
         for v in &a {
             b.send(v * 2).unwrap();

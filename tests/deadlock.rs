@@ -92,3 +92,65 @@ fn unparking_a_goroutine_of_a_dropped_runtime_does_nothing() {
     handle.unpark(); // must not touch it
     handle.unpark();
 }
+
+/// Runtime B's goroutine sends (or unlocks) after a delay, while runtime
+/// A's only goroutine waits: A must wait for it, not report a deadlock.
+#[test]
+fn a_wait_on_a_channel_or_mutex_another_runtime_uses_is_not_a_deadlock() {
+    let r = within_a_minute(|| {
+        let a = Runtime::builder().procs(1).build().unwrap();
+        let b = Runtime::builder().procs(1).build().unwrap();
+        // A channel made on this plain thread.
+        let ch = gokernel::chan::<u32>(0);
+        let tx = ch.clone();
+        let h = b.spawn(move || {
+            gokernel::sleep(Duration::from_millis(50));
+            tx.send(7).unwrap();
+        });
+        let got = a.block_on(move || ch.recv().unwrap());
+        h.join().unwrap();
+        // A channel made inside runtime B, received on in runtime A.
+        let (stx, srx) = mpsc::channel();
+        let h = b.spawn(move || {
+            let ch = gokernel::chan::<u32>(0);
+            stx.send(ch.clone()).unwrap();
+            gokernel::sleep(Duration::from_millis(50));
+            ch.send(8).unwrap();
+        });
+        let ch = srx.recv().unwrap();
+        let got2 = a.block_on(move || ch.recv().unwrap());
+        h.join().unwrap();
+        // A Mutex held by runtime B's goroutine while A's waits for it.
+        let m = std::sync::Arc::new(gokernel::sync::Mutex::new(0));
+        let (m1, m2) = (m.clone(), m.clone());
+        let (ltx, lrx) = mpsc::channel();
+        let h = b.spawn(move || {
+            let mut g = m1.lock();
+            ltx.send(()).unwrap();
+            gokernel::sleep(Duration::from_millis(50));
+            *g += 1;
+        });
+        lrx.recv().unwrap();
+        let got3 = a.block_on(move || *m2.lock());
+        h.join().unwrap();
+        (got, got2, got3)
+    });
+    assert_eq!(r, (Ok(7), Ok(8), Ok(1)));
+}
+
+#[test]
+fn a_wait_on_a_channel_only_this_runtime_uses_is_still_a_deadlock() {
+    let r = within_a_minute(|| {
+        let a = Runtime::builder().procs(2).build().unwrap();
+        a.block_on(|| {
+            let ch = gokernel::chan::<u32>(0);
+            let m = std::sync::Arc::new(gokernel::sync::Mutex::new(0));
+            let held = m.lock();
+            let m2 = m.clone();
+            gokernel::go(move || drop(m2.lock()));
+            let _ = ch.recv();
+            drop(held);
+        })
+    });
+    assert_eq!(r, Err(Deadlock));
+}

@@ -182,7 +182,7 @@ fn an_unguarded_runtime_runs_without_using_guarded_stacks() {
             matches!(e.0, StackError::GuardedStacksExhausted { .. }),
             "{e}"
         );
-        // SAFETY: these goroutines use a few hundred bytes of their 16 KiB.
+        // SAFETY: these goroutines use a few hundred bytes of their 32 KiB (STACK_MIN).
         let builder = unsafe { Runtime::builder().unguarded_stacks() };
         let rt = builder.procs(2).stack_size(STACK_MIN).build().unwrap();
         let live = guarded_stacks_live();

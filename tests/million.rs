@@ -29,7 +29,7 @@ fn a_million_goroutines_park_at_once_then_all_wake_and_finish() {
         builder
     } else {
         // SAFETY: these goroutines push a handle and park: a few hundred
-        // bytes of their 16 KiB stacks.
+        // bytes of their 32 KiB stacks.
         unsafe { builder.unguarded_stacks() }
     };
     let rt = builder.build().unwrap();

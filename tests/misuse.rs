@@ -160,3 +160,184 @@ fn gogo_on_a_gobuf_with_no_g_is_fatal() {
     let c = run_crash_child("gogo_on_a_gobuf_with_no_g_is_fatal");
     assert_aborted_with(&c, &["fatal error: gogo on a Gobuf whose g is null"]);
 }
+
+/// Where the last panic on this thread was raised (set by the hook that
+/// [`misuse_panics_point_at_the_callers_line_not_into_gokernel`] installs).
+fn panic_site(f: impl FnOnce()) -> (String, u32, String) {
+    thread_local! {
+        static SITE: std::cell::RefCell<Option<(String, u32)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let l = info.location().unwrap();
+        SITE.with(|s| *s.borrow_mut() = Some((l.file().to_string(), l.line())));
+    }));
+    let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .expect_err("the call should have panicked");
+    let _ = std::panic::take_hook();
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    let (file, line) = SITE.with(|s| s.borrow_mut().take()).expect("no panic site");
+    (file, line, msg)
+}
+
+#[test]
+// Closures, not fn items: a fn item passed on would be called from core.
+#[allow(clippy::redundant_closure)]
+fn misuse_panics_point_at_the_callers_line_not_into_gokernel() {
+    if !in_crash_child() {
+        // In a child: the panic hook is process-wide.
+        common::run_child_ok("misuse_panics_point_at_the_callers_line_not_into_gokernel");
+        return;
+    }
+    use std::time::Duration;
+    // The calls, each named as its message names it.
+    let first = line!();
+    type Call = (&'static str, Box<dyn FnOnce()>);
+    let calls: Vec<Call> = vec![
+        ("go", Box::new(|| gokernel::go(|| ()))),
+        ("spawn", Box::new(|| drop(gokernel::spawn(|| ())))),
+        ("try_spawn", Box::new(|| drop(gokernel::try_spawn(|| ())))),
+        (
+            "spawn_locked",
+            Box::new(|| drop(gokernel::spawn_locked(|| ()))),
+        ),
+        ("current", Box::new(|| drop(gokernel::current()))),
+        ("park", Box::new(|| gokernel::park())),
+        ("gosched", Box::new(|| gokernel::gosched())),
+        (
+            "num_goroutine",
+            Box::new(|| {
+                let _ = gokernel::num_goroutine();
+            }),
+        ),
+        ("stats", Box::new(|| drop(gokernel::stats()))),
+        ("lock_os_thread", Box::new(|| gokernel::lock_os_thread())),
+        (
+            "unlock_os_thread",
+            Box::new(|| gokernel::unlock_os_thread()),
+        ),
+        (
+            "after",
+            Box::new(|| drop(gokernel::after(Duration::from_millis(1)))),
+        ),
+        (
+            "after_func",
+            Box::new(|| gokernel::time::after_func(Duration::from_millis(1), || ())),
+        ),
+        (
+            "chan",
+            Box::new(|| drop(gokernel::chan::<[u8; 4096]>(usize::MAX / 2))),
+        ),
+        ("systemstack", Box::new(|| systemstack(|| ()))),
+    ];
+    let last = line!();
+    for (name, f) in calls {
+        let (file, at, msg) = panic_site(f);
+        assert!(
+            (msg.contains(&format!("gokernel::{name} "))
+                || msg.contains(&format!("gokernel::{name}: "))),
+            "{name}: the message does not name it: {msg:?}"
+        );
+        assert_eq!(file, file!(), "{name} (line {at}): {msg:?}");
+        assert!(
+            first < at && at < last,
+            "{name}: line {at} is not a call above: {msg:?}"
+        );
+    }
+    // block_on from a goroutine.
+    let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+    let (file, at, msg) = rt
+        .block_on(|| {
+            let inner = gokernel::Runtime::builder().procs(1).build().unwrap();
+            let line = line!() + 2; // the block_on call below
+            let (f, at, msg) = panic_site(|| {
+                let _ = inner.block_on(|| ());
+            });
+            (f, at - line, msg)
+        })
+        .unwrap();
+    assert!(msg.contains("block_on"), "{msg:?}");
+    assert_eq!((file.as_str(), at), (file!(), 0), "block_on: {msg:?}");
+}
+
+#[test]
+fn a_timer_callback_that_blocks_on_a_channel_is_fatal_naming_the_m() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+        let _ = rt.block_on(|| {
+            let c = gokernel::chan::<u32>(0);
+            gokernel::time::after_func(std::time::Duration::from_millis(1), move || {
+                let _ = c.recv(); // nobody sends: this would sleep the M
+            });
+            gokernel::sleep(std::time::Duration::from_secs(20));
+        });
+        unreachable!("the runtime went on after blocking on the system stack");
+    }
+    let c = run_crash_child("a_timer_callback_that_blocks_on_a_channel_is_fatal_naming_the_m");
+    assert_aborted_with(
+        &c,
+        &["fatal error: blocking on the system stack", "(g0 of m "],
+    );
+}
+
+#[test]
+fn a_systemstack_closure_that_waits_for_a_mutex_is_fatal_naming_the_goroutine() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+        let _ = rt.block_on(|| {
+            let m = std::sync::Arc::new(gokernel::sync::Mutex::new(0));
+            let held = m.lock();
+            let m2 = m.clone();
+            gokernel::spawn(move || systemstack(|| *m2.lock() += 1))
+                .join()
+                .ok();
+            drop(held);
+        });
+        unreachable!("the runtime went on after blocking on the system stack");
+    }
+    let c = run_crash_child(
+        "a_systemstack_closure_that_waits_for_a_mutex_is_fatal_naming_the_goroutine",
+    );
+    assert_aborted_with(
+        &c,
+        &["fatal error: blocking on the system stack", "(goroutine "],
+    );
+}
+
+#[test]
+fn a_systemstack_closure_that_joins_a_goroutine_is_fatal() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+        let _ = rt.block_on(|| {
+            let h = gokernel::spawn(|| gokernel::sleep(std::time::Duration::from_secs(20)));
+            systemstack(move || h.join().ok());
+        });
+        unreachable!("the runtime went on after blocking on the system stack");
+    }
+    let c = run_crash_child("a_systemstack_closure_that_joins_a_goroutine_is_fatal");
+    assert_aborted_with(
+        &c,
+        &["fatal error: blocking on the system stack", "(goroutine "],
+    );
+}
+
+#[test]
+fn a_panic_in_a_systemstack_closure_is_fatal_with_its_message() {
+    if in_crash_child() {
+        let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+        let _ = rt.block_on(|| systemstack(|| panic!("boom on g0")));
+        unreachable!("the runtime went on after a panic on the system stack");
+    }
+    let c = run_crash_child("a_panic_in_a_systemstack_closure_is_fatal_with_its_message");
+    assert_aborted_with(
+        &c,
+        &[
+            "fatal error: panic on the system stack: boom on g0",
+            "(goroutine ",
+        ],
+    );
+}

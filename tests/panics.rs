@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_aborted_with, in_crash_child, run_crash_child};
+use common::{assert_aborted_with, in_crash_child, run_child_ok_with_env, run_crash_child};
 use gokernel::Runtime;
 
 #[test]
@@ -95,4 +95,35 @@ fn a_panic_in_the_main_goroutine_is_resumed_by_block_on() {
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"main boom"));
     // The runtime goes on.
     assert_eq!(rt.block_on(|| 5).unwrap(), 5);
+}
+
+#[test]
+fn a_caught_panic_with_rust_backtrace_fits_in_the_minimum_stack() {
+    if in_crash_child() {
+        // Printing a panic with a backtrace (std's hook, on the goroutine's
+        // stack) is the deepest thing an ordinary caught panic does.
+        let rt = Runtime::builder()
+            .procs(1)
+            .stack_size(gokernel::stack::STACK_MIN)
+            .build()
+            .unwrap();
+        let r = rt.block_on(|| {
+            gokernel::spawn(|| panic!("caught on the smallest stack"))
+                .join()
+                .is_err()
+        });
+        assert_eq!(r, Ok(true));
+        return;
+    }
+    for bt in ["1", "full"] {
+        let c = run_child_ok_with_env(
+            "a_caught_panic_with_rust_backtrace_fits_in_the_minimum_stack",
+            &[("RUST_BACKTRACE", bt)],
+        );
+        assert!(
+            c.stderr.contains("caught on the smallest stack"),
+            "RUST_BACKTRACE={bt}: stderr:\n{}",
+            c.stderr
+        );
+    }
 }

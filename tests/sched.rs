@@ -285,6 +285,50 @@ fn an_unpark_before_park_is_not_lost() {
     .unwrap();
 }
 
+#[test]
+fn join_leaves_the_goroutines_park_token_alone() {
+    for procs in [1, 2] {
+        let r = rt(procs).block_on(|| {
+            let me = gokernel::current();
+            me.unpark();
+            // The join has to wait (the goroutine sleeps first); it must
+            // not take our token for its own wake-up.
+            let h = gokernel::spawn(|| {
+                gokernel::sleep(Duration::from_millis(20));
+                7
+            });
+            assert_eq!(h.join().unwrap(), 7);
+            gokernel::park(); // returns at once: the token is still there
+        });
+        assert_eq!(
+            r,
+            Ok(()),
+            "the park token was consumed by join ({procs} procs)"
+        );
+    }
+}
+
+#[test]
+fn join_from_a_plain_thread_leaves_its_park_token_alone() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = rt(2);
+        std::thread::current().unpark();
+        let h = r.spawn(|| {
+            gokernel::sleep(Duration::from_millis(20));
+            7
+        });
+        assert_eq!(h.join().unwrap(), 7);
+        std::thread::park(); // returns at once: the token is still there
+        tx.send(()).unwrap();
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20)),
+        Ok(()),
+        "the thread's park token was consumed by join"
+    );
+}
+
 /// Spawns a G that publishes its handle and then runs `body`; returns the
 /// join handle and, once it is up, the G's handle.
 fn spawn_with_handle(
@@ -424,11 +468,31 @@ fn builder_rejects_bad_procs_and_stack_sizes_naming_the_bound() {
         }
     );
     let e = Runtime::builder().stack_size(1000).build().err().unwrap();
-    assert!(e.to_string().contains("minimum of 16384"), "{e}");
-    let e = Runtime::builder().stack_size(20_000).build().err().unwrap();
+    assert!(e.to_string().contains("minimum of 32768"), "{e}");
+}
+
+#[test]
+fn builder_rounds_a_stack_size_up_to_a_whole_page() {
+    let r = Runtime::builder()
+        .procs(1)
+        .stack_size(40_000)
+        .build()
+        .expect("a stack size that is not a page multiple is rounded up");
+    let size = r
+        .block_on(|| {
+            // SAFETY: getg() is the running goroutine.
+            let s = unsafe { (*getg()).stack() };
+            s.hi() - s.lo()
+        })
+        .unwrap();
+    assert_eq!(size, 40_960);
+    // Rounded before the bounds are checked: just under the minimum is
+    // the minimum.
     assert!(
-        e.to_string().contains("multiple of the 4096-byte page"),
-        "{e}"
+        Runtime::builder()
+            .stack_size(gokernel::stack::STACK_MIN - 100)
+            .build()
+            .is_ok()
     );
 }
 

@@ -285,6 +285,84 @@ fn the_same_channel_in_two_receive_cases_fires_once_and_leaves_no_sudog() {
         .unwrap();
 }
 
+/// Go's TestPseudoRandomSend: a select with two send cases on the same
+/// channel (`c <- 1`, `c <- 0`); a receiver that arrives after the select
+/// has queued (it yields first) must find either case with fair odds, not
+/// always the first one queued.
+#[test]
+fn a_waiting_select_with_two_sends_on_one_channel_fires_either_at_random() {
+    let n = 100;
+    for procs in [1, 2] {
+        for cap in [0, n] {
+            let counts = rt(procs)
+                .block_on(move || {
+                    let c = chan::<usize>(cap);
+                    let rx = c.clone();
+                    let h = gokernel::spawn(move || {
+                        (0..n)
+                            .map(|_| {
+                                gokernel::gosched();
+                                rx.recv().unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    for _ in 0..n {
+                        select! {
+                            send(c, 1) -> r => r.unwrap(),
+                            send(c, 0) -> r => r.unwrap(),
+                        }
+                    }
+                    let l = h.join().unwrap();
+                    let ones = l.iter().sum::<usize>();
+                    (n - ones, ones)
+                })
+                .unwrap();
+            let (zeros, ones) = counts;
+            assert!(
+                zeros > n / 10 && ones > n / 10,
+                "want pseudorandom, got {zeros} zeros and {ones} ones \
+                 (chan cap {cap}, {procs} procs)"
+            );
+        }
+    }
+}
+
+/// A value whose `Drop` uses the channel it came from (takes its lock).
+struct TouchesItsChannel(Chan<TouchesItsChannel>);
+
+impl Drop for TouchesItsChannel {
+    fn drop(&mut self) {
+        let _ = self.0.len();
+    }
+}
+
+#[test]
+fn a_reused_receive_case_drops_its_old_value_outside_the_channel_lock() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = rt(1).block_on(|| {
+            let c = chan::<TouchesItsChannel>(2);
+            c.send(TouchesItsChannel(c.clone())).unwrap();
+            c.send(TouchesItsChannel(c.clone())).unwrap();
+            let mut case = RecvCase::new(&c);
+            assert_eq!(Select::new().case(&mut case).wait(), 0);
+            // The case still holds the first value; reusing it drops that
+            // value, whose Drop locks the channel.
+            assert_eq!(Select::new().case(&mut case).wait(), 0);
+            let v = case.finish().unwrap();
+            // Break the cycle the value holds.
+            drop(v);
+            c.len()
+        });
+        tx.send(r).unwrap();
+    });
+    assert_eq!(
+        rx.recv_timeout(std::time::Duration::from_secs(20)),
+        Ok(Ok(0)),
+        "the select hung: the old value was dropped under the channel's lock"
+    );
+}
+
 #[test]
 fn an_empty_select_waits_forever_and_is_a_deadlock_alone() {
     let r = rt(1).block_on(|| {

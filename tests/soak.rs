@@ -139,7 +139,7 @@ fn soak_random_park_unpark_gosched_spawn_accounts_for_every_goroutine() {
         builder
     } else {
         // SAFETY: the workers park, yield and spawn: a few KiB of their
-        // 16 KiB stacks.
+        // 32 KiB stacks.
         unsafe { builder.unguarded_stacks() }
     };
     let rt = builder.build().unwrap();

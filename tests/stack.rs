@@ -66,7 +66,7 @@ fn malg_rejects_bad_stack_sizes_with_a_typed_error() {
     );
     assert_eq!(check_stack_size(STACK_MIN), Ok(()));
     let msg = StackError::TooSmall { size: 4096 }.to_string();
-    assert!(msg.contains("minimum of 16384"), "{msg}");
+    assert!(msg.contains("minimum of 32768"), "{msg}");
 }
 
 #[test]

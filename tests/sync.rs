@@ -230,6 +230,32 @@ fn waitgroup_counter_going_negative_panics_with_gos_message() {
 }
 
 #[test]
+fn waitgroup_counter_overflow_panics_saying_so_and_leaves_the_group_usable() {
+    let wg = Arc::new(WaitGroup::new());
+    wg.add(i64::MAX);
+    let err = std::panic::catch_unwind(|| wg.add(1)).unwrap_err();
+    let msg = err
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| err.downcast_ref::<String>().map(|s| s.as_str()))
+        .unwrap_or("<not a string>")
+        .to_string();
+    assert_eq!(msg, "sync: WaitGroup counter overflow");
+    // The lock was released: the next call returns (the old code spun
+    // forever here), with the count unchanged.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let w = wg.clone();
+    std::thread::spawn(move || tx.send(w.count()).unwrap());
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)),
+        Ok(i64::MAX),
+        "the WaitGroup stayed locked after the overflow panic"
+    );
+    wg.add(-i64::MAX);
+    wg.wait();
+}
+
+#[test]
 fn once_runs_its_function_once_and_everyone_sees_it_done() {
     rt(2)
         .block_on(|| {

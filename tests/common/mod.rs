@@ -91,10 +91,16 @@ pub struct Crash {
 /// Re-runs the test `name` (of this test binary) in a child process with
 /// [`in_crash_child`] true, and returns how it ended.
 pub fn run_crash_child(name: &str) -> Crash {
+    run_crash_child_with_env(name, &[])
+}
+
+/// [`run_crash_child`] with extra environment variables for the child.
+pub fn run_crash_child_with_env(name: &str, env: &[(&str, &str)]) -> Crash {
     use std::os::unix::process::ExitStatusExt;
     let out = Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
+        .envs(env.iter().copied())
         .output()
         .expect("spawn the crash child");
     Crash {
@@ -168,7 +174,12 @@ pub fn mappings() -> usize {
 /// a test that changes process-wide state or counts the process's
 /// mappings, and asserts that the child passed.
 pub fn run_child_ok(name: &str) -> Crash {
-    let c = run_crash_child(name);
+    run_child_ok_with_env(name, &[])
+}
+
+/// [`run_child_ok`] with extra environment variables for the child.
+pub fn run_child_ok_with_env(name: &str, env: &[(&str, &str)]) -> Crash {
+    let c = run_crash_child_with_env(name, env);
     assert_eq!(
         c.code,
         Some(0),
