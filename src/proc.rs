@@ -1175,6 +1175,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     // SAFETY: gp is dead or new: nobody else refers to it.
     unsafe {
         (*gp).goid = newgoid();
+        (*gp).force = crate::teardown::FORCE_NONE;
         // Scheduler Gs come from malg, with a stack of at least STACK_MIN.
         gostartcall(gp, f);
     }
