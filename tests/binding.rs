@@ -424,22 +424,24 @@ fn a_goroutine_woken_from_another_thread_resumes_on_its_own() {
 #[test]
 fn a_locked_goroutines_neighbours_wait_for_the_unlock_and_then_run_on_their_thread() {
     within(60, "neighbours of a locked goroutine", || {
-        let rt = Runtime::builder().procs(2).build().unwrap();
+        // One P: the neighbour starts on the main goroutine's thread when
+        // main parks (with two, an idle thread could take it first).
+        let rt = Runtime::builder().procs(1).build().unwrap();
         rt.block_on(|| {
             let t = tid();
             // A neighbour: started here, so bound to this thread.
             let ran = Arc::new(AtomicBool::new(false));
             let r = ran.clone();
-            let handle = gokernel::chan::<gokernel::Goroutine>(1);
+            let handle = gokernel::chan::<(gokernel::Goroutine, i64)>(1);
             let hc = handle.clone();
             let neighbour = gokernel::spawn(move || {
-                hc.send(gokernel::current()).unwrap();
+                hc.send((gokernel::current(), tid())).unwrap();
                 gokernel::park(); // until the main goroutine unparks it
                 r.store(true, Ordering::SeqCst);
                 tid()
             });
-            // The neighbour has started (on this thread).
-            let h = handle.recv().unwrap();
+            let (h, started_on) = handle.recv().unwrap();
+            assert_eq!(started_on, t, "the neighbour started on another thread");
             gokernel::lock_os_thread();
             // Ready the neighbour, then let time pass: while locked, it
             // must not run on this thread, and cannot run elsewhere.
