@@ -53,7 +53,7 @@ use crate::runtime2::G;
 /// It spins; with `std`, a thread that spins long yields its CPU (the
 /// holder may be a thread the OS preempted).
 ///
-/// It also records who uses the object it guards ([`note`](Self::note)):
+/// It also records who uses the object it guards (`note`):
 /// one runtime, or several runtimes or plain threads ("shared"). A
 /// goroutine that waits on a shared object counts as an external wait of
 /// its runtime (`Sched::external_waits`), so that runtime's deadlock check
