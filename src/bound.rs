@@ -232,6 +232,29 @@ pub(crate) unsafe fn givep(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) {
     }
 }
 
+/// `mp`, which holds no P, has a G of its own to run (only it can):
+/// takes an idle P (true), or else goes on `mwantp` to wait for one
+/// (false: the caller sleeps on its note). Under the lock.
+///
+/// # Safety
+///
+/// On `mp`'s thread, with `mp.sleeping` already stored (SeqCst) and the
+/// G found runnable after that.
+pub(crate) unsafe fn takep_or_wait(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
+    let pp = crate::proc::pidleget(sl, sched);
+    if pp.is_null() {
+        wantpput(sl, sched, mp);
+        return false;
+    }
+    // SAFETY: the contract: mp is ours and holds no P; pp came off the
+    // idle list.
+    unsafe {
+        (*mp).sleeping.store(AWAKE, Ordering::Relaxed);
+        crate::proc::acquirep(mp, pp);
+    }
+    true
+}
+
 /// Puts `mp`, which has runnable bound Gs and no P, on `mwantp`. Under
 /// the lock, with no P idle.
 pub(crate) fn wantpput(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) {

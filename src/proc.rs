@@ -633,13 +633,9 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
             if crate::bound::has_bound_work(mp) {
                 // Gs of this M's own are runnable: only this M can run
                 // them, so it waits for a P instead of for work.
-                let pp = pidleget(&mut sl, sched);
-                if !pp.is_null() {
-                    (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
-                    acquirep(mp, pp);
+                if crate::bound::takep_or_wait(&mut sl, sched, mp) {
                     return true;
                 }
-                crate::bound::wantpput(&mut sl, sched, mp);
             } else {
                 mput(&mut sl, mp);
             }
@@ -953,13 +949,9 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
                 // M's half of the wake-up argument (bound.rs).
                 (*mp).sleeping.store(crate::bound::LOCKED, Ordering::SeqCst);
                 if crate::bound::locked_runnable(gp) {
-                    let pp = pidleget(&mut sl, sched);
-                    if !pp.is_null() {
-                        (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
-                        acquirep(mp, pp);
+                    if crate::bound::takep_or_wait(&mut sl, sched, mp) {
                         return true;
                     }
-                    crate::bound::wantpput(&mut sl, sched, mp);
                 } else {
                     (*mp).lockedsleep = true;
                     sl.nmidlelocked += 1;
@@ -976,7 +968,7 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
 /// # Safety
 ///
 /// `pp` is an idle P no M holds; `mp` holds none.
-unsafe fn acquirep(mp: *mut M, pp: *mut P) {
+pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
     // SAFETY: the contract: nobody else holds pp.
     unsafe {
         debug_assert!(

@@ -13,23 +13,15 @@ mod common;
 use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{in_crash_child, run_crash_child};
+use common::{in_crash_child, run_crash_child, within};
 use gokernel::Runtime;
 
 fn tid() -> i64 {
     // SAFETY: gettid takes no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) }
-}
-
-/// Runs `f` on a thread; fails the test if it takes over `secs` seconds.
-fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || tx.send(f()).unwrap());
-    rx.recv_timeout(Duration::from_secs(secs))
-        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
 }
 
 /// Runs the test `name` in a child process and asserts it exited cleanly:

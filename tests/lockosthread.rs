@@ -3,11 +3,13 @@
 //! parks; locks nest; a locked goroutine that exits, deadlocks or is left
 //! parked at shutdown leaves the runtime in order.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::within;
 use gokernel::{Deadlock, Runtime, getg};
 
 fn rt(procs: usize) -> Runtime {
@@ -36,14 +38,6 @@ fn valgrind() -> bool {
 /// thread switches (10,000 rounds took from 15 s to 12 minutes there).
 fn rounds(n: usize) -> usize {
     if valgrind() { n / 50 } else { n }
-}
-
-/// Runs `f` on a thread; fails the test if it takes over `secs` seconds.
-fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || tx.send(f()).unwrap());
-    rx.recv_timeout(Duration::from_secs(secs))
-        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
 }
 
 /// `n` goroutines that yield in a loop until `stop`, keeping every P busy.
@@ -242,7 +236,7 @@ fn shutdown_with_a_locked_goroutine_parked_forever_returns_promptly() {
     for procs in [1, 2] {
         within(30, "dropping the runtime", move || {
             let r = rt(procs);
-            let (tx, rx) = mpsc::channel();
+            let (tx, rx) = std::sync::mpsc::channel();
             r.spawn(move || {
                 gokernel::lock_os_thread();
                 tx.send(()).unwrap();

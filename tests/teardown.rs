@@ -6,11 +6,11 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use common::{assert_aborted_with, in_crash_child, run_crash_child};
+use common::{assert_aborted_with, in_crash_child, run_crash_child, within};
 use gokernel::{Runtime, RuntimeDropped, chan};
 
 /// Counts its drops.
@@ -31,14 +31,6 @@ fn tid() -> i64 {
     unsafe { libc::syscall(libc::SYS_gettid) }
 }
 
-/// Runs `f` on a thread; fails the test if it takes over `secs` seconds.
-fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || tx.send(f()).unwrap());
-    rx.recv_timeout(Duration::from_secs(secs))
-        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
-}
-
 /// Waits until `n` goroutines of `rt` are parked.
 fn wait_parked(rt: &Runtime, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -46,6 +38,28 @@ fn wait_parked(rt: &Runtime, n: usize) {
         assert!(Instant::now() < deadline, "{n} goroutines never parked");
         std::thread::yield_now();
     }
+}
+
+/// Starts a goroutine that holds the only P of `r` spinning, without
+/// yielding, until the returned flag is set; returns once it spins.
+fn spin_the_only_p(r: &Runtime) -> (Arc<AtomicBool>, gokernel::JoinHandle<()>) {
+    let (spinning, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (s2, st2) = (spinning.clone(), stop.clone());
+    let h = r.spawn(move || {
+        s2.store(true, Ordering::SeqCst);
+        while !st2.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spinning.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the spinner never ran");
+        std::thread::yield_now();
+    }
+    (stop, h)
 }
 
 #[test]
@@ -125,22 +139,7 @@ fn a_goroutine_woken_in_a_select_but_not_run_leaves_no_entry_on_the_other_channe
         }));
         wait_parked(&r, 1);
         // The only P spins until told, so the selector, once woken, waits.
-        let (spinning, stop) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (s2, st2) = (spinning.clone(), stop.clone());
-        drop(r.spawn(move || {
-            s2.store(true, Ordering::SeqCst);
-            while !st2.load(Ordering::SeqCst) {
-                std::hint::spin_loop();
-            }
-        }));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !spinning.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "the spinner never ran");
-            std::thread::yield_now();
-        }
+        let (stop, _spinner) = spin_the_only_p(&r);
         a.send(1).unwrap(); // wakes the selector; it cannot run yet
         stop.store(true, Ordering::SeqCst);
         within(60, "dropping the runtime", move || drop(r));
@@ -156,22 +155,7 @@ fn join_reports_runtime_dropped_for_goroutines_that_never_finished_or_never_star
     let parked = r.spawn(gokernel::park);
     wait_parked(&r, 1);
     // Spawned from outside with the only P busy: never starts.
-    let (spinning, stop) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let (s2, st2) = (spinning.clone(), stop.clone());
-    let spinner = r.spawn(move || {
-        s2.store(true, Ordering::SeqCst);
-        while !st2.load(Ordering::SeqCst) {
-            std::hint::spin_loop();
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !spinning.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "the spinner never ran");
-        std::thread::yield_now();
-    }
+    let (stop, spinner) = spin_the_only_p(&r);
     let never = r.spawn(|| 5);
     // Stop the spinner from a thread, after the drop has begun.
     std::thread::spawn(move || {

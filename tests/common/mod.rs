@@ -248,3 +248,16 @@ pub fn raise_max_map_count(who: &str) -> bool {
         }
     }
 }
+
+/// Runs `f` on a thread of its own; fails the test (naming `what`) if it
+/// takes over `secs` seconds: a hang becomes a failure, not a stuck run.
+pub fn within<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
+}
