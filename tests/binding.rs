@@ -217,47 +217,60 @@ fn a_panic_that_parks_while_unwinding_leaves_every_threads_panic_count_right() {
 }
 
 #[test]
-fn a_stdout_lock_held_across_a_sleep_excludes_goroutines_of_other_threads() {
+fn a_stdout_lock_held_across_a_sleep_excludes_a_goroutine_of_another_thread() {
     // StdoutLock is a reentrant lock keyed by thread: goroutines of one
     // thread share it (that cannot be helped), but a goroutine of another
-    // thread must wait until every holder on the first has let go. Each
-    // holder counts itself under its thread id when it takes the lock and
-    // when it lets go; taking it while another thread's count is not zero
-    // means two threads were inside at once.
+    // thread must wait until the holder lets go, and the holder must let
+    // go on the thread that took it. Two goroutines, on two threads for
+    // sure (each spins until both run), take turns holding it across a
+    // sleep. (Only one thread ever blocks on the lock: a thread blocked
+    // there keeps its P, so more contenders than Ps could leave the
+    // holder without a P to wake up on.)
     if !in_crash_child() {
         return clean_in_child(
-            "a_stdout_lock_held_across_a_sleep_excludes_goroutines_of_other_threads",
+            "a_stdout_lock_held_across_a_sleep_excludes_a_goroutine_of_another_thread",
         );
     }
-    let inside = Arc::new(Mutex::new(std::collections::HashMap::<i64, i64>::new()));
+    let holder = Arc::new(AtomicU64::new(0)); // the tid inside, or 0
     let overlaps = Arc::new(AtomicU32::new(0));
-    let (ins, ovl) = (inside.clone(), overlaps.clone());
+    let moved = Arc::new(AtomicU32::new(0));
+    let (h2, o2, m2) = (holder.clone(), overlaps.clone(), moved.clone());
     within(
         60,
-        "goroutines holding StdoutLock across sleeps",
+        "two goroutines holding StdoutLock across sleeps",
         move || {
             let rt = Runtime::builder().procs(2).build().unwrap();
             rt.block_on(move || {
-                let hs: Vec<_> = (0..8)
-                    .map(|_| {
-                        let (inside, overlaps) = (ins.clone(), ovl.clone());
+                let running = Arc::new(AtomicU32::new(0));
+                let hs: Vec<_> = (0..2u32)
+                    .map(|i| {
+                        let (holder, overlaps, moved) = (h2.clone(), o2.clone(), m2.clone());
+                        let running = running.clone();
                         gokernel::spawn(move || {
                             use std::io::Write;
-                            for _ in 0..50 {
-                                let mut out = std::io::stdout().lock();
-                                {
-                                    let mut m = inside.lock().unwrap();
-                                    let me = tid();
-                                    if m.iter().any(|(&t, &n)| t != me && n != 0) {
-                                        overlaps.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    *m.entry(me).or_default() += 1;
+                            running.fetch_add(1, Ordering::SeqCst);
+                            while running.load(Ordering::SeqCst) < 2 {
+                                std::hint::spin_loop();
+                            }
+                            for round in 0..20 {
+                                // Out of step: one holds it across its
+                                // sleep while the other, back from a
+                                // shorter one, waits for it.
+                                if round % 2 != i {
+                                    gokernel::sleep(Duration::from_micros(200));
                                 }
-                                gokernel::sleep(Duration::from_micros(100));
+                                let mut out = std::io::stdout().lock();
+                                let me = tid() as u64;
+                                if holder.swap(me, Ordering::SeqCst) != 0 {
+                                    overlaps.fetch_add(1, Ordering::SeqCst);
+                                }
+                                gokernel::sleep(Duration::from_millis(1));
                                 out.write_all(b"").unwrap();
-                                *inside.lock().unwrap().entry(tid()).or_default() -= 1;
+                                if tid() as u64 != me {
+                                    moved.fetch_add(1, Ordering::SeqCst);
+                                }
+                                holder.store(0, Ordering::SeqCst);
                                 drop(out);
-                                gokernel::gosched();
                             }
                         })
                     })
@@ -270,12 +283,13 @@ fn a_stdout_lock_held_across_a_sleep_excludes_goroutines_of_other_threads() {
         },
     );
     assert_eq!(
-        overlaps.load(Ordering::Relaxed),
+        overlaps.load(Ordering::SeqCst),
         0,
-        "goroutines of two threads held the StdoutLock at once"
+        "two threads held the StdoutLock at once"
     );
-    assert!(
-        inside.lock().unwrap().values().all(|&n| n == 0),
+    assert_eq!(
+        moved.load(Ordering::SeqCst),
+        0,
         "a StdoutLock was let go on another thread than the one that took it"
     );
 }
