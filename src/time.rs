@@ -565,12 +565,20 @@ pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
         unsafe { (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed) };
         match woke {
             Woke::Stopping => return Polled::Stopping,
-            // stopm, next, finds this M's Gs and gets a P for them.
-            Woke::Home => return Polled::Nothing,
             // Scan again: a timer whose adder saw POLL_PENDING (and only
             // woke us) is seen now.
             Woke::Empty => continue,
-            Woke::Due => {
+            // A G of this M's own became runnable (Home), or a timer is
+            // due: take an idle P as a spinning M, as Due always did. For
+            // Home this matters as much: the timers we leave behind are
+            // pending, and a spinning M that finds work (here, our own G)
+            // hands the search on with wakep (resetspinning), so another
+            // M takes the post. Taking the P in stopm instead, not
+            // spinning, left them with no sleeper while a P stayed idle
+            // (seen: a locked goroutine's sleep never ended while the main
+            // goroutine spun, tests/lockosthread.rs). With no idle P,
+            // stopm finds our Gs and waits for one on mwantp.
+            Woke::Home | Woke::Due => {
                 // SeqCst: an M that idled a P and then found the post
                 // taken incremented npidle before; we see its P.
                 if sched.npidle.load(Ordering::SeqCst) != 0
