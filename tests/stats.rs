@@ -111,14 +111,22 @@ fn parks_are_counted() {
     r.block_on(|| {
         for _ in 0..100 {
             let me = gokernel::current();
-            gokernel::go(move || me.unpark());
+            // A token that is already there when main calls park() is taken
+            // without parking, and the new goroutine may well run first (on
+            // the other P): so it waits until main is parked (the only
+            // waiting goroutine) before it unparks it.
+            gokernel::go(move || {
+                wait_for("main to park", gokernel::stats, |s| {
+                    s.goroutines.waiting == 1
+                });
+                me.unpark();
+            });
             gokernel::park();
         }
     })
     .unwrap();
     let after = parked(&r);
-    // Each park of main parks it at least once (a token already there
-    // does not park it, so the go'd goroutine must run first: it does).
+    // Each park of main parked it (it was waiting when it was unparked).
     assert!(
         after >= before + 100,
         "100 parks, {} counted",
