@@ -206,7 +206,14 @@ fn current_m_id() -> i64 {
 
 #[test]
 fn current_and_getg_stay_right_after_a_goroutine_moves_to_another_m() {
-    let r = rt(2);
+    // Only Go's migration moves a started goroutine: by default it stays on
+    // the thread it started on (tests/binding.rs), and no move ever comes.
+    // SAFETY: these goroutines use no thread-local state but the runtime's
+    // own (getg, which is what this test checks), hold no thread-keyed
+    // handle and unwind across no scheduling point.
+    let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
+        .build()
+        .unwrap();
     r.block_on(|| {
         let stop = Arc::new(AtomicBool::new(false));
         // Busy peers keep both Ps' queues moving.
