@@ -7,9 +7,11 @@
 //!   `gokernel::runtime2` (`OFFSETS`, `SIZES`) as `docs/offsets.md`,
 //!   `docs/offsets.inc` and `docs/offsets.h`. With `--check` it writes
 //!   nothing and fails if any of those files is missing or out of date.
-//! - `test` ([`gate`]): the single gate CI runs (through `.ci/run`):
-//!   formatting, clippy on the host and on the bare target, bare builds,
-//!   host tests, docs and the offsets check, then a summary table.
+//! - `test [--help] [STEP]...` ([`gate`]): the single gate CI runs (through
+//!   `.ci/run`): formatting, clippy on the host and on the bare target, bare
+//!   builds, host tests, loom, the image, instruction counts, docs and the
+//!   offsets check, then a summary table. `--help` lists the steps; naming
+//!   steps runs only those.
 //! - `bench [--instructions] [--update-baseline]` ([`bench`]): the
 //!   benchmark suite, timed or in instruction counts.
 //! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
@@ -68,7 +70,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "bench",
         args: "[--instructions] [--update-baseline]",
-        summary: "the benchmark suite: a table and target/bench.json (--instructions: callgrind counts)",
+        summary: "the benchmark suite: a table and <target>/bench.json (--instructions: callgrind counts)",
         run: bench::run,
     },
     Command {
@@ -91,8 +93,9 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "test",
-        args: "",
-        summary: "the CI gate: fmt, clippy (host, bare), bare builds, tests, docs, offsets",
+        args: "[--help] [STEP]...",
+        summary: "the CI gate: fmt, clippy, builds, tests, loom, image, instruction counts, docs, \
+                  offsets (--help: the steps; STEP: run only those)",
         run: gate::run,
     },
     Command {
