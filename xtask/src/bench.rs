@@ -117,7 +117,9 @@ fn result_value(out: &str) -> Option<f64> {
 /// N and 2N.
 pub fn instructions(bin: &Path, op: &str, n: u64, mode: &str) -> Option<f64> {
     let ir = |n: u64| -> Option<u64> {
-        let out_file = std::env::temp_dir().join(format!("gokernel-callgrind-{op}-{mode}-{n}"));
+        // In the target directory, not a shared /tmp: two checkouts'
+        // gates may count the same op at once.
+        let out_file = crate::target_dir().join(format!("callgrind.out.{op}-{mode}-{n}"));
         let mut c = Command::new("valgrind");
         c.args(["--tool=callgrind", "-q"])
             .arg(format!("--callgrind-out-file={}", out_file.display()))
