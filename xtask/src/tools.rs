@@ -80,14 +80,20 @@ fn ensure_as(tool: &Tool, can_install: bool) -> Result<(), String> {
         update.arg("update");
         matches!(process::run(&mut update, INSTALL_TIMEOUT), Ok(s) if s.success()) && install()
     };
-    if installed && runs(tool.program) {
-        println!("installed `{}`", tool.program);
-        Ok(())
-    } else {
+    if !installed {
         Err(format!(
             "{missing}, and `apt-get install {}` failed; {by_hand}",
             tool.package
         ))
+    } else if !runs(tool.program) {
+        Err(format!(
+            "{missing}, and still cannot be run after `apt-get install {}` (is it on PATH?); \
+             {by_hand}",
+            tool.package
+        ))
+    } else {
+        println!("installed `{}`", tool.program);
+        Ok(())
     }
 }
 
