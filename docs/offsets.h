@@ -41,8 +41,8 @@
 /* Struct sizes. */
 #define SIZEOF_STACK 16  /* sizeof(Stack) */
 #define SIZEOF_GOBUF 80  /* sizeof(Gobuf) */
-#define SIZEOF_G 248     /* sizeof(G) */
-#define SIZEOF_M 112     /* sizeof(M) */
+#define SIZEOF_G 256     /* sizeof(G) */
+#define SIZEOF_M 200     /* sizeof(M) */
 #define SIZEOF_P 2200    /* sizeof(P) */
 
 #endif /* GOKERNEL_OFFSETS_H */
