@@ -430,3 +430,26 @@ fn dropping_a_runtime_stops_its_schedtrace_monitor_at_once() {
         "the monitor thread leaked"
     );
 }
+
+#[test]
+fn dropping_a_runtime_right_after_build_stops_its_schedtrace_monitor() {
+    if in_child() {
+        return;
+    }
+    // The drop may come before the monitor thread has first taken its
+    // lock: the stop it signals then must still be seen.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..100 {
+            let r = Runtime::builder()
+                .procs(1)
+                .schedtrace(Duration::from_secs(3600))
+                .build()
+                .unwrap();
+            drop(r);
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("100 runtimes with a monitor, dropped at once, took over 60 s: a drop waited for a monitor that missed its stop");
+}
