@@ -150,7 +150,11 @@ fn write_usage(out: &mut impl Write) -> io::Result<()> {
 /// error status.
 fn usage_error(command: &str, message: &str) -> ExitCode {
     eprintln!("cargo xtask {command}: {message}");
-    eprintln!("run `cargo xtask help` for usage");
+    if command == "test" {
+        eprintln!("run `cargo xtask test --help` for its steps and options");
+    } else {
+        eprintln!("run `cargo xtask help` for usage");
+    }
     ExitCode::from(USAGE_ERROR)
 }
 
