@@ -490,6 +490,12 @@ impl Monitor {
                 let (lock, cv) = &*s;
                 let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
+                    // Checked before every wait, under the lock: a drop
+                    // that ran before this thread first took the lock has
+                    // already set it and notified nobody.
+                    if *stopped {
+                        return;
+                    }
                     let now = Instant::now();
                     if now < next {
                         stopped = cv

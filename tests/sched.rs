@@ -206,9 +206,11 @@ fn current_m_id() -> i64 {
 
 #[test]
 fn current_and_getg_stay_right_after_a_goroutine_moves_to_another_m() {
-    // Only with migration does a started goroutine move to another M.
-    // SAFETY: these goroutines keep no thread-local or thread-affine state
-    // across a switch (getg() reads the slot afresh each time).
+    // Only Go's migration moves a started goroutine: by default it stays on
+    // the thread it started on (tests/binding.rs), and no move ever comes.
+    // SAFETY: these goroutines use no thread-local state but the runtime's
+    // own (getg, which is what this test checks), hold no thread-keyed
+    // handle and unwind across no scheduling point.
     let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
         .build()
         .unwrap();

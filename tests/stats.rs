@@ -111,14 +111,22 @@ fn parks_are_counted() {
     r.block_on(|| {
         for _ in 0..100 {
             let me = gokernel::current();
-            gokernel::go(move || me.unpark());
+            // A token that is already there when main calls park() is taken
+            // without parking, and the new goroutine may well run first (on
+            // the other P): so it waits until main is parked (the only
+            // waiting goroutine) before it unparks it.
+            gokernel::go(move || {
+                wait_for("main to park", gokernel::stats, |s| {
+                    s.goroutines.waiting == 1
+                });
+                me.unpark();
+            });
             gokernel::park();
         }
     })
     .unwrap();
     let after = parked(&r);
-    // Each park of main parks it at least once (a token already there
-    // does not park it, so the go'd goroutine must run first: it does).
+    // Each park of main parked it (it was waiting when it was unparked).
     assert!(
         after >= before + 100,
         "100 parks, {} counted",
@@ -421,4 +429,27 @@ fn dropping_a_runtime_stops_its_schedtrace_monitor_at_once() {
         0,
         "the monitor thread leaked"
     );
+}
+
+#[test]
+fn dropping_a_runtime_right_after_build_stops_its_schedtrace_monitor() {
+    if in_child() {
+        return;
+    }
+    // The drop may come before the monitor thread has first taken its
+    // lock: the stop it signals then must still be seen.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..100 {
+            let r = Runtime::builder()
+                .procs(1)
+                .schedtrace(Duration::from_secs(3600))
+                .build()
+                .unwrap();
+            drop(r);
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("100 runtimes with a monitor, dropped at once, took over 60 s: a drop waited for a monitor that missed its stop");
 }

@@ -183,20 +183,25 @@ fn a_sleeping_goroutine_wakes_while_the_other_p_spins_without_yielding() {
     // First the sleeper must move to the idle P (we never yield), so its
     // timer is on the idle P's heap; then it sleeps on our P (we yield
     // until it parks), so its timer is on the busy P's heap. Either way the
-    // idle M must wake for it while we spin. The second case needs
-    // migration: by default a goroutine that started on our M waits for
-    // our M, which spins.
+    // idle M must wake for it while we spin.
+    //
+    // The second case needs Go's migration: by default a goroutine that
+    // started on our thread (which it may well do once we yield) resumes
+    // only there, and we do not yield again until it has woken. Bound, it
+    // can only be the first case.
     for yield_first in [false, true] {
         let r = within_a_minute("spin until the sleeper wakes", move || {
-            let b = Runtime::builder().procs(2);
-            // SAFETY: the sleeper keeps no thread-local or thread-affine
-            // state across its sleep.
-            let b = if yield_first {
-                unsafe { b.migrate_started_goroutines() }
+            let r = if yield_first {
+                // SAFETY: neither goroutine uses thread-local state, holds a
+                // thread-keyed handle or unwinds across a scheduling point
+                // (the main goroutine's assert fires between two).
+                unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
+                    .build()
+                    .unwrap()
             } else {
-                b
+                rt(2)
             };
-            b.build().unwrap().block_on(move || {
+            r.block_on(move || {
                 let parked = Arc::new(AtomicBool::new(false));
                 let woke = Arc::new(AtomicBool::new(false));
                 let (p, w) = (parked.clone(), woke.clone());
@@ -216,7 +221,8 @@ fn a_sleeping_goroutine_wakes_while_the_other_p_spins_without_yielding() {
                 while !woke.load(Ordering::SeqCst) {
                     assert!(
                         t.elapsed() < Duration::from_secs(20),
-                        "the sleeper did not wake while the other P spun"
+                        "the sleeper did not wake while the other P spun \
+                         (yield_first {yield_first})"
                     );
                     std::hint::spin_loop();
                 }

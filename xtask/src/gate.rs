@@ -18,7 +18,7 @@
 //!    `cargo test -p gokernel --release`: the switch code must hold up
 //!    under the optimiser too, and the heavy tests run fast there
 //! 7. loom (runq): `cargo test -p gokernel --release --test loom_runq` with
-//!    `RUSTFLAGS="--cfg loom"`, `CARGO_TARGET_DIR=target/loom` and
+//!    `RUSTFLAGS="--cfg loom"`, `CARGO_TARGET_DIR=<target>/loom` and
 //!    `LOOM_MAX_PREEMPTIONS=5`: the run queue model-checked on its 4-slot
 //!    loom ring (test timeout)
 //! 8. the freestanding image (`image/`, see [`image`]): built in debug and
@@ -28,7 +28,9 @@
 //! 9. instruction counts: the switch, gosched, spawn and hand-off paths
 //!    under callgrind, in the default (bound) thread-binding mode, must stay
 //!    within 10 % of `bench/baseline.json` (see [`bench`]); cannot flake,
-//!    since counts do not depend on load
+//!    since counts do not depend on load. Valgrind is installed first if it
+//!    is missing and can be (as root, with apt-get; see [`tools`]); if it
+//!    cannot, the step fails saying so, not that a count grew
 //! 10. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
 //!     with and without the `std` feature
 //! 11. `cargo xtask offsets --check`, run in-process
@@ -41,16 +43,31 @@
 //! and then, as the very last line, `summary: N passed, M failed` — CI
 //! parses that exact shape. The exit status is 1 if any step failed.
 //!
+//! `cargo xtask test --help` lists the steps by id (`fmt`, `clippy-host`,
+//! `image-build-debug`, …) with what each runs; `cargo xtask test ID…` (or
+//! `--step ID`) runs only those, after the bare-target step, and a name
+//! that begins ids runs them all (`image`, `clippy`, `test`).
+//!
+//! Everything is built in cargo's target directory (`CARGO_TARGET_DIR`
+//! is respected; see [`crate::target_dir`]), written `<target>` here.
+//! The loom build and the image (a workspace of its own) get
+//! subdirectories of it (`loom/`, `image/`), so that each has one known
+//! place whatever `CARGO_TARGET_DIR` says.
+//!
 //! Steps 2–10 are the [`Step`]s listed by [`steps`]; a new step (a release
-//! test run, a freestanding image run, …) is one more entry there.
+//! test run, a freestanding image run, …) is one more entry there, with an
+//! id.
 
 use std::env;
 use std::ffi::OsString;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use crate::image::{self, ImageTarget};
+#[cfg(doc)]
+use crate::tools;
 use crate::{bench, offsets, process};
 
 /// The bare-metal target the library is built for.
@@ -101,10 +118,16 @@ impl BareMode {
 
 /// One step of the gate after the bare-target step.
 struct Step {
+    /// What selects it on the command line (`cargo xtask test <id>`): lower
+    /// case, words joined by `-`, grouped by their first words (`image-…`).
+    id: &'static str,
     /// The name shown in `==> <name>` and in the summary table.
     name: &'static str,
     action: Action,
 }
+
+/// The id of the bare-target step, which always runs first.
+const BARE_STEP: &str = "bare-target";
 
 /// What a [`Step`] does.
 enum Action {
@@ -125,23 +148,90 @@ struct Outcome {
     elapsed: Duration,
 }
 
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+enum Request {
+    /// `--help`.
+    Help,
+    /// The steps to run: all of them if empty, else those these select.
+    Steps(Vec<String>),
+}
+
+/// Parses the arguments of `cargo xtask test`: `-h`/`--help`, and step
+/// names given bare or as `--step NAME` / `--step=NAME`.
+fn parse_args(args: &[String]) -> Result<Request, String> {
+    let mut selected = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Request::Help),
+            "--step" => match args.next() {
+                Some(name) => selected.push(name.clone()),
+                None => return Err("`--step` needs a step name".into()),
+            },
+            other => match other.strip_prefix("--step=") {
+                Some(name) => selected.push(name.into()),
+                None if other.starts_with('-') => {
+                    return Err(format!("unknown option `{other}`"));
+                }
+                None => selected.push(other.into()),
+            },
+        }
+    }
+    Ok(Request::Steps(selected))
+}
+
+/// True if the name `wanted` selects the step `id`: the whole id, or its
+/// first words (`image` selects `image-build-debug`, `clippy` selects
+/// `clippy-host` and `clippy-bare`).
+fn selects(wanted: &str, id: &str) -> bool {
+    id.strip_prefix(wanted)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
+
 /// `cargo xtask test`.
 pub fn run(args: &[String]) -> ExitCode {
-    if let Some(arg) = args.first() {
-        return crate::usage_error("test", &format!("unexpected argument `{arg}`"));
-    }
+    let selected = match parse_args(args) {
+        Ok(Request::Help) => {
+            print!("{}", help_text());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Request::Steps(selected)) => selected,
+        Err(message) => return crate::usage_error("test", &message),
+    };
     let root = crate::workspace_root();
+    // Every name must select something, checked before anything runs (the
+    // ids do not depend on the bare mode).
+    let ids: Vec<&str> = [BARE_STEP]
+        .into_iter()
+        .chain(steps(root, BareMode::Target).iter().map(|step| step.id))
+        .collect();
+    if let Some(unknown) = selected
+        .iter()
+        .find(|wanted| !ids.iter().any(|id| selects(wanted, id)))
+    {
+        return crate::usage_error(
+            "test",
+            &format!(
+                "no step is called `{unknown}`; the steps are: {}",
+                ids.join(", ")
+            ),
+        );
+    }
 
-    // Set by the bare-target step. That step always passes: without the
-    // target the bare steps fall back, and the summary says so.
+    // Set by the bare-target step, which always runs: the others depend on
+    // it. It always passes: without the target the bare steps fall back,
+    // and the summary says so.
     let mut mode = BareMode::HostFallback;
     let mut outcomes = vec![run_step("bare target", || {
         mode = ensure_bare_target(root);
         true
     })];
     for step in steps(root, mode) {
-        let Step { name, action } = step;
-        outcomes.push(run_step(name, || perform(root, action)));
+        let Step { id, name, action } = step;
+        if selected.is_empty() || selected.iter().any(|wanted| selects(wanted, id)) {
+            outcomes.push(run_step(name, || perform(root, action)));
+        }
     }
 
     print_summary(&outcomes, mode);
@@ -154,6 +244,7 @@ pub fn run(args: &[String]) -> ExitCode {
 
 /// The steps after the bare-target step, in order.
 fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
+    let target = crate::target_dir();
     let bare = |subcommand: &str, extra: &[&str]| {
         let mut command = cargo(root, &[subcommand, "-p", "gokernel", "--lib"]);
         command
@@ -176,19 +267,24 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
         ],
     );
     doc_bare.env("RUSTDOCFLAGS", "-D warnings");
-    // Its own target dir: `--cfg loom` rebuilds every crate, and sharing
-    // target/ would throw the normal build cache away each run.
+    // Its own target dir: `--cfg loom` rebuilds every crate (and adds
+    // loom), none of which the other steps can use.
     let mut loom = cargo(
         root,
         &["test", "-p", "gokernel", "--release", "--test", "loom_runq"],
     );
     loom.env("RUSTFLAGS", "--cfg loom")
-        .env("CARGO_TARGET_DIR", root.join("target").join("loom"))
+        .env("CARGO_TARGET_DIR", target.join("loom"))
         .env("LOOM_MAX_PREEMPTIONS", LOOM_MAX_PREEMPTIONS);
 
     vec![
-        Step::run("fmt", cargo(root, &["fmt", "--all", "--", "--check"])),
         Step::run(
+            "fmt",
+            "fmt",
+            cargo(root, &["fmt", "--all", "--", "--check"]),
+        ),
+        Step::run(
+            "clippy-host",
             "clippy (host)",
             cargo(
                 root,
@@ -202,26 +298,41 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
                 ],
             ),
         ),
-        Step::run("clippy (bare)", bare("clippy", &["--", "-D", "warnings"])),
-        Step::run("build (bare, debug)", bare("build", &[])),
-        Step::run("build (bare, release)", bare("build", &["--release"])),
+        Step::run(
+            "clippy-bare",
+            "clippy (bare)",
+            bare("clippy", &["--", "-D", "warnings"]),
+        ),
+        Step::run(
+            "build-bare-debug",
+            "build (bare, debug)",
+            bare("build", &[]),
+        ),
+        Step::run(
+            "build-bare-release",
+            "build (bare, release)",
+            bare("build", &["--release"]),
+        ),
         Step::test(
+            "test-debug",
             "test (host, debug)",
             cargo(root, &["test", "--workspace", "--no-fail-fast"]),
         ),
         Step::test(
+            "test-release",
             "test (host, release)",
             cargo(
                 root,
                 &["test", "-p", "gokernel", "--release", "--no-fail-fast"],
             ),
         ),
-        Step::test("loom (runq)", loom),
+        Step::test("loom", "loom (runq)", loom),
     ]
     .into_iter()
     .chain(image_steps(root, mode))
     .chain([
         Step {
+            id: "instructions",
             name: "instruction counts",
             action: Action::InProcess {
                 command_line:
@@ -229,9 +340,10 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
                 check: Box::new(bench::check_baseline),
             },
         },
-        Step::run("doc", doc),
-        Step::run("doc (no std)", doc_bare),
+        Step::run("doc", "doc", doc),
+        Step::run("doc-nostd", "doc (no std)", doc_bare),
         Step {
+            id: "offsets",
             name: "offsets --check",
             action: Action::InProcess {
                 command_line: "cargo xtask offsets --check  # in-process".into(),
@@ -251,6 +363,7 @@ fn image_steps(root: &Path, mode: BareMode) -> Vec<Step> {
     };
     let mut steps = vec![
         Step::run(
+            "image-fmt",
             "fmt (image)",
             cargo(
                 root,
@@ -263,16 +376,25 @@ fn image_steps(root: &Path, mode: BareMode) -> Vec<Step> {
                 ],
             ),
         ),
-        Step::run("clippy (image)", image::clippy_command(root, target)),
+        Step::run(
+            "image-clippy",
+            "clippy (image)",
+            image::clippy_command(root, target),
+        ),
     ];
-    for (release, profile) in [(false, "debug"), (true, "release, fat LTO")] {
+    for (release, id, profile) in [
+        (false, "debug", "debug"),
+        (true, "release", "release, fat LTO"),
+    ] {
         steps.push(Step::run(
+            leak(format!("image-build-{id}")),
             leak(format!("image build ({profile})")),
             image::build_command(root, target, release),
         ));
         for fs in image::FS_MODES {
-            let path = image::binary(root, target, release);
+            let path = image::binary(target, release);
             steps.push(Step {
+                id: leak(format!("image-run-{id}-{fs}")),
                 name: leak(format!("image run ({profile}, {fs})")),
                 action: Action::InProcess {
                     command_line: format!("{} --fs={fs}", path.display()),
@@ -291,8 +413,9 @@ fn leak(s: String) -> &'static str {
 
 impl Step {
     /// A step that runs `command` with the default timeout.
-    fn run(name: &'static str, command: Command) -> Self {
+    fn run(id: &'static str, name: &'static str, command: Command) -> Self {
         Self {
+            id,
             name,
             action: Action::Run {
                 command,
@@ -302,8 +425,9 @@ impl Step {
     }
 
     /// A step that runs tests with `command`, with the test timeout.
-    fn test(name: &'static str, command: Command) -> Self {
+    fn test(id: &'static str, name: &'static str, command: Command) -> Self {
         Self {
+            id,
             name,
             action: Action::Run {
                 command,
@@ -311,6 +435,59 @@ impl Step {
             },
         }
     }
+
+    /// What the step runs, as `--help` shows it.
+    fn command_line(&self) -> String {
+        match &self.action {
+            Action::Run { command, .. } => process::command_line(command),
+            Action::InProcess { command_line, .. } => command_line.clone(),
+        }
+    }
+}
+
+/// The text of `cargo xtask test --help`: the usage, the options, and every
+/// step with its id, its name and what it runs.
+fn help_text() -> String {
+    let root = crate::workspace_root();
+    let steps = steps(root, BareMode::Target);
+    let width = steps
+        .iter()
+        .map(|step| step.id.len())
+        .chain([BARE_STEP.len()])
+        .max()
+        .unwrap_or(0);
+    let mut text = format!(
+        "\
+usage: cargo xtask test [--step STEP]... [STEP]...
+
+The CI gate. Runs every step below in order, or only the STEPs named; a name
+also selects the steps whose id it begins (`image` runs every image-… step,
+`clippy` both clippy-… steps). The bare-target step always runs first: the
+others depend on it. Every step runs even if an earlier one failed; the last
+line is `summary: N passed, M failed` and the exit status is 1 if a step
+failed (2 for a bad command line).
+
+options:
+  -h, --help     print this message
+  --step STEP    run STEP (the same as naming it)
+
+environment:
+  CARGO_TARGET_DIR   where everything is built (as is build.target-dir in a
+                     cargo config); builds with RUSTFLAGS of their own use
+                     subdirectories of it (loom/, image/). Now:
+                     {}
+
+steps (id, then what it runs):
+  {BARE_STEP:<width$}  rustup target add {BARE_TARGET}, if it is missing (else a
+  {:<width$}  freestanding build for the host triple, said in the summary)
+",
+        crate::target_dir().display(),
+        ""
+    );
+    for step in &steps {
+        let _ = writeln!(text, "  {:<width$}  {}", step.id, step.command_line());
+    }
+    text
 }
 
 /// A `cargo` command (`$CARGO` if set, so that the toolchain running xtask
@@ -441,4 +618,63 @@ fn print_summary(outcomes: &[Outcome], mode: BareMode) {
 /// `PASS` or `FAIL`.
 fn verdict(passed: bool) -> &'static str {
     if passed { "PASS" } else { "FAIL" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn steps_are_named_bare_or_with_step() {
+        let steps = |names: &[&str]| Ok(Request::Steps(args(names)));
+        assert_eq!(parse_args(&[]), steps(&[]));
+        assert_eq!(parse_args(&args(&["clippy"])), steps(&["clippy"]));
+        assert_eq!(
+            parse_args(&args(&["--step", "fmt", "--step=doc", "loom"])),
+            steps(&["fmt", "doc", "loom"])
+        );
+        assert_eq!(parse_args(&args(&["fmt", "--help"])), Ok(Request::Help));
+        assert_eq!(parse_args(&args(&["-h"])), Ok(Request::Help));
+        assert!(parse_args(&args(&["--step"])).is_err());
+        assert!(parse_args(&args(&["--fast"])).is_err());
+    }
+
+    #[test]
+    fn a_name_selects_its_step_and_the_steps_it_begins() {
+        assert!(selects("clippy-host", "clippy-host"));
+        assert!(selects("clippy", "clippy-host"));
+        assert!(selects("image", "image-run-debug-wrfsbase"));
+        assert!(selects("image-run-debug", "image-run-debug-fallback"));
+        assert!(!selects("image-run-d", "image-run-debug-fallback"));
+        assert!(!selects("clippy", "image-clippy"));
+        assert!(!selects("doc-nostd", "doc"));
+    }
+
+    #[test]
+    fn step_ids_are_unique_and_each_selects_only_itself_or_its_group() {
+        let steps = steps(crate::workspace_root(), BareMode::Target);
+        let mut ids: Vec<&str> = steps.iter().map(|step| step.id).collect();
+        ids.push(BARE_STEP);
+        for id in &ids {
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{id}"
+            );
+            assert_eq!(ids.iter().filter(|other| *other == id).count(), 1, "{id}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_step() {
+        let help = help_text();
+        for step in steps(crate::workspace_root(), BareMode::Target) {
+            assert!(help.contains(&format!("  {} ", step.id)), "{}", step.id);
+        }
+        assert!(help.contains(BARE_STEP));
+    }
 }

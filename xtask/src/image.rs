@@ -8,6 +8,9 @@
 //! libc, static, non-PIE. `cargo xtask test` builds it in debug and release
 //! (fat LTO) and runs each build in both FS-base modes.
 //!
+//! It is built in `image/` of the workspace's target directory
+//! ([`target_dir`]).
+//!
 //! A run passes when the image exits 0 and its last line reads
 //! `image: N passed, 0 failed`.
 
@@ -70,7 +73,8 @@ pub fn build_command(root: &Path, target: ImageTarget, release: bool) -> Command
     if release {
         c.arg("--release");
     }
-    c.env("RUSTFLAGS", target.rustflags());
+    c.env("RUSTFLAGS", target.rustflags())
+        .env("CARGO_TARGET_DIR", target_dir());
     c
 }
 
@@ -90,14 +94,24 @@ pub fn clippy_command(root: &Path, target: ImageTarget) -> Command {
             "warnings",
         ],
     );
-    c.env("RUSTFLAGS", target.rustflags());
+    c.env("RUSTFLAGS", target.rustflags())
+        .env("CARGO_TARGET_DIR", target_dir());
     c
 }
 
+/// The image's target directory: `image/` in the workspace's (see
+/// [`crate::target_dir`]). `image/` is a workspace of its own, so cargo
+/// would otherwise use `image/target` or, with `CARGO_TARGET_DIR` set, the
+/// main workspace's directory itself; this way the image has one place,
+/// which follows `CARGO_TARGET_DIR` and which `cargo clean` empties.
+pub fn target_dir() -> PathBuf {
+    crate::target_dir().join("image")
+}
+
 /// Where the build puts the image.
-pub fn binary(root: &Path, target: ImageTarget, release: bool) -> PathBuf {
+pub fn binary(target: ImageTarget, release: bool) -> PathBuf {
     let profile = if release { "release" } else { "debug" };
-    root.join("image/target")
+    target_dir()
         .join(target.triple())
         .join(profile)
         .join("gokernel-image")
@@ -188,7 +202,7 @@ pub fn run(args: &[String]) -> ExitCode {
         Ok(s) if s.success() => {}
         _ => return ExitCode::FAILURE,
     }
-    let path = binary(root, target, release);
+    let path = binary(target, release);
     let ok = modes.iter().all(|fs| run_image(&path, fs));
     if ok {
         ExitCode::SUCCESS

@@ -7,9 +7,11 @@
 //!   `gokernel::runtime2` (`OFFSETS`, `SIZES`) as `docs/offsets.md`,
 //!   `docs/offsets.inc` and `docs/offsets.h`. With `--check` it writes
 //!   nothing and fails if any of those files is missing or out of date.
-//! - `test` ([`gate`]): the single gate CI runs (through `.ci/run`):
-//!   formatting, clippy on the host and on the bare target, bare builds,
-//!   host tests, docs and the offsets check, then a summary table.
+//! - `test [--help] [STEP]...` ([`gate`]): the single gate CI runs (through
+//!   `.ci/run`): formatting, clippy on the host and on the bare target, bare
+//!   builds, host tests, loom, the image, instruction counts, docs and the
+//!   offsets check, then a summary table. `--help` lists the steps; naming
+//!   steps runs only those.
 //! - `bench [--instructions] [--update-baseline]` ([`bench`]): the
 //!   benchmark suite, timed or in instruction counts.
 //! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
@@ -32,11 +34,13 @@ mod image;
 mod offsets;
 mod process;
 mod soak;
+mod tools;
 mod valgrind;
 
 use std::io::{self, Write};
-use std::path::Path;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::OnceLock;
 
 /// Exit status for a command line that names no known command or passes a
 /// command an argument it does not take.
@@ -66,7 +70,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "bench",
         args: "[--instructions] [--update-baseline]",
-        summary: "the benchmark suite: a table and target/bench.json (--instructions: callgrind counts)",
+        summary: "the benchmark suite: a table and <target>/bench.json (--instructions: callgrind counts)",
         run: bench::run,
     },
     Command {
@@ -89,8 +93,9 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "test",
-        args: "",
-        summary: "the CI gate: fmt, clippy (host, bare), bare builds, tests, docs, offsets",
+        args: "[--help] [STEP]...",
+        summary: "the CI gate: fmt, clippy, builds, tests, loom, image, instruction counts, docs, \
+                  offsets (--help: the steps; STEP: run only those)",
         run: gate::run,
     },
     Command {
@@ -145,7 +150,11 @@ fn write_usage(out: &mut impl Write) -> io::Result<()> {
 /// error status.
 fn usage_error(command: &str, message: &str) -> ExitCode {
     eprintln!("cargo xtask {command}: {message}");
-    eprintln!("run `cargo xtask help` for usage");
+    if command == "test" {
+        eprintln!("run `cargo xtask test --help` for its steps and options");
+    } else {
+        eprintln!("run `cargo xtask help` for usage");
+    }
     ExitCode::from(USAGE_ERROR)
 }
 
@@ -154,4 +163,81 @@ fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in a directory of the workspace")
+}
+
+/// The workspace's target directory, as cargo sees it: `target/` in the
+/// workspace root unless `CARGO_TARGET_DIR`, `build.target-dir` in a cargo
+/// config or `--target-dir` says otherwise. Asked once of
+/// `cargo metadata --format-version 1 --no-deps`; if that fails, xtask says
+/// so and uses `$CARGO_TARGET_DIR` or `target/`.
+///
+/// Everything xtask builds or writes goes under it: the workspace's own
+/// artifacts, and in subdirectories the builds whose `RUSTFLAGS` differ
+/// from the plain ones (see [`gate`]), such as the loom build and the
+/// image (`image/` is a workspace of its own).
+fn target_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = workspace_root();
+        let mut c = gate::cargo(root, &["metadata", "--format-version", "1", "--no-deps"]);
+        c.stdout(Stdio::piped());
+        let asked = c.output().map_err(|e| e.to_string()).and_then(|out| {
+            if !out.status.success() {
+                return Err(format!("cargo metadata failed: {}", out.status));
+            }
+            json_string(&String::from_utf8_lossy(&out.stdout), "target_directory")
+                .ok_or_else(|| "cargo metadata gave no target_directory".into())
+        });
+        match asked {
+            Ok(dir) => PathBuf::from(dir),
+            Err(e) => {
+                let dir = std::env::var_os("CARGO_TARGET_DIR")
+                    .map(|d| root.join(d))
+                    .unwrap_or_else(|| root.join("target"));
+                println!("{e}; using {} as the target directory", dir.display());
+                dir
+            }
+        }
+    })
+}
+
+/// The string value of the first `"key":"…"` in `json`, unescaped (enough
+/// for cargo's output, which is compact and has no `\u` escapes in paths
+/// of UTF-8 file names).
+fn json_string(json: &str, key: &str) -> Option<String> {
+    let start = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut value = String::new();
+    let mut chars = json[start..].chars();
+    loop {
+        match chars.next()? {
+            '"' => return Some(value),
+            '\\' => value.push(match chars.next()? {
+                'n' => '\n',
+                't' => '\t',
+                c => c, // `\\`, `\"` and `\/` stand for themselves
+            }),
+            c => value.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_string_reads_cargo_metadata() {
+        let json = r#"{"packages":[],"target_directory":"/tmp/a \"b\"\\c","version":1}"#;
+        assert_eq!(
+            json_string(json, "target_directory").as_deref(),
+            Some(r#"/tmp/a "b"\c"#)
+        );
+        assert_eq!(json_string(json, "workspace_root"), None);
+    }
+
+    #[test]
+    fn the_target_directory_is_cargos() {
+        // With or without CARGO_TARGET_DIR, cargo metadata knows.
+        assert!(target_dir().is_absolute(), "{}", target_dir().display());
+    }
 }

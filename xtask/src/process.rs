@@ -78,9 +78,14 @@ pub fn output(command: &mut Command, timeout: Duration) -> Result<(ExitStatus, S
     Ok((status, text))
 }
 
-/// Prints `$ ` and the command line: the environment it sets, the program
-/// and the arguments, quoted for a POSIX shell where needed.
+/// Prints `$ ` and the command line (see [`command_line`]).
 fn echo(command: &Command) {
+    println!("$ {}", command_line(command));
+}
+
+/// The command line of `command` as [`run`] echoes it: the environment it
+/// sets, the program and the arguments, quoted for a POSIX shell.
+pub fn command_line(command: &Command) -> String {
     let env = command
         .get_envs()
         .filter_map(|(key, value)| Some(format!("{}={}", key.display(), quote(value?))));
@@ -88,7 +93,7 @@ fn echo(command: &Command) {
         .chain(command.get_args())
         .map(|word| quote(word).into_owned());
     let line: Vec<String> = env.chain(words).collect();
-    println!("$ {}", line.join(" "));
+    line.join(" ")
 }
 
 /// `word` as a POSIX shell would need it written: as is if it is made only

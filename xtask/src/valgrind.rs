@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use crate::process;
+use crate::{process, tools};
 
 /// Test binaries left out entirely.
 const SKIP_BINARIES: &[&str] = &["million", "tidy"];
@@ -29,6 +29,10 @@ const SKIP_BINARIES: &[&str] = &["million", "tidy"];
 pub fn run(args: &[String]) -> ExitCode {
     if let Some(a) = args.first() {
         return crate::usage_error("valgrind", &format!("unexpected argument `{a}`"));
+    }
+    if let Err(missing) = tools::ensure(&tools::VALGRIND) {
+        println!("valgrind: {missing}");
+        return ExitCode::FAILURE;
     }
     let root = crate::workspace_root();
     let mut build = crate::gate::cargo(
