@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{in_crash_child, run_crash_child, within};
+use common::{busy_peers, in_crash_child, run_crash_child, within};
 use gokernel::Runtime;
 
 fn tid() -> i64 {
@@ -398,16 +398,7 @@ fn a_goroutine_woken_from_another_thread_resumes_on_its_own() {
     let rt = Runtime::builder().procs(2).build().unwrap();
     rt.block_on(|| {
         let stop = Arc::new(AtomicBool::new(false));
-        let peers: Vec<_> = (0..3)
-            .map(|_| {
-                let stop = stop.clone();
-                gokernel::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        gokernel::gosched();
-                    }
-                })
-            })
-            .collect();
+        let peers = busy_peers(3, &stop);
         let t = tid();
         for i in 0..2_000 {
             let me = gokernel::current();

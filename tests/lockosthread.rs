@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::within;
+use common::{busy_peers, within};
 use gokernel::{Deadlock, Runtime, getg};
 
 fn rt(procs: usize) -> Runtime {
@@ -38,20 +38,6 @@ fn valgrind() -> bool {
 /// thread switches (10,000 rounds took from 15 s to 12 minutes there).
 fn rounds(n: usize) -> usize {
     if valgrind() { n / 50 } else { n }
-}
-
-/// `n` goroutines that yield in a loop until `stop`, keeping every P busy.
-fn busy_peers(n: usize, stop: &Arc<AtomicBool>) -> Vec<gokernel::JoinHandle<()>> {
-    (0..n)
-        .map(|_| {
-            let stop = stop.clone();
-            gokernel::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    gokernel::gosched();
-                }
-            })
-        })
-        .collect()
 }
 
 /// Parks the calling goroutine and has a fresh goroutine wake it.

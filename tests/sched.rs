@@ -2,6 +2,8 @@
 //! stealing, yielding, parking, fairness without preemption, and clear
 //! panics outside a runtime.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 use gokernel::proc::RandomOrder;
 use std::sync::OnceLock;
 
+use common::busy_peers;
 use gokernel::{BuildError, Goroutine, MAX_PROCS, Runtime, getg};
 
 fn rt(procs: usize) -> Runtime {
@@ -217,16 +220,7 @@ fn current_and_getg_stay_right_after_a_goroutine_moves_to_another_m() {
     r.block_on(|| {
         let stop = Arc::new(AtomicBool::new(false));
         // Busy peers keep both Ps' queues moving.
-        let peers: Vec<_> = (0..4)
-            .map(|_| {
-                let stop = stop.clone();
-                gokernel::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        gokernel::gosched();
-                    }
-                })
-            })
-            .collect();
+        let peers = busy_peers(4, &stop);
         let mover = gokernel::spawn(|| {
             let me = getg();
             let id = gokernel::current().id();

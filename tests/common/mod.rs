@@ -261,3 +261,21 @@ pub fn within<T: Send + 'static>(
     rx.recv_timeout(std::time::Duration::from_secs(secs))
         .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
 }
+
+/// `n` goroutines that yield in a loop until `stop`, keeping every P busy
+/// (call from a goroutine).
+pub fn busy_peers(
+    n: usize,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<gokernel::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            gokernel::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    gokernel::gosched();
+                }
+            })
+        })
+        .collect()
+}
