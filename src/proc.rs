@@ -187,7 +187,6 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         lockedm: null_mut(),
         boundm: null_mut(),
         force: crate::teardown::FORCE_NONE,
-        teardownfrom: 0,
     }
 }
 
@@ -1781,7 +1780,7 @@ pub unsafe fn execute(gp: *mut G, inherit_time: bool) -> ! {
 ///
 /// As [`execute`], and `mp` is the current M.
 #[inline(always)]
-unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
+pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
     // SAFETY: the contract.
     unsafe {
         debug_assert!((*mp).g0 == getg(), "execute called off g0");
@@ -1811,16 +1810,6 @@ unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
         }
         gogo(&(*gp).sched)
     }
-}
-
-/// [`execute`] for the teardown: runs `gp`, which it claimed, on `mp`.
-///
-/// # Safety
-///
-/// As [`execute_on`].
-pub(crate) unsafe fn execute_teardown(mp: *mut M, gp: *mut G) -> ! {
-    // SAFETY: the contract.
-    unsafe { execute_on(mp, gp, false) }
 }
 
 /// Ends M `mp`: back to `mstart`, which returns (Go's `mexit`, reached

@@ -352,8 +352,6 @@ pub struct G {
     /// parks (`teardown::FORCE_*`). Written by the G's own M while the G
     /// is not running, and by the G itself.
     pub(crate) force: u8,
-    /// The status the teardown claimed this G from.
-    pub(crate) teardownfrom: u32,
 }
 
 impl G {

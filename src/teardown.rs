@@ -159,12 +159,9 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
         }
         // See step 5: unwinding here would abort.
         let can_unwind = UNWINDS && !thread_panicking();
-        if can_unwind {
-            let gp = nextvictim(sched, mp);
-            if !gp.is_null() {
-                prepare(gp);
-                crate::proc::execute_teardown(mp, gp);
-            }
+        if can_unwind && let Some((gp, from)) = nextvictim(sched, mp) {
+            prepare(gp, from);
+            crate::proc::execute_on(mp, gp, false);
         }
         crate::proc::mend(mp)
     }
@@ -207,12 +204,13 @@ fn barrier(sched: &Sched) {
 }
 
 /// The next unfinished goroutine `mp` should unwind, claimed (its status
-/// is `RUNNING` until `prepare` makes it runnable), or null.
+/// is `RUNNING` until `prepare` makes it runnable), and the status it was
+/// claimed from; `None` when there is none left.
 ///
 /// # Safety
 ///
 /// On g0 of `mp`, after the barrier.
-unsafe fn nextvictim(sched: &Sched, mp: *mut M) -> *mut G {
+unsafe fn nextvictim(sched: &Sched, mp: *mut M) -> Option<(*mut G, u32)> {
     let all = sched.allgs.lock();
     for &gp in all.iter() {
         // SAFETY: Gs in allgs are live while listed (we hold the list);
@@ -231,13 +229,12 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M) -> *mut G {
                     .compare_exchange(old, status::RUNNING, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
-                    (*gp).teardownfrom = old;
-                    return gp;
+                    return Some((gp, old));
                 }
             }
         }
     }
-    core::ptr::null_mut()
+    None
 }
 
 /// Step 3 for a claimed victim: takes it off every wait queue and decides
@@ -245,11 +242,10 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M) -> *mut G {
 ///
 /// # Safety
 ///
-/// `gp` was just claimed by [`nextvictim`].
-unsafe fn prepare(gp: *mut G) {
+/// `gp` was just claimed by [`nextvictim`], from status `from`.
+unsafe fn prepare(gp: *mut G, from: u32) {
     // SAFETY: the contract: the G is ours, parked or runnable.
     unsafe {
-        let from = (*gp).teardownfrom;
         let w = (*gp).waiting;
         let mut force = if (*gp).force == FORCE_NONE {
             FORCE_NEXT
