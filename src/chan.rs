@@ -48,6 +48,7 @@ use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
 
+use crate::runtime2::WaitReason;
 use crate::sema::{SpinLock, Sudog, WaitQ, Wakeup};
 
 /// A channel of `T` values (Go's `chan T`); see the [module docs](self).
@@ -517,7 +518,13 @@ fn chansend<T: Send>(c: &Hchan<T>, v: T, block: bool) -> Result<(), TrySendError
     // take a sender's value from an `Option<T>`.
     let sent = unsafe {
         let q = &raw mut (*c.st.get()).sendq;
-        WaitQ::wait(q, &c.lock, (&mut slot as *mut Option<T>).cast(), false)
+        WaitQ::wait(
+            q,
+            &c.lock,
+            (&mut slot as *mut Option<T>).cast(),
+            false,
+            WaitReason::ChanSend,
+        )
     };
     if sent {
         Ok(())
@@ -559,7 +566,13 @@ fn chanrecv<T: Send>(c: &Hchan<T>, block: bool) -> Result<T, TryRecvError> {
     // fill a receiver's `Option<T>`.
     let got = unsafe {
         let q = &raw mut (*c.st.get()).recvq;
-        WaitQ::wait(q, &c.lock, (&mut slot as *mut Option<T>).cast(), false)
+        WaitQ::wait(
+            q,
+            &c.lock,
+            (&mut slot as *mut Option<T>).cast(),
+            false,
+            WaitReason::ChanReceive,
+        )
     };
     if got {
         Ok(slot.expect("gokernel: a receive succeeded without a value"))

@@ -109,15 +109,18 @@ pub mod sync;
 pub mod teardown;
 pub mod time;
 pub mod tls;
+pub mod traceback;
 
 pub use chan::{Chan, CloseError, RecvError, SendError, TryRecvError, TrySendError, chan};
 #[cfg(feature = "std")]
 pub use runtime::{
     BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, SpawnError, current,
-    go, gosched, lock_os_thread, num_goroutine, park, spawn, spawn_locked, stats, try_spawn,
+    dump, go, gosched, lock_os_thread, num_goroutine, park, spawn, spawn_locked, stats, try_spawn,
     unlock_os_thread,
 };
+pub use runtime2::WaitReason;
 pub use stubs::systemstack;
 pub use teardown::RuntimeDropped;
 pub use time::{after, sleep};
 pub use tls::getg;
+pub use traceback::{Dump, GoroutineInfo};

@@ -27,17 +27,74 @@ use crate::proc::{PStats, Parker, Stats, newproc};
 use crate::runtime2::Sched;
 use crate::stack::{STACK_DEFAULT, StackError, check_stack_size};
 use crate::tls::getg;
+use crate::traceback::{Dump, GoroutineInfo};
 
 /// The most Ps a runtime may have.
 pub const MAX_PROCS: usize = 1024;
 
-/// `block_on`'s error: every goroutine is parked and none can run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadlock;
+/// `block_on`'s error: every goroutine is parked and none can run. It
+/// carries a [`Dump`] of the runtime's goroutines taken when the deadlock
+/// was found, and prints like Go's report: the line
+/// `all goroutines are asleep - deadlock!`, a blank line, then each
+/// goroutine (`goroutine 7 [chan receive, 12 ms]:`, its stack if
+/// tracebacks are on — [`Builder::traceback`] or `GOKERNEL_TRACEBACK=all`
+/// — and `created by FILE:LINE:COL`).
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// let err = rt
+///     .block_on(|| {
+///         let c = gokernel::chan::<u32>(0);
+///         c.recv() // nobody else has it: every goroutine is asleep
+///     })
+///     .unwrap_err();
+/// let main = &err.goroutines()[0];
+/// assert_eq!(main.wait_reason, Some(gokernel::runtime2::WaitReason::ChanReceive));
+/// assert!(err.to_string().starts_with("all goroutines are asleep - deadlock!\n\ngoroutine "));
+/// assert!(err.to_string().contains(" [chan receive, "));
+/// ```
+#[derive(Clone, Debug)]
+pub struct Deadlock {
+    dump: Dump,
+}
+
+impl Deadlock {
+    /// The runtime's goroutines when the deadlock was found, by id.
+    pub fn goroutines(&self) -> &[GoroutineInfo] {
+        self.dump.goroutines()
+    }
+
+    /// The same as a [`Dump`].
+    pub fn dump(&self) -> &Dump {
+        &self.dump
+    }
+}
+
+/// Two reports are equal when they name the same goroutines in the same
+/// states, created at the same places; how long each had waited, and
+/// their tracebacks, are not compared. (So `Result<T, Deadlock>` values
+/// compare, as in `assert_eq!(rt.block_on(|| 1), Ok(1))`.)
+impl PartialEq for Deadlock {
+    fn eq(&self, other: &Deadlock) -> bool {
+        let key = |g: &GoroutineInfo| (g.id, g.status, g.wait_reason, g.created_by);
+        self.goroutines().len() == other.goroutines().len()
+            && self
+                .goroutines()
+                .iter()
+                .zip(other.goroutines())
+                .all(|(a, b)| key(a) == key(b))
+    }
+}
+
+impl Eq for Deadlock {}
 
 impl core::fmt::Display for Deadlock {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str("all goroutines are asleep - deadlock!")
+        f.write_str("all goroutines are asleep - deadlock!")?;
+        if !self.dump.goroutines().is_empty() {
+            write!(f, "\n\n{}", self.dump)?;
+        }
+        Ok(())
     }
 }
 
@@ -93,6 +150,7 @@ pub struct Builder {
     schedtrace: Option<Duration>,
     migrate: bool,
     unguarded_stacks: bool,
+    traceback: bool,
 }
 
 impl Builder {
@@ -221,6 +279,26 @@ impl Builder {
         self
     }
 
+    /// Records the stack of every goroutine where it parks, so that
+    /// [`Deadlock`] reports, [`dump`] and SIGQUIT print each parked
+    /// goroutine's stack under its header, as Go's tracebacks do (Go's
+    /// `GOTRACEBACK=all`). The same as `GOKERNEL_TRACEBACK=all` in the
+    /// environment; both are on for the whole process while any runtime
+    /// that asked lives. A debugging setting: each park then unwinds its
+    /// stack (tens of microseconds) and takes a global lock (see
+    /// [`traceback`](crate::traceback)).
+    ///
+    /// ```
+    /// let rt = gokernel::Runtime::builder().procs(1).traceback(true).build().unwrap();
+    /// let err = rt.block_on(gokernel::park).unwrap_err();
+    /// let frames = err.goroutines()[0].traceback.as_ref().unwrap();
+    /// assert!(frames[0].starts_with("gokernel::proc::gopark"), "{frames:?}");
+    /// ```
+    pub fn traceback(mut self, on: bool) -> Self {
+        self.traceback = on;
+        self
+    }
+
     /// Builds the runtime. No thread starts until there is a G to run
     /// (except the schedtrace monitor, when one is asked for).
     pub fn build(self) -> Result<Runtime, BuildError> {
@@ -243,11 +321,20 @@ impl Builder {
             // promise for this runtime's goroutines.
             unsafe { sched.use_unguarded_stacks() };
         }
+        crate::traceback::hosted::traceback_from_env();
         let period = self.schedtrace.or_else(schedtrace_from_env);
         let monitor = period
             .filter(|p| !p.is_zero())
             .map(|p| Monitor::start(sched.clone(), p.max(Duration::from_millis(1))));
-        Ok(Runtime { sched, monitor })
+        crate::signal_unix::register_for_sigquit(&sched);
+        if self.traceback {
+            crate::traceback::hosted::TRACEBACK.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Runtime {
+            sched,
+            monitor,
+            traceback: self.traceback,
+        })
     }
 }
 
@@ -258,6 +345,8 @@ pub struct Runtime {
     sched: Arc<Sched>,
     /// The schedtrace monitor thread, if one was asked for.
     monitor: Option<Monitor>,
+    /// Built with `Builder::traceback(true)` (it holds tracebacks on).
+    traceback: bool,
 }
 
 impl Runtime {
@@ -270,6 +359,7 @@ impl Runtime {
             schedtrace: None,
             migrate: false,
             unguarded_stacks: false,
+            traceback: false,
         }
     }
 
@@ -315,7 +405,9 @@ impl Runtime {
         match r {
             Some(Ok(v)) => Ok(v),
             Some(Err(p)) => std::panic::resume_unwind(p),
-            None => Err(Deadlock),
+            None => Err(Deadlock {
+                dump: self.sched.dump(),
+            }),
         }
     }
 
@@ -397,6 +489,22 @@ impl Runtime {
     pub fn stats(&self) -> Stats {
         self.sched.stats()
     }
+
+    /// Every goroutine of this runtime, as Go prints them on SIGQUIT (see
+    /// [`Dump`]): from any thread, without stopping anything.
+    ///
+    /// ```
+    /// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+    /// let h = rt.spawn(|| gokernel::sleep(std::time::Duration::from_secs(3600)));
+    /// while rt.stats().goroutines.waiting == 0 {
+    ///     std::thread::yield_now();
+    /// }
+    /// let text = rt.dump().to_string();
+    /// assert!(text.starts_with(&format!("goroutine {} [sleep, ", h.id())), "{text}");
+    /// ```
+    pub fn dump(&self) -> Dump {
+        self.sched.dump()
+    }
 }
 
 impl Drop for Runtime {
@@ -418,6 +526,9 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         // The monitor first: it would only report the shutdown.
         drop(self.monitor.take());
+        if core::mem::take(&mut self.traceback) {
+            crate::traceback::hosted::TRACEBACK.fetch_sub(1, Ordering::Relaxed);
+        }
         let me = crate::proc::current_user_g();
         // SAFETY: a user G of a scheduler M: its scheduler is live.
         let own = !me.is_null() && core::ptr::eq(unsafe { (*(*me).m).rt }, &*self.sched);
@@ -578,7 +689,7 @@ impl Waiter {
     fn wait(&self) {
         match self {
             // SAFETY: a G waiter is made by and waited on by the same G.
-            Waiter::G(p) => unsafe { p.park() },
+            Waiter::G(p) => unsafe { p.park_for(crate::runtime2::WaitReason::Join) },
             Waiter::Thread(s) => s.wait(),
         }
     }
@@ -987,7 +1098,7 @@ pub fn current() -> Goroutine {
     require_goroutine("current");
     let gp = getg();
     // SAFETY: on a user G (checked).
-    let (id, parker) = unsafe { ((*gp).goid, Parker::current()) };
+    let (id, parker) = unsafe { ((*gp).goid(), Parker::current()) };
     Goroutine { id, parker }
 }
 
@@ -1037,6 +1148,30 @@ pub fn stats() -> Stats {
     require_goroutine("stats");
     // SAFETY: on a user G (checked): its M's scheduler is live.
     unsafe { (*(*(*getg()).m).rt).stats() }
+}
+
+/// Every goroutine of every live runtime of the process, as Go prints
+/// them on SIGQUIT (see [`Dump`]; [`Runtime::dump`] for one runtime).
+/// From any thread, goroutine or not; nothing stops meanwhile. Print it
+/// (`eprintln!("{}", gokernel::dump())`) or look at its
+/// [`goroutines`](Dump::goroutines).
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// rt.block_on(|| {
+///     let me = gokernel::current().id();
+///     let d = gokernel::dump();
+///     let g = d.goroutine(me).unwrap();
+///     assert_eq!(g.status, gokernel::runtime2::status::RUNNING);
+///     assert!(d.to_string().contains(&format!("goroutine {me} [running]:")));
+/// })
+/// .unwrap();
+/// ```
+pub fn dump() -> Dump {
+    crate::signal_unix::live_runtimes()
+        .into_iter()
+        .map(|s| s.dump())
+        .fold(Dump::default(), Dump::merge)
 }
 
 /// Wires the current goroutine to its OS thread until the matching

@@ -54,6 +54,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::chan::{Chan, RecvError, RecvStep, SendError, SendStep};
+use crate::runtime2::WaitReason;
 use crate::sema::{Sudog, Waiter, Wakeup};
 
 /// One case of a select, type-erased: what `selectgo` needs from it.
@@ -446,7 +447,7 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
     if n == 0 {
         if block {
             // Go's `select {}`: nothing can ever wake this waiter.
-            Waiter::new().block(|| {});
+            Waiter::new().block(WaitReason::SelectNoCases, || {});
             unreachable!("gokernel::select: an empty select was woken");
         }
         return None;
@@ -499,7 +500,9 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
     {
         let cases: &[&mut dyn SelectCase] = cases;
         // SAFETY: locked by sellock above; released once we are parked.
-        waiter.block(|| unsafe { selunlock(cases, &lockorder) });
+        waiter.block(WaitReason::Select, || unsafe {
+            selunlock(cases, &lockorder)
+        });
     }
     // Pass 3: the case that fired was taken off its queue by whoever
     // completed it; take the others off theirs.

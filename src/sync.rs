@@ -26,6 +26,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::proc::current_user_g;
+use crate::runtime2::WaitReason;
 use crate::sema::{SpinLock, WaitQ, Wakeup};
 
 // ---------------------------------------------------------------------
@@ -192,7 +193,13 @@ impl<T: ?Sized> Mutex<T> {
             // A woken waiter that lost keeps its place at the front.
             // SAFETY: we hold q, which guards the queue; `unlock` wakes us.
             let handed = unsafe {
-                WaitQ::wait(self.waiters.get(), &self.q, core::ptr::null_mut(), lost > 0)
+                WaitQ::wait(
+                    self.waiters.get(),
+                    &self.q,
+                    core::ptr::null_mut(),
+                    lost > 0,
+                    WaitReason::SyncMutexLock,
+                )
             };
             if handed {
                 // Handed over in starvation mode: the lock is ours. The
@@ -408,6 +415,7 @@ impl WaitGroup {
                 &self.q,
                 core::ptr::null_mut(),
                 false,
+                WaitReason::SyncWaitGroupWait,
             )
         };
     }
@@ -494,7 +502,7 @@ impl Once {
         let my_id = if me.is_null() {
             0
         } else {
-            unsafe { (*me).goid }
+            unsafe { (*me).goid() }
         };
         self.q.lock();
         // SAFETY: under q.
@@ -518,6 +526,7 @@ impl Once {
                         &self.q,
                         core::ptr::null_mut(),
                         false,
+                        WaitReason::SyncOnce,
                     )
                 };
             }
