@@ -99,6 +99,8 @@ pub mod runq;
 #[cfg(feature = "std")]
 mod runtime;
 pub mod runtime2;
+#[cfg(feature = "std")]
+pub mod scope;
 pub mod select;
 pub mod sema;
 #[cfg(feature = "std")]
@@ -119,6 +121,8 @@ pub use runtime::{
     unlock_os_thread,
 };
 pub use runtime2::WaitReason;
+#[cfg(feature = "std")]
+pub use scope::{Scope, ScopedJoinHandle};
 pub use stubs::systemstack;
 pub use teardown::RuntimeDropped;
 pub use time::{after, sleep};

@@ -100,6 +100,11 @@ impl core::fmt::Display for Deadlock {
 
 impl std::error::Error for Deadlock {}
 
+/// The report of a deadlock just found on `sched`.
+pub(crate) fn deadlock_report(sched: &Sched) -> Deadlock {
+    Deadlock { dump: sched.dump() }
+}
+
 /// Why a runtime could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BuildError {
@@ -350,6 +355,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The scheduler (for the crate's other hosted modules).
+    pub(crate) fn sched(&self) -> &Sched {
+        &self.sched
+    }
+
     /// A builder with the defaults.
     pub fn builder() -> Builder {
         Builder {
@@ -405,9 +415,7 @@ impl Runtime {
         match r {
             Some(Ok(v)) => Ok(v),
             Some(Err(p)) => std::panic::resume_unwind(p),
-            None => Err(Deadlock {
-                dump: self.sched.dump(),
-            }),
+            None => Err(deadlock_report(&self.sched)),
         }
     }
 
@@ -654,13 +662,25 @@ impl Drop for Monitor {
 }
 
 /// The result slot a [`JoinHandle`] waits on.
-struct JoinInner<T> {
+pub(crate) struct JoinInner<T> {
     /// The address of the scheduler the goroutine runs on (compared, never
     /// followed).
     rt: usize,
     done: AtomicBool,
     result: spin::Mutex<Option<thread::Result<T>>>,
     waiter: spin::Mutex<Option<Waiter>>,
+}
+
+impl<T> JoinInner<T> {
+    /// An empty slot for a goroutine of the scheduler at address `rt`.
+    pub(crate) fn new(rt: usize) -> Self {
+        JoinInner {
+            rt,
+            done: AtomicBool::new(false),
+            result: spin::Mutex::new(None),
+            waiter: spin::Mutex::new(None),
+        }
+    }
 }
 
 /// Who waits for a goroutine to finish. Neither kind touches the
@@ -705,14 +725,14 @@ impl Waiter {
 /// A plain thread's wake-up for joins (and `block_on`'s deadlock hook): a
 /// token like the thread's park token, but apart from it. One per thread;
 /// a stale token only costs a waiter one more look at what it waits for.
-struct JoinSignal {
+pub(crate) struct JoinSignal {
     token: std::sync::Mutex<bool>,
     cv: std::sync::Condvar,
 }
 
 impl JoinSignal {
     /// The calling thread's signal.
-    fn current() -> Arc<JoinSignal> {
+    pub(crate) fn current() -> Arc<JoinSignal> {
         std::thread_local! {
             static SIGNAL: Arc<JoinSignal> = Arc::new(JoinSignal {
                 token: std::sync::Mutex::new(false),
@@ -723,7 +743,7 @@ impl JoinSignal {
     }
 
     /// Blocks until the token is available, then consumes it.
-    fn wait(&self) {
+    pub(crate) fn wait(&self) {
         let mut t = self.token.lock().unwrap_or_else(|e| e.into_inner());
         while !*t {
             t = self.cv.wait(t).unwrap_or_else(|e| e.into_inner());
@@ -732,7 +752,7 @@ impl JoinSignal {
     }
 
     /// Makes the token available, waking the thread if it waits.
-    fn notify(&self) {
+    pub(crate) fn notify(&self) {
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.cv.notify_one();
     }
@@ -745,6 +765,11 @@ pub struct JoinHandle<T> {
 }
 
 impl<T> JoinHandle<T> {
+    /// A handle for the goroutine `id` that reports into `inner`.
+    pub(crate) fn from_parts(inner: Arc<JoinInner<T>>, id: u64) -> Self {
+        JoinHandle { inner, id }
+    }
+
     /// The goroutine's id.
     pub fn id(&self) -> u64 {
         self.id
@@ -837,7 +862,7 @@ impl Drop for ExternalWait {
     }
 }
 
-fn finish<T>(inner: &JoinInner<T>, r: thread::Result<T>) {
+pub(crate) fn finish<T>(inner: &JoinInner<T>, r: thread::Result<T>) {
     *inner.result.lock() = Some(r);
     // Release: the result is visible to whoever sees `done`.
     inner.done.store(true, Ordering::Release);
@@ -876,12 +901,7 @@ fn try_spawn_on<T: Send + 'static>(
     locked: bool,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
-    let inner = Arc::new(JoinInner {
-        rt: target_sched(sched),
-        done: AtomicBool::new(false),
-        result: spin::Mutex::new(None),
-        waiter: spin::Mutex::new(None),
-    });
+    let inner = Arc::new(JoinInner::new(target_sched(sched)));
     // Finishes the handle even if the body never runs (the runtime was
     // dropped first): join then reports RuntimeDropped.
     struct Finisher<T>(Option<Arc<JoinInner<T>>>);
