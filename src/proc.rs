@@ -244,6 +244,11 @@ impl Drop for M {
 /// The G is idle, has goid 0 and `sched.g` pointing at itself; dropping
 /// it frees its stack. `stack_size` must pass
 /// [`check_stack_size`](crate::stack::check_stack_size).
+///
+/// # Errors
+///
+/// [`StackError`] if the size is out of bounds or the stack cannot be
+/// allocated.
 pub fn malg(stack_size: usize) -> Result<Box<G>, StackError> {
     Ok(malg_with(stackalloc(stack_size)?))
 }
@@ -1336,6 +1341,10 @@ pub struct RandomOrder {
 
 impl RandomOrder {
     /// The walks over `0..count` (`count >= 1`).
+    ///
+    /// # Panics
+    ///
+    /// If `count` is 0.
     pub fn new(count: u32) -> Self {
         fn gcd(mut a: u32, mut b: u32) -> u32 {
             while b != 0 {
@@ -2579,6 +2588,11 @@ impl Sched {
     /// any other thread it goes on the global queue. This is the spawn
     /// primitive of freestanding builds; hosted code uses
     /// `Runtime`.
+    ///
+    /// # Errors
+    ///
+    /// [`StackError`] if the goroutine's stack cannot be allocated (`f` is
+    /// dropped).
     #[track_caller]
     pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         newproc(Some(self), f)
@@ -2587,6 +2601,10 @@ impl Sched {
     /// [`Sched::go`] for a goroutine locked to an M of its own, as if it
     /// began with [`lock_os_thread`]: an idle M that no started goroutine
     /// is bound to, or a new one (hosted: `spawn_locked`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Sched::go`].
     #[track_caller]
     pub fn go_locked(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         crate::bound::newproc_locked(Some(self), f)

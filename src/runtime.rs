@@ -1,8 +1,11 @@
-//! The hosted API: [`Runtime`], [`go`], [`spawn`] and [`JoinHandle`],
-//! [`gosched`], [`current`], [`park`] / [`Goroutine::unpark`],
-//! [`lock_os_thread`] / [`unlock_os_thread`], [`num_goroutine`] and
-//! [`stats`] (the `std` feature), and the schedtrace monitor
-//! (`GOKERNEL_SCHEDTRACE`, [`Builder::schedtrace`]).
+//! The hosted API (the `std` feature): [`Runtime`] (built with
+//! [`Builder`]; [`Runtime::block_on`] runs a main goroutine,
+//! [`Runtime::scope`] one that borrows), [`go`], [`spawn`] and
+//! [`JoinHandle`], [`gosched`], [`current`], [`park`] /
+//! [`Goroutine::unpark`], [`lock_os_thread`] / [`unlock_os_thread`],
+//! [`num_goroutine`], [`stats`] and [`dump`], and the schedtrace monitor
+//! (`GOKERNEL_SCHEDTRACE`, [`Builder::schedtrace`]). Everything here is
+//! also at the crate root (`gokernel::go`, …).
 //!
 //! ```
 //! use gokernel::Runtime;
@@ -306,6 +309,11 @@ impl Builder {
 
     /// Builds the runtime. No thread starts until there is a G to run
     /// (except the schedtrace monitor, when one is asked for).
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Procs`] for 0 or more than [`MAX_PROCS`] Ps,
+    /// [`BuildError::StackSize`] for a stack size out of bounds.
     pub fn build(self) -> Result<Runtime, BuildError> {
         let procs = self
             .procs
@@ -376,6 +384,9 @@ impl Runtime {
     /// Runs `f` as the main goroutine and returns its value, blocking the
     /// calling thread until it finishes. A panic in `f` is resumed here.
     ///
+    /// `f` must be `'static`; for a main goroutine that borrows from the
+    /// caller, use [`scope`](Self::scope).
+    ///
     /// If every goroutine ends up parked with nothing runnable before `f`
     /// finishes, and none of them can be woken from outside the runtime,
     /// it returns [`Deadlock`] instead of hanging. The parked goroutines
@@ -392,6 +403,11 @@ impl Runtime {
     ///
     /// If called from a goroutine (it would block its M), or if the main
     /// G's stack cannot be allocated.
+    ///
+    /// # Errors
+    ///
+    /// [`Deadlock`] when every goroutine is parked and nothing can wake one
+    /// (see above).
     #[track_caller]
     pub fn block_on<T: Send + 'static>(
         &self,
@@ -432,7 +448,7 @@ impl Runtime {
         spawn_on(Some(&self.sched), f)
     }
 
-    /// [`spawn_locked`](crate::spawn_locked) from outside the runtime
+    /// [`crate::spawn_locked`] from outside the runtime
     /// (or inside it).
     ///
     /// # Panics
@@ -451,6 +467,10 @@ impl Runtime {
 
     /// [`spawn`](Self::spawn), returning an error instead of panicking when
     /// the goroutine's stack cannot be allocated.
+    ///
+    /// # Errors
+    ///
+    /// [`SpawnError`] if the goroutine's stack cannot be allocated.
     #[track_caller]
     pub fn try_spawn<T: Send + 'static>(
         &self,
@@ -759,6 +779,17 @@ impl JoinSignal {
 }
 
 /// An owned permission to wait for a goroutine's result.
+///
+/// Dropping it detaches the goroutine (it runs on). `join` works from a
+/// goroutine (it parks) and from a plain thread (it blocks), and across
+/// runtimes.
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// let h = rt.spawn(|| "made outside");
+/// assert!(h.id() > 0);
+/// assert_eq!(h.join().unwrap(), "made outside"); // from this plain thread
+/// ```
 pub struct JoinHandle<T> {
     inner: Arc<JoinInner<T>>,
     id: u64,
@@ -783,6 +814,16 @@ impl<T> JoinHandle<T> {
     /// Waits for the goroutine to finish and returns its result, or the
     /// panic payload if it panicked. From a goroutine this parks it; from a
     /// plain thread it blocks the thread.
+    ///
+    /// # Errors
+    ///
+    /// The goroutine's panic payload if it panicked;
+    /// [`RuntimeDropped`](crate::RuntimeDropped) (as the payload) if its runtime
+    /// was dropped before it finished.
+    ///
+    /// # Panics
+    ///
+    /// Never: a join without a result is the runtime's bug, reported as one.
     pub fn join(self) -> thread::Result<T> {
         self.wait(|| false).expect("join gave up without a result")
     }
@@ -993,6 +1034,19 @@ fn require_goroutine(what: &str) {
 ///
 /// Outside a goroutine (or an M's stack), or if its stack cannot be
 /// allocated.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let done = gokernel::chan::<&str>(0);
+///     let d = done.clone();
+///     gokernel::go(move || d.send("hello from a goroutine").unwrap());
+///     assert_eq!(done.recv().unwrap(), "hello from a goroutine");
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn go(f: impl FnOnce() + Send + 'static) {
     let sched = spawn_sched("go");
@@ -1004,6 +1058,10 @@ pub fn go(f: impl FnOnce() + Send + 'static) {
 /// [`spawn`], returning an error instead of panicking when the goroutine's
 /// stack cannot be allocated. The closure is dropped then; the runtime
 /// stays usable.
+///
+/// # Errors
+///
+/// [`SpawnError`] if the goroutine's stack cannot be allocated.
 ///
 /// # Panics
 ///
@@ -1062,6 +1120,19 @@ pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 ///
 /// Outside a goroutine (use [`Runtime::spawn`] there), or if its stack
 /// cannot be allocated.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let h = gokernel::spawn(|| 6 * 7);
+///     assert_eq!(h.join().unwrap(), 42);
+///     let p = gokernel::spawn(|| panic!("boom"));
+///     assert!(p.join().is_err()); // the panic comes back, the program goes on
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     let sched = spawn_sched("spawn");
@@ -1075,6 +1146,23 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinH
 /// # Panics
 ///
 /// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// rt.block_on(|| {
+///     let c = gokernel::chan::<u32>(1);
+///     let tx = c.clone();
+///     gokernel::go(move || tx.send(1).unwrap());
+///     // One P: the new goroutine runs only when this one lets it.
+///     while c.is_empty() {
+///         gokernel::gosched();
+///     }
+///     assert_eq!(c.recv(), Ok(1));
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn gosched() {
     crate::proc::gosched();
@@ -1113,6 +1201,19 @@ impl core::fmt::Debug for Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let me = gokernel::current();
+///     let h = gokernel::spawn(move || me.unpark());
+///     gokernel::park(); // returns once the token is there (now or later)
+///     h.join().unwrap();
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn current() -> Goroutine {
     require_goroutine("current");
@@ -1129,6 +1230,28 @@ pub fn current() -> Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicBool, Ordering};
+///
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let ready = Arc::new(AtomicBool::new(false));
+///     let (me, r) = (gokernel::current(), ready.clone());
+///     gokernel::go(move || {
+///         r.store(true, Ordering::Release);
+///         me.unpark();
+///     });
+///     // A token may be left over from before: check the condition in a loop.
+///     while !ready.load(Ordering::Acquire) {
+///         gokernel::park();
+///     }
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn park() {
     require_goroutine("park");

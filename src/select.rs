@@ -193,6 +193,11 @@ impl<'c, T: Send> Case<'c, T, RecvDir> {
     /// # Panics
     ///
     /// If the case did not fire.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvError`] if the channel was closed and drained.
+    ///
     pub fn finish(self) -> Result<T, RecvError> {
         match self.slot {
             Some(v) => Ok(v),
@@ -214,6 +219,11 @@ impl<'c, T: Send> Case<'c, T, SendDir> {
     /// # Panics
     ///
     /// If the case did not fire.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError`] with the value if the channel was closed.
+    ///
     pub fn finish(self) -> Result<(), SendError<T>> {
         match self.slot {
             None => Ok(()),
@@ -388,6 +398,11 @@ impl<'a> Select<'a> {
 
     /// Waits until a case can proceed, runs it and returns its index.
     /// With no cases, waits forever (Go's `select {}`).
+    ///
+    /// # Panics
+    ///
+    /// Never for a well-formed select (a blocking select always returns a
+    /// case); the check guards the runtime's own invariant.
     pub fn wait(mut self) -> usize {
         selectgo(&mut self.cases, true)
             .expect("gokernel::select: a blocking select returned no case")
