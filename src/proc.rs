@@ -152,7 +152,7 @@ use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
-    FuncVal, G, GQueue, Gobuf, M, P, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn, status,
+    FuncVal, G, GQueue, Gobuf, M, P, PCounters, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn, status,
 };
 use crate::stack::{StackError, stackalloc};
 use crate::stubs::OnceFrame;
@@ -166,6 +166,32 @@ static GOIDGEN: AtomicU64 = AtomicU64::new(0);
 pub fn newgoid() -> u64 {
     // Relaxed: ids only need to be unique.
     GOIDGEN.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// A fresh goroutine id from P `pp`'s cache, refilled
+/// [`GOIDCACHE_BATCH`](crate::runtime2::GOIDCACHE_BATCH) at a time (Go's
+/// `goidcache` in `newproc1`); [`newgoid`] without a P.
+///
+/// # Safety
+///
+/// `pp` is null or the caller's P.
+unsafe fn pgoid(pp: *mut P) -> u64 {
+    if pp.is_null() {
+        return newgoid();
+    }
+    // SAFETY: the contract: the P's owner-only fields are ours.
+    unsafe {
+        if (*pp).goidcache == (*pp).goidcacheend {
+            let batch = crate::runtime2::GOIDCACHE_BATCH;
+            // Relaxed: ids only need to be unique.
+            let first = GOIDGEN.fetch_add(batch, Ordering::Relaxed) + 1;
+            (*pp).goidcache = first;
+            (*pp).goidcacheend = first + batch;
+        }
+        let id = (*pp).goidcache;
+        (*pp).goidcache += 1;
+        id
+    }
 }
 
 /// A G with the given stack and nothing to run.
@@ -419,8 +445,8 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
             dounlockosthread(gp, (*gp).m);
         }
         if !(*gp).boundm.is_null() {
-            // Relaxed: a count (see M::nbound).
-            (*(*gp).boundm).nbound.fetch_sub(1, Ordering::Relaxed);
+            // On this M: a load and a store (see M::nbound_add).
+            (*(*gp).boundm).nbound_add(-1);
             (*gp).boundm = null_mut();
         }
         let mp = dropg(gp);
@@ -593,6 +619,23 @@ fn wakep_needed(sched: &Sched) -> bool {
     // SeqCst decrement of nmspinning followed by its re-check of the
     // queues (findrunnable): one of the two sides sees the other.
     fence(Ordering::SeqCst);
+    sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
+}
+
+/// [`wakep_needed`] right after `runqput(.., next = true)`, without the
+/// fence: `runqput`'s SeqCst swap of `runnext` (one `xchg`, which it needs
+/// anyway) does the fence's job. The argument: if the SeqCst load of
+/// `nmspinning` below reads a value from before a spinning M's SeqCst
+/// decrement, it precedes that decrement in the single SeqCst order, and
+/// so does the swap, sequenced before it; the decrement is sequenced
+/// before the spinner's SeqCst fence, so the spinner's later reads of
+/// `runnext` (`runqempty`) see the swap or a later change (the owner
+/// taking the G back to run it itself). Either we see the spinner gone
+/// (and wake an M), or it sees the G. A G the swap displaced to the ring
+/// may go unseen by the spinner, but its P is running (it just put work),
+/// and runs it; it is not stranded.
+#[inline]
+fn wakep_needed_after_put(sched: &Sched) -> bool {
     sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
 }
 
@@ -805,8 +848,8 @@ pub(crate) unsafe fn dolockosthread(gp: *mut G, mp: *mut M) {
         if (*gp).boundm.is_null() {
             // Migrating scheduler: bound while locked.
             (*gp).boundm = mp;
-            // Relaxed: a count (see M::nbound).
-            (*mp).nbound.fetch_add(1, Ordering::Relaxed);
+            // On this M: a load and a store (see M::nbound_add).
+            (*mp).nbound_add(1);
         }
     }
 }
@@ -828,8 +871,8 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
         if !(*mp).bindg {
             // Migrating scheduler: free to move again.
             (*gp).boundm = null_mut();
-            // Relaxed: a count (see M::nbound).
-            (*mp).nbound.fetch_sub(1, Ordering::Relaxed);
+            // On this M: a load and a store (see M::nbound_add).
+            (*mp).nbound_add(-1);
         }
         // Relaxed: a statistic.
         (*(*mp).rt).nmlocked.fetch_sub(1, Ordering::Relaxed);
@@ -1165,7 +1208,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     }
     // SAFETY: gp is dead or new: nobody else refers to it.
     unsafe {
-        (*gp).goid = newgoid();
+        (*gp).goid = pgoid(pp);
         (*gp).force = crate::teardown::FORCE_NONE;
         // Scheduler Gs come from malg, with a stack of at least STACK_MIN.
         gostartcall(gp, f);
@@ -1173,7 +1216,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
     if !pp.is_null() {
         // SAFETY: pp is the caller's P.
-        unsafe { (*pp).stats.spawned.fetch_add(1, Ordering::Relaxed) };
+        unsafe { PCounters::add(&(*pp).stats.spawned, 1) };
     }
     Ok(gp)
 }
@@ -1222,7 +1265,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
                 let newg = newproc1(sched, pp, f)?;
                 let id = (*newg).goid;
                 runqput_p(sched, pp, newg, true);
-                if wakep_needed(sched) {
+                if wakep_needed_after_put(sched) {
                     crate::systemstack(|| wakep(sched));
                 }
                 return Ok(id);
@@ -1399,7 +1442,7 @@ fn stealwork(sched: &Sched, mp: *mut M, pp: *mut P) -> *mut G {
             if let Some(gp) = runqsteal(own, victim, steal_runnext) {
                 let n = 1 + own.len() as u64;
                 // SAFETY: pp is ours.
-                unsafe { (*pp).stats.stolen.fetch_add(n, Ordering::Relaxed) };
+                unsafe { PCounters::add(&(*pp).stats.stolen, n) };
                 return gp;
             }
         }
@@ -1789,8 +1832,8 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
             if (*mp).bindg {
                 // Its first run: from now on the G runs only here.
                 (*gp).boundm = mp;
-                // Relaxed: a count (see M::nbound).
-                (*mp).nbound.fetch_add(1, Ordering::Relaxed);
+                // On this M: a load and a store (see M::nbound_add).
+                (*mp).nbound_add(1);
             }
         } else if bm != mp {
             throw_g("execute: the goroutine is bound to another M", gp);
@@ -1806,7 +1849,7 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
                 (*pp).schedtick = (*pp).schedtick.wrapping_add(1);
                 (*pp).runnext_streak = 0;
             }
-            (*pp).stats.scheduled.fetch_add(1, Ordering::Relaxed);
+            PCounters::add(&(*pp).stats.scheduled, 1);
         }
         gogo(&(*gp).sched)
     }
@@ -1950,7 +1993,7 @@ unsafe extern "C" fn park_m(gp: *mut G) {
         dropg(gp);
         let pp = (*mp).p;
         if !pp.is_null() {
-            (*pp).stats.parked.fetch_add(1, Ordering::Relaxed);
+            PCounters::add(&(*pp).stats.parked, 1);
         }
         if let Some(unlockf) = (*mp).waitunlockf.take() {
             let lock = core::mem::replace(&mut (*mp).waitlock, null_mut());
@@ -2015,15 +2058,20 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
     // SAFETY: a non-null current G has a live M.
     let on_m = !cur.is_null() && unsafe { (*(*cur).m).rt == (*gp).rt && !(*(*cur).m).p.is_null() };
     if on_m {
-        crate::systemstack(|| {
-            // SAFETY: on g0 of an M of gp's scheduler, holding a P.
-            unsafe {
-                (*gp).casstatus(status::WAITING, status::RUNNABLE);
-                let pp = (*(*getg()).m).p;
-                runqput_p(sched, pp, gp, NEXT);
-            }
-            wakep(sched);
-        });
+        // On the caller's own stack, as newproc's fast path: no
+        // `systemstack` hop (two stack switches, about 50 instructions).
+        // SAFETY: on a G (or g0) of an M of gp's scheduler holding a P:
+        // the P's owner-only fields are this M's while the caller runs,
+        // and a goroutine is not switched out in between (no preemption).
+        unsafe {
+            (*gp).casstatus(status::WAITING, status::RUNNABLE);
+            runqput_p(sched, (*(*cur).m).p, gp, NEXT);
+        }
+        // Only starting an M needs g0 (it may create a thread). After a
+        // put to runnext, its swap is the fence (wakep_needed_after_put).
+        if if NEXT { wakep_needed_after_put(sched) } else { wakep_needed(sched) } {
+            crate::systemstack(|| wakep(sched));
+        }
     } else {
         // SAFETY: as above.
         unsafe { (*gp).casstatus(status::WAITING, status::RUNNABLE) };
@@ -2059,20 +2107,31 @@ impl Parker {
     ///
     /// On a user G of a scheduler.
     pub unsafe fn current() -> Arc<Parker> {
+        // SAFETY: the contract.
+        unsafe { Self::current_ref() }.clone()
+    }
+
+    /// The parker of the current G, borrowed: what `park` needs, without
+    /// the `Arc` clone and drop (two locked instructions) of
+    /// [`current`](Self::current).
+    ///
+    /// # Safety
+    ///
+    /// On a user G of a scheduler; the borrow must end before the G
+    /// exits (only the G itself and, after it is done, `goexit0` touch
+    /// its parker field).
+    pub(crate) unsafe fn current_ref<'a>() -> &'a Arc<Parker> {
         let gp = getg();
         // SAFETY: the contract: gp is the running G; only it touches its
         // own parker field (and goexit0 after it is done).
         unsafe {
-            (*gp)
-                .parker
-                .get_or_insert_with(|| {
-                    Arc::new(Parker {
-                        state: AtomicU32::new(PARK_EMPTY),
-                        gp: AtomicPtr::new(gp),
-                        rt: (*(*gp).rt).self_weak.clone(),
-                    })
+            (*gp).parker.get_or_insert_with(|| {
+                Arc::new(Parker {
+                    state: AtomicU32::new(PARK_EMPTY),
+                    gp: AtomicPtr::new(gp),
+                    rt: (*(*gp).rt).self_weak.clone(),
                 })
-                .clone()
+            })
         }
     }
 
@@ -2112,16 +2171,26 @@ impl Parker {
 
     /// Consumes the token if it is there.
     fn take_token(&self) -> bool {
+        // A load first: on the way into a park the token is usually not
+        // there, and a failing CAS still locks the bus. Only this G moves
+        // the state away from NOTIFIED, so a NOTIFIED seen here stays
+        // until the CAS below; the CAS (not a plain store of EMPTY) is
+        // still needed, because an unparker may swap NOTIFIED over
+        // NOTIFIED in between, and its release must be acquired here too
+        // (the CAS reads the last value in the state's modification
+        // order; a store would lose that unparker's writes and token).
         // Acquire: pairs with unpark's release, so what the unparker did
         // before is visible after.
-        self.state
-            .compare_exchange(
-                PARK_NOTIFIED,
-                PARK_EMPTY,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            )
-            .is_ok()
+        self.state.load(Ordering::Relaxed) == PARK_NOTIFIED
+            && self
+                .state
+                .compare_exchange(
+                    PARK_NOTIFIED,
+                    PARK_EMPTY,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Makes the token available, waking the G if it is parked.
@@ -2131,13 +2200,25 @@ impl Parker {
         if self.state.swap(PARK_NOTIFIED, Ordering::AcqRel) != PARK_PARKED {
             return;
         }
-        // Holding the scheduler keeps the parked G's memory alive while we
-        // ready it; if the runtime is gone, so is the G, and there is
-        // nothing to wake.
+        let gp = self.gp.load(Ordering::Relaxed);
+        // On a goroutine of the G's own scheduler, that scheduler is alive
+        // (it outlives every M running its Gs, and we run on one): no
+        // `Weak::upgrade` and drop, two locked instructions per wake-up.
+        let me = current_user_g();
+        // SAFETY: a user G's M and scheduler are live (current_user_g).
+        if !me.is_null() && unsafe { (*(*me).m).rt } == self.rt.as_ptr() {
+            // SAFETY: PARKED means the G is parked in `park` and the swap
+            // made us its one waker; its scheduler, which owns its
+            // memory, is the one running us.
+            unsafe { goready(gp) };
+            return;
+        }
+        // Elsewhere, holding the scheduler keeps the parked G's memory
+        // alive while we ready it; if the runtime is gone, so is the G,
+        // and there is nothing to wake.
         let Some(sched) = self.rt.upgrade() else {
             return;
         };
-        let gp = self.gp.load(Ordering::Relaxed);
         // SAFETY: PARKED means the G is parked in `park`, the swap made us
         // its one waker, and its scheduler (which owns its memory) is held.
         unsafe { goready(gp) };
@@ -2390,6 +2471,8 @@ impl Sched {
                     runq: crate::runq::Runq::new(),
                     gfree: null_mut(),
                     gfreecnt: 0,
+                    goidcache: 0,
+                    goidcacheend: 0,
                     stats: Default::default(),
                     timers: crate::time::Timers::new(),
                 }))
