@@ -1101,10 +1101,10 @@ pub(crate) fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
 /// Puts a dead G on P's free list, moving a batch to the global list when
 /// the local one is long (Go's `gfput`). Owner of `pp` only.
 ///
-/// The global list keeps at most [`GFREE_MAX`] Gs; beyond that a dead G is
-/// freed with its stack, so memory comes back after a burst of goroutines.
+/// Every dead G is kept, with its stack, for the next spawn: freeing one
+/// here cost a system call or two per goroutine (`munmap`, `madvise`)
+/// after a burst. Idle Ms trim the global list lazily ([`gftrim`]).
 fn gfput(sched: &Sched, pp: *mut P, gp: *mut G) {
-    let mut surplus: Vec<*mut G> = Vec::new();
     // SAFETY: pp is the caller's P; gp is dead and owned by the caller.
     unsafe {
         (*gp).schedlink = (*pp).gfree;
@@ -1116,21 +1116,70 @@ fn gfput(sched: &Sched, pp: *mut P, gp: *mut G) {
                 let g = (*pp).gfree;
                 (*pp).gfree = (*g).schedlink;
                 (*pp).gfreecnt -= 1;
-                if sl.gfree.size < GFREE_MAX {
-                    gqueue_push(&mut sl.gfree, g);
-                } else {
-                    surplus.push(g);
-                }
+                gqueue_push(&mut sl.gfree, g);
             }
         }
     }
-    if !surplus.is_empty() {
-        gfree_release(sched, &surplus);
-    }
 }
 
-/// The most dead Gs the global free list keeps for reuse.
+/// The fewest dead Gs the global free list keeps when trimmed: a batch of
+/// spawns that size needs no new stack.
 pub const GFREE_MAX: usize = 1024;
+
+/// The most dead Gs [`gftrim`] frees per hold of the scheduler lock.
+const GFTRIM_BATCH: usize = 256;
+
+/// How often, at most, [`gftrim`] frees anything: the interval over which a
+/// dead G must sit unused to be freed (Go frees dead Gs' stacks at a
+/// garbage collection, at least every two minutes).
+const GFTRIM_INTERVAL_NS: u64 = 100_000_000;
+
+/// A dead G off the global free list, keeping its low-water mark.
+fn gfree_pop(sl: &mut SchedLocked) -> *mut G {
+    let g = gqueue_pop(&mut sl.gfree);
+    sl.gfree_low = sl.gfree_low.min(sl.gfree.size);
+    g
+}
+
+/// Frees the dead Gs that sat unused on the global free list through the
+/// whole interval since the last trim (its low-water mark), beyond
+/// [`GFREE_MAX`], at most every [`GFTRIM_INTERVAL_NS`], in batches of
+/// [`GFTRIM_BATCH`] with the lock released between. Called by an M that
+/// found no work and gave up its P: off every hot path. A workload that
+/// keeps spawning keeps its Gs; a burst's come back within two intervals
+/// of idleness.
+pub(crate) fn gftrim(sched: &Sched) {
+    let now = sched.platform.nanotime();
+    let mut cold = {
+        let mut sl = sched.lock.lock();
+        if now.saturating_sub(sl.gftrim_at) < GFTRIM_INTERVAL_NS {
+            return;
+        }
+        sl.gftrim_at = now;
+        let cold = sl.gfree_low.min(sl.gfree.size).saturating_sub(GFREE_MAX);
+        // A new interval: what nobody takes until the next trim is cold
+        // then.
+        sl.gfree_low = sl.gfree.size - cold;
+        cold
+    };
+    while cold > 0 {
+        let mut batch: heapless::Vec<*mut G, GFTRIM_BATCH> = heapless::Vec::new();
+        {
+            let mut sl = sched.lock.lock();
+            while cold > 0 && !batch.is_full() {
+                let g = gqueue_pop(&mut sl.gfree);
+                if g.is_null() {
+                    cold = 0;
+                    break;
+                }
+                let _ = batch.push(g);
+                cold -= 1;
+            }
+            sl.gfree_low = sl.gfree_low.min(sl.gfree.size);
+        }
+        gfree_release(sched, &batch);
+    }
+}
 
 /// Frees dead Gs and their stacks for good, outside the scheduler lock.
 fn gfree_release(sched: &Sched, gs: &[*mut G]) {
@@ -1163,7 +1212,7 @@ fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
         if (*pp).gfree.is_null() {
             let mut sl = sched.lock.lock();
             while (*pp).gfreecnt < 32 {
-                let g = gqueue_pop(&mut sl.gfree);
+                let g = gfree_pop(&mut sl);
                 if g.is_null() {
                     break;
                 }
@@ -1193,7 +1242,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     f: F,
 ) -> Result<*mut G, StackError> {
     let mut gp = if pp.is_null() {
-        gqueue_pop(&mut sched.lock.lock().gfree)
+        gfree_pop(&mut sched.lock.lock())
     } else {
         gfget(sched, pp)
     };
@@ -1572,6 +1621,9 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
             // Every P idle (so no G running) and nothing queued.
             sched.npidle.load(Ordering::SeqCst) as usize == sched.allp.len() && sl.runq.size == 0
         };
+        // Off the hot path now (the P is given up): free some dead Gs
+        // that sat unused (gftrim).
+        gftrim(sched);
         // SAFETY: mp is ours.
         if unsafe { (*mp).spinning } {
             // SAFETY: as above.
@@ -2484,6 +2536,8 @@ impl Sched {
                 midle: null_mut(),
                 pidle: null_mut(),
                 gfree: GQueue::new(),
+                gfree_low: 0,
+                gftrim_at: 0,
                 nmidlelocked: 0,
                 mwantp: null_mut(),
             }),

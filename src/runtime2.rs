@@ -670,8 +670,14 @@ pub(crate) struct SchedLocked {
     pub(crate) midle: *mut M,
     /// Idle Ps, linked by `P::link`.
     pub(crate) pidle: *mut P,
-    /// Dead Gs with stacks, beyond what the Ps keep.
+    /// Dead Gs with stacks, beyond what the Ps keep. Unbounded: trimmed
+    /// lazily by idle Ms (`gftrim`).
     pub(crate) gfree: GQueue,
+    /// The fewest Gs `gfree` held since the last `gftrim`: that many sat
+    /// unused all along, and are what the next trim may free.
+    pub(crate) gfree_low: usize,
+    /// When `gftrim` last looked (`Platform::nanotime`).
+    pub(crate) gftrim_at: u64,
     /// Locked Ms sleeping in `stoplockedm` (Go's `nmidlelocked`): those
     /// with `M::lockedsleep` set.
     pub(crate) nmidlelocked: u32,
