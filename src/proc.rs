@@ -152,7 +152,8 @@ use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
-    FuncVal, G, GQueue, Gobuf, M, P, PCounters, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn, status,
+    FuncVal, G, GQueue, Gobuf, M, P, PCounters, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn,
+    status,
 };
 use crate::stack::{StackError, stackalloc};
 use crate::stubs::OnceFrame;
@@ -622,9 +623,12 @@ fn wakep_needed(sched: &Sched) -> bool {
     sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
 }
 
-/// [`wakep_needed`] right after `runqput(.., next = true)`, without the
-/// fence: `runqput`'s SeqCst swap of `runnext` (one `xchg`, which it needs
-/// anyway) does the fence's job. The argument: if the SeqCst load of
+/// [`wakep_needed`] right after `runqput(.., next = true)` or a put on the
+/// global queue, without the fence: `runqput`'s SeqCst swap of `runnext`
+/// (one `xchg`, which it needs anyway), or `globrunqput`'s SeqCst store of
+/// `runqsize` (an `xchg` too), does the fence's job. The argument (for
+/// `runqsize` the same, with the spinner's re-read of `runqsize` after its
+/// fence in place of `runqempty`): if the SeqCst load of
 /// `nmspinning` below reads a value from before a spinning M's SeqCst
 /// decrement, it precedes that decrement in the single SeqCst order, and
 /// so does the swap, sequenced before it; the decrement is sequenced
@@ -639,14 +643,29 @@ fn wakep_needed_after_put(sched: &Sched) -> bool {
     sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
 }
 
+/// [`wakep`] right after a put that [`wakep_needed_after_put`] covers: no
+/// fence.
+fn wakep_after_put(sched: &Sched) {
+    if wakep_needed_after_put(sched) {
+        wakep_nmspinning(sched);
+    }
+}
+
 /// Starts a spinning M if there is an idle P and no M is spinning (Go's
 /// `wakep`). Called after making a G runnable.
 pub(crate) fn wakep(sched: &Sched) {
-    if !wakep_needed(sched)
-        || sched
-            .nmspinning
-            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
+    if wakep_needed(sched) {
+        wakep_nmspinning(sched);
+    }
+}
+
+/// [`wakep`] once an idle P and no spinning M were seen: becomes the
+/// spinning M's starter if no one else did first.
+fn wakep_nmspinning(sched: &Sched) {
+    if sched
+        .nmspinning
+        .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
     {
         return;
     }
@@ -1998,7 +2017,8 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
             // on any P, which is what spreads yielding work over busy Ps.
             globrunqput(&mut sched.lock.lock(), sched, gp);
             // Work appeared on the global queue: an idle P may take it.
-            wakep(sched);
+            // globrunqput's SeqCst store is the fence (wakep_after_put).
+            wakep_after_put(sched);
         }
     }
     schedule()
@@ -2121,14 +2141,19 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         }
         // Only starting an M needs g0 (it may create a thread). After a
         // put to runnext, its swap is the fence (wakep_needed_after_put).
-        if if NEXT { wakep_needed_after_put(sched) } else { wakep_needed(sched) } {
+        if if NEXT {
+            wakep_needed_after_put(sched)
+        } else {
+            wakep_needed(sched)
+        } {
             crate::systemstack(|| wakep(sched));
         }
     } else {
         // SAFETY: as above.
         unsafe { (*gp).casstatus(status::WAITING, status::RUNNABLE) };
         globrunqput(&mut sched.lock.lock(), sched, gp);
-        wakep(sched);
+        // globrunqput's SeqCst store is the fence (wakep_after_put).
+        wakep_after_put(sched);
     }
 }
 

@@ -573,7 +573,9 @@ impl M {
     #[inline]
     pub(crate) fn nbound_add(&self, delta: i32) {
         self.nbound.store(
-            self.nbound.load(Ordering::Relaxed).wrapping_add_signed(delta),
+            self.nbound
+                .load(Ordering::Relaxed)
+                .wrapping_add_signed(delta),
             Ordering::Relaxed,
         );
     }

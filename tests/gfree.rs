@@ -41,6 +41,7 @@ fn a_burst_of_dead_gs_is_reused_by_the_next_burst_then_trimmed_when_idle() {
             "{} Gs still allocated after 20 s idle (limit {limit})",
             rt.num_allocated_gs()
         );
-        rt.block_on(|| gokernel::sleep(Duration::from_millis(20))).unwrap();
+        rt.block_on(|| gokernel::sleep(Duration::from_millis(20)))
+            .unwrap();
     }
 }
