@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--instructions] [--update-baseline]`: the benchmark
-//! suite, in both thread-binding modes side by side.
+//! `cargo xtask bench [--instructions] [--update-baseline] [--peers]`: the
+//! benchmark suite, in both thread-binding modes side by side (`--peers`:
+//! beside tokio and Go, in [`crate::peers`]).
 //!
 //! Every workload of `examples/ops.rs` runs in a process of its own, in each
 //! of the two [`MODES`]: `bound` (the default runtime: a started goroutine
@@ -141,7 +142,7 @@ fn run_once(bin: &Path, op: &str, procs: usize, n: u64, mode: &str) -> Option<f6
 }
 
 /// The value of the last `result OP PROCS N VALUE UNIT MODE` line of `out`.
-fn result_value(out: &str) -> Option<f64> {
+pub fn result_value(out: &str) -> Option<f64> {
     out.lines()
         .rev()
         .find_map(|l| l.strip_prefix("result "))
@@ -230,6 +231,7 @@ impl Runs {
 pub fn run(args: &[String]) -> ExitCode {
     let mut counted = false;
     let mut update = false;
+    let mut peers = false;
     for a in args {
         match a.as_str() {
             "--instructions" => counted = true,
@@ -237,6 +239,7 @@ pub fn run(args: &[String]) -> ExitCode {
                 counted = true;
                 update = true;
             }
+            "--peers" => peers = true,
             other => return crate::usage_error("bench", &format!("unexpected argument `{other}`")),
         }
     }
@@ -245,6 +248,15 @@ pub fn run(args: &[String]) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let bin = ops_binary();
+    if peers {
+        if counted {
+            return crate::usage_error(
+                "bench",
+                "--peers counts instructions itself: drop --instructions",
+            );
+        }
+        return crate::peers::run(root, &bin);
+    }
     if counted {
         if let Err(missing) = tools::ensure(&tools::VALGRIND) {
             println!("bench: {missing}");
@@ -394,7 +406,11 @@ fn baseline_count(text: &str, op: &str) -> Option<f64> {
 /// operations) in `mode`: `op` or `locked/op` for the gated mode,
 /// `mode/op` or `mode/locked/op` for the others.
 fn key(mode: &str, op: &str, locked: bool) -> String {
-    let what = if locked { format!("locked/{op}") } else { op.to_string() };
+    let what = if locked {
+        format!("locked/{op}")
+    } else {
+        op.to_string()
+    };
     if mode == GATED_MODE {
         what
     } else {
@@ -432,7 +448,10 @@ fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
     let baseline = std::fs::read_to_string(root.join(BASELINE)).unwrap_or_default();
     let mut counts: Vec<(&str, [Counts; 2])> = Vec::new();
     for (i, &(op, n)) in COUNTED.iter().enumerate() {
-        let mut c = [Counts { ir: 0.0, locked: 0.0 }; 2];
+        let mut c = [Counts {
+            ir: 0.0,
+            locked: 0.0,
+        }; 2];
         for (m, mode) in MODES.iter().enumerate() {
             println!(
                 "bench: [{}/{}] callgrind: {op} on 1 P, {mode}, N = {n} and {}",
@@ -464,7 +483,10 @@ fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
             if let Some(base) = baseline_count(&baseline, &key(GATED_MODE, op, locked))
                 && now > limit(base, locked)
             {
-                over.push(format!("{} ({base:.1} -> {now:.1})", key(GATED_MODE, op, locked)));
+                over.push(format!(
+                    "{} ({base:.1} -> {now:.1})",
+                    key(GATED_MODE, op, locked)
+                ));
             }
         }
     }
@@ -500,7 +522,9 @@ fn counted_table(counts: &[(&str, [Counts; 2])], baseline: &str) -> String {
     for &(op, [b, m]) in counts {
         let base = |locked| baseline_count(baseline, &key(GATED_MODE, op, locked));
         let fmt = |v: Option<f64>, p: usize| v.map_or("—".to_string(), |v| format!("{v:.p$}"));
-        let vs = base(false).map_or("—".to_string(), |x| format!("{:+.1} %", (b.ir / x - 1.0) * 100.0));
+        let vs = base(false).map_or("—".to_string(), |x| {
+            format!("{:+.1} %", (b.ir / x - 1.0) * 100.0)
+        });
         let _ = writeln!(
             t,
             "{op:<12} | {:>8.1} {:>8} {vs:>8} | {:>6.2} {:>6} | {:>8.1} {:>6.2}",
@@ -612,7 +636,10 @@ mod tests {
         );
         assert_eq!(baseline_count(&json, "switch"), Some(49.0));
         assert_eq!(baseline_count(&json, "handoff"), Some(367.5));
-        assert_eq!(baseline_count(&json, &key(GATED_MODE, "handoff", true)), Some(13.0));
+        assert_eq!(
+            baseline_count(&json, &key(GATED_MODE, "handoff", true)),
+            Some(13.0)
+        );
     }
 
     #[test]
