@@ -153,7 +153,8 @@ use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
-    FuncVal, G, GQueue, Gobuf, M, P, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn, WaitReason,
+    FuncVal, G, GQueue, Gobuf, M, P, PCounters, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn,
+    WaitReason,
     status,
 };
 use crate::stack::{StackError, stackalloc};
@@ -168,6 +169,32 @@ static GOIDGEN: AtomicU64 = AtomicU64::new(0);
 pub fn newgoid() -> u64 {
     // Relaxed: ids only need to be unique.
     GOIDGEN.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// A fresh goroutine id from P `pp`'s cache, refilled
+/// [`GOIDCACHE_BATCH`](crate::runtime2::GOIDCACHE_BATCH) at a time (Go's
+/// `goidcache` in `newproc1`); [`newgoid`] without a P.
+///
+/// # Safety
+///
+/// `pp` is null or the caller's P.
+unsafe fn pgoid(pp: *mut P) -> u64 {
+    if pp.is_null() {
+        return newgoid();
+    }
+    // SAFETY: the contract: the P's owner-only fields are ours.
+    unsafe {
+        if (*pp).goidcache == (*pp).goidcacheend {
+            let batch = crate::runtime2::GOIDCACHE_BATCH;
+            // Relaxed: ids only need to be unique.
+            let first = GOIDGEN.fetch_add(batch, Ordering::Relaxed) + 1;
+            (*pp).goidcache = first;
+            (*pp).goidcacheend = first + batch;
+        }
+        let id = (*pp).goidcache;
+        (*pp).goidcache += 1;
+        id
+    }
 }
 
 /// A G with the given stack and nothing to run.
@@ -429,8 +456,8 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
             dounlockosthread(gp, (*gp).m);
         }
         if !(*gp).boundm.is_null() {
-            // Relaxed: a count (see M::nbound).
-            (*(*gp).boundm).nbound.fetch_sub(1, Ordering::Relaxed);
+            // On this M: a load and a store (see M::nbound_add).
+            (*(*gp).boundm).nbound_add(-1);
             (*gp).boundm = null_mut();
         }
         let mp = dropg(gp);
@@ -606,14 +633,49 @@ fn wakep_needed(sched: &Sched) -> bool {
     sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
 }
 
+/// [`wakep_needed`] right after `runqput(.., next = true)` or a put on the
+/// global queue, without the fence: `runqput`'s SeqCst swap of `runnext`
+/// (one `xchg`, which it needs anyway), or `globrunqput`'s SeqCst store of
+/// `runqsize` (an `xchg` too), does the fence's job. The argument (for
+/// `runqsize` the same, with the spinner's re-read of `runqsize` after its
+/// fence in place of `runqempty`): if the SeqCst load of
+/// `nmspinning` below reads a value from before a spinning M's SeqCst
+/// decrement, it precedes that decrement in the single SeqCst order, and
+/// so does the swap, sequenced before it; the decrement is sequenced
+/// before the spinner's SeqCst fence, so the spinner's later reads of
+/// `runnext` (`runqempty`) see the swap or a later change (the owner
+/// taking the G back to run it itself). Either we see the spinner gone
+/// (and wake an M), or it sees the G. A G the swap displaced to the ring
+/// may go unseen by the spinner, but its P is running (it just put work),
+/// and runs it; it is not stranded.
+#[inline]
+fn wakep_needed_after_put(sched: &Sched) -> bool {
+    sched.npidle.load(Ordering::SeqCst) != 0 && sched.nmspinning.load(Ordering::SeqCst) == 0
+}
+
+/// [`wakep`] right after a put that [`wakep_needed_after_put`] covers: no
+/// fence.
+fn wakep_after_put(sched: &Sched) {
+    if wakep_needed_after_put(sched) {
+        wakep_nmspinning(sched);
+    }
+}
+
 /// Starts a spinning M if there is an idle P and no M is spinning (Go's
 /// `wakep`). Called after making a G runnable.
 pub(crate) fn wakep(sched: &Sched) {
-    if !wakep_needed(sched)
-        || sched
-            .nmspinning
-            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
+    if wakep_needed(sched) {
+        wakep_nmspinning(sched);
+    }
+}
+
+/// [`wakep`] once an idle P and no spinning M were seen: becomes the
+/// spinning M's starter if no one else did first.
+fn wakep_nmspinning(sched: &Sched) {
+    if sched
+        .nmspinning
+        .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
     {
         return;
     }
@@ -815,8 +877,8 @@ pub(crate) unsafe fn dolockosthread(gp: *mut G, mp: *mut M) {
         if (*gp).boundm.is_null() {
             // Migrating scheduler: bound while locked.
             (*gp).boundm = mp;
-            // Relaxed: a count (see M::nbound).
-            (*mp).nbound.fetch_add(1, Ordering::Relaxed);
+            // On this M: a load and a store (see M::nbound_add).
+            (*mp).nbound_add(1);
         }
     }
 }
@@ -838,8 +900,8 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
         if !(*mp).bindg {
             // Migrating scheduler: free to move again.
             (*gp).boundm = null_mut();
-            // Relaxed: a count (see M::nbound).
-            (*mp).nbound.fetch_sub(1, Ordering::Relaxed);
+            // On this M: a load and a store (see M::nbound_add).
+            (*mp).nbound_add(-1);
         }
         // Relaxed: a statistic.
         (*(*mp).rt).nmlocked.fetch_sub(1, Ordering::Relaxed);
@@ -1068,10 +1130,10 @@ pub(crate) fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
 /// Puts a dead G on P's free list, moving a batch to the global list when
 /// the local one is long (Go's `gfput`). Owner of `pp` only.
 ///
-/// The global list keeps at most [`GFREE_MAX`] Gs; beyond that a dead G is
-/// freed with its stack, so memory comes back after a burst of goroutines.
+/// Every dead G is kept, with its stack, for the next spawn: freeing one
+/// here cost a system call or two per goroutine (`munmap`, `madvise`)
+/// after a burst. Idle Ms trim the global list lazily ([`gftrim`]).
 fn gfput(sched: &Sched, pp: *mut P, gp: *mut G) {
-    let mut surplus: Vec<*mut G> = Vec::new();
     // SAFETY: pp is the caller's P; gp is dead and owned by the caller.
     unsafe {
         (*gp).schedlink = (*pp).gfree;
@@ -1083,21 +1145,70 @@ fn gfput(sched: &Sched, pp: *mut P, gp: *mut G) {
                 let g = (*pp).gfree;
                 (*pp).gfree = (*g).schedlink;
                 (*pp).gfreecnt -= 1;
-                if sl.gfree.size < GFREE_MAX {
-                    gqueue_push(&mut sl.gfree, g);
-                } else {
-                    surplus.push(g);
-                }
+                gqueue_push(&mut sl.gfree, g);
             }
         }
     }
-    if !surplus.is_empty() {
-        gfree_release(sched, &surplus);
-    }
 }
 
-/// The most dead Gs the global free list keeps for reuse.
+/// The fewest dead Gs the global free list keeps when trimmed: a batch of
+/// spawns that size needs no new stack.
 pub const GFREE_MAX: usize = 1024;
+
+/// The most dead Gs [`gftrim`] frees per hold of the scheduler lock.
+const GFTRIM_BATCH: usize = 256;
+
+/// How often, at most, [`gftrim`] frees anything: the interval over which a
+/// dead G must sit unused to be freed (Go frees dead Gs' stacks at a
+/// garbage collection, at least every two minutes).
+const GFTRIM_INTERVAL_NS: u64 = 100_000_000;
+
+/// A dead G off the global free list, keeping its low-water mark.
+fn gfree_pop(sl: &mut SchedLocked) -> *mut G {
+    let g = gqueue_pop(&mut sl.gfree);
+    sl.gfree_low = sl.gfree_low.min(sl.gfree.size);
+    g
+}
+
+/// Frees the dead Gs that sat unused on the global free list through the
+/// whole interval since the last trim (its low-water mark), beyond
+/// [`GFREE_MAX`], at most every [`GFTRIM_INTERVAL_NS`], in batches of
+/// [`GFTRIM_BATCH`] with the lock released between. Called by an M that
+/// found no work and gave up its P: off every hot path. A workload that
+/// keeps spawning keeps its Gs; a burst's come back within two intervals
+/// of idleness.
+pub(crate) fn gftrim(sched: &Sched) {
+    let now = sched.platform.nanotime();
+    let mut cold = {
+        let mut sl = sched.lock.lock();
+        if now.saturating_sub(sl.gftrim_at) < GFTRIM_INTERVAL_NS {
+            return;
+        }
+        sl.gftrim_at = now;
+        let cold = sl.gfree_low.min(sl.gfree.size).saturating_sub(GFREE_MAX);
+        // A new interval: what nobody takes until the next trim is cold
+        // then.
+        sl.gfree_low = sl.gfree.size - cold;
+        cold
+    };
+    while cold > 0 {
+        let mut batch: heapless::Vec<*mut G, GFTRIM_BATCH> = heapless::Vec::new();
+        {
+            let mut sl = sched.lock.lock();
+            while cold > 0 && !batch.is_full() {
+                let g = gqueue_pop(&mut sl.gfree);
+                if g.is_null() {
+                    cold = 0;
+                    break;
+                }
+                let _ = batch.push(g);
+                cold -= 1;
+            }
+            sl.gfree_low = sl.gfree_low.min(sl.gfree.size);
+        }
+        gfree_release(sched, &batch);
+    }
+}
 
 /// Frees dead Gs and their stacks for good, outside the scheduler lock.
 fn gfree_release(sched: &Sched, gs: &[*mut G]) {
@@ -1130,7 +1241,7 @@ fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
         if (*pp).gfree.is_null() {
             let mut sl = sched.lock.lock();
             while (*pp).gfreecnt < 32 {
-                let g = gqueue_pop(&mut sl.gfree);
+                let g = gfree_pop(&mut sl);
                 if g.is_null() {
                     break;
                 }
@@ -1161,7 +1272,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     site: &'static Location<'static>,
 ) -> Result<*mut G, StackError> {
     let mut gp = if pp.is_null() {
-        gqueue_pop(&mut sched.lock.lock().gfree)
+        gfree_pop(&mut sched.lock.lock())
     } else {
         gfget(sched, pp)
     };
@@ -1176,7 +1287,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     }
     // SAFETY: gp is dead or new: nobody else refers to it.
     unsafe {
-        (*gp).goid.store(newgoid(), Ordering::Relaxed);
+        (*gp).goid.store(pgoid(pp), Ordering::Relaxed);
         (*gp)
             .spawn_site
             .store(core::ptr::from_ref(site).cast_mut(), Ordering::Relaxed);
@@ -1187,7 +1298,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
     if !pp.is_null() {
         // SAFETY: pp is the caller's P.
-        unsafe { (*pp).stats.spawned.fetch_add(1, Ordering::Relaxed) };
+        unsafe { PCounters::add(&(*pp).stats.spawned, 1) };
     }
     Ok(gp)
 }
@@ -1239,7 +1350,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
                 let newg = newproc1(sched, pp, f, site)?;
                 let id = (*newg).goid();
                 runqput_p(sched, pp, newg, true);
-                if wakep_needed(sched) {
+                if wakep_needed_after_put(sched) {
                     crate::systemstack(|| wakep(sched));
                 }
                 return Ok(id);
@@ -1420,7 +1531,7 @@ fn stealwork(sched: &Sched, mp: *mut M, pp: *mut P) -> *mut G {
             if let Some(gp) = runqsteal(own, victim, steal_runnext) {
                 let n = 1 + own.len() as u64;
                 // SAFETY: pp is ours.
-                unsafe { (*pp).stats.stolen.fetch_add(n, Ordering::Relaxed) };
+                unsafe { PCounters::add(&(*pp).stats.stolen, n) };
                 return gp;
             }
         }
@@ -1550,6 +1661,9 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
             // Every P idle (so no G running) and nothing queued.
             sched.npidle.load(Ordering::SeqCst) as usize == sched.allp.len() && sl.runq.size == 0
         };
+        // Off the hot path now (the P is given up): free some dead Gs
+        // that sat unused (gftrim).
+        gftrim(sched);
         // SAFETY: mp is ours.
         if unsafe { (*mp).spinning } {
             // SAFETY: as above.
@@ -1810,8 +1924,8 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
             if (*mp).bindg {
                 // Its first run: from now on the G runs only here.
                 (*gp).boundm = mp;
-                // Relaxed: a count (see M::nbound).
-                (*mp).nbound.fetch_add(1, Ordering::Relaxed);
+                // On this M: a load and a store (see M::nbound_add).
+                (*mp).nbound_add(1);
             }
         } else if bm != mp {
             throw_g("execute: the goroutine is bound to another M", gp);
@@ -1827,7 +1941,7 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
                 (*pp).schedtick = (*pp).schedtick.wrapping_add(1);
                 (*pp).runnext_streak = 0;
             }
-            (*pp).stats.scheduled.fetch_add(1, Ordering::Relaxed);
+            PCounters::add(&(*pp).stats.scheduled, 1);
         }
         gogo(&(*gp).sched)
     }
@@ -1924,7 +2038,8 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
             // on any P, which is what spreads yielding work over busy Ps.
             globrunqput(&mut sched.lock.lock(), sched, gp);
             // Work appeared on the global queue: an idle P may take it.
-            wakep(sched);
+            // globrunqput's SeqCst store is the fence (wakep_after_put).
+            wakep_after_put(sched);
         }
     }
     schedule()
@@ -1983,7 +2098,7 @@ unsafe extern "C" fn park_m(gp: *mut G) {
         dropg(gp);
         let pp = (*mp).p;
         if !pp.is_null() {
-            (*pp).stats.parked.fetch_add(1, Ordering::Relaxed);
+            PCounters::add(&(*pp).stats.parked, 1);
         }
         if let Some(unlockf) = (*mp).waitunlockf.take() {
             let lock = core::mem::replace(&mut (*mp).waitlock, null_mut());
@@ -2048,20 +2163,30 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
     // SAFETY: a non-null current G has a live M.
     let on_m = !cur.is_null() && unsafe { (*(*cur).m).rt == (*gp).rt && !(*(*cur).m).p.is_null() };
     if on_m {
-        crate::systemstack(|| {
-            // SAFETY: on g0 of an M of gp's scheduler, holding a P.
-            unsafe {
-                (*gp).casstatus(status::WAITING, status::RUNNABLE);
-                let pp = (*(*getg()).m).p;
-                runqput_p(sched, pp, gp, NEXT);
-            }
-            wakep(sched);
-        });
+        // On the caller's own stack, as newproc's fast path: no
+        // `systemstack` hop (two stack switches, about 50 instructions).
+        // SAFETY: on a G (or g0) of an M of gp's scheduler holding a P:
+        // the P's owner-only fields are this M's while the caller runs,
+        // and a goroutine is not switched out in between (no preemption).
+        unsafe {
+            (*gp).casstatus(status::WAITING, status::RUNNABLE);
+            runqput_p(sched, (*(*cur).m).p, gp, NEXT);
+        }
+        // Only starting an M needs g0 (it may create a thread). After a
+        // put to runnext, its swap is the fence (wakep_needed_after_put).
+        if if NEXT {
+            wakep_needed_after_put(sched)
+        } else {
+            wakep_needed(sched)
+        } {
+            crate::systemstack(|| wakep(sched));
+        }
     } else {
         // SAFETY: as above.
         unsafe { (*gp).casstatus(status::WAITING, status::RUNNABLE) };
         globrunqput(&mut sched.lock.lock(), sched, gp);
-        wakep(sched);
+        // globrunqput's SeqCst store is the fence (wakep_after_put).
+        wakep_after_put(sched);
     }
 }
 
@@ -2092,20 +2217,31 @@ impl Parker {
     ///
     /// On a user G of a scheduler.
     pub unsafe fn current() -> Arc<Parker> {
+        // SAFETY: the contract.
+        unsafe { Self::current_ref() }.clone()
+    }
+
+    /// The parker of the current G, borrowed: what `park` needs, without
+    /// the `Arc` clone and drop (two locked instructions) of
+    /// [`current`](Self::current).
+    ///
+    /// # Safety
+    ///
+    /// On a user G of a scheduler; the borrow must end before the G
+    /// exits (only the G itself and, after it is done, `goexit0` touch
+    /// its parker field).
+    pub(crate) unsafe fn current_ref<'a>() -> &'a Arc<Parker> {
         let gp = getg();
         // SAFETY: the contract: gp is the running G; only it touches its
         // own parker field (and goexit0 after it is done).
         unsafe {
-            (*gp)
-                .parker
-                .get_or_insert_with(|| {
-                    Arc::new(Parker {
-                        state: AtomicU32::new(PARK_EMPTY),
-                        gp: AtomicPtr::new(gp),
-                        rt: (*(*gp).rt).self_weak.clone(),
-                    })
+            (*gp).parker.get_or_insert_with(|| {
+                Arc::new(Parker {
+                    state: AtomicU32::new(PARK_EMPTY),
+                    gp: AtomicPtr::new(gp),
+                    rt: (*(*gp).rt).self_weak.clone(),
                 })
-                .clone()
+            })
         }
     }
 
@@ -2155,16 +2291,26 @@ impl Parker {
 
     /// Consumes the token if it is there.
     fn take_token(&self) -> bool {
+        // A load first: on the way into a park the token is usually not
+        // there, and a failing CAS still locks the bus. Only this G moves
+        // the state away from NOTIFIED, so a NOTIFIED seen here stays
+        // until the CAS below; the CAS (not a plain store of EMPTY) is
+        // still needed, because an unparker may swap NOTIFIED over
+        // NOTIFIED in between, and its release must be acquired here too
+        // (the CAS reads the last value in the state's modification
+        // order; a store would lose that unparker's writes and token).
         // Acquire: pairs with unpark's release, so what the unparker did
         // before is visible after.
-        self.state
-            .compare_exchange(
-                PARK_NOTIFIED,
-                PARK_EMPTY,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            )
-            .is_ok()
+        self.state.load(Ordering::Relaxed) == PARK_NOTIFIED
+            && self
+                .state
+                .compare_exchange(
+                    PARK_NOTIFIED,
+                    PARK_EMPTY,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Makes the token available, waking the G if it is parked.
@@ -2174,13 +2320,25 @@ impl Parker {
         if self.state.swap(PARK_NOTIFIED, Ordering::AcqRel) != PARK_PARKED {
             return;
         }
-        // Holding the scheduler keeps the parked G's memory alive while we
-        // ready it; if the runtime is gone, so is the G, and there is
-        // nothing to wake.
+        let gp = self.gp.load(Ordering::Relaxed);
+        // On a goroutine of the G's own scheduler, that scheduler is alive
+        // (it outlives every M running its Gs, and we run on one): no
+        // `Weak::upgrade` and drop, two locked instructions per wake-up.
+        let me = current_user_g();
+        // SAFETY: a user G's M and scheduler are live (current_user_g).
+        if !me.is_null() && unsafe { (*(*me).m).rt } == self.rt.as_ptr() {
+            // SAFETY: PARKED means the G is parked in `park` and the swap
+            // made us its one waker; its scheduler, which owns its
+            // memory, is the one running us.
+            unsafe { goready(gp) };
+            return;
+        }
+        // Elsewhere, holding the scheduler keeps the parked G's memory
+        // alive while we ready it; if the runtime is gone, so is the G,
+        // and there is nothing to wake.
         let Some(sched) = self.rt.upgrade() else {
             return;
         };
-        let gp = self.gp.load(Ordering::Relaxed);
         // SAFETY: PARKED means the G is parked in `park`, the swap made us
         // its one waker, and its scheduler (which owns its memory) is held.
         unsafe { goready(gp) };
@@ -2436,6 +2594,8 @@ impl Sched {
                     runq: crate::runq::Runq::new(),
                     gfree: null_mut(),
                     gfreecnt: 0,
+                    goidcache: 0,
+                    goidcacheend: 0,
                     stats: Default::default(),
                     timers: crate::time::Timers::new(),
                 }))
@@ -2447,6 +2607,8 @@ impl Sched {
                 midle: null_mut(),
                 pidle: null_mut(),
                 gfree: GQueue::new(),
+                gfree_low: 0,
+                gftrim_at: 0,
                 nmidlelocked: 0,
                 mwantp: null_mut(),
             }),

@@ -24,7 +24,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU32};
 use loom::sync::atomic::{AtomicPtr, AtomicU32};
 
 use core::ptr;
-use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
 /// Slots in a P's ring (Go: `len(p.runq)`, 256).
 #[cfg(not(loom))]
@@ -145,9 +145,12 @@ pub fn runqempty<T>(q: &Runq<T>) -> bool {
 pub fn runqput<T>(q: &Runq<T>, gp: *mut T, next: bool) -> Option<Overflow<T>> {
     let mut gp = gp;
     if next {
-        // AcqRel: release publishes gp's state to whoever takes runnext;
-        // acquire pairs with the put that stored the displaced G.
-        let old = q.runnext.swap(gp, AcqRel);
+        // Release publishes gp's state to whoever takes runnext; acquire
+        // pairs with the put that stored the displaced G. SeqCst (the same
+        // `xchg` on x86_64): the caller's check for an idle P that follows
+        // (`wakep_needed_after_put`) needs no fence of its own, since this
+        // swap is in the SeqCst order before its loads (see there).
+        let old = q.runnext.swap(gp, SeqCst);
         if old.is_null() {
             return None;
         }

@@ -1255,8 +1255,9 @@ pub fn current() -> Goroutine {
 #[track_caller]
 pub fn park() {
     require_goroutine("park");
-    // SAFETY: on a user G (checked); the parker is its own.
-    unsafe { Parker::current().park() }
+    // SAFETY: on a user G (checked); the parker is its own, borrowed
+    // only until it returns.
+    unsafe { Parker::current_ref().park() }
 }
 
 /// The number of goroutines of the current runtime that exist and have not

@@ -530,16 +530,34 @@ impl G {
 
     /// Sets the status (release: publishes `sched` and everything written
     /// before the change to whoever reads the new status).
+    ///
+    /// A plain release store, not a swap: no locked instruction. The old
+    /// value only feeds the debug check, and the caller is the G's one
+    /// owner at this moment (its running M; or its one waker, made so by
+    /// the wait it parked on), which it became through an operation that
+    /// already synchronizes with the previous owner (a run queue's lock or
+    /// acquire CAS, a `Parker`'s swap, a channel's lock, an inbox's lock):
+    /// a swap's acquire half would add nothing, and no one else writes the
+    /// status meanwhile (teardown's claim CAS runs after its barrier, when
+    /// no M runs Gs). Readers of the status (`readgstatus`, the stats,
+    /// `bound::locked_runnable`, after `readylocked`'s SeqCst fence) pair
+    /// with the release.
     pub fn casstatus(&self, old: u32, new: u32) {
-        let prev = self.atomicstatus.swap(new, Ordering::AcqRel);
-        debug_assert_eq!(
-            prev,
-            old,
-            "goroutine {}: status was {}, expected {}",
-            self.goid(),
-            status::name(prev),
-            status::name(old)
-        );
+        #[cfg(debug_assertions)]
+        {
+            let prev = self.atomicstatus.load(Ordering::Relaxed);
+            debug_assert_eq!(
+                prev,
+                old,
+                "goroutine {}: status was {}, expected {}",
+                self.goid(),
+                status::name(prev),
+                status::name(old)
+            );
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = old;
+        self.atomicstatus.store(new, Ordering::Release);
     }
 }
 
@@ -635,7 +653,8 @@ pub struct M {
     /// so `execute` need not read the scheduler.
     pub(crate) bindg: bool,
     /// Gs bound to this M that have not exited (relaxed: a count for
-    /// choosing an M with none, and for stats).
+    /// choosing an M with none, and for stats). Written only on this M's
+    /// own thread ([`M::nbound_add`]).
     pub(crate) nbound: AtomicU32,
     /// When this M last acquired a P (`Platform::nanotime`), for handing
     /// the P to an M waiting for one only after a time slice.
@@ -668,6 +687,12 @@ pub struct P {
     pub(crate) gfree: *mut G,
     /// Length of `gfree`.
     pub(crate) gfreecnt: u32,
+    /// Goroutine ids this P hands out next, `goidcache..goidcacheend`,
+    /// taken from the global generator [`GOIDCACHE_BATCH`] at a time (Go's
+    /// `p.goidcache`): one locked `fetch_add` per batch, not per spawn.
+    /// Owner only.
+    pub(crate) goidcache: u64,
+    pub(crate) goidcacheend: u64,
     /// Counters for [`stats`](crate::proc::PStats).
     pub(crate) stats: PCounters,
     /// This P's timers: a heap under its own lock, and the earliest
@@ -677,6 +702,23 @@ pub struct P {
 }
 
 impl M {
+    /// Adds `delta` to [`nbound`](Self::nbound): a relaxed load and store,
+    /// no locked instruction. Only the M's owner writes it: its own thread
+    /// (a bound G starts, locks, unlocks and exits on its M), or, for an
+    /// idle M, the one that took it off the idle list (`bound::lockfresh`,
+    /// before the wake-up that hands the M over); so no change is lost.
+    /// Readers take a relaxed snapshot of an idle M, ordered by the idle
+    /// list's lock.
+    #[inline]
+    pub(crate) fn nbound_add(&self, delta: i32) {
+        self.nbound.store(
+            self.nbound
+                .load(Ordering::Relaxed)
+                .wrapping_add_signed(delta),
+            Ordering::Relaxed,
+        );
+    }
+
     /// The scheduling G, whose stack is this M's system stack. Never null
     /// for an M made by [`M::new`]; the M owns it.
     pub fn g0(&self) -> *mut G {
@@ -721,6 +763,10 @@ impl P {
 /// what keeps two Gs that hand `runnext` to each other from starving the rest.
 pub const RUNNEXT_LIMIT: u32 = 64;
 
+/// How many goroutine ids a P takes from the global generator at once
+/// (Go's `_GoidCacheBatch`).
+pub const GOIDCACHE_BATCH: u64 = 16;
+
 /// Per-P event counters (relaxed atomics: read by anyone, written by the
 /// owner).
 #[derive(Default)]
@@ -730,6 +776,22 @@ pub(crate) struct PCounters {
     pub(crate) parked: core::sync::atomic::AtomicU64,
     pub(crate) scheduled: core::sync::atomic::AtomicU64,
     pub(crate) runq_hwm: AtomicU32,
+}
+
+impl PCounters {
+    /// Adds `n` to one of these counters: a relaxed load and store, not a
+    /// `fetch_add` (no locked instruction). Only the M that holds the P
+    /// writes its counters, and holding a P is exclusive (`acquirep` takes
+    /// it through the scheduler lock or an idle list, which orders one
+    /// holder's writes before the next one's), so no increment is lost;
+    /// readers (`Sched::pstats`) only need some recent value.
+    #[inline]
+    pub(crate) fn add(counter: &core::sync::atomic::AtomicU64, n: u64) {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
 }
 
 /// A list of Gs linked by `schedlink`, with a tail for FIFO use (Go's
@@ -749,8 +811,14 @@ pub(crate) struct SchedLocked {
     pub(crate) midle: *mut M,
     /// Idle Ps, linked by `P::link`.
     pub(crate) pidle: *mut P,
-    /// Dead Gs with stacks, beyond what the Ps keep.
+    /// Dead Gs with stacks, beyond what the Ps keep. Unbounded: trimmed
+    /// lazily by idle Ms (`gftrim`).
     pub(crate) gfree: GQueue,
+    /// The fewest Gs `gfree` held since the last `gftrim`: that many sat
+    /// unused all along, and are what the next trim may free.
+    pub(crate) gfree_low: usize,
+    /// When `gftrim` last looked (`Platform::nanotime`).
+    pub(crate) gftrim_at: u64,
     /// Locked Ms sleeping in `stoplockedm` (Go's `nmidlelocked`): those
     /// with `M::lockedsleep` set.
     pub(crate) nmidlelocked: u32,

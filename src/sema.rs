@@ -240,6 +240,25 @@ impl Waiter {
 
     /// Claims the waiter: true for the first caller only.
     fn claim(&self) -> bool {
+        // A waiter with one sudog (any wait but a `select` of several
+        // cases) is only ever claimed under that sudog's queue lock, which
+        // the caller holds: the lock orders the claims, so a load and a
+        // store do (no locked instruction, as Go needs no `selectDone` CAS
+        // outside `select`). The list of sudogs is complete and stable
+        // here: it is built under the locks of every queue it names (a
+        // select holds them all while it enqueues) before anyone can
+        // dequeue one, and the waiter is blocked. With several sudogs on
+        // several locks, the CAS decides.
+        let sg = self.sudogs.get();
+        // SAFETY: the sudogs of a blocked waiter live in its frame until
+        // it is woken, which needs this claim.
+        if !sg.is_null() && unsafe { (*sg).waitlink.is_null() } {
+            if self.claimed.load(Ordering::Relaxed) {
+                return false;
+            }
+            self.claimed.store(true, Ordering::Relaxed);
+            return true;
+        }
         // Relaxed is enough: claims are made under the lock of the queue
         // the sudog is on, and the outcome reaches the waiter through the
         // wake-up (which orders everything before it).
@@ -332,8 +351,17 @@ impl Waiter {
         unsafe {
             let g = (*w).g;
             if !g.is_null() {
-                let rt = (*(*g).rt).self_weak.upgrade()?;
-                if rt.stopping.load(Ordering::SeqCst) {
+                let me = current_user_g();
+                // On a goroutine of g's own scheduler, that scheduler is
+                // alive while we run (it outlives the Ms that run its
+                // Gs): no `Weak::upgrade` and drop (two locked
+                // instructions per wake-up).
+                let rt = if !me.is_null() && (*(*me).m).rt == (*g).rt {
+                    None
+                } else {
+                    Some((*(*g).rt).self_weak.upgrade()?)
+                };
+                if (*(*g).rt).stopping.load(Ordering::SeqCst) {
                     return None;
                 }
                 return Some(Wakeup(WakeupKind::G(g, rt)));
@@ -393,8 +421,9 @@ impl Drop for ExternalCount<'_> {
 pub struct Wakeup(WakeupKind);
 
 enum WakeupKind {
-    /// A parked goroutine and its scheduler, held.
-    G(*mut G, alloc::sync::Arc<crate::runtime2::Sched>),
+    /// A parked goroutine and its scheduler, held (`None` when the waker
+    /// is a goroutine of that scheduler, which keeps it alive).
+    G(*mut G, Option<alloc::sync::Arc<crate::runtime2::Sched>>),
     /// A thread blocked on its flag.
     #[cfg(feature = "std")]
     Thread(*const AtomicU32, std::thread::Thread),
@@ -413,7 +442,8 @@ impl Wakeup {
                 // SAFETY: g parked in `Waiter::block` and its unlock
                 // function ran (its sudog was found after the lock was
                 // released), the claim made us its one waker, and `rt`
-                // keeps its scheduler (and so g) alive.
+                // (or, without it, the waker's own goroutine of the same
+                // scheduler) keeps its scheduler (and so g) alive.
                 unsafe { goready(g) };
                 drop(rt);
             }

@@ -12,7 +12,7 @@
 //!   builds, host tests, loom, the image, instruction counts, docs and the
 //!   offsets check, then a summary table. `--help` lists the steps; naming
 //!   steps runs only those.
-//! - `bench [--instructions] [--update-baseline]` ([`bench`]): the
+//! - `bench [--instructions] [--update-baseline] [--peers]` ([`bench`]): the
 //!   benchmark suite, timed or in instruction counts.
 //! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
@@ -32,6 +32,7 @@ mod bench;
 mod gate;
 mod image;
 mod offsets;
+mod peers;
 mod process;
 mod soak;
 mod tools;
@@ -69,8 +70,8 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "bench",
-        args: "[--instructions] [--update-baseline]",
-        summary: "the benchmark suite: a table and <target>/bench.json (--instructions: callgrind counts)",
+        args: "[--instructions] [--update-baseline] [--peers]",
+        summary: "the benchmark suite: a table and <target>/bench.json (--instructions: callgrind counts; --peers: beside tokio and Go)",
         run: bench::run,
     },
     Command {
