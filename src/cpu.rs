@@ -10,7 +10,9 @@
 //! - **Ms are the CPUs that joined.** `startm` (Go's: wake an idle M with
 //!   a P, or make one) wakes an idle joined M if there is one. If there is
 //!   none, every joined M is running, on its way to sleep, or the timer
-//!   sleeper: the P goes back to the idle list, `wantm` is set, and the
+//!   sleeper: the P goes back to the idle list (the Gs on its ring to the
+//!   global queue, which busy Ms look at every 61st schedule, where they
+//!   would not steal), `wantm` is set, and the
 //!   timer sleeper is woken (`netpollbreak`). An M on its way to sleep
 //!   finds `wantm` (read under the scheduler lock in `stopm`, which
 //!   `startm` set it under; in `timersleep` after its store of `sleeping`)
