@@ -303,11 +303,14 @@ pub enum WaitReason {
     Syscall,
     /// Waiting for a file descriptor to be ready (the netpoller).
     IoWait,
+    /// [`IrqEvent::wait`](crate::intr::IrqEvent::wait): waiting for an
+    /// interrupt handler's signal.
+    Interrupt,
 }
 
 impl WaitReason {
     /// Every reason, in `repr` order.
-    pub const ALL: [WaitReason; 13] = [
+    pub const ALL: [WaitReason; 14] = [
         WaitReason::Zero,
         WaitReason::ChanReceive,
         WaitReason::ChanSend,
@@ -321,6 +324,7 @@ impl WaitReason {
         WaitReason::Park,
         WaitReason::Syscall,
         WaitReason::IoWait,
+        WaitReason::Interrupt,
     ];
 
     /// How many reasons there are.
@@ -342,6 +346,7 @@ impl WaitReason {
             WaitReason::Park => "park",
             WaitReason::Syscall => "syscall",
             WaitReason::IoWait => "IO wait",
+            WaitReason::Interrupt => "interrupt wait",
         }
     }
 
@@ -901,6 +906,10 @@ pub struct Sched {
     pub(crate) migrate: bool,
     /// The teardown barrier (see [`crate::teardown`]).
     pub(crate) teardown: TeardownBarrier,
+    /// Joined CPUs, the lock-free list of Ms, `wantm` (see [`crate::cpu`]).
+    pub(crate) cpus: crate::cpu::Cpus,
+    /// Nodes posted by interrupt handlers (see [`crate::intr`]).
+    pub(crate) inject: crate::intr::Inject,
 }
 
 /// Ms arriving at the teardown (see [`crate::teardown`]).

@@ -14,7 +14,7 @@
 //!   steps runs only those.
 //! - `bench [--instructions] [--update-baseline] [--peers]` ([`bench`]): the
 //!   benchmark suite, timed or in instruction counts.
-//! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
+//! - `image [--release] [--fs=…] [--cpus]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
 //! - `valgrind` ([`valgrind`]): the hosted tests under Valgrind.
