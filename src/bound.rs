@@ -276,7 +276,7 @@ pub(crate) fn wantpget(sl: &mut SchedLocked, sched: &Sched) -> *mut M {
 }
 
 /// Takes `mp` off the idle M list. Under the lock.
-fn mremove(sl: &mut SchedLocked, mp: *mut M) {
+pub(crate) fn mremove(sl: &mut SchedLocked, mp: *mut M) {
     // SAFETY: the list is under the lock; mp is on it (`onmidle`).
     unsafe {
         let mut link: *mut *mut M = &mut sl.midle;
@@ -400,29 +400,48 @@ pub(crate) fn newproc_locked<F: FnOnce() + Send + 'static>(
     let gp = crate::proc::newproc1(sched, null_mut(), f)?;
     // SAFETY: gp is new and ours.
     let id = unsafe { (*gp).goid };
-    {
-        let mut sl = sched.lock.lock();
-        // An idle M with no bound Gs: nobody waits for its thread.
-        let mut mp = sl.midle;
-        // SAFETY: the idle list is under the lock.
-        unsafe {
-            while !mp.is_null() && (*mp).nbound.load(Ordering::Relaxed) != 0 {
-                mp = (*mp).schedlink;
-            }
-            if !mp.is_null() {
-                mremove(&mut sl, mp);
-                lockfresh(mp, gp);
-                // It wakes in stopm with a P (or waits for one on mwantp)
-                // and findrunnable hands it its locked G.
-                givep(&mut sl, sched, mp);
-                return Ok(id);
-            }
-        }
+    // SAFETY: gp is new, runnable and on no queue.
+    if unsafe { golocked_idle(&mut sched.lock.lock(), sched, gp) } {
+        return Ok(id);
+    }
+    if !sched.platform.starts_threads() {
+        // SAFETY: gp is new and nobody took it.
+        unsafe { crate::cpu::discard_new_g(sched, gp) };
+        panic!(
+            "gokernel: go_locked: {}",
+            crate::cpu::GoLockedError::NoFreeCpu
+        );
     }
     // SAFETY: schedulers live in an Arc (Runtime::build); gp is new,
     // runnable and on no queue.
     unsafe { crate::proc::newm(sched, null_mut(), false, gp) };
     Ok(id)
+}
+
+/// Hands new G `gp` to an idle M with no bound Gs (nobody waits for its
+/// thread), locked to it, and wakes that M with a P (or puts it on
+/// `mwantp`). False if every idle M has bound Gs. Under the lock.
+///
+/// # Safety
+///
+/// `gp` is a new runnable G of `sched` on no queue.
+pub(crate) unsafe fn golocked_idle(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) -> bool {
+    let mut mp = sl.midle;
+    // SAFETY: the idle list is under the lock; the contract for gp.
+    unsafe {
+        while !mp.is_null() && (*mp).nbound.load(Ordering::Relaxed) != 0 {
+            mp = (*mp).schedlink;
+        }
+        if mp.is_null() {
+            return false;
+        }
+        mremove(sl, mp);
+        lockfresh(mp, gp);
+        // It wakes in stopm with a P (or waits for one on mwantp)
+        // and findrunnable hands it its locked G.
+        givep(sl, sched, mp);
+    }
+    true
 }
 
 /// Locks new G `gp` to `mp`, which has no bound G and is not running, as

@@ -31,7 +31,8 @@
 //!   idle M that sleeps until the next deadline instead of spinning.
 //! - [`platform`]: what the scheduler needs from its world (threads,
 //!   futexes, a monotonic clock, CPU count); `lock_futex` (internal): how
-//!   idle Ms sleep.
+//!   idle Ms sleep; [`cpu`]: a kernel's CPUs joining as the Ms;
+//!   [`intr`]: interrupt handlers waking goroutines (`docs/interrupts.md`).
 //! - [`stack`]: goroutine stacks: a guard page below every stack, as many
 //!   as `vm.max_map_count` allows; arena stacks with soft guards only behind
 //!   an `unsafe` opt-in.
@@ -91,6 +92,8 @@ extern crate std;
 pub mod asm_amd64;
 pub mod bound;
 pub mod chan;
+pub mod cpu;
+pub mod intr;
 pub(crate) mod lock_futex;
 pub mod panic;
 pub mod platform;

@@ -5,6 +5,10 @@
 //! many CPUs there are go through [`Platform`]. The hosted platform (`hosted`, with the `std` feature)
 //! uses OS threads and Linux futexes; a kernel implements the trait over
 //! its own CPUs and wait queues.
+//!
+//! A kernel that hands its CPUs to the scheduler instead of letting it
+//! start threads says so with [`Platform::starts_threads`] and makes each
+//! CPU an M with [`crate::cpu::join`]; see `docs/interrupts.md`.
 
 use core::sync::atomic::AtomicU32;
 
@@ -43,6 +47,26 @@ impl core::fmt::Display for NewOsProcError {
 /// - [`nanotime`](Platform::nanotime) is monotonic: it never goes back,
 ///   and every M reads the same clock, so a reading on one M is never later
 ///   than a reading taken afterwards on another.
+/// - Where the hooks are called from. [`futexwakeup`](Platform::futexwakeup)
+///   is called with the scheduler's spin locks held (`Sched::lock`, an M's
+///   inbox, a channel's lock) and, by [`crate::intr`], from an interrupt
+///   handler (a signal handler, hosted) whatever code it interrupted: it
+///   must take no lock that code may hold, allocate nothing, and not
+///   sleep. [`futexsleep`](Platform::futexsleep) is called with no
+///   gokernel lock held, on an M's system stack (g0) or on a plain thread
+///   that blocks on a gokernel object; [`nanotime`](Platform::nanotime)
+///   under the scheduler lock and a P's timer lock;
+///   [`newosproc`](Platform::newosproc) with no lock held. None is called
+///   from an interrupt handler but `futexwakeup`.
+/// - When [`starts_threads`](Platform::starts_threads) is false, the Ms are
+///   the CPUs that call [`crate::cpu::join`], and `futexsleep` is how an
+///   idle CPU waits: on a kernel, `hlt` (or `mwait`) with interrupts
+///   enabled until `*addr != val` or the timeout, and `futexwakeup` an IPI
+///   to the CPUs that sleep on `addr` (or to every sleeping CPU: a CPU
+///   that finds `*addr` unchanged sleeps again, so waking too many is only
+///   slower). The check of `*addr` and the halt must not lose a wake-up
+///   that arrives in between (on x86, `sti; hlt` with the check before
+///   the `sti`).
 ///
 /// And, built without `std`, the embedder accepts goroutine stacks without
 /// a hardware guard: they come from the global allocator with only a soft
@@ -59,6 +83,53 @@ pub unsafe trait Platform: Sync + 'static {
     /// `mp` must be a live M made by the scheduler for this thread, not
     /// running anywhere; it stays live until `mstart0` returns.
     unsafe fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError>;
+    /// Whether the scheduler may start Ms with [`newosproc`](Self::newosproc)
+    /// (true by default). A platform that returns false is never asked to
+    /// start one: its Ms are the CPUs (or threads) that call
+    /// [`crate::cpu::join`], and the scheduler never needs more Ms than
+    /// joined. Work that finds no idle M is left where every M looks (the
+    /// run queues) and an idle joined M is woken with
+    /// [`futexwakeup`](Self::futexwakeup) on what it sleeps on; see
+    /// [`crate::cpu`]. Its answer must not change while a scheduler uses
+    /// the platform.
+    ///
+    /// ```
+    /// use core::sync::atomic::AtomicU32;
+    /// use gokernel::platform::{NewOsProcError, Platform};
+    /// use gokernel::runtime2::M;
+    ///
+    /// /// A kernel's platform: its CPUs join; no threads.
+    /// struct Cpus;
+    /// // SAFETY: (a sketch) futexsleep would halt until *addr != val,
+    /// // futexwakeup send an IPI; newosproc is never called.
+    /// unsafe impl Platform for Cpus {
+    ///     /// # Safety
+    ///     ///
+    ///     /// Never called: `starts_threads` is false.
+    ///     unsafe fn newosproc(&self, _: *mut M) -> Result<(), NewOsProcError> {
+    ///         Err(NewOsProcError)
+    ///     }
+    ///     fn starts_threads(&self) -> bool {
+    ///         false
+    ///     }
+    ///     fn futexsleep(&self, addr: &AtomicU32, val: u32, _: Option<u64>) {
+    ///         while addr.load(core::sync::atomic::Ordering::SeqCst) == val {
+    ///             core::hint::spin_loop(); // a kernel: sti; hlt
+    ///         }
+    ///     }
+    ///     fn futexwakeup(&self, _: &AtomicU32, _: u32) {} // a kernel: an IPI
+    ///     fn ncpu(&self) -> usize {
+    ///         2
+    ///     }
+    ///     fn nanotime(&self) -> u64 {
+    ///         0 // a kernel: its clock
+    ///     }
+    /// }
+    /// assert!(!Cpus.starts_threads());
+    /// ```
+    fn starts_threads(&self) -> bool {
+        true
+    }
     /// Sleeps while `*addr == val`, at most `timeout_ns` if given.
     fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>);
     /// Wakes up to `cnt` threads sleeping on `addr`.

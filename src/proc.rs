@@ -538,6 +538,7 @@ pub(crate) unsafe fn newm(sched: &Sched, pp: *mut P, spinning: bool, lockedg: *m
         unsafe { crate::bound::lockfresh(mp, lockedg) };
     }
     sched.allm.lock().push(mp);
+    crate::cpu::mregister(sched, mp);
     sched.nmlive.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the contract: sched lives in an Arc; the thread gives this
     // reference back when it ends (mstart0).
@@ -568,6 +569,11 @@ fn startm(sched: &Sched, pp: *mut P, spinning: bool) {
         return;
     }
     let nmp = mget(&mut sl);
+    if nmp.is_null() && !sched.platform.starts_threads() {
+        // CPUs joined and no thread can start: an M that is up finds it.
+        crate::cpu::startm_nom(sl, sched, pp, spinning);
+        return;
+    }
     drop(sl);
     if nmp.is_null() {
         // SAFETY: schedulers live in an Arc (Runtime::build); pp is ours.
@@ -611,13 +617,15 @@ pub(crate) fn wakep(sched: &Sched) {
 }
 
 /// Stops the current M until `startm` gives it a P (Go's `stopm`). Returns
-/// false, without a P, when the scheduler is stopping.
+/// false, without a P, when the scheduler is stopping. Work that waits
+/// for an M (`crate::cpu`'s `wantm`, `crate::intr`'s posts) makes it take
+/// an idle P as a spinning M instead, and a kick makes it look again.
 ///
 /// # Safety
 ///
 /// On g0 of `mp`, which holds no P.
-unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
-    {
+pub(crate) unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
+    loop {
         let mut sl = sched.lock.lock();
         // Checked under the lock that shutdown takes after setting it, so
         // an M either sees it here or is on a list to be woken.
@@ -627,7 +635,8 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
         // SAFETY: mp is this thread's M.
         unsafe {
             // SeqCst store, then has_bound_work's SeqCst load of the inbox
-            // count: the M's half of the wake-up argument in bound.rs.
+            // count: the M's half of the wake-up argument in bound.rs
+            // (and in cpu.rs and intr.rs, with stopm_work's loads).
             (*mp).sleeping.store(crate::bound::IDLE, Ordering::SeqCst);
             if crate::bound::has_bound_work(mp) {
                 // Gs of this M's own are runnable: only this M can run
@@ -635,14 +644,23 @@ unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
                 if crate::bound::takep_or_wait(&mut sl, sched, mp) {
                     return true;
                 }
+            } else if crate::cpu::stopm_work(&mut sl, sched, mp) {
+                return true;
             } else {
                 mput(&mut sl, mp);
+            }
+        }
+        drop(sl);
+        // SAFETY: mp is this thread's M; the note is its own.
+        unsafe {
+            notesleep(sched.platform, &(*mp).park);
+            if !crate::cpu::stopm_kicked(sched, mp) {
+                break;
             }
         }
     }
     // SAFETY: mp is this thread's M; the note is its own.
     unsafe {
-        notesleep(sched.platform, &(*mp).park);
         noteclear(&(*mp).park);
         (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
         let pp = (*mp).nextp;
@@ -894,6 +912,7 @@ fn handoffp(sched: &Sched, pp: *mut P) -> bool {
         .allp
         .iter()
         .any(|&p2| !runqempty(unsafe { &(*p2).runq }))
+        || crate::intr::pending(sched)
     {
         wakep(sched);
     }
@@ -956,7 +975,7 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
                     sl.nmidlelocked += 1;
                 }
             }
-            notesleep(sched.platform, &(*mp).park);
+            crate::cpu::notesleep_woken(sched.platform, &(*mp).park);
             noteclear(&(*mp).park);
         }
     }
@@ -1433,6 +1452,10 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
             }
             return None;
         }
+        // Interrupt handlers' posts (Go's netpoll injection; crate::intr).
+        if crate::intr::pending(sched) {
+            crate::intr::injectglist(sched);
+        }
         // This P's expired timers (one relaxed load when it has none).
         let (now, _) = crate::time::checktimers(sched, pp, 0);
         // Fairness: now and then, the global queue first.
@@ -1545,7 +1568,10 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
                     continue 'top;
                 }
             }
-            // Every P's queue again.
+            // Interrupt handlers' posts (crate::intr) and every P's queue again.
+            if crate::intr::pending(sched) && spin_on_idle_p(&mut sched.lock.lock(), sched, mp) {
+                continue 'top;
+            }
             for &p2 in &sched.allp {
                 // SAFETY: Ps live as long as the scheduler.
                 if !runqempty(unsafe { &(*p2).runq }) {
@@ -1593,6 +1619,7 @@ pub(crate) fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) ->
         (*mp).spinning = true;
     }
     sched.nmspinning.fetch_add(1, Ordering::SeqCst);
+    crate::cpu::wantm_taken(sched);
     true
 }
 
@@ -2427,7 +2454,10 @@ impl Sched {
             nmwantp: AtomicU32::new(0),
             migrate,
             teardown: crate::runtime2::TeardownBarrier::new(),
+            cpus: crate::cpu::Cpus::new(),
+            inject: crate::intr::Inject::new(),
         });
+        crate::cpu::note_platform(platform);
         {
             let mut sl = sched.lock.lock();
             for &pp in sched.allp.iter().rev() {
@@ -2543,6 +2573,11 @@ impl Sched {
     /// [`Sched::go`] for a goroutine locked to an M of its own, as if it
     /// began with [`lock_os_thread`]: an idle M that no started goroutine
     /// is bound to, or a new one (hosted: `spawn_locked`).
+    ///
+    /// # Panics
+    ///
+    /// When the platform starts no threads ([`crate::cpu`]) and no joined
+    /// CPU is free; [`crate::cpu::try_go_locked`] returns an error instead.
     pub fn go_locked(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         crate::bound::newproc_locked(Some(self), f)
     }
@@ -2572,6 +2607,21 @@ impl Sched {
     /// fired are dropped without running; goroutines that never started
     /// are dropped unrun when the scheduler is.
     pub fn shutdown(&self) {
+        self.stop();
+        loop {
+            // Acquire: pairs with mstart0's release decrement.
+            let n = self.nmlive.load(Ordering::Acquire);
+            if n == 0 {
+                break;
+            }
+            self.platform.futexsleep(&self.nmlive, n, None);
+        }
+        crate::time::cleartimers(self);
+    }
+
+    /// The first half of [`shutdown`](Self::shutdown): sets `stopping`
+    /// and wakes every sleeping M, without waiting.
+    pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         // The M sleeping until the next timer is on no idle list.
         crate::time::netpollbreak(self);
@@ -2616,15 +2666,6 @@ impl Sched {
                 }
             }
         }
-        loop {
-            // Acquire: pairs with mstart0's release decrement.
-            let n = self.nmlive.load(Ordering::Acquire);
-            if n == 0 {
-                break;
-            }
-            self.platform.futexsleep(&self.nmlive, n, None);
-        }
-        crate::time::cleartimers(self);
     }
 }
 

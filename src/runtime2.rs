@@ -694,6 +694,10 @@ pub struct Sched {
     pub(crate) migrate: bool,
     /// The teardown barrier (see [`crate::teardown`]).
     pub(crate) teardown: TeardownBarrier,
+    /// Joined CPUs, the lock-free list of Ms, `wantm` (see [`crate::cpu`]).
+    pub(crate) cpus: crate::cpu::Cpus,
+    /// Nodes posted by interrupt handlers (see [`crate::intr`]).
+    pub(crate) inject: crate::intr::Inject,
 }
 
 /// Ms arriving at the teardown (see [`crate::teardown`]).

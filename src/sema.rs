@@ -37,8 +37,11 @@
 //! wake-up is never lost and never spurious.
 //!
 //! Plain threads can block here too (with `std`: `std::thread::park`;
-//! without `std`, a thread that is not a goroutine spins, since the
-//! crate has no way to put an arbitrary thread to sleep).
+//! without `std`, through the platform's
+//! [`futexsleep`](crate::platform::Platform::futexsleep) on the waiter's
+//! flag, woken by `futexwakeup` — the platform of the first scheduler
+//! made; before any scheduler exists a thread has nothing to sleep
+//! through and spins).
 
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -198,11 +201,15 @@ pub struct Waiter {
     completed: AtomicBool,
     /// The goroutine, or null for a thread.
     g: *mut G,
-    /// A thread's wake-up flag (0 asleep, 1 woken).
+    /// A thread's wake-up flag (0 asleep, 1 woken; without `std`, 2 while
+    /// the waker is in `futexwakeup`).
     woken: AtomicU32,
     /// The thread to unpark.
     #[cfg(feature = "std")]
     thread: Option<std::thread::Thread>,
+    /// Without `std`: what a thread sleeps through (see the module docs).
+    #[cfg(not(feature = "std"))]
+    platform: Option<&'static dyn crate::platform::Platform>,
     /// The sudogs queued for this waiter, linked by `waitlink` (so that a
     /// runtime dropped while its goroutine waits can take them off their
     /// queues: [`abandon`]).
@@ -226,6 +233,12 @@ impl Waiter {
             woken: AtomicU32::new(0),
             #[cfg(feature = "std")]
             thread: g.is_null().then(std::thread::current),
+            #[cfg(not(feature = "std"))]
+            platform: if g.is_null() {
+                crate::cpu::thread_platform()
+            } else {
+                None
+            },
             sudogs: core::cell::Cell::new(null_mut()),
             external: core::cell::Cell::new(false),
         }
@@ -304,7 +317,15 @@ impl Waiter {
             #[cfg(feature = "std")]
             std::thread::park();
             #[cfg(not(feature = "std"))]
-            core::hint::spin_loop();
+            match self.platform {
+                // Returns at once if the waker changed the flag meanwhile.
+                // While it is WAKING the waker is in its futexwakeup: the
+                // store of 1 follows at once.
+                Some(p) if self.woken.load(Ordering::Relaxed) == 0 => {
+                    p.futexsleep(&self.woken, 0, None)
+                }
+                _ => core::hint::spin_loop(),
+            }
         }
     }
 
@@ -340,6 +361,10 @@ impl Waiter {
             #[cfg(feature = "std")]
             if let Some(t) = (*w).thread.clone() {
                 return Some(Wakeup(WakeupKind::Thread(&(*w).woken, t)));
+            }
+            #[cfg(not(feature = "std"))]
+            if let Some(p) = (*w).platform {
+                return Some(Wakeup(WakeupKind::Futex(&(*w).woken, p)));
             }
             Some(Wakeup(WakeupKind::Spinner(&(*w).woken)))
         }
@@ -397,6 +422,9 @@ enum WakeupKind {
     /// A thread blocked on its flag.
     #[cfg(feature = "std")]
     Thread(*const AtomicU32, std::thread::Thread),
+    /// A thread that sleeps on its flag through the platform (no `std`).
+    #[cfg(not(feature = "std"))]
+    Futex(*const AtomicU32, &'static dyn crate::platform::Platform),
     /// A thread that spins on its flag.
     #[cfg_attr(feature = "std", allow(dead_code))]
     Spinner(*const AtomicU32),
@@ -424,11 +452,28 @@ impl Wakeup {
                 unsafe { (*flag).store(1, Ordering::Release) };
                 t.unpark();
             }
+            #[cfg(not(feature = "std"))]
+            WakeupKind::Futex(flag, p) => {
+                // SAFETY: as above: the thread stays blocked, and the flag
+                // alive, until the store of 1, which is the last thing
+                // done. The flag is WAKING (2) meanwhile, so the thread's
+                // futexsleep returns and it spins for the short rest.
+                unsafe {
+                    (*flag).store(WAKING, Ordering::Relaxed);
+                    p.futexwakeup(&*flag, 1);
+                    (*flag).store(1, Ordering::Release);
+                }
+            }
             // SAFETY: as above.
             WakeupKind::Spinner(flag) => unsafe { (*flag).store(1, Ordering::Release) },
         }
     }
 }
+
+/// A thread's `Waiter::woken` while its waker is in `futexwakeup` (no
+/// `std`): not woken yet, but no longer to sleep.
+#[cfg(not(feature = "std"))]
+const WAKING: u32 = 2;
 
 /// `gopark`'s unlock function for [`Waiter::block`].
 ///

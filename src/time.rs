@@ -540,7 +540,7 @@ pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
                 break Woke::Stopping;
             }
             // SAFETY: as above.
-            if unsafe { crate::bound::has_bound_work(mp) } {
+            if unsafe { crate::bound::has_bound_work(mp) } || crate::cpu::idle_work(sched) {
                 break Woke::Home;
             }
             let next = timesleepuntil(sched);
