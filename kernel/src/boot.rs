@@ -44,6 +44,8 @@ unsafe extern "C" {
     pub static ap_trampoline_end: u8;
     /// The end of the image (page aligned): the heap starts here.
     pub static __image_end: u8;
+    /// The boot CPU's stack ([`BOOT_STACK`] bytes).
+    pub static boot_stack: u8;
 }
 
 global_asm!(
@@ -209,6 +211,7 @@ boot_gdtr:
 boot_pml4: .skip 4096
 boot_pdpt: .skip 4096
 boot_pd: .skip 4 * 4096
+    .globl boot_stack
 boot_stack: .skip {stack}
 boot_stack_top:
     .text

@@ -8,7 +8,8 @@
 //!   the clock is the TSC.
 //! - [`cpu_init`]: CR4.FSGSBASE and a TLS block in FS, on every CPU.
 //! - [`start`] and [`ap_run`]: the scheduler, its first goroutine, and
-//!   each CPU becoming an M.
+//!   each CPU joining it as an M (`gokernel::cpu::join`); the platform
+//!   starts no threads.
 
 // glue: begin
 use alloc::boxed::Box;
@@ -32,29 +33,13 @@ pub static PLATFORM: Cpus = Cpus;
 // which a `sti; hlt` does not miss, or the sleeper sees the new value.
 // Time-outs are an APIC one-shot; nanotime is the shared TSC.
 unsafe impl Platform for Cpus {
-    unsafe fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError> {
-        // Until CPUs can join: an idle AP takes the M from its mailbox.
-        for (n, mb) in MAILBOX
-            .iter()
-            .enumerate()
-            .skip(1)
-            .take(ONLINE.load(Ordering::Acquire) - 1)
-        {
-            if mb
-                .compare_exchange(
-                    core::ptr::null_mut(),
-                    mp,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                POSTED[n].store(1, Ordering::SeqCst);
-                self.futexwakeup(&POSTED[n], 1);
-                return Ok(());
-            }
-        }
+    /// CPUs join instead (see [`start`]).
+    unsafe fn newosproc(&self, _mp: *mut M) -> Result<(), NewOsProcError> {
         Err(NewOsProcError)
+    }
+
+    fn starts_threads(&self) -> bool {
+        false
     }
 
     fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>) {
@@ -125,35 +110,42 @@ pub fn cpu_init() {
     core::mem::forget(tls);
 }
 
-/// Per-AP mailboxes for newosproc (until CPUs can join).
-static MAILBOX: [AtomicPtr<M>; crate::cpu::MAX_CPUS] =
-    [const { AtomicPtr::new(core::ptr::null_mut()) }; crate::cpu::MAX_CPUS];
-static POSTED: [AtomicU32; crate::cpu::MAX_CPUS] =
-    [const { AtomicU32::new(0) }; crate::cpu::MAX_CPUS];
+/// The scheduler, once the boot CPU has made it.
+static SCHED: AtomicPtr<Sched> = AtomicPtr::new(core::ptr::null_mut());
 
-/// Boot, step 4, on the boot CPU: the scheduler and the first goroutine.
-pub fn start(ncpus: usize) -> ! {
-    let procs = (ncpus - 1).max(1);
-    let sched: &'static Sched = Box::leak(Box::new(Sched::new(
-        procs,
-        gokernel::stack::STACK_MIN,
-        &PLATFORM,
-    )));
-    crate::run::main(sched)
+/// The scheduler (after [`start`] made it).
+pub fn sched() -> &'static Sched {
+    // SAFETY: set once to a leaked ('static) scheduler before any
+    // goroutine or interrupt scenario runs.
+    unsafe { &*SCHED.load(Ordering::Acquire) }
 }
 
-/// Boot, step 4, on an AP: wait for Ms to run.
+/// Boot, step 4, on the boot CPU: the scheduler (a P per CPU), its first
+/// goroutine, and this CPU joining it as an M.
+pub fn start(ncpus: usize) -> ! {
+    let sched = Sched::leak(Sched::new(ncpus, gokernel::stack::STACK_MIN, &PLATFORM));
+    sched
+        .go(Box::new(move || crate::run::main(sched)))
+        .expect("the first goroutine");
+    SCHED.store(core::ptr::from_ref(sched).cast_mut(), Ordering::Release);
+    join()
+}
+
+/// Boot, step 4, on an AP: join the scheduler once the boot CPU made it.
 pub fn ap_run() -> ! {
-    let n = this();
-    loop {
-        PLATFORM.futexsleep(&POSTED[n], 0, None);
-        let mp = MAILBOX[n].load(Ordering::Acquire);
-        if !mp.is_null() {
-            POSTED[n].store(0, Ordering::SeqCst);
-            // SAFETY: the M newosproc handed to this CPU, once.
-            unsafe { gokernel::proc::mstart0(mp) };
-            MAILBOX[n].store(core::ptr::null_mut(), Ordering::Release);
-        }
+    while SCHED.load(Ordering::Acquire).is_null() {
+        core::hint::spin_loop();
     }
+    join()
+}
+
+/// Makes this CPU an M of the scheduler until it shuts down.
+fn join() -> ! {
+    // SAFETY: cpu_init gave this CPU its TLS block in FS; it runs on its
+    // boot stack (64 KiB), which stays its g0 stack; interrupt handlers
+    // call only gokernel::intr. Goroutines run with interrupts on.
+    x86::irq_restore(true);
+    unsafe { gokernel::cpu::join(sched()) };
+    x86::exit_qemu(x86::EXIT_FAIL)
 }
 // glue: end

@@ -28,6 +28,7 @@ mod cpu;
 mod glue;
 mod heap;
 mod idt;
+mod irq;
 mod run;
 #[path = "../../image/src/scenarios.rs"]
 mod scenarios;

@@ -45,6 +45,31 @@ pub fn start_aps(ncpus: usize) -> usize {
     online
 }
 
+/// How deep each CPU's boot stack (its g0 stack once it joins) has been
+/// used, in bytes: stacks start zeroed, so the lowest non-zero word marks
+/// the deepest use (interrupt frames on g0 included).
+pub fn g0_stack_use() -> Vec<usize> {
+    let depth = |bottom: usize, len: usize| {
+        let words = bottom as *const u64;
+        // SAFETY: [bottom, bottom + len) is a CPU's stack, readable.
+        let untouched = (0..len / 8)
+            .take_while(|&i| unsafe { words.add(i).read_volatile() } == 0)
+            .count();
+        len - untouched * 8
+    };
+    let tops = AP_STACKS.load(Ordering::Acquire);
+    (0..cpu::ONLINE.load(Ordering::Acquire))
+        .map(|n| match n {
+            0 => depth(
+                &raw const crate::boot::boot_stack as usize,
+                crate::boot::BOOT_STACK,
+            ),
+            // SAFETY: AP n's stack top, set before the APs started.
+            _ => depth(unsafe { *tops.add(n) } - AP_STACK, AP_STACK),
+        })
+        .collect()
+}
+
 /// Where an AP arrives from the trampoline, with its index (1, 2, …).
 pub extern "C" fn ap_main(index: u32) -> ! {
     idt::load();

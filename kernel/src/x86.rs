@@ -253,14 +253,6 @@ pub fn timer_oneshot(vector: u8, ns: u64) {
     apic_write(TIMER_INIT, ticks);
 }
 
-/// Arms this CPU's APIC timer to raise `vector` every `ns` nanoseconds.
-pub fn timer_periodic(vector: u8, ns: u64) {
-    let ticks = (u128::from(ns) * u128::from(APIC_HZ.load(Ordering::Relaxed)) / 1_000_000_000)
-        .clamp(1, u128::from(u32::MAX)) as u32;
-    apic_write(LVT_TIMER, 1 << 17 | u32::from(vector));
-    apic_write(TIMER_INIT, ticks);
-}
-
 /// Stops this CPU's APIC timer.
 pub fn timer_stop() {
     apic_write(TIMER_INIT, 0);

@@ -285,7 +285,10 @@ pub fn run(args: &[String]) -> ExitCode {
                 };
             }
             other => {
-                return crate::usage_error("qemu", &format!("unknown argument `{other}` ({USAGE})"));
+                return crate::usage_error(
+                    "qemu",
+                    &format!("unknown argument `{other}` ({USAGE})"),
+                );
             }
         }
     }
