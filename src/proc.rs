@@ -48,6 +48,13 @@
 //! expired ones, and an M with nothing to do while timers are pending
 //! sleeps until the next deadline instead of for good.
 //!
+//! So are interrupt handlers' posts ([`crate::intr`]): the same argument
+//! with the injection list as the queue, and a lock-free kick of an idle
+//! M instead of `startm`; and, when CPUs join instead of threads being
+//! started ([`crate::cpu`]), a `startm` that finds no idle M leaves its
+//! work to the next M that goes idle (`wantm`). Both arguments are
+//! written out in those modules.
+//!
 //! # Where goroutines run
 //!
 //! Go moves a goroutine to whichever M is free: a yield goes to the

@@ -1,18 +1,35 @@
 //! The image's run: the checks only a freestanding image can make (TLS
 //! template, FS base, per-M slots, shutdown) around the scheduler
 //! scenarios it shares with the reference kernel (`scenarios.rs`), on 2
-//! Ms made by clone(2).
+//! Ms made by clone(2) (or, with `--cpus`, on 2 CPUs that joined, under a
+//! storm of simulated interrupts, with the CPU-mode checks: see
+//! `cpus.rs`).
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use gokernel::runtime2::Sched;
 use gokernel::tls::{FsBaseMode, fs0};
 
-use crate::platform::{IMAGE, M_RECORDS, NRECORDS};
+use crate::platform::{IMAGE, M_RECORDS, NEWOSPROC_CALLS, NRECORDS};
 use crate::scenarios::{self, Host, Report};
-use crate::{Boot, say, sys};
+use crate::{Boot, cpus, say, sys};
+
+/// [`scenarios::run_g`] on the image's platform (for `cpus.rs`).
+pub(crate) fn run_g<T: Send + 'static>(
+    sched: &'static Sched,
+    secs: u32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    scenarios::run_g(
+        Host {
+            sched,
+            platform: &IMAGE,
+        },
+        secs,
+        f,
+    )
+}
 
 /// The PT_TLS program header, read through AT_PHDR / AT_PHNUM.
 fn pt_tls(boot: &Boot) -> Option<(usize, usize, usize, usize)> {
@@ -35,11 +52,16 @@ fn pt_tls(boot: &Boot) -> Option<(usize, usize, usize, usize)> {
     })
 }
 
-pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
+pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize, cpu_mode: bool) -> bool {
     let mut r = Report::new();
     say!(
-        "gokernel freestanding image: FS base by {mode:?}, AT_HWCAP2 = {:#x}",
-        boot.hwcap2
+        "gokernel freestanding image: FS base by {mode:?}, AT_HWCAP2 = {:#x}, Ms: {}",
+        boot.hwcap2,
+        if cpu_mode {
+            "2 CPUs that join (the platform starts no threads), interrupts by signals"
+        } else {
+            "clone(2) threads"
+        }
     );
 
     let t = crate::tls_template();
@@ -69,8 +91,22 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
         ),
     );
 
-    let sched: &'static Sched =
-        Box::leak(Box::new(Sched::new(2, gokernel::stack::STACK_MIN, &IMAGE)));
+    let sched: &'static Sched = Sched::leak(Sched::new(2, gokernel::stack::STACK_MIN, &IMAGE));
+    if cpu_mode {
+        let started = cpus::start(sched) && cpus::storm_start();
+        r.check(
+            "cpus-join",
+            started,
+            format_args!(
+                "{} CPU threads started, each calling gokernel::cpu::join; a storm thread sends them SIGUSR1 every 20-220 us",
+                cpus::NCPUS
+            ),
+        );
+        if !started {
+            say!("image: {} passed, {} failed", r.passed, r.failed);
+            return true;
+        }
+    }
 
     scenarios::run_all(
         Host {
@@ -80,6 +116,17 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
         &mut r,
         100,
     );
+    if cpu_mode {
+        let (sent, handled, runs, caught_up) = cpus::storm_stop();
+        r.check(
+            "intr-storm",
+            caught_up && handled > 0 && runs > 0,
+            format_args!(
+                "{sent} signals sent to the CPUs during the checks above, {handled} handled (each posting an IrqWork from the handler), {runs} runs; the last post ran: {caught_up}"
+            ),
+        );
+        check_cpus(&mut r, sched);
+    }
 
     let n = NRECORDS.load(Ordering::Acquire).min(M_RECORDS.len());
     let recs: Vec<_> = M_RECORDS[..n]
@@ -113,6 +160,17 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
         sched.ngoroutines() == 0,
         format_args!("Ms stopped; goroutines left: {}", sched.ngoroutines()),
     );
+    if cpu_mode {
+        let left = cpus::wait_cpus_left();
+        r.check(
+            "cpus-leave",
+            left == cpus::NCPUS as u32 && sched.joined_cpus() == 0,
+            format_args!(
+                "cpu::join returned on {left} of {} CPUs after shutdown",
+                cpus::NCPUS
+            ),
+        );
+    }
 
     for p in &sched.pstats() {
         say!(
@@ -127,4 +185,66 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize) -> bool {
     }
     say!("image: {} passed, {} failed", r.passed, r.failed);
     r.failed != 0
+}
+
+/// The checks of CPU mode, after the scenarios.
+fn check_cpus(r: &mut Report, sched: &'static Sched) {
+    for busy in [true, false] {
+        let (woke, asleep) = cpus::ready_from_interrupt(sched, busy);
+        let n = cpus::IRQ_ROUNDS;
+        if busy {
+            r.check(
+                "intr-ready-while-busy",
+                woke == n,
+                format_args!(
+                    "a goroutine waiting on an IrqEvent woke {woke} of {n} times, each by a SIGUSR2 handler on a CPU while both CPUs ran yielding goroutines"
+                ),
+            );
+        } else {
+            r.check(
+                "intr-ready-while-idle",
+                woke == n && asleep == n,
+                format_args!(
+                    "woke {woke} of {n} times; both CPUs idle (every P idle, both threads asleep in the kernel) before {asleep} of the signals"
+                ),
+            );
+        }
+    }
+    let locked = cpus::locked_on_cpu(sched);
+    r.check(
+        "lock-os-thread-cpus",
+        locked.is_some_and(|(same, most)| same && most <= cpus::NCPUS),
+        format_args!(
+            "(same CPU and TLS block across 200 parks woken from the other CPU, most Ms seen) = {locked:?}"
+        ),
+    );
+    let gl = cpus::go_locked_cpus(sched);
+    r.check(
+        "go-locked-cpus",
+        gl.is_some_and(|(first, elsewhere, second)| {
+            first && elsewhere && second == Err(gokernel::cpu::GoLockedError::NoFreeCpu)
+        }),
+        format_args!(
+            "(try_go_locked took the idle CPU, the goroutine ran locked on the other M, a second try_go_locked with no free CPU) = {gl:?}"
+        ),
+    );
+    let (state, ticks, sleeps, got) = cpus::plain_thread_sleeps(sched);
+    r.check(
+        "plain-thread-sleeps",
+        state == b'S' && ticks <= 2 && sleeps >= 1 && got == 7,
+        format_args!(
+            "a thread that is not an M, blocked on a channel: state {:?}, {ticks} clock ticks of CPU in 300 ms, {sleeps} futexsleep calls; then received {got}",
+            state as char
+        ),
+    );
+    let threads = sched.stats().threads;
+    let calls = NEWOSPROC_CALLS.load(Ordering::Relaxed);
+    r.check(
+        "ms-are-cpus",
+        calls == 0 && threads == cpus::NCPUS,
+        format_args!(
+            "newosproc called {calls} times; Ms = {threads} (the {} CPUs that joined)",
+            cpus::NCPUS
+        ),
+    );
 }

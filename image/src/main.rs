@@ -5,7 +5,10 @@
 //! the FS base with `wrfsbase` or `arch_prctl` (`--fs=wrfsbase|fallback`,
 //! default: what `AT_HWCAP2` allows), starts a 2-P scheduler whose Ms are
 //! `clone(2)` threads, and runs the scheduler scenarios of the hosted
-//! suite. It prints one line per check and a summary, and exits 0 only if
+//! suite. With `--cpus` the platform starts no threads: two threads the
+//! image starts join the scheduler as its CPUs (`gokernel::cpu::join`),
+//! signals stand in for interrupts (`gokernel::intr`), and the CPU-mode
+//! checks run too (see `cpus.rs`). It prints one line per check and a summary, and exits 0 only if
 //! every check passed (1 otherwise, 2 for bad arguments).
 #![no_std]
 #![no_main]
@@ -13,6 +16,7 @@
 extern crate alloc;
 
 mod checks;
+mod cpus;
 mod heap;
 #[cfg(not(target_os = "none"))]
 mod mem;
@@ -135,6 +139,7 @@ extern "C" fn image_main(sp: *const usize) -> ! {
     // The FS mode: asked for on the command line, or what AT_HWCAP2 allows.
     let allowed = fs_base_mode_for(boot.hwcap2);
     let mut mode = allowed;
+    let mut cpu_mode = false;
     for i in 1..args.0 {
         // SAFETY: argv[i] is a NUL-terminated string for i < argc.
         let a = unsafe { cstr(*args.1.add(i)) };
@@ -142,8 +147,12 @@ extern "C" fn image_main(sp: *const usize) -> ! {
             b"--fs=wrfsbase" => mode = FsBaseMode::Wrfsbase,
             b"--fs=fallback" => mode = FsBaseMode::Fallback,
             b"--fs=auto" => mode = allowed,
+            b"--cpus" => cpu_mode = true,
             _ => {
-                sys::write_all(2, b"usage: gokernel-image [--fs=wrfsbase|fallback|auto]\n");
+                sys::write_all(
+                    2,
+                    b"usage: gokernel-image [--fs=wrfsbase|fallback|auto] [--cpus]\n",
+                );
                 sys::exit_group(2);
             }
         }
@@ -155,6 +164,8 @@ extern "C" fn image_main(sp: *const usize) -> ! {
         sys::exit_group(1);
     }
     platform::set_fs_mode(mode);
+    platform::set_cpu_mode(cpu_mode);
+    platform::MAIN_TID.store(sys::gettid(), core::sync::atomic::Ordering::Relaxed);
 
     // M0's TLS block: nothing may touch thread-locals before this.
     // SAFETY: the linker script's symbols describe this image's PT_TLS.
@@ -169,7 +180,7 @@ extern "C" fn image_main(sp: *const usize) -> ! {
     unsafe { platform::set_fs(tp) };
     platform::record_m(tp);
 
-    let failed = checks::run(&boot, mode, tp);
+    let failed = checks::run(&boot, mode, tp, cpu_mode);
     sys::exit_group(i32::from(failed))
 }
 

@@ -1,9 +1,14 @@
 //! gokernel's `Platform` over raw Linux system calls: Ms are threads made
 //! with `clone(2)` (own stack, own TLS block via `CLONE_SETTLS`), idle Ms
 //! sleep on `futex(2)`.
+//!
+//! In CPU mode (`--cpus`) the platform starts no threads: `newosproc`
+//! fails, `starts_threads` is false, and the Ms are "CPUs" — threads the
+//! image starts itself, each calling `gokernel::cpu::join` (see
+//! `cpus.rs`).
 
 use core::arch::naked_asm;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use gokernel::platform::{NewOsProcError, Platform};
 use gokernel::runtime2::M;
@@ -44,6 +49,24 @@ pub static IMAGE: Image = Image;
 
 /// 0 = wrfsbase, 1 = fallback (arch_prctl).
 static FS_MODE: AtomicU32 = AtomicU32::new(1);
+
+/// CPU mode: the platform starts no threads.
+static CPU_MODE: AtomicBool = AtomicBool::new(false);
+/// Calls of `newosproc` (in CPU mode there must be none).
+pub static NEWOSPROC_CALLS: AtomicU32 = AtomicU32::new(0);
+/// `futexsleep` calls made by threads that are neither Ms (no current
+/// G) nor the main thread.
+pub static NONM_SLEEPS: AtomicU32 = AtomicU32::new(0);
+/// The main thread's id.
+pub static MAIN_TID: AtomicUsize = AtomicUsize::new(0);
+
+pub fn set_cpu_mode(on: bool) {
+    CPU_MODE.store(on, Ordering::Relaxed);
+}
+
+pub fn cpu_mode() -> bool {
+    CPU_MODE.load(Ordering::Relaxed)
+}
 
 pub fn set_fs_mode(m: FsBaseMode) {
     FS_MODE.store(u32::from(m == FsBaseMode::Fallback), Ordering::Relaxed);
@@ -88,8 +111,38 @@ pub fn record_m(tp: usize) {
     }
 }
 
+/// Starts a thread running `entry(arg)` on a fresh 256 KiB stack with a
+/// fresh TLS block (FS set by `CLONE_SETTLS`); returns its tid.
+pub fn spawn_thread(entry: extern "C" fn(usize) -> !, arg: usize) -> Result<usize, NewOsProcError> {
+    let stack = mmap_anon(M_STACK);
+    if stack.is_null() {
+        return Err(NewOsProcError);
+    }
+    // SAFETY: the template describes this image's PT_TLS segment.
+    let tls = unsafe { TlsBlock::new(&crate::tls_template()) }.ok_or(NewOsProcError)?;
+    let tp = tls.thread_pointer();
+    // The thread uses the block until the process ends.
+    core::mem::forget(tls);
+    let flags = CLONE_VM
+        | CLONE_FS
+        | CLONE_FILES
+        | CLONE_SIGHAND
+        | CLONE_THREAD
+        | CLONE_SYSVSEM
+        | CLONE_SETTLS;
+    // SAFETY: a fresh stack and TLS block for this thread alone; entry
+    // never returns.
+    let r = unsafe { clone_thread(flags, stack as usize + M_STACK, tp, entry, arg) };
+    if r < 0 {
+        Err(NewOsProcError)
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// Where a new M's thread starts: `clone_thread` calls it with the M.
-extern "C" fn m_entry(mp: *mut M) -> ! {
+extern "C" fn m_entry(arg: usize) -> ! {
+    let mp = arg as *mut M;
     // CLONE_SETTLS already set FS; set it again the chosen way, so both
     // modes are exercised on every M, then record what the M sees.
     let tp = fs0();
@@ -127,8 +180,8 @@ unsafe extern "C" fn clone_thread(
     flags: usize,
     stack_top: usize,
     tls: usize,
-    entry: extern "C" fn(*mut M) -> !,
-    arg: *mut M,
+    entry: extern "C" fn(usize) -> !,
+    arg: usize,
 ) -> isize {
     naked_asm!(
         "sub rsi, {two_words}",
@@ -156,7 +209,8 @@ unsafe extern "C" fn clone_thread(
 }
 
 // SAFETY: newosproc runs mstart0 once on a fresh clone(2) thread with its
-// own stack and TLS block (default FP environment: a new thread inherits
+// own stack and TLS block (or, in CPU mode, is never called: starts_threads
+// is false) (default FP environment: a new thread inherits
 // none of ours beyond the defaults, which Rust code never changes); futex
 // calls are FUTEX_WAIT / FUTEX_WAKE, whose timeouts run on CLOCK_MONOTONIC,
 // the clock nanotime reads.
@@ -167,28 +221,22 @@ unsafe impl Platform for Image {
     ///
     /// As [`Platform::newosproc`].
     unsafe fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError> {
-        let stack = mmap_anon(M_STACK);
-        if stack.is_null() {
+        NEWOSPROC_CALLS.fetch_add(1, Ordering::Relaxed);
+        if cpu_mode() {
             return Err(NewOsProcError);
         }
-        // SAFETY: the template describes this image's PT_TLS segment.
-        let tls = unsafe { TlsBlock::new(&crate::tls_template()) }.ok_or(NewOsProcError)?;
-        let tp = tls.thread_pointer();
-        // The M's thread uses the block until the process ends.
-        core::mem::forget(tls);
-        let flags = CLONE_VM
-            | CLONE_FS
-            | CLONE_FILES
-            | CLONE_SIGHAND
-            | CLONE_THREAD
-            | CLONE_SYSVSEM
-            | CLONE_SETTLS;
-        // SAFETY: a fresh stack and TLS block for this thread alone.
-        let r = unsafe { clone_thread(flags, stack as usize + M_STACK, tp, m_entry, mp) };
-        if r < 0 { Err(NewOsProcError) } else { Ok(()) }
+        spawn_thread(m_entry, mp as usize).map(drop)
+    }
+
+    /// False in CPU mode: the Ms are the threads that join.
+    fn starts_threads(&self) -> bool {
+        !cpu_mode()
     }
 
     fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>) {
+        if gokernel::getg().is_null() && gettid() != MAIN_TID.load(Ordering::Relaxed) {
+            NONM_SLEEPS.fetch_add(1, Ordering::Relaxed);
+        }
         let ts =
             timeout_ns.map(|ns| [(ns / 1_000_000_000) as usize, (ns % 1_000_000_000) as usize]);
         let tsp = ts.as_ref().map_or(0, |t| t.as_ptr() as usize);

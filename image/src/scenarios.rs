@@ -113,6 +113,10 @@ pub fn run_g<T: Send + 'static>(
     if done.load(Ordering::Acquire) == 1 {
         slot.lock().take()
     } else {
+        say!(
+            "  (no verdict after {secs} s: {})",
+            schedtrace(&h.sched.stats(), 0)
+        );
         None
     }
 }

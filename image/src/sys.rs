@@ -2,7 +2,16 @@
 
 use core::arch::asm;
 
+pub const SYS_READ: usize = 0;
 pub const SYS_WRITE: usize = 1;
+pub const SYS_CLOSE: usize = 3;
+pub const SYS_RT_SIGACTION: usize = 13;
+pub const SYS_RT_SIGRETURN: usize = 15;
+pub const SYS_GETPID: usize = 39;
+pub const SYS_GETTID: usize = 186;
+pub const SYS_SIGALTSTACK: usize = 131;
+pub const SYS_TGKILL: usize = 234;
+pub const SYS_OPENAT: usize = 257;
 pub const SYS_MMAP: usize = 9;
 pub const SYS_MUNMAP: usize = 11;
 pub const SYS_CLONE: usize = 56;
@@ -16,6 +25,14 @@ pub const ARCH_SET_FS: usize = 0x1002;
 pub const ARCH_GET_FS: usize = 0x1003;
 
 pub const CLOCK_MONOTONIC: usize = 1;
+
+pub const EINTR: isize = 4;
+pub const AT_FDCWD: usize = -100isize as usize;
+
+pub const SIGUSR1: usize = 10;
+pub const SIGUSR2: usize = 12;
+pub const SA_ONSTACK: u64 = 0x0800_0000;
+pub const SA_RESTORER: u64 = 0x0400_0000;
 
 pub const FUTEX_WAIT_PRIVATE: usize = 128;
 pub const FUTEX_WAKE_PRIVATE: usize = 129;
@@ -67,6 +84,9 @@ pub fn write_all(fd: usize, mut buf: &[u8]) {
     while !buf.is_empty() {
         // SAFETY: write(2) reads `buf`, which is live.
         let n = unsafe { syscall6(SYS_WRITE, [fd, buf.as_ptr() as usize, buf.len(), 0, 0, 0]) };
+        if n == -EINTR {
+            continue;
+        }
         if n <= 0 {
             return;
         }
@@ -151,4 +171,113 @@ pub fn monotonic_ns() -> u64 {
         )
     };
     ts[0] * 1_000_000_000 + ts[1]
+}
+
+/// The kernel's `struct sigaction` for `rt_sigaction(2)` on x86_64.
+#[repr(C)]
+struct KSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Returns from a signal handler: `rt_sigreturn(2)` on the frame the
+/// kernel pushed.
+///
+/// Register contract:
+/// - in: rsp = the signal frame (the handler's `ret` popped this
+///   restorer's address);
+/// - out: never returns: the kernel restores the interrupted context;
+/// - clobbered: rax (the context is restored anyway);
+/// - stack: the kernel's signal frame, untouched.
+///
+/// # Safety
+///
+/// Only the kernel enters it, as `sa_restorer`.
+#[unsafe(naked)]
+unsafe extern "C" fn sigreturn() -> ! {
+    core::arch::naked_asm!("mov eax, {nr}", "syscall", "ud2", nr = const SYS_RT_SIGRETURN)
+}
+
+/// Installs `handler` for `sig`, run on the thread's alternate signal
+/// stack (SA_ONSTACK), without SA_RESTART: a system call it interrupts
+/// (a futex wait) returns EINTR, which callers must take as spurious.
+///
+/// # Safety
+///
+/// `handler` must be safe to run at any point of any thread that does not
+/// block `sig`.
+pub unsafe fn sigaction(sig: usize, handler: extern "C" fn(i32)) -> isize {
+    let act = KSigaction {
+        handler: handler as usize,
+        flags: SA_ONSTACK | SA_RESTORER,
+        restorer: sigreturn as *const () as usize,
+        mask: 0,
+    };
+    // SAFETY: the contract; the kernel reads one sigaction and the 8-byte
+    // mask size.
+    unsafe { syscall6(SYS_RT_SIGACTION, [sig, &raw const act as usize, 0, 8, 0, 0]) }
+}
+
+/// Gives the calling thread an alternate signal stack of `len` bytes.
+pub fn sigaltstack(len: usize) -> isize {
+    let sp = mmap_anon(len);
+    if sp.is_null() {
+        return -12;
+    }
+    // stack_t: ss_sp, ss_flags (int, padded), ss_size.
+    let ss: [usize; 3] = [sp as usize, 0, len];
+    // SAFETY: the kernel reads one stack_t; the mapping is ours for good.
+    unsafe { syscall6(SYS_SIGALTSTACK, [ss.as_ptr() as usize, 0, 0, 0, 0, 0]) }
+}
+
+/// Sends `sig` to thread `tid` of this process.
+pub fn tgkill(tid: usize, sig: usize) -> isize {
+    // SAFETY: getpid and tgkill touch no memory of ours.
+    unsafe {
+        let pid = syscall6(SYS_GETPID, [0; 6]) as usize;
+        syscall6(SYS_TGKILL, [pid, tid, sig, 0, 0, 0])
+    }
+}
+
+/// What `/proc/self/task/<tid>/stat` says of a thread: its state letter
+/// and its user + system CPU time in clock ticks.
+pub fn thread_stat(tid: usize) -> Option<(u8, u64)> {
+    let mut path: heapless::String<64> = heapless::String::new();
+    core::fmt::Write::write_fmt(&mut path, format_args!("/proc/self/task/{tid}/stat\0")).ok()?;
+    // SAFETY: a NUL-terminated path; O_RDONLY.
+    let fd = unsafe { syscall6(SYS_OPENAT, [AT_FDCWD, path.as_ptr() as usize, 0, 0, 0, 0]) };
+    if fd < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: read(2) writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        syscall6(
+            SYS_READ,
+            [fd as usize, buf.as_mut_ptr() as usize, buf.len(), 0, 0, 0],
+        )
+    };
+    // SAFETY: closes the descriptor we opened.
+    unsafe { syscall6(SYS_CLOSE, [fd as usize, 0, 0, 0, 0, 0]) };
+    if n <= 0 {
+        return None;
+    }
+    let text = core::str::from_utf8(&buf[..n as usize]).ok()?;
+    // Fields after the command name, which ends at the last ')': state is
+    // field 3, utime 14 and stime 15.
+    let rest = &text[text.rfind(')')? + 2..];
+    let mut f = rest.split(' ');
+    let state = f.next()?.bytes().next()?;
+    let mut f = f.skip(10);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((state, utime + stime))
+}
+
+/// The calling thread's id.
+pub fn gettid() -> usize {
+    // SAFETY: gettid touches no memory.
+    unsafe { syscall6(SYS_GETTID, [0; 6]) as usize }
 }

@@ -364,7 +364,7 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
 }
 
 /// The freestanding image: built in debug and in release (fat LTO), each
-/// run in both FS-base modes (see [`image`]).
+/// run in both FS-base modes and in CPU mode (see [`image`]).
 fn image_steps(root: &Path, mode: BareMode) -> Vec<Step> {
     let target = match mode {
         BareMode::Target => ImageTarget::Bare,
@@ -400,13 +400,13 @@ fn image_steps(root: &Path, mode: BareMode) -> Vec<Step> {
             leak(format!("image build ({profile})")),
             image::build_command(root, target, release),
         ));
-        for fs in image::FS_MODES {
+        for fs in image::RUN_MODES {
             let path = image::binary(target, release);
             steps.push(Step {
                 id: leak(format!("image-run-{id}-{fs}")),
                 name: leak(format!("image run ({profile}, {fs})")),
                 action: Action::InProcess {
-                    command_line: format!("{} --fs={fs}", path.display()),
+                    command_line: format!("{} {}", path.display(), image::run_args(fs).join(" ")),
                     check: Box::new(move |_| image::run_image(&path, fs)),
                 },
             });

@@ -1,12 +1,15 @@
-//! `cargo xtask image [--release] [--fs=wrfsbase|fallback|auto]`: build
-//! the freestanding image (`image/`) and run it as a plain Linux process.
+//! `cargo xtask image [--release] [--fs=wrfsbase|fallback|auto] [--cpus]`:
+//! build the freestanding image (`image/`) and run it as a plain Linux
+//! process.
 //!
 //! The image is built for `x86_64-unknown-none` with
 //! `-C relocation-model=static` (a static ET_EXEC at 0x400000, laid out by
 //! `linker/x86_64.ld`). When that target is not installed it is built,
 //! freestanding all the same, for the host triple: no start files, no
 //! libc, static, non-PIE. `cargo xtask test` builds it in debug and release
-//! (fat LTO) and runs each build in both FS-base modes.
+//! (fat LTO) and runs each build in both FS-base modes and in CPU mode
+//! (`--cpus`: the platform starts no threads, two CPUs join, signals
+//! stand in for interrupts).
 //!
 //! It is built in `image/` of the workspace's target directory
 //! ([`target_dir`]).
@@ -55,8 +58,18 @@ impl ImageTarget {
     }
 }
 
-/// The FS-base modes the image can use.
-pub const FS_MODES: [&str; 2] = ["wrfsbase", "fallback"];
+/// The runs of each build: both FS-base modes, and CPU mode (the FS base
+/// as AT_HWCAP2 allows).
+pub const RUN_MODES: [&str; 3] = ["wrfsbase", "fallback", "cpus"];
+
+/// The image's arguments for a run mode of [`RUN_MODES`] (or `auto`).
+pub fn run_args(mode: &str) -> Vec<String> {
+    if mode == "cpus" {
+        vec!["--fs=auto".into(), "--cpus".into()]
+    } else {
+        vec![format!("--fs={mode}")]
+    }
+}
 
 /// The `cargo build` command for the image.
 pub fn build_command(root: &Path, target: ImageTarget, release: bool) -> Command {
@@ -145,8 +158,9 @@ pub fn wrfsbase_allowed() -> bool {
     })
 }
 
-/// Runs the image with `--fs=<fs>`; true if it passed. A `wrfsbase` run on
-/// a kernel that does not allow it is skipped, saying so.
+/// Runs the image in run mode `fs` (see [`run_args`]); true if it passed.
+/// A `wrfsbase` run on a kernel that does not allow it is skipped, saying
+/// so.
 pub fn run_image(path: &Path, fs: &str) -> bool {
     if let Err(e) = check_elf(path) {
         println!("{e}");
@@ -160,7 +174,7 @@ pub fn run_image(path: &Path, fs: &str) -> bool {
         return true;
     }
     let mut c = Command::new(path);
-    c.arg(format!("--fs={fs}"));
+    c.args(run_args(fs));
     match process::output(&mut c, RUN_TIMEOUT) {
         Ok((status, out)) => {
             print!("{out}");
@@ -183,13 +197,14 @@ pub fn run_image(path: &Path, fs: &str) -> bool {
 pub fn run(args: &[String]) -> ExitCode {
     let root = crate::workspace_root();
     let mut release = false;
-    let mut modes: Vec<&str> = FS_MODES.to_vec();
+    let mut modes: Vec<&str> = RUN_MODES.to_vec();
     for a in args {
         match a.as_str() {
             "--release" => release = true,
             "--fs=wrfsbase" => modes = vec!["wrfsbase"],
             "--fs=fallback" => modes = vec!["fallback"],
             "--fs=auto" => modes = vec!["auto"],
+            "--cpus" => modes = vec!["cpus"],
             other => return crate::usage_error("image", &format!("unexpected argument `{other}`")),
         }
     }

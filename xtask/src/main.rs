@@ -14,7 +14,7 @@
 //!   steps runs only those.
 //! - `bench [--instructions] [--update-baseline]` ([`bench`]): the
 //!   benchmark suite, timed or in instruction counts.
-//! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
+//! - `image [--release] [--fs=…] [--cpus]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
 //! - `qemu [--cpus N]... [--kvm] [--timeout S] [--release] [--count]`
 //!   ([`qemu`]): builds the reference kernel and boots it under QEMU.
