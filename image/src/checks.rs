@@ -115,6 +115,7 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize, cpu_mode: bool) -> bool {
         },
         &mut r,
         100,
+        1,
     );
     if cpu_mode {
         let (sent, handled, runs, caught_up) = cpus::storm_stop();

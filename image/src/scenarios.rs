@@ -279,16 +279,16 @@ fn parallel_and_stolen(h: Host) -> Option<bool> {
 /// start (ms): each wakes in deadline order, not start order.
 const SLEEPS_MS: [u64; 5] = [50, 10, 40, 20, 30];
 
-/// Goroutines sleep for [`SLEEPS_MS`] on the 2 Ms; returns, in wake-up
-/// order, each one's duration and whether it woke no earlier than its
-/// deadline.
-fn sleep_order(h: Host) -> Option<Vec<(u64, bool)>> {
+/// Goroutines sleep for [`SLEEPS_MS`] × `scale` on the Ms; returns, in
+/// wake-up order, each one's duration and whether it woke no earlier
+/// than its deadline.
+fn sleep_order(h: Host, scale: u64) -> Option<Vec<(u64, bool)>> {
     run_g(h, 20, move || {
         // SAFETY: on a goroutine.
         let main = unsafe { Parker::current() };
         let left = Arc::new(AtomicUsize::new(SLEEPS_MS.len()));
         let order: Arc<spin::Mutex<Vec<(u64, bool)>>> = Arc::new(spin::Mutex::new(Vec::new()));
-        for ms in SLEEPS_MS {
+        for ms in SLEEPS_MS.map(|ms| ms * scale) {
             let (left, main, order) = (left.clone(), main.clone(), order.clone());
             h.sched
                 .go(Box::new(move || {
@@ -415,8 +415,10 @@ fn quiescent_stats(h: Host, own: usize) -> Stats {
 /// Runs the scheduler scenarios on `h`: `spawners` × 1,000 goroutines
 /// spawned, yields, park/unpark hand-offs, two goroutines in parallel and
 /// stealing (with 2 Ps or more), `lock_os_thread`, a quiescent `stats`,
-/// channels with `select!` and the sync types, sleeps in deadline order.
-pub fn run_all(h: Host, r: &mut Report, spawners: usize) {
+/// channels with `select!` and the sync types, sleeps in deadline order
+/// ([`SLEEPS_MS`] × `sleep_scale`: the gaps must outlast how late a
+/// sleeping CPU may be scheduled, longer on an emulated machine).
+pub fn run_all(h: Host, r: &mut Report, spawners: usize, sleep_scale: u64) {
     let own = usize::from(on_goroutine());
     let total = spawners * CHILDREN;
     let (once, bad) = spawn_many(h, spawners);
@@ -485,8 +487,8 @@ pub fn run_all(h: Host, r: &mut Report, spawners: usize) {
         ),
     );
 
-    let order = sleep_order(h);
-    let mut sorted = SLEEPS_MS;
+    let order = sleep_order(h, sleep_scale);
+    let mut sorted = SLEEPS_MS.map(|ms| ms * sleep_scale);
     sorted.sort_unstable();
     r.check(
         "sleep-order",
@@ -494,7 +496,8 @@ pub fn run_all(h: Host, r: &mut Report, spawners: usize) {
             o.iter().map(|w| w.0).eq(sorted.iter().copied()) && o.iter().all(|w| w.1)
         }),
         format_args!(
-            "goroutines sleeping {SLEEPS_MS:?} ms woke as (ms, not before the deadline) {order:?}"
+            "goroutines sleeping {:?} ms woke as (ms, not before the deadline) {order:?}",
+            SLEEPS_MS.map(|ms| ms * sleep_scale)
         ),
     );
 }

@@ -99,11 +99,18 @@ pub fn rearm() {
     }
 }
 
-/// The timer interrupt: run the event if it is due, re-arm for the rest.
+/// The timer interrupt: run the event if it is due, forget a sleep
+/// deadline that has passed (the interrupt has ended that sleep: re-arming
+/// for it would fire again at once), re-arm for the rest.
 pub fn on_timer() {
     let c = &CPUS[this()];
+    let now = x86::nanotime();
+    let s = c.sleep_deadline.load(Ordering::Relaxed);
+    if s != 0 && now >= s {
+        c.sleep_deadline.store(0, Ordering::Relaxed);
+    }
     let e = c.event_deadline.load(Ordering::Relaxed);
-    if e != 0 && x86::nanotime() >= e {
+    if e != 0 && now >= e {
         c.event_deadline.store(0, Ordering::Relaxed);
         call_hook(&TIMER_HOOK);
     }

@@ -31,7 +31,9 @@ pub static PLATFORM: Cpus = Cpus;
 // waiting_on (SeqCst), and futexwakeup stores happen before it reads
 // waiting_on (SeqCst): a waker either sees the sleeper and sends an IPI,
 // which a `sti; hlt` does not miss, or the sleeper sees the new value.
-// Time-outs are an APIC one-shot; nanotime is the shared TSC.
+// Time-outs are an APIC one-shot; nanotime is the shared TSC. Each CPU
+// that joins has its own TLS block and a 64 KiB stack; newosproc is never
+// called (starts_threads is false).
 unsafe impl Platform for Cpus {
     /// CPUs join instead (see [`start`]).
     unsafe fn newosproc(&self, _mp: *mut M) -> Result<(), NewOsProcError> {
@@ -141,10 +143,12 @@ pub fn ap_run() -> ! {
 
 /// Makes this CPU an M of the scheduler until it shuts down.
 fn join() -> ! {
+    // Goroutines run with interrupts on: a device or timer interrupt is
+    // taken whatever the CPU runs.
+    x86::irq_restore(true);
     // SAFETY: cpu_init gave this CPU its TLS block in FS; it runs on its
     // boot stack (64 KiB), which stays its g0 stack; interrupt handlers
-    // call only gokernel::intr. Goroutines run with interrupts on.
-    x86::irq_restore(true);
+    // call only gokernel::intr.
     unsafe { gokernel::cpu::join(sched()) };
     x86::exit_qemu(x86::EXIT_FAIL)
 }

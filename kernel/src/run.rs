@@ -17,6 +17,10 @@ use crate::{ALLOC, say, smp, x86};
 /// Spawners in the spawn scenario (× 1,000 goroutines each).
 const SPAWNERS: usize = 10;
 
+/// The sleep-order scenario's durations × this: an emulated CPU on a
+/// loaded host may be scheduled tens of milliseconds late.
+const SLEEP_SCALE: u64 = 4;
+
 /// Goroutines alive at once in the heap-cost scenario.
 const PARKED: usize = 10_000;
 
@@ -31,7 +35,7 @@ pub fn main(sched: &'static Sched) -> ! {
         platform: &crate::glue::PLATFORM,
     };
     let mut r = Report::new();
-    scenarios::run_all(h, &mut r, SPAWNERS);
+    scenarios::run_all(h, &mut r, SPAWNERS, SLEEP_SCALE);
     crate::irq::run_all(h, &mut r);
 
     let cost = parked_cost(h);
