@@ -14,10 +14,12 @@ pub const MAX_CPUS: usize = 16;
 pub struct Cpu {
     /// Its local APIC id (the IPI destination).
     pub apic_id: AtomicU32,
+    // glue: begin
     /// The futex address it sleeps on, or 0 (see [`crate::glue`]).
     pub waiting_on: AtomicUsize,
     /// When its sleep times out ([`x86::nanotime`]), or 0.
     pub sleep_deadline: AtomicU64,
+    // glue: end
     /// When its timer event is due, or 0.
     pub event_deadline: AtomicU64,
 }
@@ -25,8 +27,10 @@ pub struct Cpu {
 pub static CPUS: [Cpu; MAX_CPUS] = [const {
     Cpu {
         apic_id: AtomicU32::new(0),
+        // glue: begin
         waiting_on: AtomicUsize::new(0),
         sleep_deadline: AtomicU64::new(0),
+        // glue: end
         event_deadline: AtomicU64::new(0),
     }
 }; MAX_CPUS];
@@ -105,10 +109,12 @@ pub fn rearm() {
 pub fn on_timer() {
     let c = &CPUS[this()];
     let now = x86::nanotime();
+    // glue: begin
     let s = c.sleep_deadline.load(Ordering::Relaxed);
     if s != 0 && now >= s {
         c.sleep_deadline.store(0, Ordering::Relaxed);
     }
+    // glue: end
     let e = c.event_deadline.load(Ordering::Relaxed);
     if e != 0 && now >= e {
         c.event_deadline.store(0, Ordering::Relaxed);
