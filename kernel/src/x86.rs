@@ -7,7 +7,7 @@ use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Writes a byte to an I/O port.
-pub fn outb(port: u16, v: u8) {
+pub(crate) fn outb(port: u16, v: u8) {
     // SAFETY: the kernel owns the machine; the ports used here (serial,
     // PIT, PIC, fw_cfg, debug-exit) have no memory effects.
     unsafe {
@@ -16,7 +16,7 @@ pub fn outb(port: u16, v: u8) {
 }
 
 /// Writes a word to an I/O port.
-pub fn outw(port: u16, v: u16) {
+pub(crate) fn outw(port: u16, v: u16) {
     // SAFETY: as outb.
     unsafe {
         asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
@@ -24,7 +24,7 @@ pub fn outw(port: u16, v: u16) {
 }
 
 /// Writes a double word to an I/O port.
-pub fn outl(port: u16, v: u32) {
+pub(crate) fn outl(port: u16, v: u32) {
     // SAFETY: as outb.
     unsafe {
         asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
@@ -32,7 +32,7 @@ pub fn outl(port: u16, v: u32) {
 }
 
 /// Reads a byte from an I/O port.
-pub fn inb(port: u16) -> u8 {
+pub(crate) fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as outb.
     unsafe {

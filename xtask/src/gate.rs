@@ -34,11 +34,12 @@
 //!    `qemu-system-x86` package); if it cannot, the step fails naming the
 //!    package
 //! 10. instruction counts: the switch, gosched, spawn and hand-off paths
-//!    under callgrind, in the default (bound) thread-binding mode, must stay
-//!    within 10 % of `bench/baseline.json` (see [`bench`]); cannot flake,
-//!    since counts do not depend on load. Valgrind is installed first if it
-//!    is missing and can be (as root, with apt-get; see [`tools`]); if it
-//!    cannot, the step fails saying so, not that a count grew
+//!     under callgrind, in the default (bound) thread-binding mode, must
+//!     stay within 10 % of `bench/baseline.json` (see [`bench`]); cannot
+//!     flake, since counts do not depend on load. Valgrind is installed
+//!     first if it is missing and can be (as root, with apt-get; see
+//!     [`tools`]); if it cannot, the step fails saying so, not that a
+//!     count grew
 //! 11. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
 //!     with and without the `std` feature
 //! 12. `cargo xtask offsets --check`, run in-process
@@ -58,9 +59,9 @@
 //!
 //! Everything is built in cargo's target directory (`CARGO_TARGET_DIR`
 //! is respected; see [`crate::target_dir`]), written `<target>` here.
-//! The loom build and the image (a workspace of its own) get
-//! subdirectories of it (`loom/`, `image/`), so that each has one known
-//! place whatever `CARGO_TARGET_DIR` says.
+//! The loom build, the image and the kernel (workspaces of their own) get
+//! subdirectories of it (`loom/`, `image/`, `kernel/`), so that each has
+//! one known place whatever `CARGO_TARGET_DIR` says.
 //!
 //! Steps 2–12 are the [`Step`]s listed by [`steps`]; a new step (a release
 //! test run, a freestanding image run, …) is one more entry there, with an
@@ -555,7 +556,7 @@ options:
 environment:
   CARGO_TARGET_DIR   where everything is built (as is build.target-dir in a
                      cargo config); builds with RUSTFLAGS of their own use
-                     subdirectories of it (loom/, image/). Now:
+                     subdirectories of it (loom/, image/, kernel/). Now:
                      {}
 
 steps (id, then what it runs):
