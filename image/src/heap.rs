@@ -1,7 +1,8 @@
 //! The image's global allocator: power-of-two size classes carved from
 //! `mmap`'d chunks, with free lists under a spin lock; large blocks are
 //! their own mappings. Small, and enough for the runtime's Gs, Ms, stacks
-//! (16 KiB class) and closures.
+//! (each its own mapping: a 32 KiB `STACK_MIN` stack plus its soft-guard
+//! page is past the largest class) and closures.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::null_mut;

@@ -21,6 +21,7 @@ mod heap;
 #[cfg(not(target_os = "none"))]
 mod mem;
 mod platform;
+mod scenarios;
 mod sys;
 
 use core::arch::naked_asm;

@@ -25,15 +25,24 @@
 //!    in release (fat LTO) for `x86_64-unknown-none` (or, falling back,
 //!    freestanding for the host triple), each build run as a Linux process
 //!    with the FS base set by `wrfsbase` and by `arch_prctl`
-//! 9. instruction counts: the switch, gosched, spawn and hand-off paths
-//!    under callgrind, in the default (bound) thread-binding mode, must stay
-//!    within 10 % of `bench/baseline.json` (see [`bench`]); cannot flake,
-//!    since counts do not depend on load. Valgrind is installed first if it
-//!    is missing and can be (as root, with apt-get; see [`tools`]); if it
-//!    cannot, the step fails saying so, not that a count grew
-//! 10. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
+//! 9. the reference kernel (`kernel/`, see [`qemu`]): fmt, clippy, a
+//!    debug build for `x86_64-unknown-none` (no fallback: it fails
+//!    naming the target when it is missing), its gokernel-specific line
+//!    count against [`qemu::GLUE_LIMIT`], and boots under
+//!    `qemu-system-x86_64` (TCG) on 1, 2 and 4 CPUs. QEMU is installed
+//!    first when it is missing and can be (as root, with apt-get: the
+//!    `qemu-system-x86` package); if it cannot, the step fails naming the
+//!    package
+//! 10. instruction counts: the switch, gosched, spawn and hand-off paths
+//!     under callgrind, in the default (bound) thread-binding mode, must
+//!     stay within 10 % of `bench/baseline.json` (see [`bench`]); cannot
+//!     flake, since counts do not depend on load. Valgrind is installed
+//!     first if it is missing and can be (as root, with apt-get; see
+//!     [`tools`]); if it cannot, the step fails saying so, not that a
+//!     count grew
+//! 11. `cargo doc -p gokernel --no-deps` with `RUSTDOCFLAGS=-D warnings`,
 //!     with and without the `std` feature
-//! 11. `cargo xtask offsets --check`, run in-process
+//! 12. `cargo xtask offsets --check`, run in-process
 //!
 //! Each step is announced as `==> <name>`; each command it runs is echoed
 //! as `$ <command line>`, inherits the environment, streams its output and
@@ -50,11 +59,11 @@
 //!
 //! Everything is built in cargo's target directory (`CARGO_TARGET_DIR`
 //! is respected; see [`crate::target_dir`]), written `<target>` here.
-//! The loom build and the image (a workspace of its own) get
-//! subdirectories of it (`loom/`, `image/`), so that each has one known
-//! place whatever `CARGO_TARGET_DIR` says.
+//! The loom build, the image and the kernel (workspaces of their own) get
+//! subdirectories of it (`loom/`, `image/`, `kernel/`), so that each has
+//! one known place whatever `CARGO_TARGET_DIR` says.
 //!
-//! Steps 2–10 are the [`Step`]s listed by [`steps`]; a new step (a release
+//! Steps 2–12 are the [`Step`]s listed by [`steps`]; a new step (a release
 //! test run, a freestanding image run, …) is one more entry there, with an
 //! id.
 
@@ -68,7 +77,7 @@ use std::time::{Duration, Instant};
 use crate::image::{self, ImageTarget};
 #[cfg(doc)]
 use crate::tools;
-use crate::{bench, offsets, process};
+use crate::{bench, offsets, process, qemu};
 
 /// The bare-metal target the library is built for.
 const BARE_TARGET: &str = "x86_64-unknown-none";
@@ -330,6 +339,7 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
     ]
     .into_iter()
     .chain(image_steps(root, mode))
+    .chain(kernel_steps(root, mode))
     .chain([
         Step {
             id: "instructions",
@@ -406,6 +416,78 @@ fn image_steps(root: &Path, mode: BareMode) -> Vec<Step> {
     steps
 }
 
+/// The reference kernel: fmt, clippy, a debug build, its glue count, and
+/// boots under QEMU on 1, 2 and 4 CPUs (see [`qemu`]). It needs the bare
+/// target: without it the build steps fail, saying so.
+fn kernel_steps(root: &Path, mode: BareMode) -> Vec<Step> {
+    let needs_target = |id: &'static str, name: &'static str, command: Command| match mode {
+        BareMode::Target => Step::run(id, name, command),
+        BareMode::HostFallback => Step {
+            id,
+            name,
+            action: Action::InProcess {
+                command_line: process::command_line(&command),
+                check: Box::new(|_| {
+                    println!(
+                        "the reference kernel needs the {BARE_TARGET} target, which is not \
+                         installed and could not be added (`rustup target add {BARE_TARGET}`)"
+                    );
+                    false
+                }),
+            },
+        },
+    };
+    let kernel = qemu::binary(false);
+    let cpus = qemu::DEFAULT_CPUS;
+    vec![
+        Step::run(
+            "kernel-fmt",
+            "fmt (kernel)",
+            cargo(
+                root,
+                &[
+                    "fmt",
+                    "--manifest-path",
+                    "kernel/Cargo.toml",
+                    "--",
+                    "--check",
+                ],
+            ),
+        ),
+        needs_target(
+            "kernel-clippy",
+            "clippy (kernel)",
+            qemu::clippy_command(root),
+        ),
+        needs_target(
+            "kernel-build",
+            "kernel build (debug)",
+            qemu::build_command(root, false),
+        ),
+        Step {
+            id: "kernel-glue",
+            name: "kernel glue lines",
+            action: Action::InProcess {
+                command_line: "cargo xtask qemu --count  # in-process".into(),
+                check: Box::new(qemu::check_glue),
+            },
+        },
+        Step {
+            id: "kernel-qemu",
+            name: "kernel under QEMU (TCG; 1, 2, 4 CPUs)",
+            action: Action::InProcess {
+                command_line: format!(
+                    "cargo xtask qemu  # boots {} on {cpus:?} CPUs",
+                    kernel.display()
+                ),
+                check: Box::new(move |_| {
+                    qemu::boot_all(&kernel, &cpus, false, qemu::DEFAULT_TIMEOUT)
+                }),
+            },
+        },
+    ]
+}
+
 /// A step name made at run time (steps live until xtask exits).
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
@@ -474,7 +556,7 @@ options:
 environment:
   CARGO_TARGET_DIR   where everything is built (as is build.target-dir in a
                      cargo config); builds with RUSTFLAGS of their own use
-                     subdirectories of it (loom/, image/). Now:
+                     subdirectories of it (loom/, image/, kernel/). Now:
                      {}
 
 steps (id, then what it runs):

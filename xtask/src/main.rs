@@ -16,6 +16,8 @@
 //!   benchmark suite, timed or in instruction counts.
 //! - `image [--release] [--fs=…] [--cpus]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
+//! - `qemu [--cpus N]... [--kvm] [--timeout S] [--release] [--count]`
+//!   ([`qemu`]): builds the reference kernel and boots it under QEMU.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
 //! - `valgrind` ([`valgrind`]): the hosted tests under Valgrind.
 //! - `help`: prints the usage.
@@ -34,6 +36,7 @@ mod image;
 mod offsets;
 mod peers;
 mod process;
+mod qemu;
 mod soak;
 mod tools;
 mod valgrind;
@@ -79,6 +82,13 @@ const COMMANDS: &[Command] = &[
         args: "[--release] [--fs=wrfsbase|fallback|auto]",
         summary: "build the freestanding image and run it as a Linux process (both FS modes)",
         run: image::run,
+    },
+    Command {
+        name: "qemu",
+        args: "[--cpus N]... [--kvm] [--timeout S] [--release] [--count]",
+        summary: "build the reference kernel and boot it under qemu-system-x86_64 (TCG; 1, 2 and 4 CPUs) \
+                  (--count: only count its gokernel-specific lines)",
+        run: qemu::run,
     },
     Command {
         name: "soak",

@@ -78,6 +78,34 @@ pub fn output(command: &mut Command, timeout: Duration) -> Result<(ExitStatus, S
     Ok((status, text))
 }
 
+/// Echoes `command`, runs it with its stdout both streamed line by line
+/// and captured, and returns its exit status (or why there is none) with
+/// the stdout it wrote — also when it timed out, so the caller can say
+/// where it stopped.
+pub fn tee(command: &mut Command, timeout: Duration) -> (Result<ExitStatus, Failure>, String) {
+    echo(command);
+    let mut child = match command.stdout(Stdio::piped()).spawn() {
+        Ok(child) => child,
+        Err(error) => return (Err(Failure::Spawn(error)), String::new()),
+    };
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        for line in io::BufRead::lines(io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            // A serial console ends lines with "\r\n".
+            let line = line.trim_end_matches('\r');
+            println!("{line}");
+            text.push_str(line);
+            text.push('\n');
+        }
+        text
+    });
+    let status = wait(&mut child, timeout);
+    let text = reader.join().expect("the stdout reader does not panic");
+    (status, text)
+}
+
 /// Prints `$ ` and the command line (see [`command_line`]).
 fn echo(command: &Command) {
     println!("$ {}", command_line(command));

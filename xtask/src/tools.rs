@@ -37,6 +37,14 @@ pub const VALGRIND: Tool = Tool {
     used_for: "instruction counts (callgrind) and `cargo xtask valgrind` (memcheck)",
 };
 
+/// QEMU's x86_64 system emulator: `cargo xtask qemu` boots the reference
+/// kernel in it.
+pub const QEMU: Tool = Tool {
+    program: "qemu-system-x86_64",
+    package: "qemu-system-x86",
+    used_for: "booting the reference kernel (`cargo xtask qemu`)",
+};
+
 /// How long installing a package may take.
 const INSTALL_TIMEOUT: Duration = Duration::from_mins(10);
 
