@@ -92,6 +92,11 @@ pub mod asm_amd64;
 pub mod bound;
 pub mod chan;
 pub(crate) mod lock_futex;
+#[cfg(feature = "std")]
+pub mod net;
+pub mod netpoll;
+#[cfg(feature = "std")]
+mod netpoll_epoll;
 pub mod panic;
 pub mod platform;
 pub mod proc;
