@@ -16,6 +16,9 @@
 //!   benchmark suite, timed or in instruction counts.
 //! - `image [--release] [--fs=…]` ([`image`]): builds the freestanding
 //!   image and runs it as a plain Linux process.
+//! - `http-bench [--duration SECS] [--rounds N]` ([`httpbench`]): the
+//!   HTTP server example under `wrk` beside tokio and Go, and the memory of
+//!   idle connections; writes the Network section of `docs/performance.md`.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
 //! - `valgrind` ([`valgrind`]): the hosted tests under Valgrind.
 //! - `help`: prints the usage.
@@ -30,6 +33,7 @@
 
 mod bench;
 mod gate;
+mod httpbench;
 mod image;
 mod offsets;
 mod process;
@@ -78,6 +82,13 @@ const COMMANDS: &[Command] = &[
         args: "[--release] [--fs=wrfsbase|fallback|auto]",
         summary: "build the freestanding image and run it as a Linux process (both FS modes)",
         run: image::run,
+    },
+    Command {
+        name: "http-bench",
+        args: "[--duration SECS] [--rounds N]",
+        summary: "examples/http.rs under wrk (1,000 connections) beside tokio and Go, and RSS per \
+                  idle connection; writes the Network section of docs/performance.md",
+        run: httpbench::run,
     },
     Command {
         name: "soak",
