@@ -183,6 +183,11 @@ pub mod chan;
 pub mod cpu;
 pub mod intr;
 pub(crate) mod lock_futex;
+#[cfg(feature = "std")]
+pub mod net;
+pub mod netpoll;
+#[cfg(feature = "std")]
+mod netpoll_epoll;
 pub mod panic;
 pub mod platform;
 pub mod proc;

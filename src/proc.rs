@@ -1641,6 +1641,8 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
             let (t, r) = crate::time::checktimers(sched, p2, now);
             (now, ran) = (t, ran | r);
         }
+        // Goroutines the network poller has readied (crate::netpoll).
+        ran |= crate::netpoll::findrunnable_netpoll(sched);
         if ran {
             // SAFETY: mp is this thread's M.
             let gp = unsafe { crate::bound::boundnextget(mp) };
@@ -2664,6 +2666,7 @@ impl Sched {
             self_weak: self_weak.clone(),
             external_waits: AtomicU32::new(0),
             timerpoll: crate::time::TimerPoll::new(),
+            netpoll: crate::netpoll::NetpollState::new(),
             nmlocked: AtomicU32::new(0),
             nmwantp: AtomicU32::new(0),
             migrate,

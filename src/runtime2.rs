@@ -892,6 +892,8 @@ pub struct Sched {
     /// The idle M that sleeps until the next timer, and how to wake it
     /// (Go's `sched.pollUntil` and `netpollBreak`; see [`crate::time`]).
     pub(crate) timerpoll: crate::time::TimerPoll,
+    /// The network poller and its waiters (crate::netpoll).
+    pub(crate) netpoll: crate::netpoll::NetpollState,
     /// Ms with a locked G (`M::lockedg` non-null), for [`stats`]. Changed
     /// only by `lock_os_thread`, `unlock_os_thread` and the exit of a locked
     /// G, never on the scheduling paths.

@@ -28,9 +28,12 @@
 //!
 //! Go lets one idle M block in the network poller until the next timer
 //! (`sched.pollUntil`) and interrupts it with `netpollBreak` when an
-//! earlier timer appears (`wakeNetPoller`). Without a network poller, the
-//! sleeper here waits on a futex word of its own, `TimerPoll::wake`, with
-//! a timeout. One word, `TimerPoll::poll_until`, says what it is doing:
+//! earlier timer appears (`wakeNetPoller`). Here the sleeper waits on a
+//! futex word of its own, `TimerPoll::wake`, with a timeout — or, once
+//! the scheduler has a network poller, blocks in it (`netpoll(delay)`;
+//! goroutines waiting on the poller count as a timer that never fires:
+//! see [`crate::netpoll`]). One word, `TimerPoll::poll_until`, says what it
+//! is doing:
 //!
 //! - `0`: no M sleeps for timers;
 //! - `POLL_PENDING` (`u64::MAX`): an M holds the post and is reading the
@@ -207,7 +210,9 @@ impl Timer {
 }
 
 /// The latest deadline a timer may have: `u64::MAX` is `POLL_PENDING`.
-const MAX_WHEN: u64 = u64::MAX - 1;
+/// Also the sleeper's deadline when only the network poller has waiters
+/// (see [`crate::netpoll`]): "until woken".
+pub(crate) const MAX_WHEN: u64 = u64::MAX - 1;
 
 /// `TimerPoll::poll_until` while the sleeper reads the deadlines.
 const POLL_PENDING: u64 = u64::MAX;
@@ -376,14 +381,35 @@ pub(crate) fn wakenetpoller(sched: &Sched, when: u64) {
 }
 
 /// Wakes the timer sleeper, or makes its next sleep return at once (Go's
-/// `netpollBreak`).
+/// `netpollBreak`): the sleeper sleeps on its futex word, or blocks in the
+/// network poller once the scheduler has one ([`crate::netpoll`]).
 pub(crate) fn netpollbreak(sched: &Sched) {
     let tp = &sched.timerpoll;
     // SeqCst: the sleeper reads `wake` (SeqCst) before it looks at the
     // timers and at `stopping`; a bump after that read changes the value
-    // its futexsleep compares.
+    // its futexsleep compares, or (it reads `wake` again after seeing the
+    // poller) is seen before it blocks in the poller; see crate::netpoll.
+    tp.wake.fetch_add(1, Ordering::SeqCst);
+    match crate::netpoll::netpollinited(sched) {
+        Some(poller) => poller.netpollbreak(),
+        None => sched.platform.futexwakeup(&tp.wake, 1),
+    }
+}
+
+/// [`netpollbreak`] for a sleeper on the futex: the network poller has
+/// just been made, and a sleeper that chose its futex before must choose
+/// again.
+pub(crate) fn netpollbreak_futex(sched: &Sched) {
+    let tp = &sched.timerpoll;
     tp.wake.fetch_add(1, Ordering::SeqCst);
     sched.platform.futexwakeup(&tp.wake, 1);
+}
+
+/// Whether an M holds the sleeper's post (Go's `sched.lastpoll == 0`):
+/// then it polls, and other Ms need not.
+#[inline]
+pub(crate) fn netpoll_blocked(sched: &Sched) -> bool {
+    sched.timerpoll.poll_until.load(Ordering::Relaxed) != 0
 }
 
 /// Runs P `pp`'s expired timers if it has any (Go's `checkTimers`).
@@ -467,7 +493,9 @@ fn calltimer(f: Box<dyn FnOnce() + Send + 'static>) {
 }
 
 /// The earliest deadline over every P's heap, 0 if there are no timers
-/// (Go's `timeSleepUntil`).
+/// (Go's `timeSleepUntil`); with no timer and goroutines waiting on the
+/// network poller, `MAX_WHEN`: a waiter is a timer that never fires (see
+/// [`crate::netpoll`]).
 pub(crate) fn timesleepuntil(sched: &Sched) -> u64 {
     let mut next = 0;
     for &pp in &sched.allp {
@@ -480,6 +508,9 @@ pub(crate) fn timesleepuntil(sched: &Sched) -> u64 {
         if w != 0 && (next == 0 || w < next) {
             next = w;
         }
+    }
+    if next == 0 && crate::netpoll::netpollanywaiters(sched) {
+        return MAX_WHEN;
     }
     next
 }
@@ -502,6 +533,8 @@ enum Woke {
     Home,
     Empty,
     Stopping,
+    /// The network poller readied goroutines (in the list).
+    Io,
 }
 
 /// An idle M with timers pending sleeps until the earliest deadline, if no
@@ -513,6 +546,7 @@ enum Woke {
 /// `findrunnable`'s last checks.
 pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
     let tp = &sched.timerpoll;
+    let mut list = crate::netpoll::ReadyList::new();
     loop {
         if timesleepuntil(sched) == 0 {
             return Polled::Nothing;
@@ -555,8 +589,29 @@ pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
             // to us; the store of POLL_PENDING after the sleep comes
             // before our next scan.
             tp.poll_until.store(next, Ordering::SeqCst);
-            sched.platform.futexsleep(&tp.wake, seen, Some(next - now));
+            match crate::netpoll::netpollinited(sched) {
+                // Block in the network poller (Go's netpoll(delay)). A
+                // netpollbreak that bumped `wake` before it saw the poller
+                // only woke the futex: look at `wake` again first.
+                Some(poller) => {
+                    if tp.wake.load(Ordering::SeqCst) == seen {
+                        let delay = if next == MAX_WHEN {
+                            -1
+                        } else {
+                            i64::try_from(next - now).unwrap_or(-1)
+                        };
+                        poller.netpoll(delay, &mut list);
+                    }
+                }
+                None => {
+                    let timeout = (next != MAX_WHEN).then(|| next - now);
+                    sched.platform.futexsleep(&tp.wake, seen, timeout);
+                }
+            }
             tp.poll_until.store(POLL_PENDING, Ordering::SeqCst);
+            if !list.is_empty() {
+                break Woke::Io;
+            }
         };
         // Leave the post (SeqCst: from here on adders wake Ms with wakep),
         // then deal with what is left.
@@ -565,6 +620,17 @@ pub(crate) fn timersleep(sched: &Sched, mp: *mut M) -> Polled {
         unsafe { (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed) };
         match woke {
             Woke::Stopping => return Polled::Stopping,
+            // Go's findRunnable after its blocking netpoll: with an idle P
+            // (as a spinning M, as for Due) the Gs go to our queues and we
+            // run them; without, they go to their Ms and the global queue
+            // (injectglist), and we stop.
+            Woke::Io => {
+                let got = sched.npidle.load(Ordering::SeqCst) != 0
+                    && spin_on_idle_p(&mut sched.lock.lock(), sched, mp);
+                // SAFETY: the Gs came out of their slots.
+                unsafe { list.readyall() };
+                return if got { Polled::GotP } else { Polled::Nothing };
+            }
             // Scan again: a timer whose adder saw POLL_PENDING (and only
             // woke us) is seen now.
             Woke::Empty => continue,

@@ -18,6 +18,9 @@
 //!   image and runs it as a plain Linux process.
 //! - `qemu [--cpus N]... [--kvm] [--timeout S] [--release] [--count]`
 //!   ([`qemu`]): builds the reference kernel and boots it under QEMU.
+//! - `http-bench [--duration SECS] [--rounds N]` ([`httpbench`]): the
+//!   HTTP server example under `wrk` beside tokio and Go, and the memory of
+//!   idle connections; writes the Network section of `docs/performance.md`.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
 //! - `valgrind` ([`valgrind`]): the hosted tests under Valgrind.
 //! - `help`: prints the usage.
@@ -32,6 +35,7 @@
 
 mod bench;
 mod gate;
+mod httpbench;
 mod image;
 mod offsets;
 mod peers;
@@ -89,6 +93,13 @@ const COMMANDS: &[Command] = &[
         summary: "build the reference kernel and boot it under qemu-system-x86_64 (TCG; 1, 2 and 4 CPUs) \
                   (--count: only count its gokernel-specific lines)",
         run: qemu::run,
+    },
+    Command {
+        name: "http-bench",
+        args: "[--duration SECS] [--rounds N]",
+        summary: "examples/http.rs under wrk (1,000 connections) beside tokio and Go, and RSS per \
+                  idle connection; writes the Network section of docs/performance.md",
+        run: httpbench::run,
     },
     Command {
         name: "soak",

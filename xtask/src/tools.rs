@@ -52,11 +52,18 @@ const INSTALL_TIMEOUT: Duration = Duration::from_mins(10);
 /// `apt-get` present). On failure, returns the message to print: which tool
 /// is missing, what for, and how to install it.
 pub fn ensure(tool: &Tool) -> Result<(), String> {
-    ensure_as(tool, is_root() && runs_path("apt-get"))
+    ensure_as(tool, is_root() && runs_path("apt-get"), runs)
 }
 
-/// [`ensure`], installing with apt-get only if `can_install`.
-fn ensure_as(tool: &Tool, can_install: bool) -> Result<(), String> {
+/// [`ensure`] for a program without a `--version` that exits 0 (`wrk`):
+/// it counts as there when it is an executable file on the `PATH`.
+pub fn ensure_on_path(tool: &Tool) -> Result<(), String> {
+    ensure_as(tool, is_root() && runs_path("apt-get"), runs_path)
+}
+
+/// [`ensure`], installing with apt-get only if `can_install`; `runs`
+/// tells whether the program is there.
+fn ensure_as(tool: &Tool, can_install: bool, runs: fn(&str) -> bool) -> Result<(), String> {
     if runs(tool.program) {
         return Ok(());
     }
@@ -151,7 +158,7 @@ mod tests {
             package: "gokernel-no-such-package",
             used_for: "this test",
         };
-        let message = ensure_as(&tool, false).unwrap_err();
+        let message = ensure_as(&tool, false, runs).unwrap_err();
         assert!(
             message.contains("`gokernel-no-such-tool` is not installed"),
             "{message}"

@@ -1,0 +1,3 @@
+module httpbench
+
+go 1.21
