@@ -114,6 +114,16 @@ impl Running {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// User plus system CPU time so far, in clock ticks (`/proc/PID/stat`).
+    fn cpu_ticks(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command (which is in parentheses): state is
+        // field 3, utime 14, stime 15.
+        let rest = &s[s.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    }
+
     fn rss_kb(&self) -> Option<u64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -136,6 +146,8 @@ struct Load {
     p50_ms: f64,
     requests: u64,
     errors: String,
+    /// The server's CPU time per request, in microseconds.
+    cpu_us: f64,
 }
 
 pub fn run(args: &[String]) -> ExitCode {
@@ -224,7 +236,10 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
                 s.name
             );
             let mut srv = Running::start(s.command(true, procs))?;
-            let load = wrk(&srv.addr, procs, secs)?;
+            let t0 = srv.cpu_ticks().unwrap_or(0);
+            let mut load = wrk(&srv.addr, procs, secs)?;
+            let t1 = srv.cpu_ticks().unwrap_or(0);
+            load.cpu_us = (t1 - t0) as f64 * 1e6 / clk_tck() / load.requests.max(1) as f64;
             if !srv.alive() {
                 return Err(format!("{}: the server died under load", s.name));
             }
@@ -232,8 +247,9 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
                 return Err(format!("{}: wrk reported errors: {}", s.name, load.errors));
             }
             println!(
-                "    {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {} requests, no errors",
-                load.rps, load.p50_ms, load.p99_ms, load.requests
+                "    {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {} requests, \
+                 {:.1} µs of server CPU per request, no errors",
+                load.rps, load.p50_ms, load.p99_ms, load.requests, load.cpu_us
             );
             loads[i].push(load);
         }
@@ -406,6 +422,13 @@ fn idle_rss(s: &Server, procs: usize) -> Result<f64, String> {
     Ok(per)
 }
 
+/// Clock ticks per second (`getconf CLK_TCK`).
+fn clk_tck() -> f64 {
+    // SAFETY: a plain libc call.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -457,16 +480,18 @@ fn render(
          server with {procs} Ps / worker threads; {rounds} rounds, every server \
          once per round in rotating order; medians (min–max). Every run had \
          no socket errors (connect, read, write, timeout) and no non-2xx \
-         responses. wrk runs on the same CPUs as the server.\n",
+         responses. wrk runs on the same CPUs as the server, so throughput and \
+         latency depend on how the CPUs are shared; the server's own CPU time \
+         per request (user + system, from `/proc/PID/stat`) depends less on it.\n",
         today(),
         cpu_model(),
         kernel.trim()
     );
     let _ = writeln!(
         s,
-        "| server | requests/s | p99 latency (ms) | p50 latency (ms) |"
+        "| server | requests/s | p99 latency (ms) | p50 latency (ms) | server CPU per request (µs) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|");
     let mut meds = Vec::new();
     for (srv, l) in servers.iter().zip(loads) {
         let mut rps: Vec<f64> = l.iter().map(|x| x.rps).collect();
@@ -480,33 +505,36 @@ fn render(
             p99.iter().copied().fold(f64::INFINITY, f64::min),
             p99.iter().copied().fold(0.0, f64::max),
         );
-        let (mr, mp) = (median(&mut rps), median(&mut p99));
-        meds.push((mr, mp));
+        let mut cpu: Vec<f64> = l.iter().map(|x| x.cpu_us).collect();
+        let (mr, mp, mc) = (median(&mut rps), median(&mut p99), median(&mut cpu));
+        meds.push((mr, mp, mc));
         let _ = writeln!(
             s,
-            "| {} | {mr:.0} ({lo:.0}–{hi:.0}) | {mp:.1} ({plo:.1}–{phi:.1}) | {:.1} |",
+            "| {} | {mr:.0} ({lo:.0}–{hi:.0}) | {mp:.1} ({plo:.1}–{phi:.1}) | {:.1} | {mc:.1} |",
             label(srv.name),
             median(&mut p50)
         );
     }
     if let Some(n) = go_note {
-        let _ = writeln!(s, "| Go `net/http` | {n} | | |");
+        let _ = writeln!(s, "| Go `net/http` | {n} | | | |");
     }
     if meds.len() >= 2 {
         let _ = writeln!(
             s,
-            "\ngokernel ÷ tokio: throughput {:.2}, p99 latency {:.2} (throughput \
-             above 1 and latency below 1 favour gokernel).",
+            "\ngokernel ÷ tokio: throughput {:.2}, p99 latency {:.2}, server CPU per \
+             request {:.2} (throughput above 1, latency and CPU below 1 favour gokernel).",
             meds[0].0 / meds[1].0,
-            meds[0].1 / meds[1].1
+            meds[0].1 / meds[1].1,
+            meds[0].2 / meds[1].2
         );
     }
     if meds.len() >= 3 {
         let _ = writeln!(
             s,
-            "gokernel ÷ Go: throughput {:.2}, p99 latency {:.2}.",
+            "gokernel ÷ Go: throughput {:.2}, p99 latency {:.2}, server CPU per request {:.2}.",
             meds[0].0 / meds[2].0,
-            meds[0].1 / meds[2].1
+            meds[0].1 / meds[2].1,
+            meds[0].2 / meds[2].2
         );
     }
     let _ = writeln!(
