@@ -1235,6 +1235,30 @@ pub(crate) fn gftrim(sched: &Sched) {
     }
 }
 
+/// Frees every dead G on the global free list, [`GFTRIM_BATCH`] per hold
+/// of the lock; returns how many (`Runtime::free_dead_goroutines`).
+pub(crate) fn gffree(sched: &Sched) -> usize {
+    let mut freed = 0;
+    loop {
+        let mut batch: heapless::Vec<*mut G, GFTRIM_BATCH> = heapless::Vec::new();
+        {
+            let mut sl = sched.lock.lock();
+            while !batch.is_full() {
+                let g = gfree_pop(&mut sl);
+                if g.is_null() {
+                    break;
+                }
+                let _ = batch.push(g);
+            }
+        }
+        if batch.is_empty() {
+            return freed;
+        }
+        freed += batch.len();
+        gfree_release(sched, &batch);
+    }
+}
+
 /// Frees dead Gs and their stacks for good, outside the scheduler lock.
 fn gfree_release(sched: &Sched, gs: &[*mut G]) {
     {

@@ -542,9 +542,10 @@ impl G {
     /// the wait it parked on), which it became through an operation that
     /// already synchronizes with the previous owner (a run queue's lock or
     /// acquire CAS, a `Parker`'s swap, a channel's lock, an inbox's lock):
-    /// a swap's acquire half would add nothing, and no one else writes the
-    /// status meanwhile (teardown's claim CAS runs after its barrier, when
-    /// no M runs Gs). Readers of the status (`readgstatus`, the stats,
+    /// a swap's acquire half would add nothing. Nor did the swap guard
+    /// against another writer (it writes whatever it reads): the status
+    /// has one writer at a time, its owner (teardown claims Gs with a CAS
+    /// after its barrier). Readers of the status (`readgstatus`, the stats,
     /// `bound::locked_runnable`, after `readylocked`'s SeqCst fence) pair
     /// with the release.
     pub fn casstatus(&self, old: u32, new: u32) {

@@ -143,10 +143,12 @@ fn soak_random_park_unpark_gosched_spawn_accounts_for_every_goroutine() {
         unsafe { builder.unguarded_stacks() }
     };
     let rt = builder.build().unwrap();
-    // Warm up with a full round: allocator pools, free lists (which keep
-    // up to a few thousand dead Gs with their stacks for reuse), the Ms.
-    // A second round must then leave RSS where the first left it.
+    // Warm up with a full round: allocator pools, the Ms. A second round
+    // must then leave RSS where the first left it. Dead Gs are kept for
+    // reuse and given back lazily, as much as idle moments allow, so both
+    // measurements are taken after giving them all back at once.
     soak(&rt, total, Duration::from_secs(1800));
+    rt.free_dead_goroutines();
     let rss0 = rss_kb();
     let t = Instant::now();
     let (spawned, finished, parks) = soak(&rt, total, Duration::from_secs(1800));
@@ -160,10 +162,12 @@ fn soak_random_park_unpark_gosched_spawn_accounts_for_every_goroutine() {
         );
         std::thread::yield_now();
     }
+    let kept = rt.num_allocated_gs();
+    rt.free_dead_goroutines();
     let rss1 = rss_kb();
     eprintln!(
         "soak: {spawned} goroutines spawned, {finished} finished, {parks} parks in {secs:.1} s; \
-         RSS {rss0} -> {rss1} kB; {} Gs kept for reuse",
+         RSS {rss0} -> {rss1} kB; {kept} Gs kept for reuse, {} after freeing them",
         rt.num_allocated_gs()
     );
     assert_eq!(spawned, total, "not every goroutine was spawned");
