@@ -10,7 +10,9 @@
 //! - **Ms are the CPUs that joined.** `startm` (Go's: wake an idle M with
 //!   a P, or make one) wakes an idle joined M if there is one. If there is
 //!   none, every joined M is running, on its way to sleep, or the timer
-//!   sleeper: the P goes back to the idle list, `wantm` is set, and the
+//!   sleeper: the P goes back to the idle list (the Gs on its ring to the
+//!   global queue, which busy Ms look at every 61st schedule, where they
+//!   would not steal), `wantm` is set, and the
 //!   timer sleeper is woken (`netpollbreak`). An M on its way to sleep
 //!   finds `wantm` (read under the scheduler lock in `stopm`, which
 //!   `startm` set it under; in `timersleep` after its store of `sleeping`)
@@ -358,6 +360,18 @@ pub(crate) fn startm_nom(
     pp: *mut P,
     spinning: bool,
 ) {
+    // Gs on its ring would wait there until some M runs out of work of
+    // its own (busy Ms do not steal): the global queue, which every M
+    // looks at (every 61st schedule at least), takes them instead.
+    // SAFETY: no M holds pp (the caller took it off the idle list, or
+    // handoffp released it), so we are its owner until pidleput.
+    let ring = unsafe { &(*pp).runq };
+    if !crate::runq::runqempty(ring) {
+        while let Some((gp, _)) = crate::runq::runqget(ring) {
+            crate::bound::gqueue_push(&mut sl.runq, gp);
+        }
+        sched.runqsize.store(sl.runq.size as u32, Ordering::SeqCst);
+    }
     crate::proc::pidleput(&mut sl, sched, pp);
     // SeqCst, under the lock: stopm reads it under the lock; timersleep
     // reads it after storing `sleeping`, and kick reads `sleeping` next.

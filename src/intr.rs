@@ -373,7 +373,9 @@ const WORK_POSTED: u32 = 1;
 /// deferred procedure call).
 ///
 /// Posting it again before it runs does nothing more (it runs once);
-/// posting it while it runs makes it run again afterwards. The function
+/// posting it while it runs makes it run again afterwards. Posted to a
+/// scheduler with no M yet (no CPU joined, or hosted before its first
+/// goroutine), it runs when the first M looks for work. The function
 /// runs on g0 of an M holding a P: it must not block (see the [module
 /// docs](self#where-the-work-runs)).
 ///

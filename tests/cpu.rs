@@ -392,3 +392,55 @@ fn go_locked_without_a_free_cpu_panics_naming_the_problem() {
     stop.close().unwrap();
     leave(sched, threads);
 }
+
+#[test]
+fn work_on_a_p_no_cpu_can_take_runs_while_the_other_cpu_is_busy() {
+    // CPU X runs a goroutine that yields forever (it never runs out of
+    // work, so it never steals); CPU Y runs a locked goroutine A that
+    // starts B and parks until B answers. A's P, with B on it, is handed
+    // off with no M free to take it: B must still run (from the global
+    // queue, which X looks at every 61st schedule).
+    let (sched, _, threads) = cpus(2, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = gokernel::chan::<()>(1);
+    let (s2, b2) = (stop.clone(), busy.clone());
+    sched
+        .go(Box::new(move || {
+            b2.send(()).unwrap();
+            while !s2.load(Ordering::Relaxed) {
+                gokernel::gosched();
+            }
+        }))
+        .unwrap();
+    busy.recv().unwrap();
+    let done = gokernel::chan::<()>(1);
+    let d = done.clone();
+    let mut a: Option<Box<dyn FnOnce() + Send>> = Some(Box::new(move || {
+        let ack = gokernel::chan::<()>(0);
+        let tx = ack.clone();
+        sched.go(Box::new(move || tx.send(()).unwrap())).unwrap();
+        ack.recv().unwrap(); // parks: A's CPU sleeps, its P (with B) is handed off
+        d.send(()).unwrap();
+    }));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // The other CPU is free once it has gone idle. The closure goes
+        // through a channel, so that a refused start keeps it.
+        let tx = gokernel::chan::<Box<dyn FnOnce() + Send>>(1);
+        let back = tx.clone();
+        tx.send(a.take().unwrap()).unwrap();
+        match try_go_locked(sched, Box::new(move || (back.recv().unwrap())())) {
+            Ok(_) => break,
+            Err(GoLockedError::NoFreeCpu) if Instant::now() < deadline => {
+                a = Some(tx.recv().unwrap());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    within(20, "B, on a P with no CPU for it", move || {
+        done.recv().unwrap()
+    });
+    stop.store(true, Ordering::Relaxed);
+    leave(sched, threads);
+}
