@@ -25,6 +25,7 @@ pub(crate) fn run_g<T: Send + 'static>(
         Host {
             sched,
             platform: &IMAGE,
+            patience: 1,
         },
         secs,
         f,
@@ -112,6 +113,7 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize, cpu_mode: bool) -> bool {
         Host {
             sched,
             platform: &IMAGE,
+            patience: 1,
         },
         &mut r,
         100,

@@ -29,6 +29,11 @@ use crate::say;
 pub struct Host {
     pub sched: &'static Sched,
     pub platform: &'static dyn Platform,
+    /// How many times longer than [`run_g`]'s time limits a scenario may
+    /// take: an emulated machine on a loaded host needs more (each
+    /// cross-CPU wake-up is a host thread's wake-up; a hand-off took
+    /// 1-2 ms at a load average of 300).
+    pub patience: u32,
 }
 
 /// Pass/fail tally.
@@ -75,7 +80,7 @@ pub fn pause(h: Host, ms: u64) {
 }
 
 /// Runs `f` as a goroutine of `h.sched` and waits for its verdict; `None`
-/// if it took more than `secs` seconds. A plain thread waits on a futex;
+/// if it took more than `secs` × `h.patience` seconds. A plain thread waits on a futex;
 /// a goroutine parks (woken by `f`'s goroutine, or every 100 ms by a
 /// timer, to look at the clock).
 pub fn run_g<T: Send + 'static>(
@@ -98,6 +103,7 @@ pub fn run_g<T: Send + 'static>(
             }
         }))
         .expect("spawn the scenario goroutine");
+    let secs = secs * h.patience;
     let deadline = h.platform.nanotime() + u64::from(secs) * 1_000_000_000;
     while done.load(Ordering::Acquire) == 0 && h.platform.nanotime() < deadline {
         match &me {

@@ -21,6 +21,10 @@ const SPAWNERS: usize = 10;
 /// loaded host may be scheduled tens of milliseconds late.
 const SLEEP_SCALE: u64 = 4;
 
+/// The scenarios' time limits × this (see `Host::patience`): TCG's
+/// vCPUs are host threads, on a host shared with other work.
+const PATIENCE: u32 = 3;
+
 /// Goroutines alive at once in the heap-cost scenario.
 const PARKED: usize = 10_000;
 
@@ -33,6 +37,7 @@ pub fn main(sched: &'static Sched) -> ! {
     let h = Host {
         sched,
         platform: &crate::glue::PLATFORM,
+        patience: PATIENCE,
     };
     let mut r = Report::new();
     // First, while no dead G (with its stack) waits for reuse: each of
