@@ -18,6 +18,8 @@
 //!   image and runs it as a plain Linux process.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
 //! - `valgrind` ([`valgrind`]): the hosted tests under Valgrind.
+//! - `trace FILE [-o OUT.svg]` ([`trace`]): draws an execution trace as
+//!   an SVG timeline.
 //! - `help`: prints the usage.
 //!
 //! Each command is one row of [`COMMANDS`]: a new command (`bench`, `soak`,
@@ -35,6 +37,7 @@ mod offsets;
 mod process;
 mod soak;
 mod tools;
+mod trace;
 mod valgrind;
 
 use std::io::{self, Write};
@@ -72,6 +75,12 @@ const COMMANDS: &[Command] = &[
         args: "[--instructions] [--update-baseline]",
         summary: "the benchmark suite: a table and <target>/bench.json (--instructions: callgrind counts)",
         run: bench::run,
+    },
+    Command {
+        name: "trace",
+        args: "FILE [-o OUT.svg]",
+        summary: "draw a gokernel execution trace (GOKERNEL_TRACE=FILE) as an SVG timeline: a lane per P, goroutine runs, wake-up arrows",
+        run: trace::run,
     },
     Command {
         name: "image",
