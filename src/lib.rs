@@ -207,6 +207,7 @@ pub mod sync;
 pub mod teardown;
 pub mod time;
 pub mod tls;
+pub mod trace;
 pub mod traceback;
 
 pub use chan::{Chan, CloseError, RecvError, SendError, TryRecvError, TrySendError, chan};

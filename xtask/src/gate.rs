@@ -16,7 +16,9 @@
 //!    and naked asm is only assembled at codegen.
 //! 6. `cargo test --workspace --no-fail-fast` (host, debug), then
 //!    `cargo test -p gokernel --release`: the switch code must hold up
-//!    under the optimiser too, and the heavy tests run fast there
+//!    under the optimiser too, and the heavy tests run fast there; then
+//!    `cargo test -p gokernel --features trace --test trace --test dump
+//!    --test chan`: the execution trace's hooks, compiled in
 //! 7. loom (runq): `cargo test -p gokernel --release --test loom_runq` with
 //!    `RUSTFLAGS="--cfg loom"`, `CARGO_TARGET_DIR=<target>/loom` and
 //!    `LOOM_MAX_PREEMPTIONS=5`: the run queue model-checked on its 4-slot
@@ -333,6 +335,27 @@ fn steps(root: &Path, mode: BareMode) -> Vec<Step> {
             cargo(
                 root,
                 &["test", "-p", "gokernel", "--release", "--no-fail-fast"],
+            ),
+        ),
+        Step::test(
+            "test-trace",
+            "test (trace feature)",
+            cargo(
+                root,
+                &[
+                    "test",
+                    "-p",
+                    "gokernel",
+                    "--features",
+                    "trace",
+                    "--test",
+                    "trace",
+                    "--test",
+                    "dump",
+                    "--test",
+                    "chan",
+                    "--no-fail-fast",
+                ],
             ),
         ),
         Step::test("loom", "loom (runq)", loom),

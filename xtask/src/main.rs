@@ -23,6 +23,8 @@
 //!   idle connections; writes the Network section of `docs/performance.md`.
 //! - `soak [--goroutines N]` ([`soak`]): the long soak test.
 //! - `valgrind` ([`valgrind`]): the hosted tests under Valgrind.
+//! - `trace FILE [-o OUT.svg]` ([`trace`]): draws an execution trace as
+//!   an SVG timeline.
 //! - `help`: prints the usage.
 //!
 //! Each command is one row of [`COMMANDS`]: a new command (`bench`, `soak`,
@@ -43,6 +45,7 @@ mod process;
 mod qemu;
 mod soak;
 mod tools;
+mod trace;
 mod valgrind;
 
 use std::io::{self, Write};
@@ -80,6 +83,12 @@ const COMMANDS: &[Command] = &[
         args: "[--instructions] [--update-baseline] [--peers]",
         summary: "the benchmark suite: a table and <target>/bench.json (--instructions: callgrind counts; --peers: beside tokio and Go)",
         run: bench::run,
+    },
+    Command {
+        name: "trace",
+        args: "FILE [-o OUT.svg]",
+        summary: "draw a gokernel execution trace (GOKERNEL_TRACE=FILE) as an SVG timeline: a lane per P, goroutine runs, wake-up arrows",
+        run: trace::run,
     },
     Command {
         name: "image",

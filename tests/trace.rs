@@ -1,0 +1,134 @@
+//! The execution trace: a program's scheduler events, written as Chrome
+//! trace-event JSON and parsed back, in order (with the `trace` feature:
+//! `cargo test --features trace --test trace`; the gate runs it).
+#![cfg(feature = "trace")]
+
+mod common;
+
+use common::{in_crash_child, run_child_ok_with_env};
+use gokernel::{Runtime, chan};
+
+/// The raw events of a trace (its instant events), in order:
+/// (name, g, arg).
+fn events(json: &str) -> Vec<(String, u64, u64)> {
+    json.lines()
+        .filter(|l| l.contains("\"ph\":\"i\""))
+        .map(|l| {
+            let field = |k: &str| {
+                let pat = format!("\"{k}\":");
+                let at = l.find(&pat).unwrap() + pat.len();
+                let rest = &l[at..];
+                let end = rest.find([',', '}']).unwrap();
+                rest[..end].trim_matches('"').to_string()
+            };
+            (
+                field("name"),
+                field("g").parse().unwrap(),
+                field("arg").parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Where `(name, g)` first occurs at or after `from`.
+fn find(ev: &[(String, u64, u64)], from: usize, name: &str, g: u64) -> Option<usize> {
+    ev[from..]
+        .iter()
+        .position(|(n, eg, _)| n == name && *eg == g)
+        .map(|i| i + from)
+}
+
+/// A goroutine that blocks on a channel and is woken by main: its events,
+/// in order, and main's id.
+fn traced_program(rt: &Runtime) -> (u64, u64) {
+    rt.block_on(|| {
+        let main = gokernel::current().id();
+        let c = chan::<u32>(0);
+        let rx = c.clone();
+        let h = gokernel::spawn(move || rx.recv().unwrap());
+        let id = h.id();
+        while gokernel::stats().goroutines.waiting == 0 {
+            gokernel::gosched();
+        }
+        c.send(5).unwrap();
+        assert_eq!(h.join().unwrap(), 5);
+        (main, id)
+    })
+    .unwrap()
+}
+
+fn check(json: &str, main: u64, g: u64) {
+    assert!(json.starts_with("{\"displayTimeUnit\":\"ns\",\"traceEvents\":["));
+    assert!(json.trim_end().ends_with("]}"));
+    let ev = events(json);
+    let create = find(&ev, 0, "GoCreate", g).unwrap_or_else(|| panic!("no GoCreate {g}:\n{json}"));
+    assert_eq!(ev[create].2, main, "created by main");
+    let start = find(&ev, create, "GoStart", g).expect("GoStart after GoCreate");
+    let block = find(&ev, start, "GoBlock", g).expect("GoBlock after GoStart");
+    assert_eq!(
+        ev[block].2,
+        gokernel::WaitReason::ChanReceive as u64,
+        "blocked in chan receive"
+    );
+    let unblock = find(&ev, block, "GoUnblock", g).expect("GoUnblock after GoBlock");
+    assert_eq!(ev[unblock].2, main, "woken by main's send");
+    let again = find(&ev, unblock, "GoStart", g).expect("GoStart after GoUnblock");
+    find(&ev, again, "GoEnd", g).expect("GoEnd last");
+    assert!(ev.iter().any(|(n, _, _)| n == "ProcStart"));
+    // The drawn parts: the goroutine's runs and the wake-up arrow.
+    assert!(json.contains(&format!(
+        "\"name\":\"G{g}\",\"cat\":\"goroutine\",\"ph\":\"X\""
+    )));
+    assert!(json.contains("\"until\":\"chan receive\""));
+    assert!(json.contains("\"ph\":\"s\"") && json.contains("\"ph\":\"f\""));
+}
+
+#[test]
+fn a_traced_program_writes_its_events_in_order_to_the_file_on_drop() {
+    let path =
+        std::env::temp_dir().join(format!("gokernel-trace-test-{}.json", std::process::id()));
+    let rt = Runtime::builder().procs(2).trace(&path).build().unwrap();
+    let (main, g) = traced_program(&rt);
+    // Readable before the drop, too.
+    check(&rt.trace_json().unwrap(), main, g);
+    drop(rt);
+    let json = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    check(&json, main, g);
+}
+
+#[test]
+fn gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file() {
+    let path = std::env::temp_dir().join(format!("gokernel-trace-env-{}.json", std::process::id()));
+    if in_crash_child() {
+        let (a, b) = (
+            Runtime::builder().procs(1).build().unwrap(),
+            Runtime::builder().procs(1).build().unwrap(),
+        );
+        let (main, g) = traced_program(&a);
+        let (main2, g2) = traced_program(&b);
+        drop((a, b));
+        let p = std::path::PathBuf::from(std::env::var_os("GOKERNEL_TRACE").unwrap());
+        let mut p2 = p.clone().into_os_string();
+        p2.push(".2");
+        check(&std::fs::read_to_string(&p).unwrap(), main, g);
+        check(&std::fs::read_to_string(&p2).unwrap(), main2, g2);
+        std::fs::remove_file(p).unwrap();
+        std::fs::remove_file(p2).unwrap();
+        return;
+    }
+    run_child_ok_with_env(
+        "gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file",
+        &[("GOKERNEL_TRACE", path.to_str().unwrap())],
+    );
+}
+
+#[test]
+fn an_untraced_runtime_has_no_trace() {
+    if std::env::var_os("GOKERNEL_TRACE").is_some() {
+        return;
+    }
+    let rt = Runtime::builder().procs(1).build().unwrap();
+    rt.block_on(|| ()).unwrap();
+    assert!(rt.trace_json().is_none());
+}
