@@ -2,7 +2,7 @@
 //! connection, each parked in `read` between requests.
 //!
 //! ```sh
-//! cargo run --release --example http [ADDR] [PROCS]   # default 127.0.0.1:8080, one P per CPU
+//! cargo run --release --example http [ADDR] [PROCS] [bound|migrate]   # default 127.0.0.1:8080, one P per CPU, bound
 //! curl http://127.0.0.1:8080/                          # Hello, World!
 //! ```
 //!
@@ -10,7 +10,10 @@
 //! 13-byte body, keeps the connection open unless the client sends
 //! `Connection: close`, and ignores request bodies (it is for `GET`).
 //! It prints `listening on ADDR` and serves until killed;
-//! `cargo xtask http-bench` loads it with `wrk`.
+//! `cargo xtask http-bench` loads it with `wrk`, in both thread-binding
+//! modes: `bound` (the default: a goroutine resumes on its own thread, so
+//! the poller's M wakes that thread for it) and `migrate` (Go's behaviour,
+//! the `unsafe` opt-in: whichever M finds it runs it).
 
 use std::io::{Read, Write};
 
@@ -26,6 +29,14 @@ fn main() {
     let mut b = gokernel::Runtime::builder();
     if let Some(p) = args.next() {
         b = b.procs(p.parse().expect("PROCS: a number of Ps"));
+    }
+    match args.next().as_deref() {
+        None | Some("bound") => {}
+        // SAFETY: no goroutine of this program keeps anything that depends
+        // on its thread (a thread-local, a lock guard of std) across a
+        // read or a write, where it may move.
+        Some("migrate") => b = unsafe { b.migrate_started_goroutines() },
+        Some(m) => panic!("MODE: bound or migrate, not {m}"),
     }
     let rt = b.build().expect("build the runtime");
     rt.block_on(move || {

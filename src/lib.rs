@@ -107,6 +107,11 @@ below through [`Sched`](runtime2::Sched).
 //! - [`time`]: timers — a heap per P run by `schedule` /
 //!   `findrunnable`, [`sleep`], [`after_func`](time::after_func), and the
 //!   idle M that sleeps until the next deadline instead of spinning.
+//! - [`netpoll`]: Go's network poller as a seam ([`Netpoll`](netpoll::Netpoll):
+//!   `netpollopen`, `netpoll(delay)`, `netpollbreak`; [`PollDesc`](netpoll::PollDesc)),
+//!   polled by `findrunnable` and by the idle M instead of its futex sleep;
+//!   hosted, epoll, and `net` (`std`): `TcpListener`, `TcpStream`,
+//!   `UdpSocket` whose calls park the goroutine.
 //! - [`platform`]: what the scheduler needs from its world (threads,
 //!   futexes, a monotonic clock, CPU count); `lock_futex` (internal): how
 //!   idle Ms sleep; [`cpu`]: a kernel's CPUs joining as the Ms;

@@ -55,6 +55,13 @@
 //! work to the next M that goes idle (`wantm`). Both arguments are
 //! written out in those modules.
 //!
+//! So are goroutines waiting on the network poller (see
+//! [`netpoll`](crate::netpoll)): `findrunnable` polls without blocking
+//! before it steals, and the M that sleeps for the timers blocks in the
+//! poller instead; a waiter counts as a timer that never fires, so the
+//! timers' no-lost-wake-up argument covers it unchanged (written down in
+//! `netpoll`).
+//!
 //! # Where goroutines run
 //!
 //! Go moves a goroutine to whichever M is free: a yield goes to the

@@ -54,6 +54,8 @@ const WRK: tools::Tool = tools::Tool {
 /// One server under test.
 struct Server {
     name: &'static str,
+    /// Extra arguments after `ADDR PROCS` (gokernel's thread-binding mode).
+    extra: &'static [&'static str],
     /// The binary; it takes `[MODE] ADDR PROCS` (see `args`).
     bin: PathBuf,
     /// The mode word (`http` / `echo`) goes first (the peers), or the
@@ -67,6 +69,9 @@ impl Server {
             Some((h, e)) => {
                 let mut c = Command::new(if http { h } else { e });
                 c.args(["127.0.0.1:0", &procs.to_string()]);
+                if http {
+                    c.args(self.extra);
+                }
                 c
             }
             None => {
@@ -201,11 +206,13 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
     let mut servers = vec![
         Server {
             name: "gokernel",
+            extra: &[],
             bin: PathBuf::new(),
             per_mode: Some((release.join("examples/http"), release.join("examples/echo"))),
         },
         Server {
             name: "tokio",
+            extra: &[],
             bin: release.join("http-tokio"),
             per_mode: None,
         },
@@ -221,6 +228,14 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
     if let Ok(s) = go {
         servers.push(s);
     }
+    // gokernel with Go's migration (the unsafe opt-in), for what the
+    // default binding costs here: load only.
+    servers.push(Server {
+        name: "gokernel-migrate",
+        extra: &["migrate"],
+        bin: PathBuf::new(),
+        per_mode: Some((release.join("examples/http"), release.join("examples/echo"))),
+    });
     let procs = std::thread::available_parallelism().map_or(1, |n| n.get());
     raise_nofile();
 
@@ -257,7 +272,7 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
 
     // Idle connections.
     let mut idle = Vec::new();
-    for s in &servers {
+    for s in servers.iter().filter(|s| s.name != "gokernel-migrate") {
         println!("==> idle: {} (echo, {IDLE} connections)", s.name);
         idle.push(idle_rss(s, procs)?);
     }
@@ -303,6 +318,7 @@ fn go_server(root: &Path, target: &Path) -> Result<Server, String> {
     match process::run(&mut c, Duration::from_mins(10)) {
         Ok(s) if s.success() => Ok(Server {
             name: "Go net/http",
+            extra: &[],
             bin,
             per_mode: None,
         }),
@@ -507,7 +523,7 @@ fn render(
         );
         let mut cpu: Vec<f64> = l.iter().map(|x| x.cpu_us).collect();
         let (mr, mp, mc) = (median(&mut rps), median(&mut p99), median(&mut cpu));
-        meds.push((mr, mp, mc));
+        meds.push((srv.name, mr, mp, mc));
         let _ = writeln!(
             s,
             "| {} | {mr:.0} ({lo:.0}–{hi:.0}) | {mp:.1} ({plo:.1}–{phi:.1}) | {:.1} | {mc:.1} |",
@@ -518,25 +534,35 @@ fn render(
     if let Some(n) = go_note {
         let _ = writeln!(s, "| Go `net/http` | {n} | | | |");
     }
-    if meds.len() >= 2 {
-        let _ = writeln!(
-            s,
-            "\ngokernel ÷ tokio: throughput {:.2}, p99 latency {:.2}, server CPU per \
-             request {:.2} (throughput above 1, latency and CPU below 1 favour gokernel).",
-            meds[0].0 / meds[1].0,
-            meds[0].1 / meds[1].1,
-            meds[0].2 / meds[1].2
-        );
+    let find = |name: &str| meds.iter().find(|m| m.0 == name).copied();
+    let g = find("gokernel").expect("gokernel is always measured");
+    let _ = writeln!(
+        s,
+        "\nRatios of medians (throughput above 1, latency and CPU below 1 favour \
+         gokernel in its default mode):\n"
+    );
+    for (peer, what) in [
+        ("tokio", "tokio"),
+        ("Go net/http", "Go"),
+        ("gokernel-migrate", "gokernel in migrate mode"),
+    ] {
+        if let Some(p) = find(peer) {
+            let _ = writeln!(
+                s,
+                "- gokernel ÷ {what}: throughput {:.2}, p99 latency {:.2}, server CPU per request {:.2}",
+                g.1 / p.1,
+                g.2 / p.2,
+                g.3 / p.3
+            );
+        }
     }
-    if meds.len() >= 3 {
-        let _ = writeln!(
-            s,
-            "gokernel ÷ Go: throughput {:.2}, p99 latency {:.2}, server CPU per request {:.2}.",
-            meds[0].0 / meds[2].0,
-            meds[0].1 / meds[2].1,
-            meds[0].2 / meds[2].2
-        );
-    }
+    let _ = writeln!(
+        s,
+        "\nIn the default mode a goroutine that the poller's M makes runnable \
+         resumes on its own thread, which that M must wake (a futex wake-up, \
+         often a P handed over); in migrate mode, as in Go and tokio, the M \
+         that polled runs it."
+    );
     let _ = writeln!(
         s,
         "\n### Idle connections\n\n{IDLE} connections, each echoed once and then \
@@ -545,7 +571,8 @@ fn render(
     );
     let _ = writeln!(s, "| server | bytes per idle connection |");
     let _ = writeln!(s, "|---|---|");
-    for (srv, b) in servers.iter().zip(idle) {
+    let idle_servers = servers.iter().filter(|s| s.name != "gokernel-migrate");
+    for (srv, b) in idle_servers.zip(idle) {
         let _ = writeln!(s, "| {} | {b:.0} |", label(srv.name));
     }
     if let Some(n) = go_note {
@@ -558,6 +585,9 @@ fn render(
 fn label(name: &str) -> String {
     match name {
         "gokernel" => "gokernel (`examples/http.rs`, `examples/echo.rs`)".into(),
+        "gokernel-migrate" => {
+            "gokernel, migrate mode (`examples/http.rs … migrate`: the `unsafe` opt-in)".into()
+        }
         "tokio" => "tokio 1.54 (`bench/http-tokio`)".into(),
         n => format!("{n} (`bench/http-go`)"),
     }
