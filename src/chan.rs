@@ -48,12 +48,32 @@ use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
 
+use crate::runtime2::WaitReason;
 use crate::sema::{SpinLock, Sudog, WaitQ, Wakeup};
 
 /// A channel of `T` values (Go's `chan T`); see the [module docs](self).
 ///
 /// Cloning makes another handle to the same channel. The channel is freed
 /// with its last handle (values still buffered are dropped then).
+///
+/// ```
+/// use gokernel::chan;
+/// # gokernel::Runtime::builder().procs(2).build().unwrap().block_on(|| {
+/// let jobs = chan::<u32>(3); // room for three
+/// let done = chan::<u32>(0); // unbuffered: a send waits for a receiver
+/// let (j, d) = (jobs.clone(), done.clone());
+/// gokernel::go(move || {
+///     let sum: u32 = j.iter().sum(); // receives until closed and drained
+///     d.send(sum).unwrap();
+/// });
+/// for i in 1..=3 {
+///     jobs.send(i).unwrap();
+/// }
+/// jobs.close().unwrap();
+/// assert_eq!(done.recv(), Ok(6));
+/// assert!(jobs.send(4).is_err()); // closed: the value comes back
+/// # }).unwrap();
+/// ```
 pub struct Chan<T> {
     c: Arc<Hchan<T>>,
 }
@@ -94,6 +114,14 @@ unsafe impl<T: Send> Sync for Hchan<T> {}
 ///
 /// If the buffer cannot be allocated (`cap` too large), with a message
 /// naming the capacity.
+///
+/// ```
+/// let c = gokernel::chan::<&str>(1);
+/// c.send("buffered").unwrap(); // room for one: no receiver needed
+/// assert_eq!(c.try_send("full"), Err(gokernel::TrySendError::Full("full")));
+/// assert_eq!(c.recv(), Ok("buffered"));
+/// ```
+///
 #[track_caller]
 pub fn chan<T: Send>(cap: usize) -> Chan<T> {
     makechan(cap)
@@ -390,6 +418,10 @@ impl<T: Send> Chan<T> {
     /// Sends `v`, waiting for room (or, unbuffered, for a receiver)
     /// (Go's `c <- v`). On a closed channel — also one closed while this
     /// send waited — the value comes back in the error.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError`] with the value, if the channel is closed.
     pub fn send(&self, v: T) -> Result<(), SendError<T>> {
         chansend(self.hchan(), v, true).map_err(|e| match e {
             TrySendError::Full(v) | TrySendError::Closed(v) => SendError(v),
@@ -397,6 +429,11 @@ impl<T: Send> Chan<T> {
     }
 
     /// Sends `v` if that can be done without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TrySendError::Full`] (with the value) if that would wait,
+    /// [`TrySendError::Closed`] if the channel is closed.
     pub fn try_send(&self, v: T) -> Result<(), TrySendError<T>> {
         chansend(self.hchan(), v, false)
     }
@@ -404,11 +441,20 @@ impl<T: Send> Chan<T> {
     /// Receives a value, waiting for one (Go's `v, ok := <-c`). A closed
     /// channel still gives its buffered values, in order, then
     /// [`RecvError`].
+    ///
+    /// # Errors
+    ///
+    /// [`RecvError`] once the channel is closed and drained.
     pub fn recv(&self) -> Result<T, RecvError> {
         chanrecv(self.hchan(), true).map_err(|_| RecvError)
     }
 
     /// Receives a value if one is there without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TryRecvError::Empty`] if that would wait, [`TryRecvError::Closed`]
+    /// once the channel is closed and drained.
     pub fn try_recv(&self) -> Result<T, TryRecvError> {
         chanrecv(self.hchan(), false)
     }
@@ -416,6 +462,10 @@ impl<T: Send> Chan<T> {
     /// Closes the channel (Go's `close(c)`): waiting receivers wake with
     /// [`RecvError`] (once the buffer is drained), waiting senders with
     /// their value back. Closing twice is an error.
+    ///
+    /// # Errors
+    ///
+    /// [`CloseError`] if the channel was already closed.
     pub fn close(&self) -> Result<(), CloseError> {
         closechan(self.hchan())
     }
@@ -517,7 +567,13 @@ fn chansend<T: Send>(c: &Hchan<T>, v: T, block: bool) -> Result<(), TrySendError
     // take a sender's value from an `Option<T>`.
     let sent = unsafe {
         let q = &raw mut (*c.st.get()).sendq;
-        WaitQ::wait(q, &c.lock, (&mut slot as *mut Option<T>).cast(), false)
+        WaitQ::wait(
+            q,
+            &c.lock,
+            (&mut slot as *mut Option<T>).cast(),
+            false,
+            WaitReason::ChanSend,
+        )
     };
     if sent {
         Ok(())
@@ -559,7 +615,13 @@ fn chanrecv<T: Send>(c: &Hchan<T>, block: bool) -> Result<T, TryRecvError> {
     // fill a receiver's `Option<T>`.
     let got = unsafe {
         let q = &raw mut (*c.st.get()).recvq;
-        WaitQ::wait(q, &c.lock, (&mut slot as *mut Option<T>).cast(), false)
+        WaitQ::wait(
+            q,
+            &c.lock,
+            (&mut slot as *mut Option<T>).cast(),
+            false,
+            WaitReason::ChanReceive,
+        )
     };
     if got {
         Ok(slot.expect("gokernel: a receive succeeded without a value"))

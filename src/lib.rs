@@ -1,10 +1,88 @@
-//! gokernel: Go's goroutine kernel for x86_64, as a `#![no_std]` crate.
+//! gokernel: Go's goroutine runtime for Rust on x86_64 — goroutines,
+//! channels, `select!`, `sync` and timers, scheduled as Go schedules them,
+//! on Linux (the `std` feature, on by default) or bare metal (`no_std`).
 //!
-//! gokernel brings the machinery of Go's runtime — G (goroutine), M
-//! (worker), P (processor); `gogo`, `mcall`, `systemstack` — to Rust
-//! programs: bare-metal kernels and unikernels link it without `std`,
-//! and hosted Linux programs use it with the `std` feature (on by default).
-//!
+#![cfg_attr(
+    feature = "std",
+    doc = r#"
+# A first program
+
+A [`Runtime`] owns the threads; [`Runtime::block_on`] runs the main
+goroutine; [`go`] starts more; [`chan()`] makes a channel and
+[`select!`] waits on several:
+
+```
+use gokernel::{Runtime, chan, go, select};
+use std::time::Duration;
+
+let rt = Runtime::builder().procs(2).build().unwrap();
+let total = rt
+    .block_on(|| {
+        let results = chan::<u64>(0);
+        for i in 1..=10u64 {
+            let results = results.clone();
+            go(move || results.send(i * i).unwrap());
+        }
+        let timeout = gokernel::after(Duration::from_secs(10));
+        let mut total = 0;
+        for _ in 0..10 {
+            select! {
+                recv(results) -> v => total += v.unwrap(),
+                recv(timeout) -> _t => panic!("too slow"),
+            }
+        }
+        total
+    })
+    .expect("a deadlock: every goroutine waited for ever");
+assert_eq!(total, 385);
+```
+
+The main goroutine can borrow from the caller with [`Runtime::scope`]
+(as `std::thread::scope`):
+
+```
+let rt = gokernel::Runtime::builder().build().unwrap();
+let names = vec!["ann", "bob"];
+let lens = rt.scope(|s| {
+    let hs: Vec<_> = names.iter().map(|n| s.spawn(move || n.len())).collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+});
+assert_eq!(lens, [3, 3]);
+```
+
+Where to go next:
+
+- goroutines: [`go`], [`spawn`] and [`JoinHandle`], [`gosched`],
+  [`current`] / [`park`] / [`Goroutine::unpark`], [`lock_os_thread`]
+  (the [`runtime`] module: hosted API and its guarantees);
+- communication: [`Chan`] / [`chan()`], [`select!`], and [`sync`]'s
+  [`Mutex`](sync::Mutex), [`WaitGroup`](sync::WaitGroup),
+  [`Once`](sync::Once);
+- time: [`sleep`], [`after`], [`after_func`](time::after_func);
+- when something goes wrong: [`Deadlock`] (Go's "all goroutines are
+  asleep" report, with every goroutine's wait reason and creation
+  site), [`dump`] (and SIGQUIT) for a goroutine dump, [`stats`],
+  `GOKERNEL_SCHEDTRACE=<ms>` and `GOKERNEL_TRACEBACK=all`;
+  `docs/failures.md` lists every failure and what it prints.
+
+Go's rules carry over with one difference to know: a goroutine that
+blocks its thread (a blocking system call, a `std` lock, a busy loop)
+keeps its P, so with `procs` of them nothing else runs; and a goroutine
+that has started stays on its OS thread (so thread-locals work) — see
+[`go`] and the README.
+
+"#
+)]
+#![cfg_attr(
+    not(feature = "std"),
+    doc = r#"
+These docs are built without the `std` feature: the hosted API
+(`Runtime`, `go`, `spawn`, `Runtime::scope`, `dump`, …) and its examples
+are in the default build's docs. Bare-metal programs drive the layers
+below through [`Sched`](runtime2::Sched).
+
+"#
+)]
 //! # Layers
 //!
 //! - [`runtime2`]: the `#[repr(C)]` data — [`Gobuf`](runtime2::Gobuf),
@@ -40,18 +118,28 @@
 //!   [`sync`] (`Mutex`, `WaitGroup`, `Once`): Go's toolkit, built on
 //!   [`sema`] (sudogs and wait queues over `gopark` / `goready`); with or
 //!   without `std`, from goroutines and from plain threads.
-//! - Hosted (`std`): `Runtime`, `go`, `spawn`, `JoinHandle`,
-//!   `park`, `current`, `lock_os_thread`, `stats` — the API most programs
-//!   use ([`sleep`] works with and without `std`);
-//!   `GOKERNEL_SCHEDTRACE=<ms>` prints Go's schedtrace lines.
+//! - [`traceback`]: goroutine dumps ([`Dump`]) and wait reasons.
+#![cfg_attr(
+    feature = "std",
+    doc = r#"- Hosted (`std`), [`runtime`]: [`Runtime`], [`go`], [`spawn`],
+  [`JoinHandle`], [`park`], [`current`], [`lock_os_thread`], [`stats`],
+  [`dump`] — the API most programs use ([`sleep`] works with and
+  without `std`); [`scope`]: [`Runtime::scope`];
+  `GOKERNEL_SCHEDTRACE=<ms>` prints Go's schedtrace lines."#
+)]
+#![cfg_attr(
+    not(feature = "std"),
+    doc = "- Hosted (`std`, not in this build): `Runtime`, `go`, `spawn`, `dump`, `Runtime::scope` and the rest of the everyday API."
+)]
 //!
 //! [`gogo`]: asm_amd64::gogo
 //! [`mcall`]: asm_amd64::mcall
 //!
-//! # Example
+//! # The lower layers by hand
 //!
-//! Run a goroutine on an M made from the current thread; it hops onto the
-//! M's system stack and back, and when it returns the M ends:
+//! Bare-metal embedders drive the layers directly. Run a goroutine on an M
+//! made from the current thread; it hops onto the M's system stack and
+//! back, and when it returns the M ends:
 //!
 //! ```
 //! use gokernel::proc::{execute, gostartcallfn, malg, mstart, newgoid};
@@ -97,8 +185,10 @@ pub mod platform;
 pub mod proc;
 pub mod runq;
 #[cfg(feature = "std")]
-mod runtime;
+pub mod runtime;
 pub mod runtime2;
+#[cfg(feature = "std")]
+pub mod scope;
 pub mod select;
 pub mod sema;
 #[cfg(feature = "std")]
@@ -109,15 +199,20 @@ pub mod sync;
 pub mod teardown;
 pub mod time;
 pub mod tls;
+pub mod traceback;
 
 pub use chan::{Chan, CloseError, RecvError, SendError, TryRecvError, TrySendError, chan};
 #[cfg(feature = "std")]
 pub use runtime::{
     BuildError, Builder, Deadlock, Goroutine, JoinHandle, MAX_PROCS, Runtime, SpawnError, current,
-    go, gosched, lock_os_thread, num_goroutine, park, spawn, spawn_locked, stats, try_spawn,
+    dump, go, gosched, lock_os_thread, num_goroutine, park, spawn, spawn_locked, stats, try_spawn,
     unlock_os_thread,
 };
+pub use runtime2::WaitReason;
+#[cfg(feature = "std")]
+pub use scope::{Scope, ScopedJoinHandle};
 pub use stubs::systemstack;
 pub use teardown::RuntimeDropped;
 pub use time::{after, sleep};
 pub use tls::getg;
+pub use traceback::{Dump, GoroutineInfo};

@@ -75,7 +75,7 @@ fn describe(line: &mut Line, gp: *const G) {
     }
     // SAFETY: gp is a live G (the current one, or one the caller holds);
     // only plain fields are read.
-    let (goid, mp) = unsafe { ((*gp).goid, (*gp).m) };
+    let (goid, mp) = unsafe { ((*gp).goid(), (*gp).m) };
     // SAFETY: a G's m is null or a live M.
     let mid = if mp.is_null() {
         -1
@@ -184,7 +184,7 @@ pub(crate) extern "C" fn badsystemstack(gp: *mut G) -> ! {
         0
     } else {
         // SAFETY: m.curg is null or a live G.
-        unsafe { (*curg).goid }
+        unsafe { (*curg).goid() }
     };
     let _ = write!(
         line,
@@ -274,7 +274,7 @@ pub(crate) fn stackoverflow(gp: *const G, fault: usize) -> ! {
 pub(crate) fn stackoverflow_at(gp: *const G, how: Overflow) -> ! {
     let mut msg = Line::new();
     // SAFETY: gp is a live G (the one that overflowed).
-    let (goid, st) = unsafe { ((*gp).goid, (*gp).stack) };
+    let (goid, st) = unsafe { ((*gp).goid(), (*gp).stack) };
     let stack = StackFmt(st.lo, st.hi);
     let _ = match how {
         Overflow::GuardPage { addr } => write!(

@@ -58,6 +58,10 @@ pub unsafe trait Platform: Sync + 'static {
     ///
     /// `mp` must be a live M made by the scheduler for this thread, not
     /// running anywhere; it stays live until `mstart0` returns.
+    ///
+    /// # Errors
+    ///
+    /// [`NewOsProcError`] if no thread could be started.
     unsafe fn newosproc(&self, mp: *mut M) -> Result<(), NewOsProcError>;
     /// Sleeps while `*addr == val`, at most `timeout_ns` if given.
     fn futexsleep(&self, addr: &AtomicU32, val: u32, timeout_ns: Option<u64>);

@@ -141,8 +141,9 @@
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::panic::Location;
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering, fence};
 
 use memoffset::offset_of;
 
@@ -153,7 +154,7 @@ use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
     FuncVal, G, GQueue, Gobuf, M, P, PCounters, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn,
-    status,
+    WaitReason, status,
 };
 use crate::stack::{StackError, stackalloc};
 use crate::stubs::OnceFrame;
@@ -201,7 +202,7 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         stack,
         sched: Gobuf::new(),
         m: null_mut(),
-        goid: 0,
+        goid: AtomicU64::new(0),
         atomicstatus: AtomicU32::new(status::IDLE),
         startfv: FuncVal { fn_: gentry },
         startfn: StartFn::empty(),
@@ -214,6 +215,9 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         lockedm: null_mut(),
         boundm: null_mut(),
         force: crate::teardown::FORCE_NONE,
+        waitreason: AtomicU8::new(WaitReason::Zero as u8),
+        waitsince: AtomicU64::new(0),
+        spawn_site: AtomicPtr::new(null_mut()),
     }
 }
 
@@ -266,6 +270,11 @@ impl Drop for M {
 /// The G is idle, has goid 0 and `sched.g` pointing at itself; dropping
 /// it frees its stack. `stack_size` must pass
 /// [`check_stack_size`](crate::stack::check_stack_size).
+///
+/// # Errors
+///
+/// [`StackError`] if the size is out of bounds or the stack cannot be
+/// allocated.
 pub fn malg(stack_size: usize) -> Result<Box<G>, StackError> {
     Ok(malg_with(stackalloc(stack_size)?))
 }
@@ -1283,6 +1292,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     sched: &Sched,
     pp: *mut P,
     f: F,
+    site: &'static Location<'static>,
 ) -> Result<*mut G, StackError> {
     let mut gp = if pp.is_null() {
         gfree_pop(&mut sched.lock.lock())
@@ -1300,7 +1310,10 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     }
     // SAFETY: gp is dead or new: nobody else refers to it.
     unsafe {
-        (*gp).goid = pgoid(pp);
+        (*gp).goid.store(pgoid(pp), Ordering::Relaxed);
+        (*gp)
+            .spawn_site
+            .store(core::ptr::from_ref(site).cast_mut(), Ordering::Relaxed);
         (*gp).force = crate::teardown::FORCE_NONE;
         // Scheduler Gs come from malg, with a stack of at least STACK_MIN.
         gostartcall(gp, f);
@@ -1321,10 +1334,13 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
 /// # Panics
 ///
 /// From a thread that is neither an M of a scheduler nor given `sched`.
+#[track_caller]
 pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
     sched: Option<&Sched>,
     f: F,
 ) -> Result<u64, StackError> {
+    // The `go` / `spawn` call, for dumps (every caller tracks it).
+    let site = Location::caller();
     let gp = getg();
     // On an M of the scheduler asked for (or of any, if none was named)?
     // SAFETY: a non-null current G has a live M.
@@ -1354,8 +1370,8 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
             let pp = (*mp).p;
             if !(*pp).gfree.is_null() && (*mp).curg == gp {
                 let sched = &*here;
-                let newg = newproc1(sched, pp, f)?;
-                let id = (*newg).goid;
+                let newg = newproc1(sched, pp, f, site)?;
+                let id = (*newg).goid();
                 runqput_p(sched, pp, newg, true);
                 if wakep_needed_after_put(sched) {
                     crate::systemstack(|| wakep(sched));
@@ -1370,8 +1386,8 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
                 let mp = (*getg()).m;
                 let sched = &*(*mp).rt;
                 let pp = (*mp).p;
-                let newg = newproc1(sched, pp, f)?;
-                let id = (*newg).goid;
+                let newg = newproc1(sched, pp, f, site)?;
+                let id = (*newg).goid();
                 runqput_p(sched, pp, newg, true);
                 wakep(sched);
                 Ok(id)
@@ -1379,9 +1395,9 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
         });
     }
     let sched = sched.expect("gokernel: go or spawn called outside a gokernel runtime");
-    let newg = newproc1(sched, null_mut(), f)?;
+    let newg = newproc1(sched, null_mut(), f, site)?;
     // SAFETY: newg is new and ours.
-    let id = unsafe { (*newg).goid };
+    let id = unsafe { (*newg).goid() };
     globrunqput(&mut sched.lock.lock(), sched, newg);
     wakep(sched);
     Ok(id)
@@ -1459,6 +1475,10 @@ pub struct RandomOrder {
 
 impl RandomOrder {
     /// The walks over `0..count` (`count >= 1`).
+    ///
+    /// # Panics
+    ///
+    /// If `count` is 0.
     pub fn new(count: u32) -> Self {
         fn gcd(mut a: u32, mut b: u32) -> u32 {
             while b != 0 {
@@ -2051,6 +2071,8 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
 /// Parks the current G (Go's `gopark`): on g0 it becomes waiting and
 /// `unlockf(gp, lock)` runs; if that returns false the G resumes at once,
 /// otherwise the M runs something else until someone calls [`goready`].
+/// `reason` and the time are recorded for dumps (Go's `waitreason`,
+/// `waitsince`).
 ///
 /// `unlockf` runs on g0 after the G's context is saved, so a waker that
 /// learns of the G through it can never ready a G that is still running.
@@ -2060,13 +2082,23 @@ unsafe extern "C" fn gosched_m(gp: *mut G) {
 ///
 /// On a user G of a scheduler M. `unlockf` must follow the rules above
 /// and `lock` must be valid for it.
-pub unsafe fn gopark(unlockf: unsafe fn(*mut G, *mut ()) -> bool, lock: *mut ()) {
+pub unsafe fn gopark(
+    unlockf: unsafe fn(*mut G, *mut ()) -> bool,
+    lock: *mut (),
+    reason: WaitReason,
+) {
     // SAFETY: the contract: the current G has a live M.
     unsafe {
         let gp = getg();
         // A scheduler tearing down unwinds its goroutines at their parks
         // (crate::teardown).
         crate::teardown::checkforce(gp, false);
+        // Relaxed: read only by dumps, which take what they find.
+        (*gp).waitreason.store(reason as u8, Ordering::Relaxed);
+        (*gp)
+            .waitsince
+            .store(crate::traceback::cputicks(), Ordering::Relaxed);
+        crate::traceback::record_park(gp);
         let mp = (*gp).m;
         (*mp).waitunlockf = Some(unlockf);
         (*mp).waitlock = lock;
@@ -2263,10 +2295,20 @@ impl Parker {
     ///
     /// On the G this parker belongs to.
     pub unsafe fn park(&self) {
+        // SAFETY: the contract is the same.
+        unsafe { self.park_for(WaitReason::Park) }
+    }
+
+    /// [`park`](Self::park), recording `reason` as the wait's.
+    ///
+    /// # Safety
+    ///
+    /// As [`park`](Self::park).
+    pub(crate) unsafe fn park_for(&self, reason: WaitReason) {
         while !self.take_token() {
             // SAFETY: on this parker's G (the contract); park_commit only
             // reads the parker, which outlives the call.
-            unsafe { gopark(park_commit, self as *const Parker as *mut ()) };
+            unsafe { gopark(park_commit, self as *const Parker as *mut (), reason) };
         }
     }
 
@@ -2446,6 +2488,8 @@ pub struct Stats {
     pub runqueue: usize,
     /// Goroutines by status.
     pub goroutines: GoroutineCounts,
+    /// Parked goroutines by wait reason ("chan receive", "sleep", …).
+    pub waiting_by_reason: crate::traceback::WaitCounts,
     /// Every P's counters, by P id.
     pub ps: Vec<PStats>,
 }
@@ -2561,6 +2605,7 @@ impl Sched {
         migrate: bool,
     ) -> Arc<Sched> {
         assert!(procs >= 1, "a scheduler needs at least one P");
+        crate::traceback::ticks_init(platform);
         let allp: Vec<*mut P> = (0..procs)
             .map(|id| {
                 Box::into_raw(Box::new(P {
@@ -2657,6 +2702,7 @@ impl Sched {
     /// ```
     pub fn stats(&self) -> Stats {
         let mut goroutines = GoroutineCounts::default();
+        let mut waiting_by_reason = crate::traceback::WaitCounts::default();
         for &gp in self.allgs.lock().iter() {
             // SAFETY: a G in allgs is live while it is listed (we hold the
             // list); only its atomic status is borrowed. Acquire, like
@@ -2665,7 +2711,11 @@ impl Sched {
                 status::IDLE => goroutines.idle += 1,
                 status::RUNNABLE => goroutines.runnable += 1,
                 status::RUNNING => goroutines.running += 1,
-                status::WAITING => goroutines.waiting += 1,
+                status::WAITING => {
+                    goroutines.waiting += 1;
+                    // SAFETY: as above; the reason is an atomic.
+                    waiting_by_reason.add(unsafe { &*gp });
+                }
                 _ => goroutines.dead += 1,
             }
         }
@@ -2691,6 +2741,7 @@ impl Sched {
             idle_locked_ms,
             runqueue,
             goroutines,
+            waiting_by_reason,
             ps: self.pstats(),
         }
     }
@@ -2722,6 +2773,12 @@ impl Sched {
     /// any other thread it goes on the global queue. This is the spawn
     /// primitive of freestanding builds; hosted code uses
     /// `Runtime`.
+    ///
+    /// # Errors
+    ///
+    /// [`StackError`] if the goroutine's stack cannot be allocated (`f` is
+    /// dropped).
+    #[track_caller]
     pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         newproc(Some(self), f)
     }
@@ -2729,6 +2786,11 @@ impl Sched {
     /// [`Sched::go`] for a goroutine locked to an M of its own, as if it
     /// began with [`lock_os_thread`]: an idle M that no started goroutine
     /// is bound to, or a new one (hosted: `spawn_locked`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Sched::go`].
+    #[track_caller]
     pub fn go_locked(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         crate::bound::newproc_locked(Some(self), f)
     }

@@ -1,8 +1,11 @@
-//! The hosted API: [`Runtime`], [`go`], [`spawn`] and [`JoinHandle`],
-//! [`gosched`], [`current`], [`park`] / [`Goroutine::unpark`],
-//! [`lock_os_thread`] / [`unlock_os_thread`], [`num_goroutine`] and
-//! [`stats`] (the `std` feature), and the schedtrace monitor
-//! (`GOKERNEL_SCHEDTRACE`, [`Builder::schedtrace`]).
+//! The hosted API (the `std` feature): [`Runtime`] (built with
+//! [`Builder`]; [`Runtime::block_on`] runs a main goroutine,
+//! [`Runtime::scope`] one that borrows), [`go`], [`spawn`] and
+//! [`JoinHandle`], [`gosched`], [`current`], [`park`] /
+//! [`Goroutine::unpark`], [`lock_os_thread`] / [`unlock_os_thread`],
+//! [`num_goroutine`], [`stats`] and [`dump`], and the schedtrace monitor
+//! (`GOKERNEL_SCHEDTRACE`, [`Builder::schedtrace`]). Everything here is
+//! also at the crate root (`gokernel::go`, …).
 //!
 //! ```
 //! use gokernel::Runtime;
@@ -27,21 +30,83 @@ use crate::proc::{PStats, Parker, Stats, newproc};
 use crate::runtime2::Sched;
 use crate::stack::{STACK_DEFAULT, StackError, check_stack_size};
 use crate::tls::getg;
+use crate::traceback::{Dump, GoroutineInfo};
 
 /// The most Ps a runtime may have.
 pub const MAX_PROCS: usize = 1024;
 
-/// `block_on`'s error: every goroutine is parked and none can run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadlock;
+/// `block_on`'s error: every goroutine is parked and none can run. It
+/// carries a [`Dump`] of the runtime's goroutines taken when the deadlock
+/// was found, and prints like Go's report: the line
+/// `all goroutines are asleep - deadlock!`, a blank line, then each
+/// goroutine (`goroutine 7 [chan receive, 12 ms]:`, its stack if
+/// tracebacks are on — [`Builder::traceback`] or `GOKERNEL_TRACEBACK=all`
+/// — and `created by FILE:LINE:COL`).
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// let err = rt
+///     .block_on(|| {
+///         let c = gokernel::chan::<u32>(0);
+///         c.recv() // nobody else has it: every goroutine is asleep
+///     })
+///     .unwrap_err();
+/// let main = &err.goroutines()[0];
+/// assert_eq!(main.wait_reason, Some(gokernel::runtime2::WaitReason::ChanReceive));
+/// assert!(err.to_string().starts_with("all goroutines are asleep - deadlock!\n\ngoroutine "));
+/// assert!(err.to_string().contains(" [chan receive, "));
+/// ```
+#[derive(Clone, Debug)]
+pub struct Deadlock {
+    dump: Dump,
+}
+
+impl Deadlock {
+    /// The runtime's goroutines when the deadlock was found, by id.
+    pub fn goroutines(&self) -> &[GoroutineInfo] {
+        self.dump.goroutines()
+    }
+
+    /// The same as a [`Dump`].
+    pub fn dump(&self) -> &Dump {
+        &self.dump
+    }
+}
+
+/// Two reports are equal when they name the same goroutines in the same
+/// states, created at the same places; how long each had waited, and
+/// their tracebacks, are not compared. (So `Result<T, Deadlock>` values
+/// compare, as in `assert_eq!(rt.block_on(|| 1), Ok(1))`.)
+impl PartialEq for Deadlock {
+    fn eq(&self, other: &Deadlock) -> bool {
+        let key = |g: &GoroutineInfo| (g.id, g.status, g.wait_reason, g.created_by);
+        self.goroutines().len() == other.goroutines().len()
+            && self
+                .goroutines()
+                .iter()
+                .zip(other.goroutines())
+                .all(|(a, b)| key(a) == key(b))
+    }
+}
+
+impl Eq for Deadlock {}
 
 impl core::fmt::Display for Deadlock {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str("all goroutines are asleep - deadlock!")
+        f.write_str("all goroutines are asleep - deadlock!")?;
+        if !self.dump.goroutines().is_empty() {
+            write!(f, "\n\n{}", self.dump)?;
+        }
+        Ok(())
     }
 }
 
 impl std::error::Error for Deadlock {}
+
+/// The report of a deadlock just found on `sched`.
+pub(crate) fn deadlock_report(sched: &Sched) -> Deadlock {
+    Deadlock { dump: sched.dump() }
+}
 
 /// Why a runtime could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +158,7 @@ pub struct Builder {
     schedtrace: Option<Duration>,
     migrate: bool,
     unguarded_stacks: bool,
+    traceback: bool,
 }
 
 impl Builder {
@@ -221,8 +287,33 @@ impl Builder {
         self
     }
 
+    /// Records the stack of every goroutine where it parks, so that
+    /// [`Deadlock`] reports, [`dump`] and SIGQUIT print each parked
+    /// goroutine's stack under its header, as Go's tracebacks do (Go's
+    /// `GOTRACEBACK=all`). The same as `GOKERNEL_TRACEBACK=all` in the
+    /// environment; both are on for the whole process while any runtime
+    /// that asked lives. A debugging setting: each park then unwinds its
+    /// stack (tens of microseconds) and takes a global lock (see
+    /// [`traceback`](crate::traceback)).
+    ///
+    /// ```
+    /// let rt = gokernel::Runtime::builder().procs(1).traceback(true).build().unwrap();
+    /// let err = rt.block_on(gokernel::park).unwrap_err();
+    /// let frames = err.goroutines()[0].traceback.as_ref().unwrap();
+    /// assert!(frames[0].starts_with("gokernel::proc::gopark"), "{frames:?}");
+    /// ```
+    pub fn traceback(mut self, on: bool) -> Self {
+        self.traceback = on;
+        self
+    }
+
     /// Builds the runtime. No thread starts until there is a G to run
     /// (except the schedtrace monitor, when one is asked for).
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Procs`] for 0 or more than [`MAX_PROCS`] Ps,
+    /// [`BuildError::StackSize`] for a stack size out of bounds.
     pub fn build(self) -> Result<Runtime, BuildError> {
         let procs = self
             .procs
@@ -243,11 +334,20 @@ impl Builder {
             // promise for this runtime's goroutines.
             unsafe { sched.use_unguarded_stacks() };
         }
+        crate::traceback::hosted::traceback_from_env();
         let period = self.schedtrace.or_else(schedtrace_from_env);
         let monitor = period
             .filter(|p| !p.is_zero())
             .map(|p| Monitor::start(sched.clone(), p.max(Duration::from_millis(1))));
-        Ok(Runtime { sched, monitor })
+        crate::signal_unix::register_for_sigquit(&sched);
+        if self.traceback {
+            crate::traceback::hosted::TRACEBACK.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Runtime {
+            sched,
+            monitor,
+            traceback: self.traceback,
+        })
     }
 }
 
@@ -258,9 +358,16 @@ pub struct Runtime {
     sched: Arc<Sched>,
     /// The schedtrace monitor thread, if one was asked for.
     monitor: Option<Monitor>,
+    /// Built with `Builder::traceback(true)` (it holds tracebacks on).
+    traceback: bool,
 }
 
 impl Runtime {
+    /// The scheduler (for the crate's other hosted modules).
+    pub(crate) fn sched(&self) -> &Sched {
+        &self.sched
+    }
+
     /// A builder with the defaults.
     pub fn builder() -> Builder {
         Builder {
@@ -270,11 +377,15 @@ impl Runtime {
             schedtrace: None,
             migrate: false,
             unguarded_stacks: false,
+            traceback: false,
         }
     }
 
     /// Runs `f` as the main goroutine and returns its value, blocking the
     /// calling thread until it finishes. A panic in `f` is resumed here.
+    ///
+    /// `f` must be `'static`; for a main goroutine that borrows from the
+    /// caller, use [`scope`](Self::scope).
     ///
     /// If every goroutine ends up parked with nothing runnable before `f`
     /// finishes, and none of them can be woken from outside the runtime,
@@ -292,6 +403,11 @@ impl Runtime {
     ///
     /// If called from a goroutine (it would block its M), or if the main
     /// G's stack cannot be allocated.
+    ///
+    /// # Errors
+    ///
+    /// [`Deadlock`] when every goroutine is parked and nothing can wake one
+    /// (see above).
     #[track_caller]
     pub fn block_on<T: Send + 'static>(
         &self,
@@ -315,7 +431,7 @@ impl Runtime {
         match r {
             Some(Ok(v)) => Ok(v),
             Some(Err(p)) => std::panic::resume_unwind(p),
-            None => Err(Deadlock),
+            None => Err(deadlock_report(&self.sched)),
         }
     }
 
@@ -332,7 +448,7 @@ impl Runtime {
         spawn_on(Some(&self.sched), f)
     }
 
-    /// [`spawn_locked`](crate::spawn_locked) from outside the runtime
+    /// [`crate::spawn_locked`] from outside the runtime
     /// (or inside it).
     ///
     /// # Panics
@@ -351,6 +467,10 @@ impl Runtime {
 
     /// [`spawn`](Self::spawn), returning an error instead of panicking when
     /// the goroutine's stack cannot be allocated.
+    ///
+    /// # Errors
+    ///
+    /// [`SpawnError`] if the goroutine's stack cannot be allocated.
     #[track_caller]
     pub fn try_spawn<T: Send + 'static>(
         &self,
@@ -424,6 +544,22 @@ impl Runtime {
     pub fn stats(&self) -> Stats {
         self.sched.stats()
     }
+
+    /// Every goroutine of this runtime, as Go prints them on SIGQUIT (see
+    /// [`Dump`]): from any thread, without stopping anything.
+    ///
+    /// ```
+    /// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+    /// let h = rt.spawn(|| gokernel::sleep(std::time::Duration::from_secs(3600)));
+    /// while rt.stats().goroutines.waiting == 0 {
+    ///     std::thread::yield_now();
+    /// }
+    /// let text = rt.dump().to_string();
+    /// assert!(text.starts_with(&format!("goroutine {} [sleep, ", h.id())), "{text}");
+    /// ```
+    pub fn dump(&self) -> Dump {
+        self.sched.dump()
+    }
 }
 
 impl Drop for Runtime {
@@ -445,6 +581,9 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         // The monitor first: it would only report the shutdown.
         drop(self.monitor.take());
+        if core::mem::take(&mut self.traceback) {
+            crate::traceback::hosted::TRACEBACK.fetch_sub(1, Ordering::Relaxed);
+        }
         let me = crate::proc::current_user_g();
         // SAFETY: a user G of a scheduler M: its scheduler is live.
         let own = !me.is_null() && core::ptr::eq(unsafe { (*(*me).m).rt }, &*self.sched);
@@ -570,13 +709,25 @@ impl Drop for Monitor {
 }
 
 /// The result slot a [`JoinHandle`] waits on.
-struct JoinInner<T> {
+pub(crate) struct JoinInner<T> {
     /// The address of the scheduler the goroutine runs on (compared, never
     /// followed).
     rt: usize,
     done: AtomicBool,
     result: spin::Mutex<Option<thread::Result<T>>>,
     waiter: spin::Mutex<Option<Waiter>>,
+}
+
+impl<T> JoinInner<T> {
+    /// An empty slot for a goroutine of the scheduler at address `rt`.
+    pub(crate) fn new(rt: usize) -> Self {
+        JoinInner {
+            rt,
+            done: AtomicBool::new(false),
+            result: spin::Mutex::new(None),
+            waiter: spin::Mutex::new(None),
+        }
+    }
 }
 
 /// Who waits for a goroutine to finish. Neither kind touches the
@@ -605,7 +756,7 @@ impl Waiter {
     fn wait(&self) {
         match self {
             // SAFETY: a G waiter is made by and waited on by the same G.
-            Waiter::G(p) => unsafe { p.park() },
+            Waiter::G(p) => unsafe { p.park_for(crate::runtime2::WaitReason::Join) },
             Waiter::Thread(s) => s.wait(),
         }
     }
@@ -621,14 +772,14 @@ impl Waiter {
 /// A plain thread's wake-up for joins (and `block_on`'s deadlock hook): a
 /// token like the thread's park token, but apart from it. One per thread;
 /// a stale token only costs a waiter one more look at what it waits for.
-struct JoinSignal {
+pub(crate) struct JoinSignal {
     token: std::sync::Mutex<bool>,
     cv: std::sync::Condvar,
 }
 
 impl JoinSignal {
     /// The calling thread's signal.
-    fn current() -> Arc<JoinSignal> {
+    pub(crate) fn current() -> Arc<JoinSignal> {
         std::thread_local! {
             static SIGNAL: Arc<JoinSignal> = Arc::new(JoinSignal {
                 token: std::sync::Mutex::new(false),
@@ -639,7 +790,7 @@ impl JoinSignal {
     }
 
     /// Blocks until the token is available, then consumes it.
-    fn wait(&self) {
+    pub(crate) fn wait(&self) {
         let mut t = self.token.lock().unwrap_or_else(|e| e.into_inner());
         while !*t {
             t = self.cv.wait(t).unwrap_or_else(|e| e.into_inner());
@@ -648,19 +799,35 @@ impl JoinSignal {
     }
 
     /// Makes the token available, waking the thread if it waits.
-    fn notify(&self) {
+    pub(crate) fn notify(&self) {
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.cv.notify_one();
     }
 }
 
 /// An owned permission to wait for a goroutine's result.
+///
+/// Dropping it detaches the goroutine (it runs on). `join` works from a
+/// goroutine (it parks) and from a plain thread (it blocks), and across
+/// runtimes.
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// let h = rt.spawn(|| "made outside");
+/// assert!(h.id() > 0);
+/// assert_eq!(h.join().unwrap(), "made outside"); // from this plain thread
+/// ```
 pub struct JoinHandle<T> {
     inner: Arc<JoinInner<T>>,
     id: u64,
 }
 
 impl<T> JoinHandle<T> {
+    /// A handle for the goroutine `id` that reports into `inner`.
+    pub(crate) fn from_parts(inner: Arc<JoinInner<T>>, id: u64) -> Self {
+        JoinHandle { inner, id }
+    }
+
     /// The goroutine's id.
     pub fn id(&self) -> u64 {
         self.id
@@ -674,6 +841,16 @@ impl<T> JoinHandle<T> {
     /// Waits for the goroutine to finish and returns its result, or the
     /// panic payload if it panicked. From a goroutine this parks it; from a
     /// plain thread it blocks the thread.
+    ///
+    /// # Errors
+    ///
+    /// The goroutine's panic payload if it panicked;
+    /// [`RuntimeDropped`](crate::RuntimeDropped) (as the payload) if its runtime
+    /// was dropped before it finished.
+    ///
+    /// # Panics
+    ///
+    /// Never: a join without a result is the runtime's bug, reported as one.
     pub fn join(self) -> thread::Result<T> {
         self.wait(|| false).expect("join gave up without a result")
     }
@@ -753,7 +930,7 @@ impl Drop for ExternalWait {
     }
 }
 
-fn finish<T>(inner: &JoinInner<T>, r: thread::Result<T>) {
+pub(crate) fn finish<T>(inner: &JoinInner<T>, r: thread::Result<T>) {
     *inner.result.lock() = Some(r);
     // Release: the result is visible to whoever sees `done`.
     inner.done.store(true, Ordering::Release);
@@ -792,12 +969,7 @@ fn try_spawn_on<T: Send + 'static>(
     locked: bool,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
-    let inner = Arc::new(JoinInner {
-        rt: target_sched(sched),
-        done: AtomicBool::new(false),
-        result: spin::Mutex::new(None),
-        waiter: spin::Mutex::new(None),
-    });
+    let inner = Arc::new(JoinInner::new(target_sched(sched)));
     // Finishes the handle even if the body never runs (the runtime was
     // dropped first): join then reports RuntimeDropped.
     struct Finisher<T>(Option<Arc<JoinInner<T>>>);
@@ -889,6 +1061,19 @@ fn require_goroutine(what: &str) {
 ///
 /// Outside a goroutine (or an M's stack), or if its stack cannot be
 /// allocated.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let done = gokernel::chan::<&str>(0);
+///     let d = done.clone();
+///     gokernel::go(move || d.send("hello from a goroutine").unwrap());
+///     assert_eq!(done.recv().unwrap(), "hello from a goroutine");
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn go(f: impl FnOnce() + Send + 'static) {
     let sched = spawn_sched("go");
@@ -900,6 +1085,10 @@ pub fn go(f: impl FnOnce() + Send + 'static) {
 /// [`spawn`], returning an error instead of panicking when the goroutine's
 /// stack cannot be allocated. The closure is dropped then; the runtime
 /// stays usable.
+///
+/// # Errors
+///
+/// [`SpawnError`] if the goroutine's stack cannot be allocated.
 ///
 /// # Panics
 ///
@@ -958,6 +1147,19 @@ pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 ///
 /// Outside a goroutine (use [`Runtime::spawn`] there), or if its stack
 /// cannot be allocated.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let h = gokernel::spawn(|| 6 * 7);
+///     assert_eq!(h.join().unwrap(), 42);
+///     let p = gokernel::spawn(|| panic!("boom"));
+///     assert!(p.join().is_err()); // the panic comes back, the program goes on
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     let sched = spawn_sched("spawn");
@@ -971,6 +1173,23 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinH
 /// # Panics
 ///
 /// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// rt.block_on(|| {
+///     let c = gokernel::chan::<u32>(1);
+///     let tx = c.clone();
+///     gokernel::go(move || tx.send(1).unwrap());
+///     // One P: the new goroutine runs only when this one lets it.
+///     while c.is_empty() {
+///         gokernel::gosched();
+///     }
+///     assert_eq!(c.recv(), Ok(1));
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn gosched() {
     crate::proc::gosched();
@@ -1009,12 +1228,25 @@ impl core::fmt::Debug for Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let me = gokernel::current();
+///     let h = gokernel::spawn(move || me.unpark());
+///     gokernel::park(); // returns once the token is there (now or later)
+///     h.join().unwrap();
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn current() -> Goroutine {
     require_goroutine("current");
     let gp = getg();
     // SAFETY: on a user G (checked).
-    let (id, parker) = unsafe { ((*gp).goid, Parker::current()) };
+    let (id, parker) = unsafe { ((*gp).goid(), Parker::current()) };
     Goroutine { id, parker }
 }
 
@@ -1025,6 +1257,28 @@ pub fn current() -> Goroutine {
 /// # Panics
 ///
 /// Outside a goroutine.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicBool, Ordering};
+///
+/// let rt = gokernel::Runtime::builder().procs(2).build().unwrap();
+/// rt.block_on(|| {
+///     let ready = Arc::new(AtomicBool::new(false));
+///     let (me, r) = (gokernel::current(), ready.clone());
+///     gokernel::go(move || {
+///         r.store(true, Ordering::Release);
+///         me.unpark();
+///     });
+///     // A token may be left over from before: check the condition in a loop.
+///     while !ready.load(Ordering::Acquire) {
+///         gokernel::park();
+///     }
+/// })
+/// .unwrap();
+/// ```
 #[track_caller]
 pub fn park() {
     require_goroutine("park");
@@ -1065,6 +1319,30 @@ pub fn stats() -> Stats {
     require_goroutine("stats");
     // SAFETY: on a user G (checked): its M's scheduler is live.
     unsafe { (*(*(*getg()).m).rt).stats() }
+}
+
+/// Every goroutine of every live runtime of the process, as Go prints
+/// them on SIGQUIT (see [`Dump`]; [`Runtime::dump`] for one runtime).
+/// From any thread, goroutine or not; nothing stops meanwhile. Print it
+/// (`eprintln!("{}", gokernel::dump())`) or look at its
+/// [`goroutines`](Dump::goroutines).
+///
+/// ```
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// rt.block_on(|| {
+///     let me = gokernel::current().id();
+///     let d = gokernel::dump();
+///     let g = d.goroutine(me).unwrap();
+///     assert_eq!(g.status, gokernel::runtime2::status::RUNNING);
+///     assert!(d.to_string().contains(&format!("goroutine {me} [running]:")));
+/// })
+/// .unwrap();
+/// ```
+pub fn dump() -> Dump {
+    crate::signal_unix::live_runtimes()
+        .into_iter()
+        .map(|s| s.dump())
+        .fold(Dump::default(), Dump::merge)
 }
 
 /// Wires the current goroutine to its OS thread until the matching

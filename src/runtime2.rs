@@ -13,7 +13,8 @@
 //! turns it into `docs/offsets.md`, `docs/offsets.inc` (GNU as) and
 //! `docs/offsets.h` (C) for embedders who write their own assembly.
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::panic::Location;
+use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use memoffset::offset_of;
 use static_assertions::{const_assert, const_assert_eq};
@@ -260,6 +261,114 @@ unsafe fn startfn_boxed<F: FnOnce()>(p: *mut u8, call: bool) {
     }
 }
 
+/// Why a goroutine is parked (Go's `waitReason`), under Go's names, so
+/// that dumps read the same. `gopark` records it with the time; a
+/// goroutine dump ([`Dump`](crate::traceback::Dump)) and
+/// [`Stats::waiting_by_reason`](crate::proc::Stats::waiting_by_reason)
+/// show it.
+///
+/// ```
+/// use gokernel::runtime2::WaitReason;
+/// assert_eq!(WaitReason::ChanReceive.to_string(), "chan receive");
+/// assert_eq!(WaitReason::ALL.len(), WaitReason::COUNT);
+/// ```
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WaitReason {
+    /// No reason recorded (Go's `waitReasonZero`): a G parked by a direct
+    /// caller of `gopark` that gave none.
+    Zero = 0,
+    /// A channel receive (`recv`, `select!` with one receive case).
+    ChanReceive,
+    /// A channel send.
+    ChanSend,
+    /// A `select!` with several cases.
+    Select,
+    /// A `select!` with no cases: parked for good.
+    SelectNoCases,
+    /// [`sleep`](crate::time::sleep).
+    Sleep,
+    /// [`sync::Mutex::lock`](crate::sync::Mutex::lock).
+    SyncMutexLock,
+    /// [`sync::WaitGroup::wait`](crate::sync::WaitGroup::wait).
+    SyncWaitGroupWait,
+    /// [`sync::Once::call_once`](crate::sync::Once::call_once), while
+    /// another goroutine runs the function.
+    SyncOnce,
+    /// A `JoinHandle::join` of an unfinished goroutine.
+    Join,
+    /// `park` (woken by `Goroutine::unpark`).
+    Park,
+    /// A blocking system call made off its P.
+    Syscall,
+    /// Waiting for a file descriptor to be ready (the netpoller).
+    IoWait,
+}
+
+impl WaitReason {
+    /// Every reason, in `repr` order.
+    pub const ALL: [WaitReason; 13] = [
+        WaitReason::Zero,
+        WaitReason::ChanReceive,
+        WaitReason::ChanSend,
+        WaitReason::Select,
+        WaitReason::SelectNoCases,
+        WaitReason::Sleep,
+        WaitReason::SyncMutexLock,
+        WaitReason::SyncWaitGroupWait,
+        WaitReason::SyncOnce,
+        WaitReason::Join,
+        WaitReason::Park,
+        WaitReason::Syscall,
+        WaitReason::IoWait,
+    ];
+
+    /// How many reasons there are.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Go's text for the reason (`""` for [`Zero`](Self::Zero)).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WaitReason::Zero => "",
+            WaitReason::ChanReceive => "chan receive",
+            WaitReason::ChanSend => "chan send",
+            WaitReason::Select => "select",
+            WaitReason::SelectNoCases => "select (no cases)",
+            WaitReason::Sleep => "sleep",
+            WaitReason::SyncMutexLock => "sync.Mutex.Lock",
+            WaitReason::SyncWaitGroupWait => "sync.WaitGroup.Wait",
+            WaitReason::SyncOnce => "sync.Once",
+            WaitReason::Join => "join",
+            WaitReason::Park => "park",
+            WaitReason::Syscall => "syscall",
+            WaitReason::IoWait => "IO wait",
+        }
+    }
+
+    /// The reason stored as `r` (an unknown value reads as `Zero`).
+    pub(crate) fn from_u8(r: u8) -> WaitReason {
+        Self::ALL
+            .get(usize::from(r))
+            .copied()
+            .unwrap_or(WaitReason::Zero)
+    }
+}
+
+// `ALL` is in `repr` order, so `from_u8` inverts `as u8`.
+const _: () = {
+    let mut i = 0;
+    while i < WaitReason::COUNT {
+        assert!(WaitReason::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+impl core::fmt::Display for WaitReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Goroutine status (`G::atomicstatus`). Go's values, so that dumps read
 /// the same.
 pub mod status {
@@ -312,7 +421,9 @@ pub struct G {
     /// The M running this G, or null (asm: [`G_M`]).
     pub(crate) m: *mut M,
     /// Goroutine id; g0s have id 0 (asm: [`G_GOID`], read by tools).
-    pub(crate) goid: u64,
+    /// Atomic (relaxed; a plain `u64` in memory) so that a goroutine dump
+    /// may read it while the G is reused.
+    pub(crate) goid: AtomicU64,
     /// A [`status`] value.
     pub(crate) atomicstatus: AtomicU32,
     /// The function a fresh G runs: [`gostart`](crate::asm_amd64::gostart)
@@ -352,6 +463,18 @@ pub struct G {
     /// parks (`teardown::FORCE_*`). Written by the G's own M while the G
     /// is not running, and by the G itself.
     pub(crate) force: u8,
+    /// Why this G last parked: a [`WaitReason`] (Go's `waitreason`), set
+    /// by `gopark`; meaningful while the status is [`status::WAITING`].
+    /// Atomics (relaxed), like `waitsince` and `spawn_site`, because
+    /// dumps read them from any thread while the G runs.
+    pub(crate) waitreason: AtomicU8,
+    /// When this G last parked, in CPU ticks (`traceback::cputicks`, the
+    /// TSC: a plain instruction, where `nanotime` costs a vDSO call on
+    /// every park; dumps convert). Go's `waitsince`.
+    pub(crate) waitsince: AtomicU64,
+    /// Where the `go` / `spawn` that made this G was called (Go's `gopc`),
+    /// or null: for dumps, deadlock reports and stall reports.
+    pub(crate) spawn_site: AtomicPtr<Location<'static>>,
 }
 
 impl G {
@@ -373,14 +496,30 @@ impl G {
 
     /// The goroutine id (0 for g0s and for Gs not given one yet).
     pub fn goid(&self) -> u64 {
-        self.goid
+        self.goid.load(Ordering::Relaxed)
+    }
+
+    /// Why this G is parked, if it is ([`status::WAITING`]).
+    pub fn wait_reason(&self) -> Option<WaitReason> {
+        if self.readgstatus() != status::WAITING {
+            return None;
+        }
+        Some(WaitReason::from_u8(self.waitreason.load(Ordering::Relaxed)))
+    }
+
+    /// Where the `go` / `spawn` that made this G was called (Go's
+    /// `created by`), if it was made by one.
+    pub fn spawn_site(&self) -> Option<&'static Location<'static>> {
+        // SAFETY: only ever set from `Location::caller()`, a `'static`
+        // reference, or null.
+        unsafe { self.spawn_site.load(Ordering::Relaxed).as_ref() }
     }
 
     /// Gives this G an id (a G made by [`malg`](crate::proc::malg) has
     /// none; the scheduler gives its own Gs theirs). Ids only name Gs in
     /// messages, traces and handles; nothing relies on them being unique.
     pub fn set_goid(&mut self, goid: u64) {
-        self.goid = goid;
+        *self.goid.get_mut() = goid;
     }
 
     /// This G's status (acquire: pairs with the release in
@@ -412,7 +551,7 @@ impl G {
                 prev,
                 old,
                 "goroutine {}: status was {}, expected {}",
-                self.goid,
+                self.goid(),
                 status::name(prev),
                 status::name(old)
             );
@@ -426,7 +565,7 @@ impl G {
 impl core::fmt::Debug for G {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("G")
-            .field("goid", &self.goid)
+            .field("goid", &self.goid())
             .field("status", &status::name(self.readgstatus()))
             .field("stack", &self.stack)
             .field("sched", &self.sched)

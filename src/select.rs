@@ -54,6 +54,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::chan::{Chan, RecvError, RecvStep, SendError, SendStep};
+use crate::runtime2::WaitReason;
 use crate::sema::{Sudog, Waiter, Wakeup};
 
 /// One case of a select, type-erased: what `selectgo` needs from it.
@@ -192,6 +193,11 @@ impl<'c, T: Send> Case<'c, T, RecvDir> {
     /// # Panics
     ///
     /// If the case did not fire.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvError`] if the channel was closed and drained.
+    ///
     pub fn finish(self) -> Result<T, RecvError> {
         match self.slot {
             Some(v) => Ok(v),
@@ -213,6 +219,11 @@ impl<'c, T: Send> Case<'c, T, SendDir> {
     /// # Panics
     ///
     /// If the case did not fire.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError`] with the value if the channel was closed.
+    ///
     pub fn finish(self) -> Result<(), SendError<T>> {
         match self.slot {
             None => Ok(()),
@@ -387,6 +398,11 @@ impl<'a> Select<'a> {
 
     /// Waits until a case can proceed, runs it and returns its index.
     /// With no cases, waits forever (Go's `select {}`).
+    ///
+    /// # Panics
+    ///
+    /// Never for a well-formed select (a blocking select always returns a
+    /// case); the check guards the runtime's own invariant.
     pub fn wait(mut self) -> usize {
         selectgo(&mut self.cases, true)
             .expect("gokernel::select: a blocking select returned no case")
@@ -446,7 +462,7 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
     if n == 0 {
         if block {
             // Go's `select {}`: nothing can ever wake this waiter.
-            Waiter::new().block(|| {});
+            Waiter::new().block(WaitReason::SelectNoCases, || {});
             unreachable!("gokernel::select: an empty select was woken");
         }
         return None;
@@ -499,7 +515,9 @@ fn selectgo(cases: &mut [&mut dyn SelectCase], block: bool) -> Option<usize> {
     {
         let cases: &[&mut dyn SelectCase] = cases;
         // SAFETY: locked by sellock above; released once we are parked.
-        waiter.block(|| unsafe { selunlock(cases, &lockorder) });
+        waiter.block(WaitReason::Select, || unsafe {
+            selunlock(cases, &lockorder)
+        });
     }
     // Pass 3: the case that fired was taken off its queue by whoever
     // completed it; take the others off theirs.

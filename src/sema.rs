@@ -44,7 +44,7 @@ use core::ptr::null_mut;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use crate::proc::{current_user_g, gopark, goready};
-use crate::runtime2::G;
+use crate::runtime2::{G, WaitReason};
 
 /// A short lock for the runtime's own objects (Go's runtime `mutex`): it
 /// guards a channel's buffer and queues, or a sync object's queue, for a
@@ -288,8 +288,9 @@ impl Waiter {
     /// Blocks until a waker claims this waiter and wakes it. `unlock`
     /// releases the locks of the queues the waiter's sudogs are on: for a
     /// goroutine it runs on g0 once the goroutine is parked, for a thread
-    /// before it sleeps.
-    pub(crate) fn block<F: FnOnce()>(&self, unlock: F) {
+    /// before it sleeps. A goroutine's wait is recorded as `reason` (for
+    /// dumps).
+    pub(crate) fn block<F: FnOnce()>(&self, reason: WaitReason, unlock: F) {
         if self.g.is_null() {
             forbid_blocking_on_system_stack();
         }
@@ -310,7 +311,7 @@ impl Waiter {
             // waiter is used by the code that made it); run_unlock calls the
             // closure, which lives in this frame until we resume, and
             // returns true, so the G stays parked until `wake` readies it.
-            unsafe { gopark(run_unlock::<F>, (&mut f as *mut Option<F>).cast()) };
+            unsafe { gopark(run_unlock::<F>, (&mut f as *mut Option<F>).cast(), reason) };
             // SAFETY: as above; we run again, so nobody else reads it.
             unsafe { (*self.g).waiting = core::ptr::null() };
             drop(ext);
@@ -651,7 +652,13 @@ impl WaitQ {
     /// The caller holds `lock`, which guards `q`, and `elem` is what the
     /// queue's wakers expect (or null if they ignore it). The queue must
     /// stay alive while the caller waits.
-    pub(crate) unsafe fn wait(q: *mut WaitQ, lock: &SpinLock, elem: *mut (), front: bool) -> bool {
+    pub(crate) unsafe fn wait(
+        q: *mut WaitQ,
+        lock: &SpinLock,
+        elem: *mut (),
+        front: bool,
+        reason: WaitReason,
+    ) -> bool {
         let waiter = Waiter::new();
         if lock.shared() {
             waiter.set_external();
@@ -668,7 +675,7 @@ impl WaitQ {
             }
         }
         // SAFETY: we hold the lock; it is released once we are parked.
-        waiter.block(|| unsafe { lock.unlock() });
+        waiter.block(reason, || unsafe { lock.unlock() });
         waiter.success()
     }
 

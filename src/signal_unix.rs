@@ -203,3 +203,111 @@ unsafe extern "C" fn sighandler(
         }
     }
 }
+
+// ---------------------------------------------------------------------
+// SIGQUIT: a goroutine dump on demand.
+//
+// Go's SIGQUIT prints every goroutine and exits (status 2). gokernel
+// prints the same dump on stderr and lets the program go on (as the JVM's
+// SIGQUIT thread dump does): it is a library inside someone else's
+// program, and a dump one can take twice is the more useful one. The
+// handler only writes a byte to a pipe (async-signal-safe); a thread of
+// its own reads it and prints `gokernel::dump()`, so the dump takes locks
+// and allocates outside the handler. The handler is installed when the
+// first runtime is built, and only if SIGQUIT still has its default
+// action: a program that handles SIGQUIT itself keeps its handler (and
+// may call `gokernel::dump()` from it, off the signal context).
+
+/// Every runtime built so far, for `gokernel::dump()` and SIGQUIT.
+static RUNTIMES: std::sync::Mutex<alloc::vec::Vec<alloc::sync::Weak<crate::runtime2::Sched>>> =
+    std::sync::Mutex::new(alloc::vec::Vec::new());
+
+/// The write end of the SIGQUIT pipe (-1: no handler of ours).
+static QUIT_PIPE: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(-1);
+
+/// Adds `sched` to the runtimes dumps look at, and installs the SIGQUIT
+/// handler once (if SIGQUIT has its default action).
+pub(crate) fn register_for_sigquit(sched: &alloc::sync::Arc<crate::runtime2::Sched>) {
+    {
+        let mut rts = RUNTIMES.lock().unwrap_or_else(|e| e.into_inner());
+        rts.retain(|w| w.strong_count() != 0);
+        rts.push(alloc::sync::Arc::downgrade(sched));
+    }
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(install_sigquit);
+}
+
+/// The runtimes alive now.
+pub(crate) fn live_runtimes() -> alloc::vec::Vec<alloc::sync::Arc<crate::runtime2::Sched>> {
+    let rts = RUNTIMES.lock().unwrap_or_else(|e| e.into_inner());
+    rts.iter().filter_map(alloc::sync::Weak::upgrade).collect()
+}
+
+fn install_sigquit() {
+    // SAFETY: queries SIGQUIT's action into a zeroed local.
+    let mut cur: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
+    // SAFETY: as above.
+    if unsafe { libc::sigaction(libc::SIGQUIT, null_mut(), &mut cur) } != 0
+        || cur.sa_sigaction != libc::SIG_DFL
+    {
+        return;
+    }
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two descriptors of a local array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    let [rd, wr] = fds;
+    let started = std::thread::Builder::new()
+        .name("gokernel-sigquit".into())
+        .spawn(move || sigquit_loop(rd));
+    if started.is_err() {
+        // SAFETY: our own descriptors, used by nobody else.
+        unsafe {
+            libc::close(rd);
+            libc::close(wr);
+        }
+        return;
+    }
+    QUIT_PIPE.store(wr, core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: a zeroed sigaction filled in as sigaction(2) says; the
+    // handler is async-signal-safe (one write).
+    unsafe {
+        let mut sa: libc::sigaction = MaybeUninit::zeroed().assume_init();
+        sa.sa_sigaction = sigquit_handler as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART | libc::SA_ONSTACK;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGQUIT, &sa, null_mut());
+    }
+}
+
+/// The SIGQUIT handler: wakes the dump thread.
+extern "C" fn sigquit_handler(_sig: libc::c_int) {
+    let fd = QUIT_PIPE.load(core::sync::atomic::Ordering::Relaxed);
+    // SAFETY: errno is thread-local and saved around the write (an
+    // async-signal-safe call) so the interrupted code sees its own.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let b = 1u8;
+        libc::write(fd, (&raw const b).cast(), 1);
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// The dump thread: one dump on stderr per SIGQUIT.
+fn sigquit_loop(rd: libc::c_int) {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    loop {
+        // SAFETY: reads into a local buffer of that size.
+        let n = unsafe { libc::read(rd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n <= 0 {
+            return;
+        }
+        let text = alloc::format!("SIGQUIT: goroutine dump\n\n{}\n", crate::runtime::dump());
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    }
+}

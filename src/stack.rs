@@ -226,6 +226,10 @@ impl core::error::Error for StackError {}
 
 /// Checks a stack size against [`STACK_MIN`], [`STACK_MAX`] and
 /// [`PAGE_SIZE`].
+///
+/// # Errors
+///
+/// [`StackError::TooSmall`] or [`StackError::TooLarge`].
 pub const fn check_stack_size(size: usize) -> Result<(), StackError> {
     if size < STACK_MIN {
         Err(StackError::TooSmall { size })
@@ -326,6 +330,11 @@ pub fn soft_guard_page_clean(mem: &StackMem) -> bool {
 /// stacks as its mapping limit allows, this fails with
 /// [`StackError::GuardedStacksExhausted`] (see the [module docs](self)).
 /// Freestanding, the stack has a soft guard.
+///
+/// # Errors
+///
+/// A bad size (as [`check_stack_size`]), no memory, or no guarded stack
+/// left ([`StackError::GuardedStacksExhausted`]).
 pub fn stackalloc(size: usize) -> Result<StackMem, StackError> {
     check_stack_size(size)?;
     if inject_failure() {
@@ -345,6 +354,10 @@ pub fn stackalloc(size: usize) -> Result<StackMem, StackError> {
 /// switch: it writes through the soft guard into the memory below (another
 /// goroutine's stack), silently. The caller promises that whatever runs on
 /// the stack never uses more than its `size` bytes.
+///
+/// # Errors
+///
+/// A bad size (as [`check_stack_size`]) or no memory.
 pub unsafe fn stackalloc_unguarded(size: usize) -> Result<StackMem, StackError> {
     check_stack_size(size)?;
     if inject_failure() {

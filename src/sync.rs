@@ -26,6 +26,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::proc::current_user_g;
+use crate::runtime2::WaitReason;
 use crate::sema::{SpinLock, WaitQ, Wakeup};
 
 // ---------------------------------------------------------------------
@@ -58,6 +59,24 @@ pub const MUTEX_STARVE_AFTER: u32 = 4;
 ///
 /// There is no poisoning: a panic while holding the lock releases it.
 /// Locking it again from the goroutine that holds it deadlocks, as in Go.
+///
+/// ```
+/// use std::sync::Arc;
+/// use gokernel::sync::Mutex;
+/// # gokernel::Runtime::builder().procs(2).build().unwrap().block_on(|| {
+/// let hits = Arc::new(Mutex::new(Vec::new()));
+/// let hs: Vec<_> = (0..4)
+///     .map(|i| {
+///         let hits = hits.clone();
+///         gokernel::spawn(move || hits.lock().push(i))
+///     })
+///     .collect();
+/// hs.into_iter().for_each(|h| h.join().unwrap());
+/// let mut v = hits.lock().clone();
+/// v.sort();
+/// assert_eq!(v, [0, 1, 2, 3]);
+/// # }).unwrap();
+/// ```
 pub struct Mutex<T: ?Sized> {
     state: AtomicU32,
     q: SpinLock,
@@ -192,7 +211,13 @@ impl<T: ?Sized> Mutex<T> {
             // A woken waiter that lost keeps its place at the front.
             // SAFETY: we hold q, which guards the queue; `unlock` wakes us.
             let handed = unsafe {
-                WaitQ::wait(self.waiters.get(), &self.q, core::ptr::null_mut(), lost > 0)
+                WaitQ::wait(
+                    self.waiters.get(),
+                    &self.q,
+                    core::ptr::null_mut(),
+                    lost > 0,
+                    WaitReason::SyncMutexLock,
+                )
             };
             if handed {
                 // Handed over in starvation mode: the lock is ours. The
@@ -307,6 +332,26 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
 /// `sync.WaitGroup`): [`add`](Self::add) the number to wait for, each
 /// calls [`done`](Self::done), and [`wait`](Self::wait) returns when the
 /// count is back to zero. Share it with an `Arc`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use gokernel::sync::WaitGroup;
+/// # gokernel::Runtime::builder().procs(2).build().unwrap().block_on(|| {
+/// let wg = Arc::new(WaitGroup::new());
+/// let n = Arc::new(AtomicU32::new(0));
+/// for _ in 0..8 {
+///     wg.add(1);
+///     let (wg, n) = (wg.clone(), n.clone());
+///     gokernel::go(move || {
+///         n.fetch_add(1, Ordering::Relaxed);
+///         wg.done();
+///     });
+/// }
+/// wg.wait(); // parks until all eight called done
+/// assert_eq!(n.load(Ordering::Relaxed), 8);
+/// # }).unwrap();
+/// ```
 pub struct WaitGroup {
     q: SpinLock,
     st: UnsafeCell<WgState>,
@@ -408,6 +453,7 @@ impl WaitGroup {
                 &self.q,
                 core::ptr::null_mut(),
                 false,
+                WaitReason::SyncWaitGroupWait,
             )
         };
     }
@@ -437,6 +483,24 @@ const ONCE_DONE: u32 = 2;
 /// Runs a function exactly once (Go's `sync.Once`): the first
 /// [`call_once`](Self::call_once) runs it, every other call waits until it
 /// has finished. If it panics it counts as done, as in Go.
+///
+/// ```
+/// use std::sync::Arc;
+/// use gokernel::sync::{Mutex, Once};
+/// # gokernel::Runtime::builder().procs(2).build().unwrap().block_on(|| {
+/// let once = Arc::new(Once::new());
+/// let inits = Arc::new(Mutex::new(0));
+/// let hs: Vec<_> = (0..4)
+///     .map(|_| {
+///         let (once, inits) = (once.clone(), inits.clone());
+///         gokernel::spawn(move || once.call_once(|| *inits.lock() += 1))
+///     })
+///     .collect();
+/// hs.into_iter().for_each(|h| h.join().unwrap());
+/// assert_eq!(*inits.lock(), 1);
+/// assert!(once.is_completed());
+/// # }).unwrap();
+/// ```
 pub struct Once {
     state: AtomicU32,
     q: SpinLock,
@@ -494,7 +558,7 @@ impl Once {
         let my_id = if me.is_null() {
             0
         } else {
-            unsafe { (*me).goid }
+            unsafe { (*me).goid() }
         };
         self.q.lock();
         // SAFETY: under q.
@@ -518,6 +582,7 @@ impl Once {
                         &self.q,
                         core::ptr::null_mut(),
                         false,
+                        WaitReason::SyncOnce,
                     )
                 };
             }

@@ -173,7 +173,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use core::time::Duration;
 
 use crate::proc::{gopark, ready, spin_on_idle_p, wakep};
-use crate::runtime2::{G, M, P, Sched};
+use crate::runtime2::{G, M, P, Sched, WaitReason};
 use crate::tls::getg;
 
 /// What a timer does when it fires.
@@ -689,7 +689,7 @@ pub fn sleep(d: Duration) {
     // SAFETY: on a user G of a scheduler M (cursched checked); `when`
     // lives on this G's stack, which stays intact while it is parked, and
     // resetforsleep reads it before anything can ready the G.
-    unsafe { gopark(resetforsleep, (&raw mut when).cast()) };
+    unsafe { gopark(resetforsleep, (&raw mut when).cast(), WaitReason::Sleep) };
 }
 
 /// `gopark`'s unlock function for [`sleep`] (Go's `resetForSleep`): puts

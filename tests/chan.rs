@@ -335,7 +335,12 @@ fn a_goroutine_waiting_on_a_channel_nobody_can_send_on_is_a_deadlock() {
         let c = chan::<u8>(0);
         let _ = c.recv();
     });
-    assert_eq!(res, Err(gokernel::Deadlock));
+    let d = res.unwrap_err();
+    assert_eq!(
+        d.goroutines()[0].wait_reason,
+        Some(gokernel::WaitReason::ChanReceive),
+        "{d}"
+    );
 }
 
 #[test]

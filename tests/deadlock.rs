@@ -5,7 +5,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use gokernel::{Deadlock, Runtime};
+use gokernel::{Deadlock, Runtime, WaitReason};
 
 /// Runs `f` on a thread; fails the test if it takes over 60 s (a missed
 /// deadlock would hang).
@@ -23,10 +23,17 @@ fn a_main_goroutine_that_parks_forever_is_reported_as_a_deadlock() {
             let rt = Runtime::builder().procs(procs).build().unwrap();
             rt.block_on(gokernel::park)
         });
-        assert_eq!(r, Err(Deadlock), "procs = {procs}");
+        let d = r.unwrap_err();
+        let text = d.to_string();
+        assert!(
+            text.starts_with("all goroutines are asleep - deadlock!\n\ngoroutine "),
+            "procs = {procs}: {text}"
+        );
+        assert_eq!(d.goroutines().len(), 1, "procs = {procs}: {text}");
         assert_eq!(
-            Deadlock.to_string(),
-            "all goroutines are asleep - deadlock!"
+            d.goroutines()[0].wait_reason,
+            Some(WaitReason::Park),
+            "{text}"
         );
     }
 }
@@ -44,14 +51,14 @@ fn goroutines_waiting_on_each_other_are_reported_as_a_deadlock() {
                 }
             })
         });
-        assert_eq!(r, Err(Deadlock), "procs = {procs}");
+        assert!(matches!(r, Err(Deadlock { .. })), "procs = {procs}");
     }
 }
 
 #[test]
 fn the_runtime_still_works_after_a_deadlock_and_busy_runs_are_not_deadlocks() {
     let rt = Runtime::builder().procs(2).build().unwrap();
-    assert_eq!(rt.block_on(gokernel::park), Err(Deadlock));
+    assert!(matches!(rt.block_on(gokernel::park), Err(Deadlock { .. })));
     // The parked main goroutine stays parked; new work runs normally, and
     // a run whose goroutines park and wake each other is not a deadlock.
     let n = rt.block_on(|| {
@@ -86,7 +93,7 @@ fn unparking_a_goroutine_of_a_dropped_runtime_does_nothing() {
         tx.send(gokernel::current()).unwrap();
         gokernel::park();
     });
-    assert_eq!(r, Err(Deadlock));
+    assert!(matches!(r, Err(Deadlock { .. })));
     let handle = rx.recv().unwrap();
     drop(rt); // frees the parked goroutine
     handle.unpark(); // must not touch it
@@ -152,5 +159,5 @@ fn a_wait_on_a_channel_only_this_runtime_uses_is_still_a_deadlock() {
             drop(held);
         })
     });
-    assert_eq!(r, Err(Deadlock));
+    assert!(matches!(r, Err(Deadlock { .. })));
 }

@@ -286,7 +286,10 @@ fn a_locked_goroutine_that_parks_forever_is_still_reported_as_a_deadlock() {
                 (d, v)
             },
         );
-        assert_eq!(r, (Err(Deadlock), Ok(7)), "procs = {procs}");
+        assert!(
+            matches!(r, (Err(Deadlock { .. }), Ok(7))),
+            "procs = {procs}: {r:?}"
+        );
     }
 }
 
@@ -466,9 +469,8 @@ fn a_timer_beside_a_locked_goroutine_parked_for_good_is_no_deadlock_until_it_has
                 "{case}: after(100ms) arrived after {got:?}"
             );
             let (parked, after) = parked;
-            assert_eq!(
-                parked,
-                Err(Deadlock),
+            assert!(
+                matches!(parked, Err(Deadlock { .. })),
                 "{case}: everything parked for good after the timer was no deadlock"
             );
             assert!(

@@ -368,7 +368,12 @@ fn an_empty_select_waits_forever_and_is_a_deadlock_alone() {
     let r = rt(1).block_on(|| {
         select! {}
     });
-    assert_eq!(r, Err(gokernel::Deadlock));
+    let d = r.unwrap_err();
+    assert_eq!(
+        d.goroutines()[0].wait_reason,
+        Some(gokernel::WaitReason::SelectNoCases),
+        "{d}"
+    );
     let r = rt(1).block_on(|| {
         select! {
             default => 5,

@@ -1,0 +1,229 @@
+//! `Runtime::scope`: goroutines that borrow from the caller, and the
+//! scope waits for every one of them whatever happens (a panic of the main
+//! closure or of a goroutine, a forgotten handle, a deadlock).
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::in_crash_child;
+use gokernel::{Runtime, chan};
+
+fn rt(procs: usize) -> Runtime {
+    Runtime::builder().procs(procs).build().unwrap()
+}
+
+#[test]
+fn scoped_goroutines_borrow_the_callers_locals_and_mutate_disjoint_parts() {
+    for procs in [1, 2] {
+        let r = rt(procs);
+        let mut v: Vec<u64> = (0..1000).collect();
+        let total: u64 = v.iter().sum();
+        let sums = r.scope(|s| {
+            let hs: Vec<_> = v
+                .chunks_mut(100)
+                .map(|c| {
+                    s.spawn(move || {
+                        let sum = c.iter().sum::<u64>();
+                        c.iter_mut().for_each(|x| *x += 1);
+                        sum
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
+        });
+        assert_eq!(sums, total, "procs = {procs}");
+        assert_eq!(v.iter().sum::<u64>(), total + 1000, "procs = {procs}");
+    }
+}
+
+#[test]
+fn the_scope_waits_for_goroutines_nobody_joined_or_whose_handles_were_forgotten() {
+    let r = rt(2);
+    let done = AtomicUsize::new(0);
+    let gate = chan::<()>(0);
+    r.scope(|s| {
+        for _ in 0..4 {
+            s.go(|| {
+                gate.recv().unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let h = s.spawn(|| {
+            gate.recv().unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+        std::mem::forget(h);
+        // Released only after the main closure has returned.
+        s.go(|| {
+            for _ in 0..5 {
+                gate.send(()).unwrap();
+            }
+        });
+    });
+    assert_eq!(done.load(Ordering::SeqCst), 5);
+}
+
+#[test]
+fn a_panic_of_the_main_closure_comes_after_every_goroutine_has_finished() {
+    let r = rt(2);
+    let wrote = AtomicBool::new(false);
+    let gate = chan::<()>(1);
+    let p = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        r.scope(|s| {
+            s.go(|| {
+                gate.recv().unwrap();
+                gokernel::sleep(Duration::from_millis(20));
+                wrote.store(true, Ordering::SeqCst);
+            });
+            gate.send(()).unwrap();
+            panic!("main closure panics");
+        })
+    }));
+    let msg = p.unwrap_err();
+    assert_eq!(msg.downcast_ref::<&str>(), Some(&"main closure panics"));
+    assert!(
+        wrote.load(Ordering::SeqCst),
+        "the scope returned before its goroutine finished"
+    );
+}
+
+#[test]
+fn a_goroutine_panic_nobody_joined_makes_the_scope_panic_and_a_joined_one_does_not() {
+    let r = rt(2);
+    let other_finished = AtomicBool::new(false);
+    let p = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        r.scope(|s| {
+            s.go(|| panic!("a scoped goroutine's own panic"));
+            s.go(|| {
+                gokernel::sleep(Duration::from_millis(20));
+                other_finished.store(true, Ordering::SeqCst);
+            });
+        })
+    }));
+    let msg = p.unwrap_err();
+    assert_eq!(
+        msg.downcast_ref::<&str>(),
+        Some(&"gokernel: a scoped goroutine panicked")
+    );
+    assert!(other_finished.load(Ordering::SeqCst));
+    // Joined: the panic is the joiner's to handle.
+    let v = r.scope(|s| {
+        let h = s.spawn(|| -> u32 { panic!("joined") });
+        assert!(h.join().is_err());
+        7
+    });
+    assert_eq!(v, 7);
+    // The runtime still works.
+    assert_eq!(r.block_on(|| 1), Ok(1));
+}
+
+#[test]
+fn scoped_goroutines_start_more_scoped_goroutines_that_borrow() {
+    let r = rt(2);
+    let hits = AtomicUsize::new(0);
+    r.scope(|s| {
+        for _ in 0..3 {
+            s.go(|| {
+                for _ in 0..3 {
+                    s.go(|| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+            });
+        }
+    });
+    assert_eq!(hits.into_inner(), 9);
+}
+
+#[test]
+fn scope_from_a_goroutine_panics_with_a_clear_message() {
+    let r = rt(1);
+    let inner = std::sync::Arc::new(rt(1));
+    let i = inner.clone();
+    let res = r.block_on(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| i.scope(|_| ())))
+            .unwrap_err()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+    });
+    let msg = res.unwrap().unwrap();
+    assert!(
+        msg.contains("Runtime::scope called from a goroutine"),
+        "{msg}"
+    );
+}
+
+/// Set in the deadlock child.
+const CHILD: &str = "GOKERNEL_SCOPE_DEADLOCK_CHILD";
+
+#[test]
+fn a_deadlock_inside_a_scope_is_reported_and_the_scope_keeps_waiting() {
+    if in_crash_child() || std::env::var_os(CHILD).is_some() {
+        let r = rt(1);
+        let local = 5u32;
+        r.scope(|s| {
+            s.go(|| {
+                let c = chan::<u32>(0);
+                let _ = c.recv().map(|v| v + local);
+            });
+        });
+        println!("the scope returned");
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_deadlock_inside_a_scope_is_reported_and_the_scope_keeps_waiting",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut text = String::new();
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let _ = tx.send(text.clone());
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("goes on waiting") {
+        seen = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no deadlock report; stderr so far:\n{seen}"));
+    }
+    assert!(
+        seen.contains("gokernel: Runtime::scope: all goroutines are asleep - deadlock!"),
+        "{seen}"
+    );
+    assert!(seen.contains(" [chan receive, "), "{seen}");
+    // Still waiting: not exited.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the child ended: {seen}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(!out.contains("the scope returned"), "{out}");
+}
