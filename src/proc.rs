@@ -1247,6 +1247,7 @@ pub(crate) fn gftrim(sched: &Sched) {
 
 /// Frees every dead G on the global free list, [`GFTRIM_BATCH`] per hold
 /// of the lock; returns how many (`Runtime::free_dead_goroutines`).
+#[cfg(feature = "std")]
 pub(crate) fn gffree(sched: &Sched) -> usize {
     let mut freed = 0;
     loop {
