@@ -6,7 +6,7 @@
 //! A poller implements [`Netpoll`], Go's platform half of the poller, with
 //! Go's names:
 //!
-//! - `netpollinit`: making the poller (hosted: [`Epoll::new`] in
+//! - `netpollinit`: making the poller (hosted: `Epoll::new` in
 //!   `netpoll_epoll`, made on first use by `netpollgenericinit`; a kernel
 //!   installs its own with [`netpollinit`]);
 //! - [`netpollopen`](Netpoll::netpollopen): arm a source, edge-triggered,
