@@ -15,6 +15,15 @@ use crate::platform::{IMAGE, M_RECORDS, NEWOSPROC_CALLS, NRECORDS};
 use crate::scenarios::{self, Host, Report};
 use crate::{Boot, cpus, say, sys};
 
+/// How many times the scenarios' time limits the image allows. The limits
+/// only catch hangs, and a loaded host stretches the scenarios far past
+/// them: goroutines bound to two Ms hand a token back and forth with a
+/// thread wake-up each time, and at a load average of 15 on 2 CPUs each
+/// such wake-up waited about 2 ms for a CPU, so `park-unpark-pingpong`'s
+/// 10,000 hand-offs each way took more than its 20 s (seen in the gate
+/// while other builds ran; the Ms were runnable, not stuck).
+const IMAGE_PATIENCE: u32 = 6;
+
 /// [`scenarios::run_g`] on the image's platform (for `cpus.rs`).
 pub(crate) fn run_g<T: Send + 'static>(
     sched: &'static Sched,
@@ -25,7 +34,7 @@ pub(crate) fn run_g<T: Send + 'static>(
         Host {
             sched,
             platform: &IMAGE,
-            patience: 1,
+            patience: IMAGE_PATIENCE,
         },
         secs,
         f,
@@ -113,7 +122,7 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize, cpu_mode: bool) -> bool {
         Host {
             sched,
             platform: &IMAGE,
-            patience: 1,
+            patience: IMAGE_PATIENCE,
         },
         &mut r,
         100,
