@@ -380,6 +380,7 @@ pub(crate) unsafe fn locked_runnable(gp: *mut G) -> bool {
 /// # Panics
 ///
 /// From a thread that is neither an M of a scheduler nor given `sched`.
+#[track_caller]
 pub(crate) fn newproc_locked<F: FnOnce() + Send + 'static>(
     sched: Option<&Sched>,
     f: F,
@@ -397,7 +398,7 @@ pub(crate) fn newproc_locked<F: FnOnce() + Send + 'static>(
         (None, Some(h)) => h,
         (None, None) => panic!("gokernel: go or spawn called outside a gokernel runtime"),
     };
-    let gp = crate::proc::newproc1(sched, null_mut(), f)?;
+    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller())?;
     // SAFETY: gp is new and ours.
     let id = unsafe { (*gp).goid };
     {

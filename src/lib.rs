@@ -29,6 +29,9 @@
 //! - [`time`]: timers — a heap per P run by `schedule` /
 //!   `findrunnable`, [`sleep`], [`after_func`](time::after_func), and the
 //!   idle M that sleeps until the next deadline instead of spinning.
+//! - [`syscall`](mod@syscall) ([`blocking`], Go's `entersyscall` /
+//!   `exitsyscall`) and [`sysmon`] (retaking Ps from calls, time slices,
+//!   the stall detector): the other half of Go's scheduler.
 //! - [`platform`]: what the scheduler needs from its world (threads,
 //!   futexes, a monotonic clock, CPU count); `lock_futex` (internal): how
 //!   idle Ms sleep.
@@ -106,6 +109,8 @@ mod signal_unix;
 pub mod stack;
 mod stubs;
 pub mod sync;
+pub mod syscall;
+pub mod sysmon;
 pub mod teardown;
 pub mod time;
 pub mod tls;
@@ -118,6 +123,7 @@ pub use runtime::{
     unlock_os_thread,
 };
 pub use stubs::systemstack;
+pub use syscall::blocking;
 pub use teardown::RuntimeDropped;
 pub use time::{after, sleep};
 pub use tls::getg;

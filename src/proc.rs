@@ -39,10 +39,17 @@
 //!   sees the other: either the producer sees no spinning M and wakes one,
 //!   or the M sees the G.
 //!
-//! There is no preemption: a G runs until it yields, parks or exits.
-//! Two Gs that keep waking each other through `runnext` would starve the
-//! rest of their P's queue, so after [`RUNNEXT_LIMIT`] such hand-offs in a
-//! row `runnext` is demoted behind the ring.
+//! There is no asynchronous preemption: a G runs until it yields, parks
+//! or exits. A G that runs `runnext` (so does the G it wakes, and so on)
+//! inherits its time slice; sysmon (see [`crate::sysmon`]) watches each
+//! P's `schedtick` and, when one slice has lasted 10 ms, sets the P's
+//! `preempt` flag, which the next `schedule` on that P reads (one relaxed
+//! load) to put the chain behind the queues. The same monitor retakes the
+//! P of a G that is in a blocking call (`entersyscall` / `exitsyscall`,
+//! [`crate::syscall`]), wakes an M for overdue timers, and reports a G
+//! that has held its P without a scheduling point for long (the stall
+//! detector). Those modules' docs say why hosted gokernel does not
+//! interrupt a G the way Go's signal-based preemption does.
 //!
 //! Timers (see [`time`](crate::time)) are work too: `findrunnable` runs
 //! expired ones, and an M with nothing to do while timers are pending
@@ -152,7 +159,7 @@ use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
-    FuncVal, G, GQueue, Gobuf, M, P, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn, status,
+    FuncVal, G, GQueue, Gobuf, M, P, Sched, SchedLocked, Stack, StartFn, status,
 };
 use crate::stack::{StackError, stackalloc};
 use crate::stubs::OnceFrame;
@@ -187,6 +194,7 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         lockedm: null_mut(),
         boundm: null_mut(),
         force: crate::teardown::FORCE_NONE,
+        spawnloc: None,
     }
 }
 
@@ -222,6 +230,9 @@ impl M {
             nbound: AtomicU32::new(0),
             pwhen: 0,
             tornup: false,
+            oldp: null_mut(),
+            insyscall: core::sync::atomic::AtomicBool::new(false),
+            procid: core::sync::atomic::AtomicI32::new(0),
         })
     }
 }
@@ -374,7 +385,7 @@ pub(crate) extern "C" fn goexit1() -> ! {
 /// Checks the soft guard below `gp`'s stack as it switches out (stacks
 /// without a guard page: freestanding, and hosted arena stacks); a G that
 /// ran off its stack is a fatal error naming it.
-fn stackcheck(gp: *mut G) {
+pub(crate) fn stackcheck(gp: *mut G) {
     // SAFETY: gp is the G that just switched out: live, its stack too.
     if let Some(mem) = unsafe { &(*gp).stackmem }
         && !crate::stack::stackguard_ok(mem)
@@ -388,7 +399,7 @@ fn stackcheck(gp: *mut G) {
 /// # Safety
 ///
 /// On g0, with `gp` the G that was `m.curg`.
-unsafe fn dropg(gp: *mut G) -> *mut M {
+pub(crate) unsafe fn dropg(gp: *mut G) -> *mut M {
     // SAFETY: the contract: gp is suspended and was this M's curg.
     unsafe {
         let mp = (*gp).m;
@@ -498,6 +509,12 @@ pub unsafe fn mstart<F: FnOnce()>(mp: *mut M, f: F) {
 /// thread calls it, once, for an M made by `newm` (which holds a reference
 /// on the scheduler for it).
 pub unsafe fn mstart0(mp: *mut M) {
+    // Hosted: the thread id, for the stall detector's signal (sysmon).
+    #[cfg(feature = "std")]
+    // SAFETY: gettid takes no arguments and cannot fail; mp is live.
+    unsafe {
+        (*mp).procid.store(libc::syscall(libc::SYS_gettid) as i32, Ordering::Relaxed)
+    };
     // SAFETY: mp is an M of a live scheduler; this thread now runs it.
     unsafe {
         mstart(mp, || {
@@ -616,7 +633,7 @@ pub(crate) fn wakep(sched: &Sched) {
 /// # Safety
 ///
 /// On g0 of `mp`, which holds no P.
-unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
+pub(crate) unsafe fn stopm(sched: &Sched, mp: *mut M) -> bool {
     {
         let mut sl = sched.lock.lock();
         // Checked under the lock that shutdown takes after setting it, so
@@ -847,7 +864,7 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
 /// Returns true when that made every P idle with nothing queued: the
 /// caller then runs `checkdead`, as `findrunnable` does when it idles the
 /// last P.
-fn handoffp(sched: &Sched, pp: *mut P) -> bool {
+pub(crate) fn handoffp(sched: &Sched, pp: *mut P) -> bool {
     // SAFETY: Ps live as long as the scheduler; only the (atomic) queue is
     // borrowed.
     let local = !runqempty(unsafe { &(*pp).runq });
@@ -971,11 +988,13 @@ pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
     // SAFETY: the contract: nobody else holds pp.
     unsafe {
         debug_assert!(
-            (*mp).p.is_null() && (*pp).m.is_null(),
+            (*mp).p.is_null() && (*pp).m.load(Ordering::Relaxed).is_null(),
             "acquirep: P or M busy"
         );
         (*mp).p = pp;
-        (*pp).m = mp;
+        // Relaxed: read by sysmon only, to find the P's thread.
+        (*pp).m.store(mp, Ordering::Relaxed);
+        (*pp).status.store(crate::runtime2::PRUNNING, Ordering::Relaxed);
         let rt = (*mp).rt;
         // Only while Ms wait for a P is the clock read at all.
         if !rt.is_null() && (*rt).nmwantp.load(Ordering::Relaxed) != 0 {
@@ -993,7 +1012,7 @@ pub(crate) unsafe fn releasep(mp: *mut M) -> *mut P {
     // SAFETY: the contract.
     unsafe {
         let pp = (*mp).p;
-        (*pp).m = null_mut();
+        (*pp).m.store(null_mut(), Ordering::Relaxed);
         (*mp).p = null_mut();
         pp
     }
@@ -1036,7 +1055,10 @@ pub(crate) fn pidleput(sl: &mut SchedLocked, sched: &Sched, pp: *mut P) {
         return;
     }
     // SAFETY: pp was just released by its M; the lock guards the list.
-    unsafe { (*pp).link = sl.pidle };
+    unsafe {
+        (*pp).link = sl.pidle;
+        (*pp).status.store(crate::runtime2::PIDLE, Ordering::Relaxed);
+    }
     sl.pidle = pp;
     sched.npidle.fetch_add(1, Ordering::SeqCst);
 }
@@ -1048,6 +1070,8 @@ pub(crate) fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
         // SAFETY: pp is on the idle list, which the lock guards.
         unsafe { sl.pidle = (*pp).link };
         sched.npidle.fetch_sub(1, Ordering::SeqCst);
+        // The first P out of the idle list wakes sysmon from its deep sleep.
+        crate::sysmon::wakeifwaiting(sched);
     }
     pp
 }
@@ -1148,6 +1172,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     sched: &Sched,
     pp: *mut P,
     f: F,
+    loc: &'static core::panic::Location<'static>,
 ) -> Result<*mut G, StackError> {
     let mut gp = if pp.is_null() {
         gqueue_pop(&mut sched.lock.lock().gfree)
@@ -1167,6 +1192,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     unsafe {
         (*gp).goid = newgoid();
         (*gp).force = crate::teardown::FORCE_NONE;
+        (*gp).spawnloc = Some(loc);
         // Scheduler Gs come from malg, with a stack of at least STACK_MIN.
         gostartcall(gp, f);
     }
@@ -1186,10 +1212,12 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
 /// # Panics
 ///
 /// From a thread that is neither an M of a scheduler nor given `sched`.
+#[track_caller]
 pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
     sched: Option<&Sched>,
     f: F,
 ) -> Result<u64, StackError> {
+    let loc = core::panic::Location::caller();
     let gp = getg();
     // On an M of the scheduler asked for (or of any, if none was named)?
     // SAFETY: a non-null current G has a live M.
@@ -1219,7 +1247,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
             let pp = (*mp).p;
             if !(*pp).gfree.is_null() && (*mp).curg == gp {
                 let sched = &*here;
-                let newg = newproc1(sched, pp, f)?;
+                let newg = newproc1(sched, pp, f, loc)?;
                 let id = (*newg).goid;
                 runqput_p(sched, pp, newg, true);
                 if wakep_needed(sched) {
@@ -1235,7 +1263,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
                 let mp = (*getg()).m;
                 let sched = &*(*mp).rt;
                 let pp = (*mp).p;
-                let newg = newproc1(sched, pp, f)?;
+                let newg = newproc1(sched, pp, f, loc)?;
                 let id = (*newg).goid;
                 runqput_p(sched, pp, newg, true);
                 wakep(sched);
@@ -1244,7 +1272,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
         });
     }
     let sched = sched.expect("gokernel: go or spawn called outside a gokernel runtime");
-    let newg = newproc1(sched, null_mut(), f)?;
+    let newg = newproc1(sched, null_mut(), f, loc)?;
     // SAFETY: newg is new and ours.
     let id = unsafe { (*newg).goid };
     globrunqput(&mut sched.lock.lock(), sched, newg);
@@ -1256,7 +1284,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
 // Run queues.
 
 /// Puts `gp` at the tail of the global queue (Go's `globrunqput`).
-fn globrunqput(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) {
+pub(crate) fn globrunqput(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) {
     gqueue_push(&mut sl.runq, gp);
     sched.runqsize.store(sl.runq.size as u32, Ordering::SeqCst);
 }
@@ -1437,7 +1465,7 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
         let (now, _) = crate::time::checktimers(sched, pp, 0);
         // Fairness: now and then, the global queue first.
         // SAFETY: schedtick is touched only by the P's owner, us.
-        let schedtick = unsafe { (*pp).schedtick };
+        let schedtick = unsafe { (*pp).schedtick.load(Ordering::Relaxed) };
         if schedtick % 61 == 0 && sched.runqsize.load(Ordering::Relaxed) > 0 {
             let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 1);
             if !gp.is_null() {
@@ -1600,7 +1628,7 @@ pub(crate) fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) ->
 /// are still alive, they are all parked, and unless something outside the
 /// runtime wakes one, nothing ever will. Tells whoever asked
 /// (`Runtime::block_on`); the Ms go to sleep either way.
-fn checkdead(sched: &Sched) {
+pub(crate) fn checkdead(sched: &Sched) {
     {
         // The caller saw every P idle a moment ago; since then an M may
         // have taken one (the timer sleeper, or an M woken by handoffp)
@@ -1629,6 +1657,8 @@ fn checkdead(sched: &Sched) {
             // (none does now).
             unsafe {
                 (*mp).ninbox.load(Ordering::SeqCst) != 0
+                    // A goroutine in a call (crate::syscall) is running.
+                    || (*mp).insyscall.load(Ordering::SeqCst)
                     || (!(*mp).lockedg.is_null()
                         && (*(*mp).lockedg).readgstatus() == status::RUNNABLE)
             }
@@ -1726,11 +1756,13 @@ pub(crate) fn schedule() -> ! {
         }
         // SAFETY: a running scheduler M holds a P here.
         let pp = unsafe { (*mp).p };
+        // sysmon says the time slice is over (crate::sysmon): the runnext
+        // chain ends here, behind the queues. One relaxed load.
         // SAFETY: pp is ours.
-        if unsafe { (*pp).runnext_streak } >= RUNNEXT_LIMIT {
+        if unsafe { (*pp).preempt.load(Ordering::Relaxed) } {
             // SAFETY: as above; boundnext is this M's own.
             unsafe {
-                (*pp).runnext_streak = 0;
+                (*pp).preempt.store(false, Ordering::Relaxed);
                 let gp = crate::bound::boundnextget(mp);
                 if !gp.is_null() {
                     crate::bound::boundput(mp, gp, false);
@@ -1800,11 +1832,10 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
         let pp = (*mp).p;
         if !pp.is_null() {
-            if inherit_time {
-                (*pp).runnext_streak += 1;
-            } else {
-                (*pp).schedtick = (*pp).schedtick.wrapping_add(1);
-                (*pp).runnext_streak = 0;
+            if !inherit_time {
+                // Owner only: a load and a store, no read-modify-write.
+                let t = (*pp).schedtick.load(Ordering::Relaxed);
+                (*pp).schedtick.store(t.wrapping_add(1), Ordering::Relaxed);
             }
             (*pp).stats.scheduled.fetch_add(1, Ordering::Relaxed);
         }
@@ -1867,10 +1898,18 @@ pub fn gosched() {
     // Outside any goroutine: a clear panic. (On g0 `mcall` itself is a
     // named fatal error, and a G of a bare M without a scheduler is
     // stopped by gosched_m.)
+    let gp = getg();
     assert!(
-        !getg().is_null(),
+        !gp.is_null(),
         "gokernel::gosched called outside a goroutine of a gokernel runtime"
     );
+    // SAFETY: a non-null current G is live while it runs.
+    if unsafe { (*gp).atomicstatus.load(Ordering::Relaxed) } == status::SYSCALL {
+        // Inside a blocking call: out of it for the yield (crate::syscall).
+        // SAFETY: the running user G, in a call.
+        unsafe { crate::syscall::insyscall(gosched) };
+        return;
+    }
     // SAFETY: on a G of an M; gosched_m checks for a scheduler.
     unsafe { mcall(gosched_m) };
 }
@@ -1928,6 +1967,10 @@ pub unsafe fn gopark(unlockf: unsafe fn(*mut G, *mut ()) -> bool, lock: *mut ())
         // A scheduler tearing down unwinds its goroutines at their parks
         // (crate::teardown).
         crate::teardown::checkforce(gp, false);
+        if (*gp).atomicstatus.load(Ordering::Relaxed) == status::SYSCALL {
+            // Inside a blocking call: parks without a P (crate::syscall).
+            return crate::syscall::gopark_insyscall(unlockf, lock);
+        }
         let mp = (*gp).m;
         (*mp).waitunlockf = Some(unlockf);
         (*mp).waitlock = lock;
@@ -2383,10 +2426,12 @@ impl Sched {
             .map(|id| {
                 Box::into_raw(Box::new(P {
                     id: id as i32,
-                    m: null_mut(),
+                    m: AtomicPtr::new(null_mut()),
                     link: null_mut(),
-                    schedtick: 0,
-                    runnext_streak: 0,
+                    status: AtomicU32::new(crate::runtime2::PIDLE),
+                    schedtick: AtomicU32::new(0),
+                    syscalltick: AtomicU32::new(0),
+                    preempt: core::sync::atomic::AtomicBool::new(false),
                     runq: crate::runq::Runq::new(),
                     gfree: null_mut(),
                     gfreecnt: 0,
@@ -2427,6 +2472,7 @@ impl Sched {
             nmwantp: AtomicU32::new(0),
             migrate,
             teardown: crate::runtime2::TeardownBarrier::new(),
+            sysmon: crate::sysmon::Sysmon::new(procs),
         });
         {
             let mut sl = sched.lock.lock();
@@ -2536,6 +2582,7 @@ impl Sched {
     /// any other thread it goes on the global queue. This is the spawn
     /// primitive of freestanding builds; hosted code uses
     /// `Runtime`.
+    #[track_caller]
     pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         newproc(Some(self), f)
     }
@@ -2543,6 +2590,7 @@ impl Sched {
     /// [`Sched::go`] for a goroutine locked to an M of its own, as if it
     /// began with [`lock_os_thread`]: an idle M that no started goroutine
     /// is bound to, or a new one (hosted: `spawn_locked`).
+    #[track_caller]
     pub fn go_locked(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
         crate::bound::newproc_locked(Some(self), f)
     }

@@ -1,0 +1,742 @@
+//! sysmon, the scheduler's monitor (Go's `sysmon` in `proc.go`): it
+//! retakes the Ps of goroutines stuck in calls, bounds time slices, wakes
+//! an M for overdue timers, and reports goroutines that hold their P for
+//! long without a scheduling point.
+//!
+//! # Where it runs
+//!
+//! Hosted, a thread per runtime (`gokernel-sysmon`), started with the
+//! runtime's first goroutine and stopped when the runtime is dropped. It
+//! holds no P and runs no goroutine. Bare metal, [`sysmon_tick`] is the
+//! whole of it: the kernel calls it periodically — from a kernel thread or
+//! a deferred work item its timer interrupt schedules, **not** from the
+//! interrupt handler itself, since it takes the scheduler's spin locks and
+//! the interrupted code may hold them — at least every 10 ms and ideally
+//! as often as the delay it returns. Without it there are no time slices:
+//! two goroutines that keep waking each other run before the rest of their
+//! P's queue for as long as they like, and no P is retaken from a call.
+//!
+//! # One round (`sysmon_tick`)
+//!
+//! For each P, sysmon keeps what it saw last (Go's `sysmontick`): the
+//! P's `schedtick` (bumped by every `execute` that starts a time slice),
+//! its `syscalltick` (bumped by every `entersyscall`), and when each last
+//! changed.
+//!
+//! - **Retake.** A P in `PSYSCALL` whose `syscalltick` has not changed
+//!   since the last round has been in the same call for at least one round
+//!   (at least 20 µs). sysmon takes it (`PSYSCALL` → `PIDLE`, the
+//!   compare-and-swap its M's `exitsyscall` races with; see
+//!   [`crate::syscall`]) and hands it off (`handoffp`) — unless nothing
+//!   needs it: its run queue is empty, another M is spinning or a P is
+//!   idle, no M waits for a P, and the call is under 10 ms (Go's rule).
+//! - **Time slices.** A P in `PRUNNING` whose `schedtick` has not changed
+//!   for [`FORCE_PREEMPT_NS`] (10 ms) has run one goroutine, or one chain
+//!   of goroutines handing `runnext` (or `boundnext`) to each other, for
+//!   that long: sysmon sets the P's `preempt` flag. At the P's next
+//!   scheduling point `schedule` clears it and puts the chain's next
+//!   goroutine behind the queues (`runqdemote`, and `boundnext` to the
+//!   tail of the M's own queue), so whatever was waiting runs. The check
+//!   costs `schedule` one relaxed load and a compare, which replaced the
+//!   old bound on the number of hand-offs in a chain (64), which let a chain
+//!   of 1 ms hand-offs hold its P 1,000 times longer than one of 1 µs
+//!   hand-offs (Go's `TestPingPongHog`, `tests/sysmon.rs`).
+//! - **Timers.** If a timer is more than 1 ms overdue and a P is idle
+//!   with no M spinning, sysmon starts one (`wakep`), which runs it. The
+//!   timer sleeper (see [`crate::time`]) normally does this; this is the
+//!   backstop Go's sysmon also is.
+//! - **Stalls.** A P whose `schedtick` has not changed for the stall limit
+//!   (default [`STALL_DEFAULT`], `GOKERNEL_STALL`, `Builder::stall_limit`)
+//!   is reported once, hosted (see below).
+//!
+//! # Sleeping (Go's backoff)
+//!
+//! After a round that retook a P sysmon sleeps 20 µs; after 50 rounds in a
+//! row with nothing to do it doubles the sleep each round, up to 10 ms. When
+//! every P is idle it sleeps until woken (Go's `sysmonwait`): it sets
+//! `wait`, checks again that every P is idle, and sleeps on a futex word;
+//! `pidleget`, taking the first P off the idle list, sees `wait` (both
+//! sides sequentially consistent: one sees the other) and wakes it. An idle
+//! runtime therefore costs nothing (`tests/sysmon.rs` measures the process
+//! CPU time over a second of idleness), and a busy one a wake-up every
+//! 10 ms.
+//!
+//! # No asynchronous preemption hosted
+//!
+//! Go preempts a goroutine that runs 10 ms without a scheduling point by
+//! a signal (`SIGURG`) whose handler switches it out wherever it is: Go's
+//! compiler records, at every instruction, what the garbage collector and
+//! the scheduler need to stop there, and Go's runtime is written so that
+//! interrupting it anywhere is safe. Rust code has no such points. A
+//! goroutine interrupted at an arbitrary instruction may be inside
+//! `malloc` (holding its arena lock) or in the middle of updating a
+//! thread-local (a `RefCell` borrow, std's panic count, a thread cache);
+//! switching another goroutine of the same thread in there would re-enter
+//! that non-reentrant code, and a bound goroutine cannot be moved to
+//! another thread instead. So hosted gokernel bounds time slices only at
+//! scheduling points (the `preempt` flag above), reports goroutines that
+//! have none for long (the stall detector), and gives programs
+//! [`blocking`](crate::blocking) for calls that would hold a P. Bare metal,
+//! a kernel controls what interrupted code may hold and can opt into
+//! preemption from its timer interrupt (not built yet: issue 13, item 4).
+//!
+//! # The stall detector (hosted)
+//!
+//! A goroutine that runs past the stall limit without a scheduling point is
+//! reported once on stderr: its id, where it was started (the
+//! `#[track_caller]` location of its `go` / `spawn`), for how long, and a
+//! backtrace of where it is. sysmon sends its thread `SIGURG` (as Go's
+//! preemption does). The handler only does async-signal-safe work: it reads
+//! its own thread's current G (goid, start location), and walks the stack
+//! with libgcc's unwinder (`_Unwind_Backtrace`, the one panics use) into a
+//! fixed array — no allocation, no lock of ours — but only when the
+//! interrupted instruction is in the program's own code: interrupted
+//! inside a shared library (the C library's `malloc`, the unwinder itself,
+//! the dynamic loader) it records that one address and does not unwind,
+//! since those may hold the locks the unwinder takes. sysmon then prints
+//! the addresses, naming the ones the dynamic linker knows (`dladdr`) and
+//! giving the others as offsets in the executable (`addr2line -Cfe
+//! <program> <offset>` names them). The goroutine is not touched: the
+//! handler returns to where it was (`SA_RESTART`, so an interrupted system
+//! call resumes). Bare metal there is nowhere to print and no signal: the
+//! stall detector is off.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crate::runq::runqempty;
+use crate::runtime2::{PIDLE, PRUNNING, PSYSCALL, Sched};
+
+/// How long one time slice may last before sysmon asks its P to end it
+/// (Go's `forcePreemptNS`): 10 ms.
+pub const FORCE_PREEMPT_NS: u64 = 10_000_000;
+
+/// sysmon's shortest sleep between rounds (Go's 20 µs).
+pub const SYSMON_MIN_DELAY_NS: u64 = 20_000;
+
+/// sysmon's longest sleep between rounds while some P is busy (Go's 10 ms).
+pub const SYSMON_MAX_DELAY_NS: u64 = 10_000_000;
+
+/// The default stall limit: a goroutine reported for running this long
+/// without a scheduling point, 1 s. Long enough that compute-bound
+/// goroutines doing deliberate work in slices of a few hundred
+/// milliseconds, on a loaded machine, are not reported; short enough to
+/// name the culprit long before anyone attaches a debugger to a program
+/// that looks hung. A hundred times Go's time slice: every goroutine that
+/// trips it has held up the others on its thread for a hundred slices.
+pub const STALL_DEFAULT_MS: u64 = 1000;
+
+/// [`STALL_DEFAULT_MS`] as a `Duration`.
+pub const STALL_DEFAULT: core::time::Duration = core::time::Duration::from_millis(STALL_DEFAULT_MS);
+
+/// What sysmon saw of one P last time (Go's `sysmontick`).
+#[derive(Clone, Copy, Default)]
+struct PRecord {
+    schedtick: u32,
+    schedwhen: u64,
+    syscalltick: u32,
+    syscallwhen: u64,
+    /// This time slice was reported as a stall already.
+    stalled: bool,
+}
+
+/// sysmon's state, kept in the scheduler (`Sched::sysmon`).
+pub(crate) struct Sysmon {
+    /// sysmon sleeps until the first P leaves the idle list (Go's
+    /// `sysmonwait`).
+    wait: AtomicBool,
+    /// The futex word sysmon sleeps on; bumped to wake it.
+    pub(crate) note: AtomicU32,
+    /// The stall limit in nanoseconds; 0: off.
+    pub(crate) stall_ns: AtomicU64,
+    /// Records and backoff, sysmon's own (a lock only so that two callers of
+    /// `sysmon_tick` cannot overlap).
+    state: spin::Mutex<State>,
+}
+
+struct State {
+    recs: alloc::vec::Vec<PRecord>,
+    /// Rounds in a row that did nothing.
+    idle: u32,
+    /// The current sleep.
+    delay: u64,
+    /// Woken from a deep sleep: the records are stale.
+    stale: bool,
+}
+
+impl Sysmon {
+    pub(crate) fn new(procs: usize) -> Sysmon {
+        Sysmon {
+            wait: AtomicBool::new(false),
+            note: AtomicU32::new(0),
+            stall_ns: AtomicU64::new(0),
+            state: spin::Mutex::new(State {
+                recs: alloc::vec![PRecord::default(); procs],
+                idle: 0,
+                delay: SYSMON_MIN_DELAY_NS,
+                stale: true,
+            }),
+        }
+    }
+}
+
+/// Wakes sysmon if it sleeps until a P leaves the idle list. Called by
+/// `pidleget` after its SeqCst decrement of `npidle`.
+#[inline]
+pub(crate) fn wakeifwaiting(sched: &Sched) {
+    // SeqCst: after pidleget's SeqCst npidle decrement; pairs with
+    // sysmon's store of `wait` followed by its load of npidle.
+    if sched.sysmon.wait.load(Ordering::SeqCst) {
+        wakeup(sched);
+    }
+}
+
+#[cold]
+fn wakeup(sched: &Sched) {
+    if sched.sysmon.wait.swap(false, Ordering::SeqCst) {
+        sched.sysmon.note.fetch_add(1, Ordering::SeqCst);
+        sched.platform.futexwakeup(&sched.sysmon.note, 1);
+    }
+}
+
+/// One round of sysmon for `sched`: retakes Ps from long calls, ends long
+/// time slices, starts an M for overdue timers, reports stalls (hosted).
+/// Returns how long to wait before the next round, in nanoseconds, or
+/// `None` when every P is idle: then nothing needs watching until a P
+/// leaves the idle list.
+///
+/// Hosted runtimes run it on a thread of their own; a kernel calls it from
+/// its timer tick's deferred work (see the module docs for where it must
+/// not be called). Two overlapping calls are harmless: the second returns
+/// at once.
+///
+/// # Example
+///
+/// ```
+/// use gokernel::platform::hosted::HOSTED;
+/// use gokernel::runtime2::Sched;
+///
+/// let sched = Sched::new(2, gokernel::stack::STACK_MIN, &HOSTED);
+/// // Every P is idle: nothing to watch until one is taken.
+/// assert_eq!(gokernel::sysmon::sysmon_tick(&sched), None);
+/// ```
+pub fn sysmon_tick(sched: &Sched) -> Option<u64> {
+    let Some(mut st) = sched.sysmon.state.try_lock() else {
+        return Some(SYSMON_MIN_DELAY_NS);
+    };
+    let procs = sched.allp.len() as u32;
+    let now = sched.platform.nanotime();
+    if sched.npidle.load(Ordering::SeqCst) == procs {
+        // Go's sysmonwait: sleep until the first P is taken. SeqCst store
+        // then load, pairing with pidleget's decrement then load.
+        sched.sysmon.wait.store(true, Ordering::SeqCst);
+        if sched.npidle.load(Ordering::SeqCst) == procs {
+            st.stale = true;
+            return None;
+        }
+        sched.sysmon.wait.store(false, Ordering::SeqCst);
+    }
+    if st.stale {
+        st.stale = false;
+        for r in st.recs.iter_mut() {
+            *r = PRecord {
+                schedwhen: now,
+                syscallwhen: now,
+                ..*r
+            };
+        }
+    }
+    let n = retake(sched, &mut st, now);
+    // Overdue timers with a P idle and nobody looking: start an M.
+    let next = crate::time::timesleepuntil(sched);
+    if next != 0
+        && next.saturating_add(1_000_000) < now
+        && sched.npidle.load(Ordering::SeqCst) != 0
+        && sched.nmspinning.load(Ordering::SeqCst) == 0
+    {
+        crate::proc::wakep(sched);
+    }
+    if n != 0 {
+        st.idle = 0;
+        st.delay = SYSMON_MIN_DELAY_NS;
+    } else {
+        st.idle += 1;
+        if st.idle > 50 {
+            st.delay = (st.delay * 2).min(SYSMON_MAX_DELAY_NS);
+        }
+    }
+    Some(st.delay)
+}
+
+/// Go's `retake`: the per-P part of a round. Returns the Ps retaken.
+fn retake(sched: &Sched, st: &mut State, now: u64) -> u32 {
+    let mut n = 0;
+    let stall_ns = sched.sysmon.stall_ns.load(Ordering::Relaxed);
+    for (i, &pp) in sched.allp.iter().enumerate() {
+        let rec = &mut st.recs[i];
+        // SAFETY: Ps live as long as their scheduler; only atomics (and
+        // the atomic run queue) are read.
+        let (status, schedtick, syscalltick) = unsafe {
+            (
+                (*pp).status.load(Ordering::Acquire),
+                (*pp).schedtick.load(Ordering::Relaxed),
+                (*pp).syscalltick.load(Ordering::Relaxed),
+            )
+        };
+        if status == PIDLE {
+            rec.schedwhen = now;
+            rec.stalled = false;
+            continue;
+        }
+        if rec.schedtick != schedtick {
+            rec.schedtick = schedtick;
+            rec.schedwhen = now;
+            rec.stalled = false;
+        } else if status == PRUNNING {
+            let ran = now.saturating_sub(rec.schedwhen);
+            if ran >= FORCE_PREEMPT_NS {
+                // SAFETY: as above.
+                let flag = unsafe { &(*pp).preempt };
+                if !flag.load(Ordering::Relaxed) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
+            if stall_ns != 0 && ran >= stall_ns && !rec.stalled {
+                rec.stalled = true;
+                #[cfg(feature = "std")]
+                stall::report(sched, pp, ran);
+            }
+        }
+        if status != PSYSCALL {
+            continue;
+        }
+        if rec.syscalltick != syscalltick {
+            rec.syscalltick = syscalltick;
+            rec.syscallwhen = now;
+            continue;
+        }
+        // Nothing wants the P and the call is short: leave it (Go's rule,
+        // and no M waits for a P to run its own goroutines).
+        // SAFETY: as above.
+        if runqempty(unsafe { &(*pp).runq })
+            && sched.nmspinning.load(Ordering::SeqCst) + sched.npidle.load(Ordering::SeqCst) > 0
+            && sched.nmwantp.load(Ordering::Relaxed) == 0
+            && now.saturating_sub(rec.syscallwhen) < FORCE_PREEMPT_NS
+        {
+            continue;
+        }
+        // SAFETY: as above. The compare-and-swap its M's exitsyscall races
+        // with: whoever wins owns the P (crate::syscall).
+        let won = unsafe {
+            (*pp)
+                .status
+                .compare_exchange(PSYSCALL, PIDLE, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        };
+        if won {
+            n += 1;
+            if crate::proc::handoffp(sched, pp) {
+                crate::proc::checkdead(sched);
+            }
+        }
+    }
+    n
+}
+
+/// Sets the stall limit of `sched`: `None` (or zero) turns the stall
+/// detector off. Hosted runtimes take it from `Builder::stall_limit` or
+/// `GOKERNEL_STALL`; bare metal it has no effect (nothing to print on).
+pub fn set_stall_limit(sched: &Sched, limit: Option<core::time::Duration>) {
+    let ns = limit.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    sched.sysmon.stall_ns.store(ns, Ordering::Relaxed);
+}
+
+// ---------------------------------------------------------------------
+// Hosted: the sysmon thread.
+
+/// The hosted sysmon thread of one runtime.
+#[cfg(feature = "std")]
+pub(crate) struct SysmonThread {
+    sched: alloc::sync::Arc<Sched>,
+    stop: alloc::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(feature = "std")]
+impl SysmonThread {
+    /// Starts sysmon for `sched`.
+    pub(crate) fn start(sched: alloc::sync::Arc<Sched>) -> SysmonThread {
+        if sched.sysmon.stall_ns.load(Ordering::Relaxed) != 0 {
+            stall::init();
+        }
+        let stop = alloc::sync::Arc::new(AtomicBool::new(false));
+        let (s, st) = (sched.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("gokernel-sysmon".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let note = &s.sysmon.note;
+                loop {
+                    // SeqCst, before the round: a wake-up after this read
+                    // makes the sleep below return at once.
+                    let seen = note.load(Ordering::SeqCst);
+                    if st.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let delay = sysmon_tick(&s);
+                    s.platform.futexsleep(note, seen, delay);
+                }
+            })
+            .expect("gokernel: cannot start the sysmon thread");
+        SysmonThread {
+            sched,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl Drop for SysmonThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let note = &self.sched.sysmon.note;
+        note.fetch_add(1, Ordering::SeqCst);
+        self.sched.platform.futexwakeup(note, 1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+mod stall {
+    //! The stall report: a `SIGURG` to the stalled thread, whose handler
+    //! records where it is (module docs of `sysmon`).
+
+    use core::ffi::{c_int, c_void};
+    use core::mem::MaybeUninit;
+    use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+    use crate::runtime2::{P, Sched};
+
+    /// The most frames a report shows.
+    const MAXFRAMES: usize = 64;
+
+    const FREE: u32 = 0;
+    const ASKED: u32 = 1;
+    /// sysmon is filling in the request.
+    const PREP: u32 = 4;
+    const TAKING: u32 = 2;
+    const TAKEN: u32 = 3;
+
+    /// The one request in flight (sysmons of several runtimes take turns).
+    struct Req {
+        state: AtomicU32,
+        tid: AtomicI32,
+        goid: AtomicU64,
+        loc: AtomicPtr<core::panic::Location<'static>>,
+        pc: AtomicUsize,
+        unwound: AtomicU32,
+        n: AtomicUsize,
+        ips: [AtomicUsize; MAXFRAMES],
+    }
+
+    static REQ: Req = Req {
+        state: AtomicU32::new(FREE),
+        tid: AtomicI32::new(0),
+        goid: AtomicU64::new(0),
+        loc: AtomicPtr::new(core::ptr::null_mut()),
+        pc: AtomicUsize::new(0),
+        unwound: AtomicU32::new(0),
+        n: AtomicUsize::new(0),
+        ips: [const { AtomicUsize::new(0) }; MAXFRAMES],
+    };
+
+    /// The program's own code: `[lo, hi)` of the main executable's
+    /// executable segments.
+    static EXE_LO: AtomicUsize = AtomicUsize::new(0);
+    static EXE_HI: AtomicUsize = AtomicUsize::new(0);
+    static EXE_BASE: AtomicUsize = AtomicUsize::new(0);
+
+    struct OldAction(libc::sigaction);
+    // SAFETY: written once inside `Once::call_once`, read-only afterwards.
+    unsafe impl Sync for OldAction {}
+    // SAFETY: plain C data.
+    unsafe impl Send for OldAction {}
+    static OLD: spin::Once<OldAction> = spin::Once::new();
+
+    unsafe extern "C" {
+        fn _Unwind_Backtrace(
+            trace: unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int,
+            arg: *mut c_void,
+        ) -> c_int;
+        fn _Unwind_GetIP(ctx: *mut c_void) -> usize;
+    }
+
+    /// Installs the `SIGURG` handler and finds the executable's code, once.
+    pub(super) fn init() {
+        OLD.call_once(|| {
+            // SAFETY: dl_iterate_phdr calls `phdr` with valid entries; the
+            // first is the main program.
+            unsafe { libc::dl_iterate_phdr(Some(phdr), core::ptr::null_mut()) };
+            // SAFETY: sigaction with a zeroed struct filled in as the
+            // manual says; the old action is kept for chaining.
+            unsafe {
+                let mut old: libc::sigaction = MaybeUninit::zeroed().assume_init();
+                let mut sa: libc::sigaction = MaybeUninit::zeroed().assume_init();
+                sa.sa_sigaction = handler as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(libc::SIGURG, &sa, &mut old);
+                OldAction(old)
+            }
+        });
+    }
+
+    /// `dl_iterate_phdr`'s callback: records the main program's code.
+    unsafe extern "C" fn phdr(info: *mut libc::dl_phdr_info, _size: usize, _: *mut c_void) -> c_int {
+        // SAFETY: the loader passes a valid entry; the first one (the only
+        // one we look at) is the main program.
+        unsafe {
+            let info = &*info;
+            let base = info.dlpi_addr as usize;
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for i in 0..info.dlpi_phnum as usize {
+                let ph = &*info.dlpi_phdr.add(i);
+                if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                    lo = lo.min(base + ph.p_vaddr as usize);
+                    hi = hi.max(base + (ph.p_vaddr + ph.p_memsz) as usize);
+                }
+            }
+            if hi > lo {
+                EXE_LO.store(lo, Ordering::Relaxed);
+                EXE_HI.store(hi, Ordering::Relaxed);
+                EXE_BASE.store(base, Ordering::Relaxed);
+            }
+        }
+        1 // the first object only
+    }
+
+    fn gettid() -> i32 {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    }
+
+    /// `_Unwind_Backtrace`'s callback: one frame into the request.
+    unsafe extern "C" fn frame(ctx: *mut c_void, _: *mut c_void) -> c_int {
+        // SAFETY: ctx is the unwinder's context for this frame.
+        let ip = unsafe { _Unwind_GetIP(ctx) };
+        let n = REQ.n.load(Ordering::Relaxed);
+        if n >= MAXFRAMES || ip == 0 {
+            return 5; // _URC_END_OF_STACK: stop
+        }
+        REQ.ips[n].store(ip, Ordering::Relaxed);
+        REQ.n.store(n + 1, Ordering::Relaxed);
+        0 // _URC_NO_REASON: go on
+    }
+
+    /// The `SIGURG` handler. Async-signal-safe: atomics, its own thread's
+    /// current G, `_Unwind_Backtrace` only from the program's own code,
+    /// a futex wake.
+    unsafe extern "C" fn handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+        let ours = REQ.state.load(Ordering::Acquire) == ASKED
+            && REQ.tid.load(Ordering::Relaxed) == gettid()
+            && REQ
+                .state
+                .compare_exchange(ASKED, TAKING, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok();
+        if !ours {
+            // Someone else's SIGURG: the handler that was there before.
+            if let Some(old) = OLD.get() {
+                let h = old.0.sa_sigaction;
+                if h != libc::SIG_DFL && h != libc::SIG_IGN {
+                    if old.0.sa_flags & libc::SA_SIGINFO != 0 {
+                        // SAFETY: a handler the program installed for this
+                        // signal, called as it asked to be.
+                        let f: unsafe extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
+                            unsafe { core::mem::transmute(h) };
+                        // SAFETY: as above.
+                        unsafe { f(sig, info, ctx) };
+                    } else {
+                        // SAFETY: as above.
+                        let f: unsafe extern "C" fn(c_int) = unsafe { core::mem::transmute(h) };
+                        // SAFETY: as above.
+                        unsafe { f(sig) };
+                    }
+                }
+            }
+            return;
+        }
+        // The current G of this thread: a user G if its M runs it.
+        let gp = crate::tls::getg();
+        // SAFETY: this thread's own current G and M, which the code we
+        // interrupted does not change while it runs on them (a switch
+        // would have been a scheduling point).
+        let (goid, loc) = unsafe {
+            if !gp.is_null() && !(*gp).m.is_null() && (*(*gp).m).curg == gp {
+                ((*gp).goid, (*gp).spawnloc)
+            } else {
+                (0, None)
+            }
+        };
+        REQ.goid.store(goid, Ordering::Relaxed);
+        REQ.loc.store(
+            loc.map_or(core::ptr::null_mut(), |l| {
+                l as *const core::panic::Location<'static> as *mut _
+            }),
+            Ordering::Relaxed,
+        );
+        // SAFETY: the kernel passes a ucontext_t for SA_SIGINFO handlers.
+        let pc = unsafe {
+            (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] as usize
+        };
+        REQ.pc.store(pc, Ordering::Relaxed);
+        REQ.n.store(0, Ordering::Relaxed);
+        let inexe = pc >= EXE_LO.load(Ordering::Relaxed) && pc < EXE_HI.load(Ordering::Relaxed);
+        if inexe {
+            // SAFETY: the interrupted code is the program's own, so it holds
+            // none of the unwinder's or the loader's locks (those live in
+            // shared libraries); the callback writes only atomics.
+            unsafe { _Unwind_Backtrace(frame, core::ptr::null_mut()) };
+        }
+        REQ.unwound.store(inexe as u32, Ordering::Relaxed);
+        REQ.state.store(TAKEN, Ordering::Release);
+        // SAFETY: FUTEX_WAKE only uses the address as a key.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                REQ.state.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            )
+        };
+    }
+
+    /// Reports the stall on P `pp` (its time slice has lasted `ran` ns).
+    pub(super) fn report(sched: &Sched, pp: *mut P, ran: u64) {
+        // SAFETY: Ps and Ms live as long as their scheduler; only atomics
+        // and the immutable ids are read.
+        let (pid, mp) = unsafe { ((*pp).id, (*pp).m.load(Ordering::Relaxed)) };
+        if mp.is_null() || OLD.get().is_none() {
+            return;
+        }
+        // SAFETY: as above.
+        let (mid, tid) = unsafe { ((*mp).id, (*mp).procid.load(Ordering::Relaxed)) };
+        if tid == 0 {
+            return;
+        }
+        if REQ
+            .state
+            .compare_exchange(FREE, PREP, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return; // another runtime's report is in flight
+        }
+        REQ.tid.store(tid, Ordering::Relaxed);
+        // Publish the request (SeqCst store) before the signal.
+        REQ.state.store(ASKED, Ordering::SeqCst);
+        // SAFETY: tgkill to a thread of this process.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGURG) };
+        let deadline = sched.platform.nanotime() + 200_000_000;
+        loop {
+            let s = REQ.state.load(Ordering::Acquire);
+            if s == TAKEN {
+                break;
+            }
+            let now = sched.platform.nanotime();
+            if now >= deadline {
+                // The thread did not answer (it blocks SIGURG?): withdraw.
+                if REQ
+                    .state
+                    .compare_exchange(ASKED, FREE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    print(&std::format!(
+                        "gokernel: P {pid} (thread gokernel-m{mid}) has run one goroutine for {} ms without a scheduling point; its thread did not answer SIGURG\n",
+                        ran / 1_000_000
+                    ));
+                    return;
+                }
+                continue; // it is taking the backtrace right now
+            }
+            sched.platform.futexsleep(&REQ.state, s, Some(deadline - now));
+        }
+        let goid = REQ.goid.load(Ordering::Relaxed);
+        let loc = REQ.loc.load(Ordering::Relaxed);
+        let pc = REQ.pc.load(Ordering::Relaxed);
+        let unwound = REQ.unwound.load(Ordering::Relaxed) != 0;
+        let n = REQ.n.load(Ordering::Relaxed);
+        let ips: alloc::vec::Vec<usize> =
+            (0..n).map(|i| REQ.ips[i].load(Ordering::Relaxed)).collect();
+        REQ.state.store(FREE, Ordering::Release);
+        use core::fmt::Write;
+        let mut out = alloc::string::String::new();
+        let ms = ran / 1_000_000;
+        if goid == 0 {
+            let _ = writeln!(
+                out,
+                "gokernel: P {pid} (thread gokernel-m{mid}) has spent {ms} ms in the scheduler without running a goroutine (a long timer callback?)"
+            );
+        } else {
+            let _ = write!(
+                out,
+                "gokernel: goroutine {goid} has run for {ms} ms without a scheduling point, holding P {pid} on thread gokernel-m{mid}"
+            );
+            if !loc.is_null() {
+                // SAFETY: a &'static Location stored by the handler.
+                let l = unsafe { &*loc };
+                let _ = write!(out, "; started at {}:{}:{}", l.file(), l.line(), l.column());
+            }
+            let _ = writeln!(out);
+            let _ = writeln!(out, "goroutine {goid} [running]:");
+        }
+        // From the interrupted frame outwards (the handler's own frames and
+        // the signal trampoline come first).
+        let start = ips.iter().position(|&ip| ip == pc).unwrap_or(0);
+        let frames: &[usize] = if unwound && !ips.is_empty() {
+            &ips[start..]
+        } else {
+            core::slice::from_ref(&pc)
+        };
+        for (i, &ip) in frames.iter().enumerate() {
+            let _ = writeln!(out, "  {i:2}: {}", describe(ip));
+        }
+        if !unwound {
+            let _ = writeln!(
+                out,
+                "  (stopped in a shared library: only the innermost frame is shown)"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "gokernel: reported once; the goroutine goes on. A call that blocks belongs in gokernel::blocking; \
+             long computations should yield (gosched). GOKERNEL_STALL=<ms>|off sets the limit."
+        );
+        print(&out);
+    }
+
+    /// `ip` as `symbol+0xoff` when the dynamic linker knows it, else as an
+    /// offset in the executable (for `addr2line -Cfe <program>`).
+    fn describe(ip: usize) -> alloc::string::String {
+        // SAFETY: dladdr only reads the loader's tables; `info` is written
+        // by it.
+        unsafe {
+            let mut info: libc::Dl_info = MaybeUninit::zeroed().assume_init();
+            if libc::dladdr(ip as *const c_void, &mut info) != 0 && !info.dli_sname.is_null() {
+                let name = core::ffi::CStr::from_ptr(info.dli_sname).to_string_lossy();
+                return std::format!("{ip:#x} {name}+{:#x}", ip - info.dli_saddr as usize);
+            }
+        }
+        let (lo, hi) = (EXE_LO.load(Ordering::Relaxed), EXE_HI.load(Ordering::Relaxed));
+        if ip >= lo && ip < hi {
+            std::format!("{ip:#x} (exe+{:#x})", ip - EXE_BASE.load(Ordering::Relaxed))
+        } else {
+            std::format!("{ip:#x}")
+        }
+    }
+
+    fn print(s: &str) {
+        // One write; a closed stderr is not our business.
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), s.as_bytes());
+    }
+}
