@@ -41,8 +41,8 @@
 /* Struct sizes. */
 #define SIZEOF_STACK 16  /* sizeof(Stack) */
 #define SIZEOF_GOBUF 80  /* sizeof(Gobuf) */
-#define SIZEOF_G 264     /* sizeof(G) */
-#define SIZEOF_M 208     /* sizeof(M) */
-#define SIZEOF_P 2200    /* sizeof(P) */
+#define SIZEOF_G 272     /* sizeof(G) */
+#define SIZEOF_M 224     /* sizeof(M) */
+#define SIZEOF_P 2208    /* sizeof(P) */
 
 #endif /* GOKERNEL_OFFSETS_H */

@@ -513,7 +513,9 @@ pub unsafe fn mstart0(mp: *mut M) {
     #[cfg(feature = "std")]
     // SAFETY: gettid takes no arguments and cannot fail; mp is live.
     unsafe {
-        (*mp).procid.store(libc::syscall(libc::SYS_gettid) as i32, Ordering::Relaxed)
+        (*mp)
+            .procid
+            .store(libc::syscall(libc::SYS_gettid) as i32, Ordering::Relaxed)
     };
     // SAFETY: mp is an M of a live scheduler; this thread now runs it.
     unsafe {
@@ -994,7 +996,9 @@ pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
         (*mp).p = pp;
         // Relaxed: read by sysmon only, to find the P's thread.
         (*pp).m.store(mp, Ordering::Relaxed);
-        (*pp).status.store(crate::runtime2::PRUNNING, Ordering::Relaxed);
+        (*pp)
+            .status
+            .store(crate::runtime2::PRUNNING, Ordering::Relaxed);
         let rt = (*mp).rt;
         // Only while Ms wait for a P is the clock read at all.
         if !rt.is_null() && (*rt).nmwantp.load(Ordering::Relaxed) != 0 {
@@ -1057,7 +1061,9 @@ pub(crate) fn pidleput(sl: &mut SchedLocked, sched: &Sched, pp: *mut P) {
     // SAFETY: pp was just released by its M; the lock guards the list.
     unsafe {
         (*pp).link = sl.pidle;
-        (*pp).status.store(crate::runtime2::PIDLE, Ordering::Relaxed);
+        (*pp)
+            .status
+            .store(crate::runtime2::PIDLE, Ordering::Relaxed);
     }
     sl.pidle = pp;
     sched.npidle.fetch_add(1, Ordering::SeqCst);

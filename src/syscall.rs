@@ -94,8 +94,7 @@ fn callable_g() -> *mut G {
     }
     // SAFETY: a user G of a scheduler M: its M is live and this thread's.
     unsafe {
-        if (*gp).atomicstatus.load(Ordering::Relaxed) != status::RUNNING || (*(*gp).m).p.is_null()
-        {
+        if (*gp).atomicstatus.load(Ordering::Relaxed) != status::RUNNING || (*(*gp).m).p.is_null() {
             return null_mut();
         }
     }
@@ -265,37 +264,34 @@ unsafe extern "C" fn exitsyscall0(gp: *mut G) {
             crate::proc::schedule();
         }
         // Bound: wait for a P with the G, on mwantp.
-        loop {
-            {
-                let mut sl = sched.lock.lock();
-                if sched.stopping.load(Ordering::SeqCst) {
-                    (*mp).insyscall.store(false, Ordering::SeqCst);
-                    drop(sl);
-                    // The G is runnable and bound here: the teardown
-                    // resumes it to unwind.
-                    crate::teardown::mexit(sched, mp);
-                }
-                // SeqCst store before takep_or_wait, as its contract asks
-                // (the G, our own, is runnable).
-                (*mp).sleeping.store(crate::bound::IDLE, Ordering::SeqCst);
-                let got = crate::bound::takep_or_wait(&mut sl, sched, mp);
-                // Under the lock: we hold a P or wait on mwantp, which no
-                // idle P coexists with, so checkdead cannot fire for us.
+        let got = {
+            let mut sl = sched.lock.lock();
+            if sched.stopping.load(Ordering::SeqCst) {
                 (*mp).insyscall.store(false, Ordering::SeqCst);
-                if got {
-                    break;
-                }
+                drop(sl);
+                // The G is runnable and bound here: the teardown resumes
+                // it to unwind.
+                crate::teardown::mexit(sched, mp);
             }
+            // SeqCst store before takep_or_wait, as its contract asks (the
+            // G, our own, is runnable).
+            (*mp).sleeping.store(crate::bound::IDLE, Ordering::SeqCst);
+            let got = crate::bound::takep_or_wait(&mut sl, sched, mp);
+            // Under the lock: we hold a P or wait on mwantp, which no idle
+            // P coexists with, so checkdead cannot fire for us.
+            (*mp).insyscall.store(false, Ordering::SeqCst);
+            got
+        };
+        if !got {
+            // Whoever takes us off mwantp sets nextp first (shutdown: null).
             crate::lock_futex::notesleep(sched.platform, &(*mp).park);
             crate::lock_futex::noteclear(&(*mp).park);
             (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
             let pp = core::mem::replace(&mut (*mp).nextp, null_mut());
             if pp.is_null() {
-                // Woken by shutdown.
                 crate::teardown::mexit(sched, mp);
             }
             acquirep(mp, pp);
-            break;
         }
         execute_on(mp, gp, false)
     }

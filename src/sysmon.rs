@@ -93,10 +93,15 @@
 //! interrupted instruction is in the program's own code: interrupted
 //! inside a shared library (the C library's `malloc`, the unwinder itself,
 //! the dynamic loader) it records that one address and does not unwind,
-//! since those may hold the locks the unwinder takes. sysmon then prints
-//! the addresses, naming the ones the dynamic linker knows (`dladdr`) and
-//! giving the others as offsets in the executable (`addr2line -Cfe
-//! <program> <offset>` names them). The goroutine is not touched: the
+//! since those may hold the locks the unwinder takes. (Capturing a
+//! `std::backtrace::Backtrace` in the handler would allocate and take
+//! std's backtrace lock: a goroutine stopped inside `malloc` or inside a
+//! backtrace of its own would deadlock.) sysmon, an ordinary thread, then
+//! names the addresses: from the executable's symbol table (`.symtab`,
+//! read from `/proc/self/exe` on the first report, Rust's legacy mangling
+//! undone), from the dynamic linker's tables (`dladdr`), or, stripped, as
+//! offsets in the executable for `addr2line -Cfe <program>`. The
+//! goroutine is not touched: the
 //! handler returns to where it was (`SA_RESTART`, so an interrupted system
 //! call resumes). Bare metal there is nowhere to print and no signal: the
 //! stall detector is off.
@@ -494,7 +499,15 @@ mod stall {
     }
 
     /// `dl_iterate_phdr`'s callback: records the main program's code.
-    unsafe extern "C" fn phdr(info: *mut libc::dl_phdr_info, _size: usize, _: *mut c_void) -> c_int {
+    ///
+    /// # Safety
+    ///
+    /// Only `dl_iterate_phdr` calls it, with a valid entry.
+    unsafe extern "C" fn phdr(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        _: *mut c_void,
+    ) -> c_int {
         // SAFETY: the loader passes a valid entry; the first one (the only
         // one we look at) is the main program.
         unsafe {
@@ -523,6 +536,10 @@ mod stall {
     }
 
     /// `_Unwind_Backtrace`'s callback: one frame into the request.
+    ///
+    /// # Safety
+    ///
+    /// Only `_Unwind_Backtrace` calls it, with its context for a frame.
     unsafe extern "C" fn frame(ctx: *mut c_void, _: *mut c_void) -> c_int {
         // SAFETY: ctx is the unwinder's context for this frame.
         let ip = unsafe { _Unwind_GetIP(ctx) };
@@ -538,6 +555,11 @@ mod stall {
     /// The `SIGURG` handler. Async-signal-safe: atomics, its own thread's
     /// current G, `_Unwind_Backtrace` only from the program's own code,
     /// a futex wake.
+    ///
+    /// # Safety
+    ///
+    /// Only the kernel calls it, as an `SA_SIGINFO` handler: `ctx` is the
+    /// interrupted thread's `ucontext_t`.
     unsafe extern "C" fn handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
         let ours = REQ.state.load(Ordering::Acquire) == ASKED
             && REQ.tid.load(Ordering::Relaxed) == gettid()
@@ -659,7 +681,9 @@ mod stall {
                 }
                 continue; // it is taking the backtrace right now
             }
-            sched.platform.futexsleep(&REQ.state, s, Some(deadline - now));
+            sched
+                .platform
+                .futexsleep(&REQ.state, s, Some(deadline - now));
         }
         let goid = REQ.goid.load(Ordering::Relaxed);
         let loc = REQ.loc.load(Ordering::Relaxed);
@@ -699,7 +723,9 @@ mod stall {
             core::slice::from_ref(&pc)
         };
         for (i, &ip) in frames.iter().enumerate() {
-            let _ = writeln!(out, "  {i:2}: {}", describe(ip));
+            // The first is where the thread was interrupted; the others
+            // are return addresses.
+            let _ = writeln!(out, "  {i:2}: {}", describe(ip, i > 0));
         }
         if !unwound {
             let _ = writeln!(
@@ -715,9 +741,28 @@ mod stall {
         print(&out);
     }
 
-    /// `ip` as `symbol+0xoff` when the dynamic linker knows it, else as an
-    /// offset in the executable (for `addr2line -Cfe <program>`).
-    fn describe(ip: usize) -> alloc::string::String {
+    /// `ip` as `function+0xoff`: from the executable's symbol table
+    /// (`.symtab`, read from `/proc/self/exe` on the first report) or from
+    /// the dynamic linker's tables (`dladdr`); else as an offset in the
+    /// executable (for `addr2line -Cfe <program>`). `ret`: a return
+    /// address (looked up one byte back, inside the call).
+    fn describe(ip: usize, ret: bool) -> alloc::string::String {
+        let (lo, hi) = (
+            EXE_LO.load(Ordering::Relaxed),
+            EXE_HI.load(Ordering::Relaxed),
+        );
+        let base = EXE_BASE.load(Ordering::Relaxed);
+        if ip >= lo && ip < hi {
+            let at = ip - base - usize::from(ret);
+            let syms = SYMS.call_once(|| symtab().unwrap_or_default());
+            let i = syms.partition_point(|s| s.0 <= at);
+            if i > 0 {
+                let (start, size, name) = &syms[i - 1];
+                if at < start + size.max(&1) {
+                    return std::format!("{ip:#x} {}+{:#x}", demangle(name), ip - base - start);
+                }
+            }
+        }
         // SAFETY: dladdr only reads the loader's tables; `info` is written
         // by it.
         unsafe {
@@ -727,12 +772,142 @@ mod stall {
                 return std::format!("{ip:#x} {name}+{:#x}", ip - info.dli_saddr as usize);
             }
         }
-        let (lo, hi) = (EXE_LO.load(Ordering::Relaxed), EXE_HI.load(Ordering::Relaxed));
+        let (lo, hi) = (
+            EXE_LO.load(Ordering::Relaxed),
+            EXE_HI.load(Ordering::Relaxed),
+        );
         if ip >= lo && ip < hi {
-            std::format!("{ip:#x} (exe+{:#x})", ip - EXE_BASE.load(Ordering::Relaxed))
+            std::format!("{ip:#x} (exe+{:#x})", ip - base)
         } else {
             std::format!("{ip:#x}")
         }
+    }
+
+    /// The executable's functions: (start, size, mangled name), by start
+    /// (offsets from the load base).
+    static SYMS: spin::Once<alloc::vec::Vec<(usize, usize, alloc::string::String)>> =
+        spin::Once::new();
+
+    /// Reads the function symbols of `/proc/self/exe` (ELF64, little
+    /// endian), or `None` if it has no `.symtab` (stripped) or cannot be
+    /// read.
+    fn symtab() -> Option<alloc::vec::Vec<(usize, usize, alloc::string::String)>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open("/proc/self/exe").ok()?;
+        let mut read_at = |off: u64, len: usize| -> Option<alloc::vec::Vec<u8>> {
+            let mut buf = alloc::vec![0u8; len];
+            f.seek(SeekFrom::Start(off)).ok()?;
+            f.read_exact(&mut buf).ok()?;
+            Some(buf)
+        };
+        let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+        let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let eh = read_at(0, 64)?;
+        if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+            return None;
+        }
+        let (shoff, shentsize, shnum) = (u64_at(&eh, 0x28), u16_at(&eh, 0x3a), u16_at(&eh, 0x3c));
+        if shentsize < 64 || shnum == 0 {
+            return None;
+        }
+        let sh = read_at(shoff, shentsize * shnum)?;
+        let section = |i: usize| &sh[i * shentsize..(i + 1) * shentsize];
+        let symtab = (0..shnum).map(section).find(|s| u32_at(s, 4) == 2)?; // SHT_SYMTAB
+        let strtab = section(u32_at(symtab, 40) as usize);
+        let syms = read_at(u64_at(symtab, 24), u64_at(symtab, 32) as usize)?;
+        let strs = read_at(u64_at(strtab, 24), u64_at(strtab, 32) as usize)?;
+        let mut out = alloc::vec::Vec::new();
+        for sym in syms.chunks_exact(24) {
+            let (name, info) = (u32_at(sym, 0) as usize, sym[4]);
+            let (value, size) = (u64_at(sym, 8) as usize, u64_at(sym, 16) as usize);
+            if info & 0xf != 2 || value == 0 || name >= strs.len() {
+                continue; // not a defined function (STT_FUNC)
+            }
+            let end = strs[name..]
+                .iter()
+                .position(|&c| c == 0)
+                .map_or(strs.len(), |e| name + e);
+            out.push((
+                value,
+                size,
+                alloc::string::String::from_utf8_lossy(&strs[name..end]).into_owned(),
+            ));
+        }
+        out.sort_unstable_by_key(|s| s.0);
+        Some(out)
+    }
+
+    /// A Rust symbol in the legacy mangling (`_ZN…E`) as a path, without
+    /// its hash; any other name as it is.
+    fn demangle(name: &str) -> alloc::string::String {
+        let Some(mut rest) = name.strip_prefix("_ZN") else {
+            return name.into();
+        };
+        let mut parts: alloc::vec::Vec<alloc::string::String> = alloc::vec::Vec::new();
+        while let Some(c) = rest.chars().next() {
+            if c == 'E' {
+                break;
+            }
+            let digits = rest.chars().take_while(char::is_ascii_digit).count();
+            let Ok(len) = rest[..digits].parse::<usize>() else {
+                return name.into();
+            };
+            let Some(part) = rest.get(digits..digits + len) else {
+                return name.into();
+            };
+            rest = &rest[digits + len..];
+            parts.push(unescape(part));
+        }
+        if parts.last().is_some_and(|p| {
+            p.len() == 17 && p.starts_with('h') && p[1..].chars().all(|c| c.is_ascii_hexdigit())
+        }) {
+            parts.pop();
+        }
+        parts.join("::")
+    }
+
+    /// Undoes the legacy mangling's escapes (`$LT$`, `..`, …).
+    fn unescape(part: &str) -> alloc::string::String {
+        let part = part
+            .strip_prefix("_$")
+            .map_or(part, |p| &part[part.len() - p.len() - 1..]);
+        let mut out = alloc::string::String::new();
+        let mut rest = part;
+        while !rest.is_empty() {
+            if let Some(r) = rest.strip_prefix("..") {
+                out.push_str("::");
+                rest = r;
+            } else if rest.starts_with('$')
+                && let Some(end) = rest[1..].find('$')
+            {
+                let code = &rest[1..1 + end];
+                let ch = match code {
+                    "SP" => Some('@'),
+                    "BP" => Some('*'),
+                    "RF" => Some('&'),
+                    "LT" => Some('<'),
+                    "GT" => Some('>'),
+                    "LP" => Some('('),
+                    "RP" => Some(')'),
+                    "C" => Some(','),
+                    _ => code
+                        .strip_prefix('u')
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                        .and_then(char::from_u32),
+                };
+                match ch {
+                    Some(c) => out.push(c),
+                    None => out.push_str(&rest[..end + 2]),
+                }
+                rest = &rest[end + 2..];
+            } else {
+                let c = rest.chars().next().unwrap();
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        out
     }
 
     fn print(s: &str) {

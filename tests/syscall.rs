@@ -82,7 +82,10 @@ fn eight_100ms_blocking_calls_on_two_ps_overlap_and_a_locked_ticker_keeps_tickin
     // Held Ps would take 4 x 100 ms; handed off, the calls overlap.
     assert!(elapsed < Duration::from_millis(250), "took {elapsed:?}");
     // About ten 10 ms ticks fit in the 100 ms of calls.
-    assert!(ticks >= 4, "the ticker ticked {ticks} times during the calls");
+    assert!(
+        ticks >= 4,
+        "the ticker ticked {ticks} times during the calls"
+    );
 }
 
 #[test]
@@ -95,7 +98,10 @@ fn eight_100ms_blocking_calls_on_two_ps_overlap_with_migration_and_a_plain_ticke
         eight_calls_and_a_ticker(&rt, false)
     });
     assert!(elapsed < Duration::from_millis(250), "took {elapsed:?}");
-    assert!(ticks >= 4, "the ticker ticked {ticks} times during the calls");
+    assert!(
+        ticks >= 4,
+        "the ticker ticked {ticks} times during the calls"
+    );
 }
 
 #[test]
@@ -112,7 +118,10 @@ fn a_long_call_has_its_p_retaken_for_the_goroutine_waiting_behind_it() {
         })
         .unwrap()
     });
-    assert!(ran, "the queued goroutine never ran while the call lasted 5 s");
+    assert!(
+        ran,
+        "the queued goroutine never ran while the call lasted 5 s"
+    );
 }
 
 #[test]
@@ -143,7 +152,10 @@ fn an_overdue_timer_fires_while_every_p_is_in_a_call() {
         .unwrap()
     });
     assert_eq!(entered, 2);
-    assert!(fired_inside, "the timer did not fire while both calls waited for it");
+    assert!(
+        fired_inside,
+        "the timer did not fire while both calls waited for it"
+    );
 }
 
 #[test]
