@@ -44,7 +44,9 @@
 //! inherits its time slice; sysmon (see [`crate::sysmon`]) watches each
 //! P's `schedtick` and, when one slice has lasted 10 ms, sets the P's
 //! `preempt` flag, which the next `schedule` on that P reads (one relaxed
-//! load) to put the chain behind the queues. The same monitor retakes the
+//! load) to put the chain behind the queues. A scheduler that no sysmon
+//! watches (a kernel that does not call `sysmon_tick`) still ends a chain
+//! after [`RUNNEXT_LIMIT`] hand-offs. The same monitor retakes the
 //! P of a G that is in a blocking call (`entersyscall` / `exitsyscall`,
 //! [`crate::syscall`]), wakes an M for overdue timers, and reports a G
 //! that has held its P without a scheduling point for long (the stall
@@ -159,7 +161,7 @@ use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
-    FuncVal, G, GQueue, Gobuf, M, P, Sched, SchedLocked, Stack, StartFn, status,
+    FuncVal, G, GQueue, Gobuf, M, P, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn, status,
 };
 use crate::stack::{StackError, stackalloc};
 use crate::stubs::OnceFrame;
@@ -1725,15 +1727,14 @@ pub(crate) fn schedule() -> ! {
             // SAFETY: on g0 of mp, whose locked G just switched out; once
             // stoplockedm returns true the G is runnable and ours to run.
             if unsafe { stoplockedm(sched, mp) } {
-                // Inheriting the time slice: the run counts towards the
-                // P's runnext streak, as the hand-off M that took the G
-                // off a queue (often runnext: a locked G and its waker
-                // passing it back and forth) would have counted it. A new
-                // slice would reset the streak at every hand-off, so
-                // RUNNEXT_LIMIT would never demote runnext and the P's
-                // ring (a G its timer readied, say) would starve for good
-                // on one P. A locked G taken from the ring counts too: it
-                // can only demote runnext sooner.
+                // Inheriting the time slice, as the hand-off M that took
+                // the G off a queue (often runnext: a locked G and its
+                // waker passing it back and forth) would have: a new slice
+                // at every hand-off would keep sysmon from ever seeing the
+                // chain's slice run out, so runnext would never be demoted
+                // and the P's ring (a G its timer readied, say) would
+                // starve for good on one P. A locked G taken from the ring
+                // inherits too: it can only end the slice sooner.
                 // SAFETY: as above.
                 unsafe { execute(lockedg, true) }
             }
@@ -1762,13 +1763,16 @@ pub(crate) fn schedule() -> ! {
         }
         // SAFETY: a running scheduler M holds a P here.
         let pp = unsafe { (*mp).p };
-        // sysmon says the time slice is over (crate::sysmon): the runnext
-        // chain ends here, behind the queues. One relaxed load.
+        // sysmon says the time slice is over (crate::sysmon), or, on a
+        // scheduler no sysmon watches, the chain has had RUNNEXT_LIMIT
+        // hand-offs: the runnext chain ends here, behind the queues.
         // SAFETY: pp is ours.
-        if unsafe { (*pp).preempt.load(Ordering::Relaxed) } {
+        if unsafe { (*pp).preempt.load(Ordering::Relaxed) || (*pp).runnext_streak >= RUNNEXT_LIMIT }
+        {
             // SAFETY: as above; boundnext is this M's own.
             unsafe {
                 (*pp).preempt.store(false, Ordering::Relaxed);
+                (*pp).runnext_streak = 0;
                 let gp = crate::bound::boundnextget(mp);
                 if !gp.is_null() {
                     crate::bound::boundput(mp, gp, false);
@@ -1838,10 +1842,13 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
         let pp = (*mp).p;
         if !pp.is_null() {
-            if !inherit_time {
+            if inherit_time {
+                (*pp).runnext_streak += 1;
+            } else {
                 // Owner only: a load and a store, no read-modify-write.
                 let t = (*pp).schedtick.load(Ordering::Relaxed);
                 (*pp).schedtick.store(t.wrapping_add(1), Ordering::Relaxed);
+                (*pp).runnext_streak = 0;
             }
             (*pp).stats.scheduled.fetch_add(1, Ordering::Relaxed);
         }
@@ -2436,6 +2443,7 @@ impl Sched {
                     link: null_mut(),
                     status: AtomicU32::new(crate::runtime2::PIDLE),
                     schedtick: AtomicU32::new(0),
+                    runnext_streak: 0,
                     syscalltick: AtomicU32::new(0),
                     preempt: core::sync::atomic::AtomicBool::new(false),
                     runq: crate::runq::Runq::new(),

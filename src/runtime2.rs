@@ -554,6 +554,10 @@ pub struct P {
     /// every 61st looks at the global queue first. Written by the owner
     /// only (a relaxed load and store); sysmon reads it to time slices.
     pub(crate) schedtick: AtomicU32,
+    /// Consecutive Gs run from `runnext` (inheriting the time slice); at
+    /// [`RUNNEXT_LIMIT`] the chain is demoted behind the queues even if no
+    /// sysmon watches this scheduler. Owner only.
+    pub(crate) runnext_streak: u32,
     /// Incremented by every `entersyscall` on this P (owner only); sysmon
     /// reads it to tell one long call from many short ones.
     pub(crate) syscalltick: AtomicU32,
@@ -615,6 +619,16 @@ impl P {
         self.m.load(Ordering::Relaxed)
     }
 }
+
+/// How many Gs in a row may take `runnext` (and so inherit the time slice)
+/// before `runnext` has to queue behind the rest: the backstop for a
+/// scheduler no sysmon watches (a kernel that does not call
+/// [`sysmon_tick`](crate::sysmon::sysmon_tick)). With sysmon the bound is
+/// the 10 ms time slice ([`FORCE_PREEMPT_NS`](crate::sysmon::FORCE_PREEMPT_NS)),
+/// which a chain of quick hand-offs reaches first: at 64, as this was
+/// before sysmon, a chain of 1 µs hand-offs got 1,000 times less CPU than
+/// a chain of 1 ms ones (Go's `TestPingPongHog`).
+pub const RUNNEXT_LIMIT: u32 = 4096;
 
 /// `P::status`: on the idle list (Go's `_Pidle`).
 pub const PIDLE: u32 = 0;

@@ -37,10 +37,14 @@
 //!   scheduling point `schedule` clears it and puts the chain's next
 //!   goroutine behind the queues (`runqdemote`, and `boundnext` to the
 //!   tail of the M's own queue), so whatever was waiting runs. The check
-//!   costs `schedule` one relaxed load and a compare, which replaced the
-//!   old bound on the number of hand-offs in a chain (64), which let a chain
-//!   of 1 ms hand-offs hold its P 1,000 times longer than one of 1 µs
-//!   hand-offs (Go's `TestPingPongHog`, `tests/sysmon.rs`).
+//!   costs `schedule` one relaxed load and a compare. It replaced a bound
+//!   of 64 hand-offs per chain, which let a chain of 1 ms hand-offs hold
+//!   its P 1,000 times longer than one of 1 µs hand-offs (Go's
+//!   `TestPingPongHog`, `tests/sysmon.rs`); a count remains as the
+//!   backstop for schedulers no sysmon watches
+//!   ([`RUNNEXT_LIMIT`](crate::runtime2::RUNNEXT_LIMIT), 4,096 hand-offs:
+//!   a chain of microsecond hand-offs may reach it in a few milliseconds,
+//!   before its 10 ms, which keeps the shares within Go's factor of 20).
 //! - **Timers.** If a timer is more than 1 ms overdue and a P is idle
 //!   with no M spinning, sysmon starts one (`wakep`), which runs it. The
 //!   timer sleeper (see [`crate::time`]) normally does this; this is the
@@ -89,11 +93,13 @@
 //! preemption does). The handler only does async-signal-safe work: it reads
 //! its own thread's current G (goid, start location), and walks the stack
 //! with libgcc's unwinder (`_Unwind_Backtrace`, the one panics use) into a
-//! fixed array — no allocation, no lock of ours — but only when the
-//! interrupted instruction is in the program's own code: interrupted
-//! inside a shared library (the C library's `malloc`, the unwinder itself,
-//! the dynamic loader) it records that one address and does not unwind,
-//! since those may hold the locks the unwinder takes. (Capturing a
+//! fixed array — no allocation, no lock of ours — unless the interrupted
+//! instruction is in the dynamic loader or in the unwinder itself, which
+//! may hold the locks the unwinder takes (the loader's lock on its list of
+//! objects is recursive, so a thread interrupted while merely reading the
+//! list lets the unwinder in; the unwinder allocates nothing, so a thread
+//! interrupted inside `malloc` is no obstacle); there it records the one
+//! address. (Capturing a
 //! `std::backtrace::Backtrace` in the handler would allocate and take
 //! std's backtrace lock: a goroutine stopped inside `malloc` or inside a
 //! backtrace of its own would deadlock.) sysmon, an ordinary thread, then
@@ -101,9 +107,13 @@
 //! read from `/proc/self/exe` on the first report, Rust's legacy mangling
 //! undone), from the dynamic linker's tables (`dladdr`), or, stripped, as
 //! offsets in the executable for `addr2line -Cfe <program>`. The
-//! goroutine is not touched: the
+//! goroutine is not touched (but see below): the
 //! handler returns to where it was (`SA_RESTART`, so an interrupted system
-//! call resumes). Bare metal there is nowhere to print and no signal: the
+//! call resumes). The one thing a goroutine can notice is Go's too: a
+//! system call Linux never restarts after a handler (`poll`,
+//! `epoll_wait`, `nanosleep`, socket calls with a timeout) returns `EINTR`
+//! once; std retries it where it loops (`thread::sleep`, `read_exact`,
+//! `write_all`). Bare metal there is nowhere to print and no signal: the
 //! stall detector is off.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -463,6 +473,12 @@ mod stall {
     static EXE_HI: AtomicUsize = AtomicUsize::new(0);
     static EXE_BASE: AtomicUsize = AtomicUsize::new(0);
 
+    /// The code of the dynamic loader and of libgcc's unwinder (`[lo,
+    /// hi)` pairs): a thread interrupted there may hold the locks the
+    /// unwinder takes (the loader's, while it changes its list of objects;
+    /// the unwinder's own), so it is not unwound.
+    static NOUNWIND: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
+
     struct OldAction(libc::sigaction);
     // SAFETY: written once inside `Once::call_once`, read-only afterwards.
     unsafe impl Sync for OldAction {}
@@ -483,7 +499,10 @@ mod stall {
         OLD.call_once(|| {
             // SAFETY: dl_iterate_phdr calls `phdr` with valid entries; the
             // first is the main program.
-            unsafe { libc::dl_iterate_phdr(Some(phdr), core::ptr::null_mut()) };
+            let mut seen = 0usize;
+            // SAFETY: phdr's contract: `seen` is a usize that outlives the
+            // call.
+            unsafe { libc::dl_iterate_phdr(Some(phdr), (&raw mut seen).cast()) };
             // SAFETY: sigaction with a zeroed struct filled in as the
             // manual says; the old action is kept for chaining.
             unsafe {
@@ -498,20 +517,53 @@ mod stall {
         });
     }
 
-    /// `dl_iterate_phdr`'s callback: records the main program's code.
+    /// `dl_iterate_phdr`'s callback: records the main program's code (the
+    /// first object), and the loader's and the unwinder's ([`NOUNWIND`]).
+    /// `seen` counts the objects.
     ///
     /// # Safety
     ///
-    /// Only `dl_iterate_phdr` calls it, with a valid entry.
+    /// Only `dl_iterate_phdr` calls it, with a valid entry, and `seen`
+    /// points at a `usize`.
     unsafe extern "C" fn phdr(
         info: *mut libc::dl_phdr_info,
         _size: usize,
-        _: *mut c_void,
+        seen: *mut c_void,
     ) -> c_int {
-        // SAFETY: the loader passes a valid entry; the first one (the only
-        // one we look at) is the main program.
+        // SAFETY: the loader passes a valid entry; `seen` is the counter
+        // init passed.
         unsafe {
             let info = &*info;
+            let seen = &mut *seen.cast::<usize>();
+            *seen += 1;
+            if *seen > 1 {
+                let name = if info.dlpi_name.is_null() {
+                    &b""[..]
+                } else {
+                    core::ffi::CStr::from_ptr(info.dlpi_name).to_bytes()
+                };
+                let hit = |pat: &[u8]| name.windows(pat.len()).any(|w| w == pat);
+                if hit(b"/ld-") || hit(b"libgcc_s") {
+                    let base = info.dlpi_addr as usize;
+                    for i in 0..info.dlpi_phnum as usize {
+                        let ph = &*info.dlpi_phdr.add(i);
+                        if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                            let (lo, hi) = (
+                                base + ph.p_vaddr as usize,
+                                base + (ph.p_vaddr + ph.p_memsz) as usize,
+                            );
+                            // The first free pair, if any is left.
+                            if let Some(k) = (0..NOUNWIND.len() / 2)
+                                .find(|&k| NOUNWIND[2 * k + 1].load(Ordering::Relaxed) == 0)
+                            {
+                                NOUNWIND[2 * k].store(lo, Ordering::Relaxed);
+                                NOUNWIND[2 * k + 1].store(hi, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                return 0; // the next object
+            }
             let base = info.dlpi_addr as usize;
             let (mut lo, mut hi) = (usize::MAX, 0);
             for i in 0..info.dlpi_phnum as usize {
@@ -527,7 +579,7 @@ mod stall {
                 EXE_BASE.store(base, Ordering::Relaxed);
             }
         }
-        1 // the first object only
+        0 // the next object
     }
 
     fn gettid() -> i32 {
@@ -614,14 +666,21 @@ mod stall {
         };
         REQ.pc.store(pc, Ordering::Relaxed);
         REQ.n.store(0, Ordering::Relaxed);
-        let inexe = pc >= EXE_LO.load(Ordering::Relaxed) && pc < EXE_HI.load(Ordering::Relaxed);
-        if inexe {
-            // SAFETY: the interrupted code is the program's own, so it holds
-            // none of the unwinder's or the loader's locks (those live in
-            // shared libraries); the callback writes only atomics.
+        let unsafe_pc = (0..NOUNWIND.len() / 2).any(|k| {
+            pc >= NOUNWIND[2 * k].load(Ordering::Relaxed)
+                && pc < NOUNWIND[2 * k + 1].load(Ordering::Relaxed)
+        });
+        let unwind = !unsafe_pc && EXE_HI.load(Ordering::Relaxed) != 0;
+        if unwind {
+            // SAFETY: the interrupted code is neither the loader nor the
+            // unwinder, so it holds none of the locks the unwinder takes
+            // (the loader's list lock is recursive: a thread interrupted
+            // while only reading the list, in dl_iterate_phdr, lets us in);
+            // the unwinder allocates nothing and the callback writes only
+            // atomics.
             unsafe { _Unwind_Backtrace(frame, core::ptr::null_mut()) };
         }
-        REQ.unwound.store(inexe as u32, Ordering::Relaxed);
+        REQ.unwound.store(unwind as u32, Ordering::Relaxed);
         REQ.state.store(TAKEN, Ordering::Release);
         // SAFETY: FUTEX_WAKE only uses the address as a key.
         unsafe {
@@ -730,7 +789,7 @@ mod stall {
         if !unwound {
             let _ = writeln!(
                 out,
-                "  (stopped in a shared library: only the innermost frame is shown)"
+                "  (stopped in the dynamic loader or the unwinder: only the innermost frame is shown)"
             );
         }
         let _ = writeln!(
@@ -841,6 +900,9 @@ mod stall {
     /// A Rust symbol in the legacy mangling (`_ZN…E`) as a path, without
     /// its hash; any other name as it is.
     fn demangle(name: &str) -> alloc::string::String {
+        if let Some(v0) = name.strip_prefix("_R") {
+            return demangle_v0(v0).unwrap_or_else(|| name.into());
+        }
         let Some(mut rest) = name.strip_prefix("_ZN") else {
             return name.into();
         };
@@ -865,6 +927,37 @@ mod stall {
             parts.pop();
         }
         parts.join("::")
+    }
+
+    /// A symbol in Rust's v0 mangling (std is built with it), after its
+    /// `_R`, as the path of its identifiers: enough for a report (plain
+    /// paths come out exact; generic arguments are listed as more path
+    /// segments), not a full demangler.
+    fn demangle_v0(mut rest: &str) -> Option<alloc::string::String> {
+        let mut parts: alloc::vec::Vec<&str> = alloc::vec::Vec::new();
+        while let Some(c) = rest.chars().next() {
+            if c == 's' && !parts.is_empty() || c == 'C' && rest[1..].starts_with('s') {
+                // A disambiguator (`s<base-62>_`, after a crate root `C`).
+                let end = rest.find('_')?;
+                rest = &rest[end + 1..];
+            } else if c.is_ascii_digit() {
+                let digits = rest.chars().take_while(char::is_ascii_digit).count();
+                let len: usize = rest[..digits].parse().ok()?;
+                let mut ident = rest.get(digits..digits + len)?;
+                // A leading `_` separates an identifier starting with a
+                // digit or `_` from its length.
+                if ident.starts_with('_') && len > 0 {
+                    ident = rest.get(digits + 1..digits + len + 1)?;
+                }
+                parts.push(ident);
+                rest = &rest[digits + len..];
+            } else if c == '.' {
+                break; // a suffix (`.llvm.123`)
+            } else {
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        (!parts.is_empty()).then(|| parts.join("::"))
     }
 
     /// Undoes the legacy mangling's escapes (`$LT$`, `..`, …).

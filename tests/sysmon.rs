@@ -56,6 +56,7 @@ fn ping_pong_hog_shares_stay_within_a_factor_of_20_on_one_p() {
         })
         .unwrap()
     });
+    println!("hog {hog}, light {light}: {:.2}", hog as f64 / light as f64);
     assert!(hog > 0 && light > 0, "hog {hog}, light {light}");
     // Work counted, not wall time: each pair's share of the one CPU.
     assert!(
@@ -103,13 +104,24 @@ fn spin_without_a_scheduling_point(d: Duration) -> u64 {
     x
 }
 
+/// Blocks its thread in a system call the scheduler is not told about
+/// (no `gokernel::blocking`): the commonest stall.
+#[inline(never)]
+fn sleep_without_blocking() {
+    std::thread::sleep(Duration::from_millis(400));
+}
+
 /// The child's part of the stall tests: a goroutine spins 400 ms, then
 /// prints its id and the line it was started on.
 fn stall_child() {
     let rt = Runtime::builder().procs(1).build().unwrap();
     rt.block_on(|| {
         let task = || {
-            spin_without_a_scheduling_point(Duration::from_millis(400));
+            if std::env::var_os("STALL_IN_SLEEP").is_some() {
+                sleep_without_blocking();
+            } else {
+                spin_without_a_scheduling_point(Duration::from_millis(400));
+            }
             gokernel::current().id()
         };
         let (h, line) = (gokernel::spawn(task), line!());
@@ -199,4 +211,29 @@ fn the_stall_detector_is_off_with_gokernel_stall_off_and_a_bad_value_is_named() 
         "stderr:\n{}",
         c.stderr
     );
+}
+
+#[test]
+fn a_goroutine_stalled_in_a_system_call_is_reported_with_its_callers() {
+    const NAME: &str = "a_goroutine_stalled_in_a_system_call_is_reported_with_its_callers";
+    if in_crash_child() {
+        stall_child();
+        return;
+    }
+    let c = run_child_ok_with_env(NAME, &[("GOKERNEL_STALL", "100"), ("STALL_IN_SLEEP", "1")]);
+    let (id, _) = stalled(&c.stdout);
+    // Interrupted inside the C library's sleep, unwound through it to the
+    // goroutine's own frames; the sleep itself went on to its end.
+    for want in [
+        format!("gokernel: goroutine {id} has run for "),
+        "std::thread::".to_string(),
+        "sleep_without_blocking+0x".to_string(),
+        "gokernel::asm_amd64::goexit+0x".to_string(),
+    ] {
+        assert!(
+            c.stderr.contains(&want),
+            "stderr lacks {want:?}:\n{}",
+            c.stderr
+        );
+    }
 }
