@@ -390,6 +390,24 @@ impl G {
     /// Where the G was started: the source location of the `go`, `spawn`
     /// or `Sched::go` call that made it (Go's `gopc`); `None` for a G not
     /// made by a scheduler.
+    ///
+    /// ```
+    /// # #[cfg(feature = "std")] {
+    /// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+    /// let (at, line) = rt
+    ///     .block_on(|| {
+    ///         let task = || {
+    ///             // SAFETY: the running goroutine's own G.
+    ///             let g = unsafe { &*gokernel::getg() };
+    ///             g.spawn_location().unwrap()
+    ///         };
+    ///         let (h, line) = (gokernel::spawn(task), line!());
+    ///         (h.join().unwrap(), line)
+    ///     })
+    ///     .unwrap();
+    /// assert_eq!((at.file(), at.line()), (file!(), line));
+    /// # }
+    /// ```
     pub fn spawn_location(&self) -> Option<&'static core::panic::Location<'static>> {
         self.spawnloc
     }

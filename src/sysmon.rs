@@ -360,6 +360,16 @@ fn retake(sched: &Sched, st: &mut State, now: u64) -> u32 {
 /// Sets the stall limit of `sched`: `None` (or zero) turns the stall
 /// detector off. Hosted runtimes take it from `Builder::stall_limit` or
 /// `GOKERNEL_STALL`; bare metal it has no effect (nothing to print on).
+///
+/// ```
+/// use std::time::Duration;
+/// use gokernel::platform::hosted::HOSTED;
+/// use gokernel::runtime2::Sched;
+///
+/// let sched = Sched::new(1, gokernel::stack::STACK_MIN, &HOSTED);
+/// gokernel::sysmon::set_stall_limit(&sched, Some(Duration::from_millis(250)));
+/// gokernel::sysmon::set_stall_limit(&sched, None); // off
+/// ```
 pub fn set_stall_limit(sched: &Sched, limit: Option<core::time::Duration>) {
     let ns = limit.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     sched.sysmon.stall_ns.store(ns, Ordering::Relaxed);

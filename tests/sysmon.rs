@@ -47,8 +47,12 @@ fn ping_pong_hog_shares_stay_within_a_factor_of_20_on_one_p() {
             }
             hog_chan.send(true).unwrap();
             light_chan.send(true).unwrap();
-            // The measurement window: several 10 ms slices.
-            gokernel::sleep(Duration::from_millis(200));
+            // The measurement window: until the hogs have done 40
+            // hand-offs, many 10 ms slices (Go waits 100 ms; counting
+            // hand-offs keeps the sample large on a loaded machine).
+            while hog.load(Ordering::Relaxed) < 40_000_000 {
+                gokernel::sleep(Duration::from_millis(10));
+            }
             done.close().unwrap();
             hog_chan.recv().unwrap();
             light_chan.recv().unwrap();
@@ -97,7 +101,7 @@ fn spin_without_a_scheduling_point(d: Duration) -> u64 {
     let t = Instant::now();
     let mut x = 0u64;
     while t.elapsed() < d {
-        for _ in 0..1_000_000 {
+        for _ in 0..10_000 {
             x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
         }
     }
