@@ -2257,7 +2257,8 @@ pub struct GoroutineCounts {
     pub idle: usize,
     /// On a run queue or on the way to one ([`status::RUNNABLE`]).
     pub runnable: usize,
-    /// Running on an M ([`status::RUNNING`]).
+    /// Running on an M ([`status::RUNNING`]), or in a blocking call on
+    /// one ([`status::SYSCALL`]).
     pub running: usize,
     /// Parked ([`status::WAITING`]).
     pub waiting: usize,
@@ -2538,7 +2539,9 @@ impl Sched {
             match unsafe { &(*gp).atomicstatus }.load(Ordering::Acquire) {
                 status::IDLE => goroutines.idle += 1,
                 status::RUNNABLE => goroutines.runnable += 1,
-                status::RUNNING => goroutines.running += 1,
+                // In a blocking call (crate::syscall): running, in Go's
+                // schedtrace too.
+                status::RUNNING | status::SYSCALL => goroutines.running += 1,
                 status::WAITING => goroutines.waiting += 1,
                 _ => goroutines.dead += 1,
             }

@@ -32,15 +32,23 @@ fn wait_flag(flag: &AtomicBool, limit: Duration) -> bool {
 
 /// Eight goroutines each block 100 ms on 2 Ps, while a ticker sleeps 10 ms
 /// at a time; returns (elapsed, ticks seen while calls were in progress,
-/// the most calls in progress at once).
-fn eight_calls_and_a_ticker(rt: &Runtime, locked_ticker: bool) -> (Duration, u32, u32) {
+/// ticks seen while more calls were in progress than there are Ps, the
+/// most calls in progress at once).
+fn eight_calls_and_a_ticker(rt: &Runtime, locked_ticker: bool) -> (Duration, u32, u32, u32) {
     let inside = Arc::new(AtomicU32::new(0));
     let most = Arc::new(AtomicU32::new(0));
     // Calls in progress now.
     let live = Arc::new(AtomicU32::new(0));
     let done = Arc::new(AtomicU32::new(0));
     let ticks = Arc::new(AtomicU32::new(0));
-    let (i2, d2, t2) = (inside.clone(), done.clone(), ticks.clone());
+    let crowded = Arc::new(AtomicU32::new(0));
+    let (i2, d2, t2, l2, c2) = (
+        inside.clone(),
+        done.clone(),
+        ticks.clone(),
+        live.clone(),
+        crowded.clone(),
+    );
     rt.block_on(move || {
         let tick = move || {
             while d2.load(Ordering::Acquire) < 8 {
@@ -48,6 +56,9 @@ fn eight_calls_and_a_ticker(rt: &Runtime, locked_ticker: bool) -> (Duration, u32
                 let n = i2.load(Ordering::Acquire);
                 if n > 0 && d2.load(Ordering::Acquire) < 8 {
                     t2.fetch_add(1, Ordering::Relaxed);
+                }
+                if l2.load(Ordering::Acquire) > 2 {
+                    c2.fetch_add(1, Ordering::Relaxed);
                 }
             }
         };
@@ -79,6 +90,7 @@ fn eight_calls_and_a_ticker(rt: &Runtime, locked_ticker: bool) -> (Duration, u32
         (
             elapsed,
             ticks.load(Ordering::Relaxed),
+            crowded.load(Ordering::Relaxed),
             most.load(Ordering::Acquire),
         )
     })
@@ -87,24 +99,28 @@ fn eight_calls_and_a_ticker(rt: &Runtime, locked_ticker: bool) -> (Duration, u32
 
 /// Held Ps would run at most 2 calls at once and take 4 x 100 ms; handed
 /// off, the calls overlap (about 100 ms), and the ticker, which needs a P
-/// for each tick, gets one (about ten ticks; held Ps would give it none
-/// while the calls last).
-fn check_eight(elapsed: Duration, ticks: u32, most: u32) {
+/// for each tick, gets one (about ten ticks; held Ps would give it one
+/// only between calls, and none while more than 2 are in progress).
+fn check_eight((elapsed, ticks, crowded, most): (Duration, u32, u32, u32)) {
     assert!(most >= 5, "at most {most} calls were in progress at once");
     assert!(elapsed < Duration::from_millis(350), "took {elapsed:?}");
     assert!(
-        ticks >= 3,
+        ticks >= 2,
         "the ticker ticked {ticks} times during the calls"
+    );
+    assert!(
+        crowded >= 1,
+        "the ticker never ticked while more calls than Ps were in progress"
     );
 }
 
 #[test]
 fn eight_100ms_blocking_calls_on_two_ps_overlap_and_a_locked_ticker_keeps_ticking() {
     let rt = Runtime::builder().procs(2).build().unwrap();
-    let (elapsed, ticks, most) = within(20, "eight blocking calls", move || {
+    let r = within(20, "eight blocking calls", move || {
         eight_calls_and_a_ticker(&rt, true)
     });
-    check_eight(elapsed, ticks, most);
+    check_eight(r);
 }
 
 #[test]
@@ -113,10 +129,10 @@ fn eight_100ms_blocking_calls_on_two_ps_overlap_with_migration_and_a_plain_ticke
     let rt = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
         .build()
         .unwrap();
-    let (elapsed, ticks, most) = within(20, "eight blocking calls", move || {
+    let r = within(20, "eight blocking calls", move || {
         eight_calls_and_a_ticker(&rt, false)
     });
-    check_eight(elapsed, ticks, most);
+    check_eight(r);
 }
 
 #[test]
