@@ -90,7 +90,9 @@
 //! reported once on stderr: its id, where it was started (the
 //! `#[track_caller]` location of its `go` / `spawn`), for how long, and a
 //! backtrace of where it is. sysmon sends its thread `SIGURG` (as Go's
-//! preemption does). The handler only does async-signal-safe work: it reads
+//! preemption does; the handler is installed for the process when the
+//! first runtime with the detector on starts, and hands any `SIGURG` that
+//! is not its own to the handler that was there before). The handler only does async-signal-safe work: it reads
 //! its own thread's current G (goid, start location), and walks the stack
 //! with libgcc's unwinder (`_Unwind_Backtrace`, the one panics use) into a
 //! fixed array — no allocation, no lock of ours — unless the interrupted
