@@ -341,3 +341,23 @@ fn many_short_calls_on_two_ps_all_finish() {
     });
     assert_eq!(n, 8000);
 }
+
+#[test]
+fn a_locked_goroutine_keeps_its_thread_across_a_blocking_call() {
+    let rt = Runtime::builder().procs(1).build().unwrap();
+    within(20, "locked", move || {
+        rt.block_on(|| {
+            let h = gokernel::spawn_locked(|| {
+                let t = tid();
+                let ran = Arc::new(AtomicBool::new(false));
+                let r2 = ran.clone();
+                // Needs the only P while we are in the call.
+                gokernel::go(move || r2.store(true, Ordering::Release));
+                let seen = blocking(|| wait_flag(&ran, Duration::from_secs(5)));
+                (seen, tid() == t)
+            });
+            assert_eq!(h.join().unwrap(), (true, true));
+        })
+        .unwrap();
+    });
+}
