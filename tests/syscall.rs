@@ -97,13 +97,15 @@ fn eight_calls_and_a_ticker(rt: &Runtime, locked_ticker: bool) -> (Duration, u32
     .unwrap()
 }
 
-/// Held Ps would run at most 2 calls at once and take 4 x 100 ms; handed
-/// off, the calls overlap (about 100 ms), and the ticker, which needs a P
+/// Held Ps would run at most 2 calls at once and take at least 4 x 100 ms;
+/// handed off, the calls overlap (about 100 ms), and the ticker, which needs a P
 /// for each tick, gets one (about ten ticks; held Ps would give it one
 /// only between calls, and none while more than 2 are in progress).
 fn check_eight((elapsed, ticks, crowded, most): (Duration, u32, u32, u32)) {
     assert!(most >= 5, "at most {most} calls were in progress at once");
-    assert!(elapsed < Duration::from_millis(350), "took {elapsed:?}");
+    // Held Ps cannot finish under 400 ms (4 rounds of 2 calls); unloaded
+    // this takes about 105 ms, beside two CPU hogs up to about 360 ms.
+    assert!(elapsed < Duration::from_millis(400), "took {elapsed:?}");
     assert!(
         ticks >= 2,
         "the ticker ticked {ticks} times during the calls"
