@@ -23,7 +23,11 @@
 //! - `parked`: N goroutines parked at once; the value is RSS bytes per
 //!   parked goroutine;
 //! - `work`: a CPU-bound job split over 64 goroutines; the value is the
-//!   job's seconds (compare PROCS = 1 and 2 for the speed-up).
+//!   job's seconds (compare PROCS = 1 and 2 for the speed-up);
+//! - `syscall`: the fast path of a blocking call that returns at once
+//!   (`gokernel::syscall::call`: `entersyscall` + `exitsyscall`, Go's
+//!   `BenchmarkSyscall`), from PROCS goroutines in parallel as Go's
+//!   `RunParallel` does; one op = one call.
 //!
 //! PROCS is the number of Ps (default 1). MODE is where a started
 //! goroutine may run:
@@ -257,8 +261,24 @@ fn work(n: u64) -> u64 {
     hs.into_iter().fold(0, |a, h| a ^ h.join().unwrap())
 }
 
+/// `n` empty calls through `gokernel::syscall::call` (the fast path:
+/// the P is still there when the call returns), split over `procs`
+/// goroutines.
+fn syscalls(n: u64, procs: usize) {
+    let hs: Vec<_> = (0..procs as u64)
+        .map(|_| {
+            gokernel::spawn(move || {
+                for i in 0..n / procs as u64 {
+                    gokernel::syscall::call(|| std::hint::black_box(i));
+                }
+            })
+        })
+        .collect();
+    hs.into_iter().for_each(|h| h.join().unwrap());
+}
+
 const USAGE: &str = "usage: ops OP N [PROCS [MODE]]
-  OP:    switch|gosched|spawn|spawn-alive|handoff|handoff-chan|handoff-cross|parked|work
+  OP:    switch|gosched|spawn|spawn-alive|handoff|handoff-chan|handoff-cross|parked|work|syscall
   N:     operations (work: computation steps), a whole number > 0
   PROCS: Ps, default 1
   MODE:  bound (default: a started goroutine stays on its thread) | migrate (as in Go)";
@@ -273,6 +293,7 @@ const OPS: &[&str] = &[
     "handoff-cross",
     "parked",
     "work",
+    "syscall",
 ];
 
 /// Prints `problem` and the usage on stderr and exits with status 2.
@@ -365,6 +386,10 @@ fn main() {
             (t.elapsed().as_secs_f64() * 1e9 / n as f64, "ns/op")
         }
         "parked" => (rt.block_on(move || parked(n)).unwrap(), "B/G"),
+        "syscall" => {
+            rt.block_on(move || syscalls(n, procs)).unwrap();
+            (t.elapsed().as_secs_f64() * 1e9 / n as f64, "ns/op")
+        }
         "work" => {
             std::hint::black_box(rt.block_on(move || work(n)).unwrap());
             (t.elapsed().as_secs_f64(), "s")

@@ -112,6 +112,9 @@ below through [`Sched`](runtime2::Sched).
 //!   polled by `findrunnable` and by the idle M instead of its futex sleep;
 //!   hosted, epoll, and `net` (`std`): `TcpListener`, `TcpStream`,
 //!   `UdpSocket` whose calls park the goroutine.
+//! - [`syscall`](mod@syscall) ([`blocking`], Go's `entersyscall` /
+//!   `exitsyscall`) and [`sysmon`] (retaking Ps from calls, time slices,
+//!   the stall detector): the other half of Go's scheduler.
 //! - [`platform`]: what the scheduler needs from its world (threads,
 //!   futexes, a monotonic clock, CPU count); `lock_futex` (internal): how
 //!   idle Ms sleep; [`cpu`]: a kernel's CPUs joining as the Ms;
@@ -209,6 +212,8 @@ mod signal_unix;
 pub mod stack;
 mod stubs;
 pub mod sync;
+pub mod syscall;
+pub mod sysmon;
 pub mod teardown;
 pub mod time;
 pub mod tls;
@@ -226,6 +231,7 @@ pub use runtime2::WaitReason;
 #[cfg(feature = "std")]
 pub use scope::{Scope, ScopedJoinHandle};
 pub use stubs::systemstack;
+pub use syscall::blocking;
 pub use teardown::RuntimeDropped;
 pub use time::{after, sleep};
 pub use tls::getg;

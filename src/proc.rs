@@ -39,10 +39,19 @@
 //!   sees the other: either the producer sees no spinning M and wakes one,
 //!   or the M sees the G.
 //!
-//! There is no preemption: a G runs until it yields, parks or exits.
-//! Two Gs that keep waking each other through `runnext` would starve the
-//! rest of their P's queue, so after [`RUNNEXT_LIMIT`] such hand-offs in a
-//! row `runnext` is demoted behind the ring.
+//! There is no asynchronous preemption: a G runs until it yields, parks
+//! or exits. A G that runs `runnext` (so does the G it wakes, and so on)
+//! inherits its time slice; sysmon (see [`crate::sysmon`]) watches each
+//! P's `schedtick` and, when one slice has lasted 10 ms, sets the P's
+//! `preempt` flag, which the next `schedule` on that P reads (one relaxed
+//! load) to put the chain behind the queues. A scheduler that no sysmon
+//! watches (a kernel that does not call `sysmon_tick`) still ends a chain
+//! after [`RUNNEXT_LIMIT`] hand-offs. The same monitor retakes the
+//! P of a G that is in a blocking call (`entersyscall` / `exitsyscall`,
+//! [`crate::syscall`]), wakes an M for overdue timers, and reports a G
+//! that has held its P without a scheduling point for long (the stall
+//! detector). Those modules' docs say why hosted gokernel does not
+//! interrupt a G the way Go's signal-based preemption does.
 //!
 //! Timers (see [`time`](crate::time)) are work too: `findrunnable` runs
 //! expired ones, and an M with nothing to do while timers are pending
@@ -267,6 +276,9 @@ impl M {
             nbound: AtomicU32::new(0),
             pwhen: 0,
             tornup: false,
+            oldp: null_mut(),
+            insyscall: core::sync::atomic::AtomicBool::new(false),
+            procid: core::sync::atomic::AtomicI32::new(0),
         })
     }
 }
@@ -424,7 +436,7 @@ pub(crate) extern "C" fn goexit1() -> ! {
 /// Checks the soft guard below `gp`'s stack as it switches out (stacks
 /// without a guard page: freestanding, and hosted arena stacks); a G that
 /// ran off its stack is a fatal error naming it.
-fn stackcheck(gp: *mut G) {
+pub(crate) fn stackcheck(gp: *mut G) {
     // SAFETY: gp is the G that just switched out: live, its stack too.
     if let Some(mem) = unsafe { &(*gp).stackmem }
         && !crate::stack::stackguard_ok(mem)
@@ -438,7 +450,7 @@ fn stackcheck(gp: *mut G) {
 /// # Safety
 ///
 /// On g0, with `gp` the G that was `m.curg`.
-unsafe fn dropg(gp: *mut G) -> *mut M {
+pub(crate) unsafe fn dropg(gp: *mut G) -> *mut M {
     // SAFETY: the contract: gp is suspended and was this M's curg.
     unsafe {
         let mp = (*gp).m;
@@ -549,6 +561,14 @@ pub unsafe fn mstart<F: FnOnce()>(mp: *mut M, f: F) {
 /// thread calls it, once, for an M made by `newm` (which holds a reference
 /// on the scheduler for it).
 pub unsafe fn mstart0(mp: *mut M) {
+    // Hosted: the thread id, for the stall detector's signal (sysmon).
+    #[cfg(feature = "std")]
+    // SAFETY: gettid takes no arguments and cannot fail; mp is live.
+    unsafe {
+        (*mp)
+            .procid
+            .store(libc::syscall(libc::SYS_gettid) as i32, Ordering::Relaxed)
+    };
     // SAFETY: mp is an M of a live scheduler; this thread now runs it.
     unsafe {
         mstart(mp, || {
@@ -951,7 +971,7 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
 /// Returns true when that made every P idle with nothing queued: the
 /// caller then runs `checkdead`, as `findrunnable` does when it idles the
 /// last P.
-fn handoffp(sched: &Sched, pp: *mut P) -> bool {
+pub(crate) fn handoffp(sched: &Sched, pp: *mut P) -> bool {
     // SAFETY: Ps live as long as the scheduler; only the (atomic) queue is
     // borrowed.
     let local = !runqempty(unsafe { &(*pp).runq });
@@ -1076,11 +1096,15 @@ pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
     // SAFETY: the contract: nobody else holds pp.
     unsafe {
         debug_assert!(
-            (*mp).p.is_null() && (*pp).m.is_null(),
+            (*mp).p.is_null() && (*pp).m.load(Ordering::Relaxed).is_null(),
             "acquirep: P or M busy"
         );
         (*mp).p = pp;
-        (*pp).m = mp;
+        // Relaxed: read by sysmon only, to find the P's thread.
+        (*pp).m.store(mp, Ordering::Relaxed);
+        (*pp)
+            .status
+            .store(crate::runtime2::PRUNNING, Ordering::Relaxed);
         crate::trace::proc(mp, pp, true);
         let rt = (*mp).rt;
         // Only while Ms wait for a P is the clock read at all.
@@ -1100,7 +1124,7 @@ pub(crate) unsafe fn releasep(mp: *mut M) -> *mut P {
     unsafe {
         let pp = (*mp).p;
         crate::trace::proc(mp, pp, false);
-        (*pp).m = null_mut();
+        (*pp).m.store(null_mut(), Ordering::Relaxed);
         (*mp).p = null_mut();
         pp
     }
@@ -1143,7 +1167,12 @@ pub(crate) fn pidleput(sl: &mut SchedLocked, sched: &Sched, pp: *mut P) {
         return;
     }
     // SAFETY: pp was just released by its M; the lock guards the list.
-    unsafe { (*pp).link = sl.pidle };
+    unsafe {
+        (*pp).link = sl.pidle;
+        (*pp)
+            .status
+            .store(crate::runtime2::PIDLE, Ordering::Relaxed);
+    }
     sl.pidle = pp;
     sched.npidle.fetch_add(1, Ordering::SeqCst);
 }
@@ -1155,6 +1184,8 @@ pub(crate) fn pidleget(sl: &mut SchedLocked, sched: &Sched) -> *mut P {
         // SAFETY: pp is on the idle list, which the lock guards.
         unsafe { sl.pidle = (*pp).link };
         sched.npidle.fetch_sub(1, Ordering::SeqCst);
+        // The first P out of the idle list wakes sysmon from its deep sleep.
+        crate::sysmon::wakeifwaiting(sched);
     }
     pp
 }
@@ -1445,7 +1476,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
 // Run queues.
 
 /// Puts `gp` at the tail of the global queue (Go's `globrunqput`).
-fn globrunqput(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) {
+pub(crate) fn globrunqput(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) {
     gqueue_push(&mut sl.runq, gp);
     sched.runqsize.store(sl.runq.size as u32, Ordering::SeqCst);
 }
@@ -1635,7 +1666,7 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
         let (now, _) = crate::time::checktimers(sched, pp, 0);
         // Fairness: now and then, the global queue first.
         // SAFETY: schedtick is touched only by the P's owner, us.
-        let schedtick = unsafe { (*pp).schedtick };
+        let schedtick = unsafe { (*pp).schedtick.load(Ordering::Relaxed) };
         if schedtick % 61 == 0 && sched.runqsize.load(Ordering::Relaxed) > 0 {
             let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 1);
             if !gp.is_null() {
@@ -1807,7 +1838,7 @@ pub(crate) fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) ->
 /// are still alive, they are all parked, and unless something outside the
 /// runtime wakes one, nothing ever will. Tells whoever asked
 /// (`Runtime::block_on`); the Ms go to sleep either way.
-fn checkdead(sched: &Sched) {
+pub(crate) fn checkdead(sched: &Sched) {
     {
         // The caller saw every P idle a moment ago; since then an M may
         // have taken one (the timer sleeper, or an M woken by handoffp)
@@ -1836,6 +1867,8 @@ fn checkdead(sched: &Sched) {
             // (none does now).
             unsafe {
                 (*mp).ninbox.load(Ordering::SeqCst) != 0
+                    // A goroutine in a call (crate::syscall) is running.
+                    || (*mp).insyscall.load(Ordering::SeqCst)
                     || (!(*mp).lockedg.is_null()
                         && (*(*mp).lockedg).readgstatus() == status::RUNNABLE)
             }
@@ -1896,15 +1929,14 @@ pub(crate) fn schedule() -> ! {
             // SAFETY: on g0 of mp, whose locked G just switched out; once
             // stoplockedm returns true the G is runnable and ours to run.
             if unsafe { stoplockedm(sched, mp) } {
-                // Inheriting the time slice: the run counts towards the
-                // P's runnext streak, as the hand-off M that took the G
-                // off a queue (often runnext: a locked G and its waker
-                // passing it back and forth) would have counted it. A new
-                // slice would reset the streak at every hand-off, so
-                // RUNNEXT_LIMIT would never demote runnext and the P's
-                // ring (a G its timer readied, say) would starve for good
-                // on one P. A locked G taken from the ring counts too: it
-                // can only demote runnext sooner.
+                // Inheriting the time slice, as the hand-off M that took
+                // the G off a queue (often runnext: a locked G and its
+                // waker passing it back and forth) would have: a new slice
+                // at every hand-off would keep sysmon from ever seeing the
+                // chain's slice run out, so runnext would never be demoted
+                // and the P's ring (a G its timer readied, say) would
+                // starve for good on one P. A locked G taken from the ring
+                // inherits too: it can only end the slice sooner.
                 // SAFETY: as above.
                 unsafe { execute(lockedg, true) }
             }
@@ -1933,10 +1965,15 @@ pub(crate) fn schedule() -> ! {
         }
         // SAFETY: a running scheduler M holds a P here.
         let pp = unsafe { (*mp).p };
+        // sysmon says the time slice is over (crate::sysmon), or, on a
+        // scheduler no sysmon watches, the chain has had RUNNEXT_LIMIT
+        // hand-offs: the runnext chain ends here, behind the queues.
         // SAFETY: pp is ours.
-        if unsafe { (*pp).runnext_streak } >= RUNNEXT_LIMIT {
+        if unsafe { (*pp).preempt.load(Ordering::Relaxed) || (*pp).runnext_streak >= RUNNEXT_LIMIT }
+        {
             // SAFETY: as above; boundnext is this M's own.
             unsafe {
+                (*pp).preempt.store(false, Ordering::Relaxed);
                 (*pp).runnext_streak = 0;
                 let gp = crate::bound::boundnextget(mp);
                 if !gp.is_null() {
@@ -2011,7 +2048,9 @@ pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> !
             if inherit_time {
                 (*pp).runnext_streak += 1;
             } else {
-                (*pp).schedtick = (*pp).schedtick.wrapping_add(1);
+                // Owner only: a load and a store, no read-modify-write.
+                let t = (*pp).schedtick.load(Ordering::Relaxed);
+                (*pp).schedtick.store(t.wrapping_add(1), Ordering::Relaxed);
                 (*pp).runnext_streak = 0;
             }
             PCounters::add(&(*pp).stats.scheduled, 1);
@@ -2075,10 +2114,18 @@ pub fn gosched() {
     // Outside any goroutine: a clear panic. (On g0 `mcall` itself is a
     // named fatal error, and a G of a bare M without a scheduler is
     // stopped by gosched_m.)
+    let gp = getg();
     assert!(
-        !getg().is_null(),
+        !gp.is_null(),
         "gokernel::gosched called outside a goroutine of a gokernel runtime"
     );
+    // SAFETY: a non-null current G is live while it runs.
+    if unsafe { (*gp).atomicstatus.load(Ordering::Relaxed) } == status::SYSCALL {
+        // Inside a blocking call: out of it for the yield (crate::syscall).
+        // SAFETY: the running user G, in a call.
+        unsafe { crate::syscall::insyscall(gosched) };
+        return;
+    }
     // SAFETY: on a G of an M; gosched_m checks for a scheduler.
     unsafe { mcall(gosched_m) };
 }
@@ -2150,6 +2197,10 @@ pub unsafe fn gopark(
             .waitsince
             .store(crate::traceback::cputicks(), Ordering::Relaxed);
         crate::traceback::record_park(gp);
+        if (*gp).atomicstatus.load(Ordering::Relaxed) == status::SYSCALL {
+            // Inside a blocking call: parks without a P (crate::syscall).
+            return crate::syscall::gopark_insyscall(unlockf, lock);
+        }
         let mp = (*gp).m;
         (*mp).waitunlockf = Some(unlockf);
         (*mp).waitlock = lock;
@@ -2479,7 +2530,8 @@ pub struct GoroutineCounts {
     pub idle: usize,
     /// On a run queue or on the way to one ([`status::RUNNABLE`]).
     pub runnable: usize,
-    /// Running on an M ([`status::RUNNING`]).
+    /// Running on an M ([`status::RUNNING`]), or in a blocking call on
+    /// one ([`status::SYSCALL`]).
     pub running: usize,
     /// Parked ([`status::WAITING`]).
     pub waiting: usize,
@@ -2664,10 +2716,13 @@ impl Sched {
             .map(|id| {
                 Box::into_raw(Box::new(P {
                     id: id as i32,
-                    m: null_mut(),
+                    m: AtomicPtr::new(null_mut()),
                     link: null_mut(),
-                    schedtick: 0,
+                    status: AtomicU32::new(crate::runtime2::PIDLE),
+                    schedtick: AtomicU32::new(0),
                     runnext_streak: 0,
+                    syscalltick: AtomicU32::new(0),
+                    preempt: core::sync::atomic::AtomicBool::new(false),
                     runq: crate::runq::Runq::new(),
                     gfree: null_mut(),
                     gfreecnt: 0,
@@ -2716,6 +2771,7 @@ impl Sched {
             teardown: crate::runtime2::TeardownBarrier::new(),
             cpus: crate::cpu::Cpus::new(),
             inject: crate::intr::Inject::new(),
+            sysmon: crate::sysmon::Sysmon::new(procs),
         });
         crate::cpu::note_platform(platform);
         {
@@ -2769,7 +2825,9 @@ impl Sched {
             match unsafe { &(*gp).atomicstatus }.load(Ordering::Acquire) {
                 status::IDLE => goroutines.idle += 1,
                 status::RUNNABLE => goroutines.runnable += 1,
-                status::RUNNING => goroutines.running += 1,
+                // In a blocking call (crate::syscall): running, in Go's
+                // schedtrace too.
+                status::RUNNING | status::SYSCALL => goroutines.running += 1,
                 status::WAITING => {
                     goroutines.waiting += 1;
                     // SAFETY: as above; the reason is an atomic.

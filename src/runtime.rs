@@ -160,6 +160,8 @@ pub struct Builder {
     unguarded_stacks: bool,
     traceback: bool,
     trace: Option<std::path::PathBuf>,
+    /// `None`: from the environment; `Some(None)`: off.
+    stall_limit: Option<Option<Duration>>,
 }
 
 impl Builder {
@@ -336,8 +338,35 @@ impl Builder {
         self
     }
 
+    /// The stall detector's limit (see [`sysmon`](crate::sysmon)): a
+    /// goroutine that runs this long without a scheduling point (a yield,
+    /// a park, a blocking call) is reported once on stderr — its id, where
+    /// it was started, for how long, and a backtrace of where it is — and
+    /// goes on untouched. `None` turns it off. The default is
+    /// [`STALL_DEFAULT`](crate::sysmon::STALL_DEFAULT) (1 s).
+    ///
+    /// Without this option the environment decides: `GOKERNEL_STALL=<ms>`
+    /// (a whole number of milliseconds), or `off` (also `0`). A value that
+    /// is neither is reported once on stderr and the default is used.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let rt = gokernel::Runtime::builder()
+    ///     .procs(1)
+    ///     .stall_limit(Some(Duration::from_millis(200)))
+    ///     .build()
+    ///     .unwrap();
+    /// rt.block_on(|| ()).unwrap();
+    /// ```
+    pub fn stall_limit(mut self, limit: Option<Duration>) -> Self {
+        self.stall_limit = Some(limit);
+        self
+    }
+
     /// Builds the runtime. No thread starts until there is a G to run
-    /// (except the schedtrace monitor, when one is asked for).
+    /// (except the schedtrace monitor, when one is asked for); sysmon's
+    /// thread starts with the first goroutine.
     ///
     /// # Errors
     ///
@@ -368,6 +397,8 @@ impl Builder {
         let monitor = period
             .filter(|p| !p.is_zero())
             .map(|p| Monitor::start(sched.clone(), p.max(Duration::from_millis(1))));
+        let stall = self.stall_limit.unwrap_or_else(stall_from_env);
+        crate::sysmon::set_stall_limit(&sched, stall);
         crate::signal_unix::register_for_sigquit(&sched);
         let trace_file = self.trace.or_else(trace_from_env);
         if trace_file.is_some() {
@@ -390,6 +421,7 @@ impl Builder {
             monitor,
             traceback: self.traceback,
             trace_file,
+            sysmon: std::sync::OnceLock::new(),
         })
     }
 }
@@ -405,6 +437,8 @@ pub struct Runtime {
     traceback: bool,
     /// Where the execution trace goes when the runtime is dropped.
     trace_file: Option<std::path::PathBuf>,
+    /// The sysmon thread, started with the first goroutine.
+    sysmon: std::sync::OnceLock<crate::sysmon::SysmonThread>,
 }
 
 impl Runtime {
@@ -424,7 +458,15 @@ impl Runtime {
             unguarded_stacks: false,
             traceback: false,
             trace: None,
+            stall_limit: None,
         }
+    }
+
+    /// Starts sysmon's thread if it has not started yet (one load when it
+    /// has).
+    fn sysmon(&self) {
+        self.sysmon
+            .get_or_init(|| crate::sysmon::SysmonThread::start(self.sched.clone()));
     }
 
     /// Runs `f` as the main goroutine and returns its value, blocking the
@@ -491,6 +533,7 @@ impl Runtime {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
+        self.sysmon();
         spawn_on(Some(&self.sched), f)
     }
 
@@ -505,6 +548,7 @@ impl Runtime {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
+        self.sysmon();
         match try_spawn_on(Some(&self.sched), true, f) {
             Ok(h) => h,
             Err(e) => panic!("gokernel: {e}"),
@@ -522,6 +566,7 @@ impl Runtime {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<JoinHandle<T>, SpawnError> {
+        self.sysmon();
         try_spawn_on(Some(&self.sched), false, f)
     }
 
@@ -632,8 +677,9 @@ impl Drop for Runtime {
     /// this returns at once; the calling goroutine is unwound at its next
     /// park, like the others.
     fn drop(&mut self) {
-        // The monitor first: it would only report the shutdown.
+        // The monitors first: they would only report the shutdown.
         drop(self.monitor.take());
+        drop(self.sysmon.take());
         if core::mem::take(&mut self.traceback) {
             crate::traceback::hosted::TRACEBACK.fetch_sub(1, Ordering::Relaxed);
         }
@@ -687,6 +733,42 @@ fn trace_from_env() -> Option<std::path::PathBuf> {
         p = name.into();
     }
     Some(p)
+}
+
+/// The environment variable that sets the stall limit.
+const STALL_ENV: &str = "GOKERNEL_STALL";
+
+/// The stall limit the environment asks for: the default when unset or
+/// bad (a bad value is reported once per process), `None` for `off`/`0`.
+fn stall_from_env() -> Option<Duration> {
+    let default = Some(crate::sysmon::STALL_DEFAULT);
+    let Some(v) = std::env::var_os(STALL_ENV) else {
+        return default;
+    };
+    match parse_stall(v.to_str()) {
+        Ok(l) => l,
+        Err(why) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                std::eprintln!(
+                    "gokernel: ignoring {STALL_ENV}={:?}: {why}",
+                    v.to_string_lossy()
+                );
+            });
+            default
+        }
+    }
+}
+
+/// A `GOKERNEL_STALL` value (`None`: not valid Unicode) as a limit.
+fn parse_stall(v: Option<&str>) -> Result<Option<Duration>, &'static str> {
+    const WANT: &str = "expected a whole number of milliseconds, or off";
+    let v = v.ok_or(WANT)?.trim();
+    if v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let ms: u64 = v.parse().map_err(|_| WANT)?;
+    Ok((ms != 0).then(|| Duration::from_millis(ms)))
 }
 
 /// The environment variable that turns on the schedtrace monitor.

@@ -385,6 +385,11 @@ pub mod status {
     pub const RUNNABLE: u32 = 1;
     /// Running on an M (`m.curg == g`, `g.m == m`): the M owns its stack.
     pub const RUNNING: u32 = 2;
+    /// In a blocking call (`entersyscall` … `exitsyscall`, see
+    /// [`crate::syscall`]): still its M's `curg`, running on its own stack,
+    /// but its M holds no P, so it runs no gokernel code that needs one.
+    /// (A wait reason "syscall" names this status in dumps.)
+    pub const SYSCALL: u32 = 3;
     /// Parked: on no run queue; whoever will `ready` it owns the G.
     /// `sched` says where to resume.
     pub const WAITING: u32 = 4;
@@ -398,6 +403,7 @@ pub mod status {
             IDLE => "idle",
             RUNNABLE => "runnable",
             RUNNING => "running",
+            SYSCALL => "syscall",
             WAITING => "waiting",
             DEAD => "dead",
             _ => "unknown",
@@ -518,6 +524,33 @@ impl G {
         // SAFETY: only ever set from `Location::caller()`, a `'static`
         // reference, or null.
         unsafe { self.spawn_site.load(Ordering::Relaxed).as_ref() }
+    }
+
+    /// Where the G was started: the source location of the `go`, `spawn`
+    /// or `Sched::go` call that made it (Go's `gopc`); `None` for a G not
+    /// made by a scheduler.
+    ///
+    /// ```
+    /// # #[cfg(feature = "std")] {
+    /// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+    /// let (at, line) = rt
+    ///     .block_on(|| {
+    ///         let task = || {
+    ///             // SAFETY: the running goroutine's own G.
+    ///             let g = unsafe { &*gokernel::getg() };
+    ///             g.spawn_location().unwrap()
+    ///         };
+    ///         let (h, line) = (gokernel::spawn(task), line!());
+    ///         (h.join().unwrap(), line)
+    ///     })
+    ///     .unwrap();
+    /// assert_eq!((at.file(), at.line()), (file!(), line));
+    /// # }
+    /// ```
+    pub fn spawn_location(&self) -> Option<&'static core::panic::Location<'static>> {
+        let site = self.spawn_site.load(Ordering::Relaxed);
+        // SAFETY: null or a `&'static Location` stored by newproc1.
+        unsafe { site.as_ref() }
     }
 
     /// Gives this G an id (a G made by [`malg`](crate::proc::malg) has
@@ -668,6 +701,16 @@ pub struct M {
     /// In the scheduler's teardown (`teardown::mexit`): past the barrier,
     /// unwinding its goroutines. Owner only.
     pub(crate) tornup: bool,
+    /// The P this M held when its G entered a call (`entersyscall`), which
+    /// `exitsyscall` tries to take back first (Go's `oldp`). Owner only.
+    pub(crate) oldp: *mut P,
+    /// True while this M's G is in a call (`entersyscall` …
+    /// `exitsyscall`): `checkdead` counts it as running. Written by the M
+    /// (cleared under [`Sched::lock`] once the G has a P or waits for one).
+    pub(crate) insyscall: core::sync::atomic::AtomicBool,
+    /// Hosted: the M's thread id (`gettid`), for the stall detector's
+    /// signal; 0 until the thread starts.
+    pub(crate) procid: core::sync::atomic::AtomicI32,
 }
 
 /// A processor token: an M must hold one to run user Gs. There are `procs`
@@ -677,16 +720,31 @@ pub struct M {
 pub struct P {
     /// P id, `0..procs`.
     pub(crate) id: i32,
-    /// The M holding this P, or null (idle P).
-    pub(crate) m: *mut M,
+    /// The M holding this P, or null (idle P). Written by the M that takes
+    /// or releases it; atomic so that sysmon can read it.
+    pub(crate) m: core::sync::atomic::AtomicPtr<M>,
     /// Next P on the idle list (`Sched::pidle`), under the scheduler lock.
     pub(crate) link: *mut P,
+    /// [`PIDLE`], [`PRUNNING`] or [`PSYSCALL`] (Go's `p.status`): sysmon
+    /// retakes a P in `PSYSCALL` by a compare-and-swap, which its M's
+    /// `exitsyscall` races with (see [`crate::syscall`]).
+    pub(crate) status: AtomicU32,
     /// Incremented on every scheduler call that starts a new time slice;
-    /// every 61st looks at the global queue first. Owner only.
-    pub(crate) schedtick: u32,
+    /// every 61st looks at the global queue first. Written by the owner
+    /// only (a relaxed load and store); sysmon reads it to time slices.
+    pub(crate) schedtick: AtomicU32,
     /// Consecutive Gs run from `runnext` (inheriting the time slice); at
-    /// [`RUNNEXT_LIMIT`] `runnext` is demoted to the ring. Owner only.
+    /// [`RUNNEXT_LIMIT`] the chain is demoted behind the queues even if no
+    /// sysmon watches this scheduler. Owner only.
     pub(crate) runnext_streak: u32,
+    /// Incremented by every `entersyscall` on this P (owner only); sysmon
+    /// reads it to tell one long call from many short ones.
+    pub(crate) syscalltick: AtomicU32,
+    /// Set by sysmon when the current time slice has lasted
+    /// [`FORCE_PREEMPT_NS`](crate::sysmon::FORCE_PREEMPT_NS): at its next
+    /// scheduling point the P ends the `runnext` chain (Go's `preempt`,
+    /// without the asynchronous part). Cleared by the owner.
+    pub(crate) preempt: core::sync::atomic::AtomicBool,
     /// The local run queue: a ring of 256 and `runnext`.
     pub(crate) runq: crate::runq::Runq<G>,
     /// Dead Gs with stacks, for reuse (linked by `schedlink`). Owner only.
@@ -760,14 +818,27 @@ impl P {
 
     /// The M holding this P, or null (idle P).
     pub fn m(&self) -> *mut M {
-        self.m
+        self.m.load(Ordering::Relaxed)
     }
 }
 
 /// How many Gs in a row may take `runnext` (and so inherit the time slice)
-/// before `runnext` has to queue behind the ring. Without preemption this is
-/// what keeps two Gs that hand `runnext` to each other from starving the rest.
-pub const RUNNEXT_LIMIT: u32 = 64;
+/// before `runnext` has to queue behind the rest: the backstop for a
+/// scheduler no sysmon watches (a kernel that does not call
+/// [`sysmon_tick`](crate::sysmon::sysmon_tick)). With sysmon the bound is
+/// the 10 ms time slice ([`FORCE_PREEMPT_NS`](crate::sysmon::FORCE_PREEMPT_NS)),
+/// which a chain of quick hand-offs reaches first: at 64, as this was
+/// before sysmon, a chain of 1 µs hand-offs got 1,000 times less CPU than
+/// a chain of 1 ms ones (Go's `TestPingPongHog`).
+pub const RUNNEXT_LIMIT: u32 = 4096;
+
+/// `P::status`: on the idle list (Go's `_Pidle`).
+pub const PIDLE: u32 = 0;
+/// `P::status`: held by an M running Gs or looking for them (`_Prunning`).
+pub const PRUNNING: u32 = 1;
+/// `P::status`: its M's G is in a call and may be away for long; sysmon
+/// may take the P for another M (`_Psyscall`).
+pub const PSYSCALL: u32 = 2;
 
 /// How many goroutine ids a P takes from the global generator at once
 /// (Go's `_GoidCacheBatch`).
@@ -915,6 +986,9 @@ pub struct Sched {
     pub(crate) cpus: crate::cpu::Cpus,
     /// Nodes posted by interrupt handlers (see [`crate::intr`]).
     pub(crate) inject: crate::intr::Inject,
+    /// sysmon's state: its sleep, its per-P records, the stall limit (see
+    /// [`crate::sysmon`]).
+    pub(crate) sysmon: crate::sysmon::Sysmon,
 }
 
 /// Ms arriving at the teardown (see [`crate::teardown`]).
