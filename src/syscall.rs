@@ -284,7 +284,8 @@ unsafe extern "C" fn exitsyscall0(gp: *mut G) {
         };
         if !got {
             // Whoever takes us off mwantp sets nextp first (shutdown: null).
-            crate::lock_futex::notesleep(sched.platform, &(*mp).park);
+            // A kick (crate::cpu: work for an idle M) is not that: sleep on.
+            crate::cpu::notesleep_woken(sched.platform, &(*mp).park);
             crate::lock_futex::noteclear(&(*mp).park);
             (*mp).sleeping.store(crate::bound::AWAKE, Ordering::Relaxed);
             let pp = core::mem::replace(&mut (*mp).nextp, null_mut());
