@@ -267,6 +267,13 @@ impl core::fmt::Display for GoLockedError {
 /// On a platform that starts threads this is `Sched::go_locked` (a new M
 /// when no idle one is free), with its stack error.
 ///
+/// # Errors
+///
+/// - [`GoLockedError::Stack`] if the goroutine's stack cannot be
+///   allocated (`f` is dropped);
+/// - [`GoLockedError::NoFreeCpu`] if the platform starts no threads and
+///   no joined CPU is free (`f` is dropped, the goroutine never runs).
+///
 /// ```
 /// use gokernel::cpu::{GoLockedError, try_go_locked};
 /// use gokernel::platform::hosted::HOSTED;

@@ -46,6 +46,43 @@
 //! Name lookups (`ToSocketAddrs` with a host name) block the thread, as
 //! in `std`; addresses given as `"1.2.3.4:80"` or `SocketAddr` do not.
 //!
+//! # Errors
+//!
+//! Every call fails with an [`io::Error`], as in `std::net`; each method's
+//! `# Errors` section says which of these apply.
+//!
+//! - **The OS error** of the system call (`socket(2)`, `bind(2)`,
+//!   `connect(2)`, `accept4(2)`, `recv(2)`, `send(2)`, `getsockopt(2)`,
+//!   …), as [`io::Error::from_raw_os_error`] makes it. `EINTR` is retried;
+//!   `EAGAIN` is a wait (see *Blocking*), not an error.
+//! - **A waiting call** (one that may wait for the socket: reading,
+//!   peeking, writing, sending, receiving, accepting) also fails with:
+//!   - an error for which [`is_closed`] is true (kind
+//!     [`NotConnected`](io::ErrorKind::NotConnected)) if the socket was
+//!     closed (`close`, on any handle) before the call or while it
+//!     waits — checked before each attempt, so even data already queued
+//!     is not read;
+//!   - [`WouldBlock`](io::ErrorKind::WouldBlock), at once, instead of
+//!     waiting, after `set_nonblocking(true)`;
+//!   - [`TimedOut`](io::ErrorKind::TimedOut) when its read timeout
+//!     (reading, peeking, receiving) or write timeout (writing, sending)
+//!     passes (see *Timeouts and deadlines*; a [`TcpListener`] has none);
+//!   - the error of the wait itself: in a goroutine, the OS error of
+//!     arming the socket with the runtime's poller (making the epoll
+//!     instance on first use, `epoll_ctl(2)`); on a thread, that of
+//!     `poll(2)`.
+//! - **The other calls** (addresses, socket options, `shutdown`,
+//!   `take_error`, UDP `connect`) are plain system calls: they do not
+//!   check for `close` (the descriptor stays open until the last handle
+//!   is dropped) and fail only with the OS error.
+//! - **Calls taking [`ToSocketAddrs`]** also fail with the error of
+//!   resolving the address, or [`InvalidInput`](io::ErrorKind::InvalidInput)
+//!   if it resolves to no address. Those that try each address in turn
+//!   (`bind`, `connect`) return the error for the last one.
+//! - An address the kernel returns in a family other than IPv4 or IPv6
+//!   (not expected of these sockets) is an
+//!   [`InvalidInput`](io::ErrorKind::InvalidInput) error.
+//!
 //! # Example
 //!
 //! ```
@@ -650,6 +687,10 @@ fn each_addr<T>(
 macro_rules! common_methods {
     () => {
         /// The local address.
+        ///
+        /// # Errors
+        ///
+        /// The OS error of `getsockname(2)` ([module docs](crate::net#errors)).
         pub fn local_addr(&self) -> io::Result<SocketAddr> {
             self.fd.local_addr()
         }
@@ -657,6 +698,10 @@ macro_rules! common_methods {
         /// Whether a wait returns [`WouldBlock`](io::ErrorKind::WouldBlock)
         /// instead of parking the goroutine or blocking the thread (see
         /// the module docs).
+        ///
+        /// # Errors
+        ///
+        /// None: it always returns `Ok` (a `Result` as in `std`).
         pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
             self.fd.nonblocking.store(nonblocking, Ordering::Relaxed);
             Ok(())
@@ -674,6 +719,10 @@ macro_rules! common_methods {
         /// Another handle to the same socket (not a `dup(2)`: closing
         /// one closes both; see the module docs). Never fails; a `Result`
         /// as in `std`.
+        ///
+        /// # Errors
+        ///
+        /// None (see above).
         pub fn try_clone(&self) -> io::Result<Self> {
             Ok(Self {
                 fd: self.fd.clone(),
@@ -681,16 +730,30 @@ macro_rules! common_methods {
         }
 
         /// Takes the socket's pending error (`SO_ERROR`).
+        ///
+        /// # Errors
+        ///
+        /// The OS error of `getsockopt(2)` itself; the pending error is the
+        /// `Ok` value.
         pub fn take_error(&self) -> io::Result<Option<io::Error>> {
             self.fd.take_error()
         }
 
         /// The socket's IP time-to-live.
+        ///
+        /// # Errors
+        ///
+        /// The OS error of `getsockopt(2)`.
         pub fn ttl(&self) -> io::Result<u32> {
             getsockopt_int(self.fd.fd, libc::IPPROTO_IP, libc::IP_TTL).map(|v| v as u32)
         }
 
         /// Sets the socket's IP time-to-live.
+        ///
+        /// # Errors
+        ///
+        /// [`InvalidInput`](io::ErrorKind::InvalidInput) if `ttl` is over
+        /// `i32::MAX`; otherwise the OS error of `setsockopt(2)`.
         pub fn set_ttl(&self, ttl: u32) -> io::Result<()> {
             let v = i32::try_from(ttl).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             setsockopt_int(self.fd.fd, libc::IPPROTO_IP, libc::IP_TTL, v)
@@ -705,22 +768,39 @@ macro_rules! timeout_methods {
         /// fails with [`TimedOut`](io::ErrorKind::TimedOut). `None`: no
         /// bound. `Some(Duration::ZERO)` is an
         /// [`InvalidInput`](io::ErrorKind::InvalidInput) error, as in `std`.
+        ///
+        /// # Errors
+        ///
+        /// [`InvalidInput`](io::ErrorKind::InvalidInput) for
+        /// `Some(Duration::ZERO)`; nothing else.
         pub fn set_read_timeout(&self, dur: Option<Duration>) -> io::Result<()> {
             self.fd.set_timeout(MODE_R, dur)
         }
 
         /// Bounds each write, as [`set_read_timeout`](Self::set_read_timeout)
         /// does each read.
+        ///
+        /// # Errors
+        ///
+        /// As [`set_read_timeout`](Self::set_read_timeout).
         pub fn set_write_timeout(&self, dur: Option<Duration>) -> io::Result<()> {
             self.fd.set_timeout(MODE_W, dur)
         }
 
         /// The read timeout.
+        ///
+        /// # Errors
+        ///
+        /// None: it always returns `Ok` (a `Result` as in `std`).
         pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
             Ok(self.fd.get_timeout(MODE_R))
         }
 
         /// The write timeout.
+        ///
+        /// # Errors
+        ///
+        /// None: it always returns `Ok` (a `Result` as in `std`).
         pub fn write_timeout(&self) -> io::Result<Option<Duration>> {
             Ok(self.fd.get_timeout(MODE_W))
         }
@@ -756,6 +836,14 @@ pub struct TcpListener {
 impl TcpListener {
     /// Binds to `addr` and listens (`SO_REUSEADDR`, as `std` does on Unix;
     /// a backlog of 4,096, capped by `net.core.somaxconn`).
+    ///
+    /// # Errors
+    ///
+    /// The error of resolving `addr` (or [`InvalidInput`](io::ErrorKind::InvalidInput)
+    /// if it resolves to nothing), or, for the last address tried, the OS
+    /// error of `socket(2)`, `setsockopt(2)`, `bind(2)` or `listen(2)` (for
+    /// example [`AddrInUse`](io::ErrorKind::AddrInUse)); see the
+    /// [module docs](crate::net#errors).
     pub fn bind(addr: impl ToSocketAddrs) -> io::Result<TcpListener> {
         each_addr(addr, |a| {
             let fd = NetFd::socket(family(a), libc::SOCK_STREAM)?;
@@ -772,6 +860,14 @@ impl TcpListener {
     /// Takes a connection: parks the goroutine (blocks the thread) until
     /// one comes. The new stream is blocking-by-parking, with no
     /// timeouts.
+    ///
+    /// # Errors
+    ///
+    /// A waiting call's errors ([module docs](crate::net#errors)): an [`is_closed`] error if
+    /// the listener is closed, [`WouldBlock`](io::ErrorKind::WouldBlock) in
+    /// non-blocking mode, the poller's or `poll(2)`'s error, or the OS error
+    /// of `accept4(2)` (a connection aborted before it was taken,
+    /// `ECONNABORTED`, is skipped, not returned). There is no timeout.
     pub fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let (fd, addr) = self.fd.accept()?;
         Ok((TcpStream { fd }, addr))
@@ -810,6 +906,16 @@ impl TcpStream {
     /// Connects to `addr` (each address in turn, as `std`): parks the
     /// goroutine (blocks the thread) until the connection is made or
     /// refused.
+    ///
+    /// # Errors
+    ///
+    /// The error of resolving `addr` (or [`InvalidInput`](io::ErrorKind::InvalidInput)
+    /// if it resolves to nothing), or, for the last address tried: the OS
+    /// error of `socket(2)` or `connect(2)`, the error the attempt ended
+    /// with (`SO_ERROR`, for example
+    /// [`ConnectionRefused`](io::ErrorKind::ConnectionRefused)), or the
+    /// poller's or `poll(2)`'s error while waiting ([module docs](crate::net#errors)). No
+    /// timeout: see [`connect_timeout`](Self::connect_timeout).
     pub fn connect(addr: impl ToSocketAddrs) -> io::Result<TcpStream> {
         each_addr(addr, |a| Self::connect_inner(a, None))
     }
@@ -818,6 +924,12 @@ impl TcpStream {
     /// [`TimedOut`](io::ErrorKind::TimedOut) after `timeout`.
     /// A zero timeout is an [`InvalidInput`](io::ErrorKind::InvalidInput)
     /// error, as in `std`.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](io::ErrorKind::InvalidInput) for a zero `timeout`;
+    /// [`TimedOut`](io::ErrorKind::TimedOut) when it passes; otherwise as
+    /// [`connect`](Self::connect) for one address.
     pub fn connect_timeout(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         if timeout.is_zero() {
             return Err(io::Error::new(
@@ -835,6 +947,10 @@ impl TcpStream {
     }
 
     /// The peer's address.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `getpeername(2)` ([module docs](crate::net#errors)).
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.fd.peer_addr()
     }
@@ -842,16 +958,33 @@ impl TcpStream {
     /// Shuts down the read half, the write half or both (`shutdown(2)`);
     /// unlike [`close`](Self::close), the handle stays usable for the
     /// other half.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `shutdown(2)` (for example
+    /// [`NotConnected`](io::ErrorKind::NotConnected) on a socket that is not
+    /// connected); see the [module docs](crate::net#errors).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         self.fd.shutdown(how)
     }
 
     /// Reads without taking the bytes off the socket's queue.
+    ///
+    /// # Errors
+    ///
+    /// A waiting call's errors, with the read timeout ([module docs](crate::net#errors)):
+    /// [`is_closed`], [`WouldBlock`](io::ErrorKind::WouldBlock),
+    /// [`TimedOut`](io::ErrorKind::TimedOut), the wait's error, or the OS
+    /// error of `recv(2)`.
     pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd.peek(buf)
     }
 
     /// Sets `TCP_NODELAY`.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `setsockopt(2)`.
     pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
         setsockopt_int(
             self.fd.fd,
@@ -862,6 +995,10 @@ impl TcpStream {
     }
 
     /// Whether `TCP_NODELAY` is set.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `getsockopt(2)`.
     pub fn nodelay(&self) -> io::Result<bool> {
         getsockopt_int(self.fd.fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).map(|v| v != 0)
     }
@@ -925,6 +1062,13 @@ pub struct UdpSocket {
 
 impl UdpSocket {
     /// Binds to `addr`.
+    ///
+    /// # Errors
+    ///
+    /// The error of resolving `addr` (or [`InvalidInput`](io::ErrorKind::InvalidInput)
+    /// if it resolves to nothing), or, for the last address tried, the OS
+    /// error of `socket(2)` or `bind(2)` (for example
+    /// [`AddrInUse`](io::ErrorKind::AddrInUse)); see the [module docs](crate::net#errors).
     pub fn bind(addr: impl ToSocketAddrs) -> io::Result<UdpSocket> {
         each_addr(addr, |a| {
             let fd = NetFd::socket(family(a), libc::SOCK_DGRAM)?;
@@ -937,16 +1081,36 @@ impl UdpSocket {
 
     /// Receives one datagram (the excess of a longer one is dropped) and
     /// its sender's address.
+    ///
+    /// # Errors
+    ///
+    /// A waiting call's errors, with the read timeout ([module docs](crate::net#errors)):
+    /// [`is_closed`], [`WouldBlock`](io::ErrorKind::WouldBlock),
+    /// [`TimedOut`](io::ErrorKind::TimedOut), the wait's error, or the OS
+    /// error of `recvfrom(2)`.
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         self.fd.recv_from(buf, 0)
     }
 
     /// [`recv_from`](Self::recv_from), leaving the datagram queued.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_from`](Self::recv_from).
     pub fn peek_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         self.fd.recv_from(buf, libc::MSG_PEEK)
     }
 
     /// Sends one datagram to the first address `addr` resolves to.
+    ///
+    /// # Errors
+    ///
+    /// The error of resolving `addr`, or [`InvalidInput`](io::ErrorKind::InvalidInput)
+    /// if it resolves to nothing; then a waiting call's errors, with the
+    /// write timeout ([module docs](crate::net#errors)): [`is_closed`],
+    /// [`WouldBlock`](io::ErrorKind::WouldBlock),
+    /// [`TimedOut`](io::ErrorKind::TimedOut), the wait's error, or the OS
+    /// error of `sendto(2)`.
     pub fn send_to(&self, buf: &[u8], addr: impl ToSocketAddrs) -> io::Result<usize> {
         let a = addr.to_socket_addrs()?.next().ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "no addresses to send data to")
@@ -956,6 +1120,13 @@ impl UdpSocket {
 
     /// Sets the default peer ([`send`](Self::send), [`recv`](Self::recv))
     /// and filters datagrams from others.
+    ///
+    /// # Errors
+    ///
+    /// The error of resolving `addr` (or [`InvalidInput`](io::ErrorKind::InvalidInput)
+    /// if it resolves to nothing), or the OS error of `connect(2)` for the
+    /// last address tried. It does not wait, and does not check for
+    /// `close` ([module docs](crate::net#errors)).
     pub fn connect(&self, addr: impl ToSocketAddrs) -> io::Result<()> {
         each_addr(addr, |a| {
             let (sa, len) = sockaddr_from(a);
@@ -965,26 +1136,55 @@ impl UdpSocket {
     }
 
     /// The connected peer's address.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `getpeername(2)` ([module docs](crate::net#errors)).
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.fd.peer_addr()
     }
 
     /// Sends one datagram to the connected peer.
+    ///
+    /// # Errors
+    ///
+    /// A waiting call's errors, with the write timeout ([module docs](crate::net#errors)):
+    /// [`is_closed`], [`WouldBlock`](io::ErrorKind::WouldBlock),
+    /// [`TimedOut`](io::ErrorKind::TimedOut), the wait's error, or the OS
+    /// error of `send(2)` (for example when no peer is connected).
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
         self.fd.write(buf)
     }
 
     /// Receives one datagram from the connected peer.
+    ///
+    /// # Errors
+    ///
+    /// A waiting call's errors, with the read timeout ([module docs](crate::net#errors)):
+    /// [`is_closed`], [`WouldBlock`](io::ErrorKind::WouldBlock),
+    /// [`TimedOut`](io::ErrorKind::TimedOut), the wait's error, or the OS
+    /// error of `recv(2)`.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd.read(buf)
     }
 
     /// [`recv`](Self::recv), leaving the datagram queued.
+    ///
+    /// # Errors
+    ///
+    /// A waiting call's errors, with the read timeout ([module docs](crate::net#errors)):
+    /// [`is_closed`], [`WouldBlock`](io::ErrorKind::WouldBlock),
+    /// [`TimedOut`](io::ErrorKind::TimedOut), the wait's error, or the OS
+    /// error of `recv(2)`.
     pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd.peek(buf)
     }
 
     /// Sets `SO_BROADCAST`.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `setsockopt(2)`.
     pub fn set_broadcast(&self, on: bool) -> io::Result<()> {
         setsockopt_int(
             self.fd.fd,

@@ -131,6 +131,13 @@ pub trait Netpoll: Send + Sync {
     /// hang-up, a `netpoll` reports `tag` with the directions. If it is
     /// ready when armed, that counts as becoming ready. Arming a source
     /// armed already is not an error.
+    ///
+    /// # Errors
+    ///
+    /// The platform's error number (hosted: the `errno` of `epoll_ctl(2)`,
+    /// or `EBADF` for an `fd` that is not a descriptor number) when the
+    /// source cannot be armed; [`PollDesc::wait`] returns it as
+    /// [`WaitError::Poller`].
     fn netpollopen(&self, fd: usize, tag: PollTag) -> Result<(), i32>;
     /// Waits at most `delay` nanoseconds (`< 0`: until a source becomes
     /// ready or [`netpollbreak`](Netpoll::netpollbreak) is called; `0`:
@@ -358,6 +365,20 @@ impl PollDesc {
     ///
     /// Hosted, the scheduler's epoll poller is made on first use; without
     /// `std` the scheduler needs one from [`netpollinit`].
+    ///
+    /// # Errors
+    ///
+    /// - [`WaitError::NotGoroutine`] when not called from a goroutine of a
+    ///   scheduler (nothing is armed);
+    /// - [`WaitError::Poller`] when the scheduler has no poller (without
+    ///   `std`, none installed: error number 0), the poller cannot be made
+    ///   (hosted: the `errno` of `epoll_create1(2)`, `eventfd(2)` or
+    ///   `epoll_ctl(2)`), or it cannot arm the source
+    ///   ([`Netpoll::netpollopen`]'s error);
+    /// - [`WaitError::Closed`] when the descriptor was evicted before or
+    ///   during the wait (checked first, after the goroutine wakes);
+    /// - [`WaitError::Timeout`] when `deadline` has passed when the
+    ///   goroutine wakes.
     pub fn wait(&'static self, fd: usize, mode: u8, deadline: u64) -> Result<(), WaitError> {
         let gp = crate::proc::current_user_g();
         if gp.is_null() {
@@ -420,6 +441,17 @@ impl NetpollState {
 /// kernel, before its goroutines wait on sources; hosted, the epoll
 /// poller is made on first use instead. Gives `poller` back if the
 /// scheduler has one already.
+///
+/// # Errors
+///
+/// `Err(poller)`, handing `poller` back unused, if the scheduler has a
+/// poller already (installed before, or, hosted, made on first use).
+///
+/// # Panics
+///
+/// Only if an earlier attempt to make the scheduler's poller panicked
+/// (`spin::Once` is then poisoned). The `expect` inside cannot fire: the
+/// closure it is in runs at most once.
 pub fn netpollinit(sched: &Sched, poller: Box<dyn Netpoll>) -> Result<(), Box<dyn Netpoll>> {
     let mut poller = Some(poller);
     sched
