@@ -624,8 +624,6 @@ unsafe fn netpollblock(sched: &Sched, pd: &'static PollDesc, mode: u8, deadline:
     }
     // The reasons not to wait, after PD_WAIT is published (module docs).
     if !pd.closing() && (deadline == 0 || sched.platform.nanotime() < deadline) {
-        // TODO(ux): gopark gains a reason argument on branch ux; this park
-        // passes WaitReason::IoWait ("IO wait") once that is merged.
         // SAFETY: the contract: a user G; the slot outlives the park.
         unsafe {
             crate::proc::gopark(
