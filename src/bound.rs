@@ -202,7 +202,15 @@ unsafe fn wakehome(sched: &Sched, mp: *mut M, locked: bool) {
                 if (*mp).onmidle {
                     mremove(&mut sl, mp);
                     givep(&mut sl, sched, mp);
-                } else if locked && (*mp).lockedsleep {
+                } else if locked && (*mp).lockedsleep && locked_runnable((*mp).lockedg) {
+                    // The status is read again under the lock: this waker
+                    // may be late. Its G can have been seen runnable by
+                    // the M itself (stoplockedm's check), run, and parked
+                    // again since, and the M now sleeps for that later
+                    // park: waking it then would run a waiting G (seen in
+                    // the reference kernel on 2 and 4 CPUs: `status was
+                    // waiting, expected runnable`). The later park's waker
+                    // wakes it; a runnable G here is one nobody ran.
                     (*mp).lockedsleep = false;
                     sl.nmidlelocked -= 1;
                     givep(&mut sl, sched, mp);
