@@ -345,25 +345,7 @@ fn sigquit_prints_every_goroutine_and_the_program_goes_on() {
     // SAFETY: signals our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) }, 0);
     let want = format!("goroutine {id} [chan receive, ");
-    let mut err = child.stderr.take().unwrap();
-    let (etx, erx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        let mut text = String::new();
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            let _ = etx.send(text.clone());
-        }
-    });
-    let mut seen = String::new();
-    while !seen.contains(&want) {
-        seen = erx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no dump on SIGQUIT; stderr so far:\n{seen}"));
-    }
+    let seen = common::wait_for_stderr(child.stderr.take().unwrap(), &want, "dump on SIGQUIT");
     assert!(seen.contains("SIGQUIT: goroutine dump"), "{seen}");
     assert!(seen.contains("created by tests/dump.rs:"), "{seen}");
     child.stdin.as_mut().unwrap().write_all(b"go on\n").unwrap();

@@ -7,7 +7,6 @@ mod common;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::in_crash_child;
@@ -187,25 +186,11 @@ fn a_deadlock_inside_a_scope_is_reported_and_the_scope_keeps_waiting() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        let mut text = String::new();
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            let _ = tx.send(text.clone());
-        }
-    });
-    let mut seen = String::new();
-    while !seen.contains("goes on waiting") {
-        seen = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no deadlock report; stderr so far:\n{seen}"));
-    }
+    let seen = common::wait_for_stderr(
+        child.stderr.take().unwrap(),
+        "goes on waiting",
+        "deadlock report",
+    );
     assert!(
         seen.contains("gokernel: Runtime::scope: all goroutines are asleep - deadlock!"),
         "{seen}"

@@ -279,3 +279,29 @@ pub fn busy_peers(
         })
         .collect()
 }
+
+/// Reads a child's stderr on a thread until its text so far contains
+/// `want`, and returns that text. Fails naming `what` (and showing what
+/// came) if `want` does not appear within 60 s of the last output.
+pub fn wait_for_stderr(mut err: std::process::ChildStderr, want: &str, what: &str) -> String {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut text = String::new();
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let _ = tx.send(text.clone());
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains(want) {
+        seen = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no {what}; stderr so far:\n{seen}"));
+    }
+    seen
+}
