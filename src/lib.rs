@@ -210,6 +210,8 @@ pub mod sema;
 #[cfg(feature = "std")]
 mod signal_unix;
 pub mod stack;
+#[cfg(feature = "std")]
+mod stall;
 mod stubs;
 pub mod sync;
 pub mod syscall;
