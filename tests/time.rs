@@ -57,13 +57,18 @@ struct Wake {
     deadline: Instant,
     woke: Instant,
     seq: u64,
+    /// The thread the goroutine woke on.
+    thread: std::thread::ThreadId,
 }
 
 #[test]
 fn a_thousand_goroutines_sleeping_random_durations_wake_after_their_deadlines_in_order() {
     const N: u64 = 1000;
     const MAX_MS: u64 = 600;
-    // Two wake-ups whose deadlines are this far apart must come in order.
+    // Two wake-ups on one thread whose deadlines are this far apart must
+    // come in order. (Goroutines stay on the thread they started on; two
+    // threads' wake-ups are ordered only as well as the OS schedules the
+    // threads, which under load can be hundreds of milliseconds apart.)
     const MARGIN: Duration = Duration::from_millis(200);
     for procs in [1, 2] {
         let wakes: Arc<Mutex<Vec<Wake>>> = Arc::default();
@@ -88,6 +93,7 @@ fn a_thousand_goroutines_sleeping_random_durations_wake_after_their_deadlines_in
                                 deadline,
                                 woke,
                                 seq,
+                                thread: std::thread::current().id(),
                             });
                         })
                     })
@@ -115,15 +121,16 @@ fn a_thousand_goroutines_sleeping_random_durations_wake_after_their_deadlines_in
         let mut inversions = 0;
         for (i, a) in wakes.iter().enumerate() {
             for b in &wakes[i + 1..] {
-                // b woke after a, though its deadline was well before a's.
-                if b.deadline + MARGIN < a.deadline {
+                // b woke after a on the same thread, though its deadline
+                // was well before a's.
+                if a.thread == b.thread && b.deadline + MARGIN < a.deadline {
                     inversions += 1;
                 }
             }
         }
         assert_eq!(
             inversions, 0,
-            "procs {procs}: {inversions} pairs woke out of deadline order by more than {MARGIN:?}"
+            "procs {procs}: {inversions} pairs on one thread woke out of deadline order by more than {MARGIN:?}"
         );
     }
 }
