@@ -22,9 +22,9 @@
 //! std's backtrace lock: a goroutine stopped inside `malloc` or inside a
 //! backtrace of its own would deadlock.) sysmon, an ordinary thread, then
 //! names the addresses: from the executable's symbol table (`.symtab`,
-//! read from `/proc/self/exe` on the first report, Rust's legacy mangling
-//! undone), from the dynamic linker's tables (`dladdr`), or, stripped, as
-//! offsets in the executable for `addr2line -Cfe <program>`. The
+//! read from `/proc/self/exe` on the first report, demangled by
+//! `rustc-demangle`), from the dynamic linker's tables (`dladdr`), or,
+//! stripped, as offsets in the executable for `addr2line -Cfe <program>`. The
 //! goroutine is not touched (but see below): the
 //! handler returns to where it was (`SA_RESTART`, so an interrupted system
 //! call resumes). The one thing a goroutine can notice is Go's too: a
@@ -419,7 +419,11 @@ fn describe(ip: usize, ret: bool) -> alloc::string::String {
         if i > 0 {
             let (start, size, name) = &syms[i - 1];
             if at < start + size.max(&1) {
-                return std::format!("{ip:#x} {}+{:#x}", demangle(name), ip - base - start);
+                return std::format!(
+                    "{ip:#x} {:#}+{:#x}",
+                    rustc_demangle::demangle(name),
+                    ip - base - start
+                );
             }
         }
     }
@@ -429,7 +433,11 @@ fn describe(ip: usize, ret: bool) -> alloc::string::String {
         let mut info: libc::Dl_info = MaybeUninit::zeroed().assume_init();
         if libc::dladdr(ip as *const c_void, &mut info) != 0 && !info.dli_sname.is_null() {
             let name = core::ffi::CStr::from_ptr(info.dli_sname).to_string_lossy();
-            return std::format!("{ip:#x} {name}+{:#x}", ip - info.dli_saddr as usize);
+            return std::format!(
+                "{ip:#x} {:#}+{:#x}",
+                rustc_demangle::demangle(&name),
+                ip - info.dli_saddr as usize
+            );
         }
     }
     let (lo, hi) = (
@@ -495,112 +503,6 @@ fn symtab() -> Option<alloc::vec::Vec<(usize, usize, alloc::string::String)>> {
     }
     out.sort_unstable_by_key(|s| s.0);
     Some(out)
-}
-
-/// A Rust symbol in the legacy mangling (`_ZN…E`) as a path, without
-/// its hash; any other name as it is.
-fn demangle(name: &str) -> alloc::string::String {
-    if let Some(v0) = name.strip_prefix("_R") {
-        return demangle_v0(v0).unwrap_or_else(|| name.into());
-    }
-    let Some(mut rest) = name.strip_prefix("_ZN") else {
-        return name.into();
-    };
-    let mut parts: alloc::vec::Vec<alloc::string::String> = alloc::vec::Vec::new();
-    while let Some(c) = rest.chars().next() {
-        if c == 'E' {
-            break;
-        }
-        let digits = rest.chars().take_while(char::is_ascii_digit).count();
-        let Ok(len) = rest[..digits].parse::<usize>() else {
-            return name.into();
-        };
-        let Some(part) = rest.get(digits..digits + len) else {
-            return name.into();
-        };
-        rest = &rest[digits + len..];
-        parts.push(unescape(part));
-    }
-    if parts.last().is_some_and(|p| {
-        p.len() == 17 && p.starts_with('h') && p[1..].chars().all(|c| c.is_ascii_hexdigit())
-    }) {
-        parts.pop();
-    }
-    parts.join("::")
-}
-
-/// A symbol in Rust's v0 mangling (std is built with it), after its
-/// `_R`, as the path of its identifiers: enough for a report (plain
-/// paths come out exact; generic arguments are listed as more path
-/// segments), not a full demangler.
-fn demangle_v0(mut rest: &str) -> Option<alloc::string::String> {
-    let mut parts: alloc::vec::Vec<&str> = alloc::vec::Vec::new();
-    while let Some(c) = rest.chars().next() {
-        if c == 's' && !parts.is_empty() || c == 'C' && rest[1..].starts_with('s') {
-            // A disambiguator (`s<base-62>_`, after a crate root `C`).
-            let end = rest.find('_')?;
-            rest = &rest[end + 1..];
-        } else if c.is_ascii_digit() {
-            let digits = rest.chars().take_while(char::is_ascii_digit).count();
-            let len: usize = rest[..digits].parse().ok()?;
-            let mut ident = rest.get(digits..digits + len)?;
-            // A leading `_` separates an identifier starting with a
-            // digit or `_` from its length.
-            if ident.starts_with('_') && len > 0 {
-                ident = rest.get(digits + 1..digits + len + 1)?;
-            }
-            parts.push(ident);
-            rest = &rest[digits + len..];
-        } else if c == '.' {
-            break; // a suffix (`.llvm.123`)
-        } else {
-            rest = &rest[c.len_utf8()..];
-        }
-    }
-    (!parts.is_empty()).then(|| parts.join("::"))
-}
-
-/// Undoes the legacy mangling's escapes (`$LT$`, `..`, …).
-fn unescape(part: &str) -> alloc::string::String {
-    let part = part
-        .strip_prefix("_$")
-        .map_or(part, |p| &part[part.len() - p.len() - 1..]);
-    let mut out = alloc::string::String::new();
-    let mut rest = part;
-    while !rest.is_empty() {
-        if let Some(r) = rest.strip_prefix("..") {
-            out.push_str("::");
-            rest = r;
-        } else if rest.starts_with('$')
-            && let Some(end) = rest[1..].find('$')
-        {
-            let code = &rest[1..1 + end];
-            let ch = match code {
-                "SP" => Some('@'),
-                "BP" => Some('*'),
-                "RF" => Some('&'),
-                "LT" => Some('<'),
-                "GT" => Some('>'),
-                "LP" => Some('('),
-                "RP" => Some(')'),
-                "C" => Some(','),
-                _ => code
-                    .strip_prefix('u')
-                    .and_then(|h| u32::from_str_radix(h, 16).ok())
-                    .and_then(char::from_u32),
-            };
-            match ch {
-                Some(c) => out.push(c),
-                None => out.push_str(&rest[..end + 2]),
-            }
-            rest = &rest[end + 2..];
-        } else {
-            let c = rest.chars().next().unwrap();
-            out.push(c);
-            rest = &rest[c.len_utf8()..];
-        }
-    }
-    out
 }
 
 fn print(s: &str) {

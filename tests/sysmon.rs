@@ -242,4 +242,12 @@ fn a_goroutine_stalled_in_a_system_call_is_reported_with_its_callers() {
             c.stderr
         );
     }
+    // Every Rust frame is demangled, std's (v0 mangling) included.
+    for frame in c.stderr.lines().filter(|l| l.contains(": 0x")) {
+        assert!(
+            !frame.contains(" _R") && !frame.contains(" _ZN"),
+            "a mangled name in {frame:?}:\n{}",
+            c.stderr
+        );
+    }
 }
