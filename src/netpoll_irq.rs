@@ -465,8 +465,7 @@ impl Netpoll for IrqPoll {
         }
         self.blocked.fetch_add(1, Ordering::SeqCst);
         let seen = self.wake.load(Ordering::SeqCst);
-        if !self.brk.swap(false, Ordering::SeqCst) && self.ready.load(Ordering::SeqCst).is_null()
-        {
+        if !self.brk.swap(false, Ordering::SeqCst) && self.ready.load(Ordering::SeqCst).is_null() {
             // delay < 0: until woken.
             let timeout = u64::try_from(delay).ok();
             self.sched.platform.futexsleep(&self.wake, seen, timeout);

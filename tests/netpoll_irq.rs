@@ -29,7 +29,10 @@ fn sched(procs: usize) -> (&'static Sched, &'static IrqPoll) {
 fn until(what: &str, f: impl Fn() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(10), "{what}: not within 10 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{what}: not within 10 s"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -47,7 +50,10 @@ fn a_signal_wakes_the_goroutine_while_the_idle_m_is_blocked_in_the_poller() {
         // poller's netpoll(-1) (the timer sleeper, with a waiter as its
         // timer at +inf).
         until("an M blocked in the poller", || poller.blocked() == 1);
-        assert!(done.try_recv().is_err(), "the wait returned before the signal");
+        assert!(
+            done.try_recv().is_err(),
+            "the wait returned before the signal"
+        );
         SRC.signal(MODE_R);
         assert_eq!(done.recv().unwrap(), Ok(()));
         s.shutdown();
@@ -70,7 +76,10 @@ fn the_deadline_ends_a_wait_that_nothing_signals() {
         until("an M blocked in the poller", || poller.blocked() == 1);
         let (r, took) = done.recv().unwrap();
         assert_eq!(r, Err(WaitError::Timeout));
-        assert!(took >= Duration::from_millis(50), "timed out after {took:?}");
+        assert!(
+            took >= Duration::from_millis(50),
+            "timed out after {took:?}"
+        );
         s.shutdown();
     });
 }
