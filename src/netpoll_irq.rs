@@ -39,7 +39,7 @@
 //! is blocked in the poller: if one is, it wakes it (the blocked `netpoll`
 //! returns with the source: Go's blocking netpoll in `findRunnable`); if
 //! none is, it posts the poller's *poll request*, an
-//! [`IrqWork`](crate::intr::IrqWork) on the scheduler's injection list of
+//! [`IrqWork`] on the scheduler's injection list of
 //! [`crate::intr`], whose function calls `netpoll(0)` on an M holding a P
 //! and readies what it returns. So the injection list of `intr` is reused
 //! as the way to reach an M that is running, spinning or idle — its kick

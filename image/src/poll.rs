@@ -95,8 +95,7 @@ pub fn wakes(s: &'static Sched, poller: &'static IrqPoll, busy: bool) -> (u32, u
 /// with one M blocked in the poller.
 pub fn deadline(s: &'static Sched, poller: &'static IrqPoll) -> (Result<(), WaitError>, u64, bool) {
     let done = Arc::new(AtomicU32::new(0));
-    let out: Arc<spin::Mutex<Option<(Result<(), WaitError>, u64)>>> =
-        Arc::new(spin::Mutex::new(None));
+    let out = Arc::new(spin::Mutex::new(None::<(Result<(), WaitError>, u64)>));
     let (d, o) = (done.clone(), out.clone());
     s.go(Box::new(move || {
         let t = IMAGE.nanotime();
