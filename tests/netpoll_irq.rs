@@ -119,6 +119,34 @@ fn a_signal_before_the_first_wait_is_kept_and_directions_are_separate() {
     });
 }
 
+#[test]
+fn a_signal_consumed_at_the_deadline_is_reported_not_lost_as_a_timeout() {
+    static SRC: IrqSource = IrqSource::new();
+    within(30, "the polling waits", || {
+        let (s, _) = sched(1);
+        let done = gokernel::chan::<bool>(1);
+        let d = done.clone();
+        s.go(Box::new(move || {
+            // Arm the source, then signal it with nobody waiting.
+            let _ = SRC.wait(MODE_R, Some(Duration::ZERO));
+            SRC.signal(MODE_R);
+            // Waits whose deadline has passed already: each consumes the
+            // readiness if the poller has reported it. One must say Ok:
+            // reporting Timeout there would lose the signal for good.
+            let t = Instant::now();
+            let mut got = false;
+            while !got && t.elapsed() < Duration::from_secs(5) {
+                got = SRC.wait(MODE_R, Some(Duration::ZERO)).is_ok();
+                gokernel::gosched();
+            }
+            d.send(got).unwrap();
+        }))
+        .unwrap();
+        assert!(done.recv().unwrap(), "the signal was never reported");
+        s.shutdown();
+    });
+}
+
 static SIG_SRC: IrqSource = IrqSource::new();
 static HANDLED: AtomicU32 = AtomicU32::new(0);
 
