@@ -64,7 +64,9 @@
 //! not park) or the G (and readies it). A source armed after the
 //! goroutine found it not ready reports its current state when it is
 //! armed (epoll's `EPOLL_CTL_ADD` does), so readiness between the failed
-//! system call and the arming is not lost either.
+//! system call and the arming is not lost either. (On bare metal, the path
+//! from an interrupt handler to a `netpoll` that reports the source is
+//! argued in [`crate::netpoll_irq`].)
 //!
 //! That leaves making sure *some* M polls while a goroutine waits. The
 //! commit, having counted the G in `waiters`, reads the timer sleeper's
