@@ -111,7 +111,8 @@ below through [`Sched`](runtime2::Sched).
 //!   `netpollopen`, `netpoll(delay)`, `netpollbreak`; [`PollDesc`](netpoll::PollDesc)),
 //!   polled by `findrunnable` and by the idle M instead of its futex sleep;
 //!   hosted, epoll, and `net` (`std`): `TcpListener`, `TcpStream`,
-//!   `UdpSocket` whose calls park the goroutine.
+//!   `UdpSocket` whose calls park the goroutine; bare metal,
+//!   [`netpoll_irq`]: device sources that interrupt handlers signal.
 //! - [`syscall`](mod@syscall) ([`blocking`], Go's `entersyscall` /
 //!   `exitsyscall`) and [`sysmon`] (retaking Ps from calls, time slices,
 //!   the stall detector): the other half of Go's scheduler.
@@ -196,6 +197,7 @@ pub mod net;
 pub mod netpoll;
 #[cfg(feature = "std")]
 mod netpoll_epoll;
+pub mod netpoll_irq;
 pub mod panic;
 pub mod platform;
 pub mod proc;

@@ -7,8 +7,10 @@
 //! Go's names:
 //!
 //! - `netpollinit`: making the poller (hosted: `Epoll::new` in
-//!   `netpoll_epoll`, made on first use by `netpollgenericinit`; a kernel
-//!   installs its own with [`netpollinit`]);
+//!   `netpoll_epoll`, made on first use by `netpollgenericinit`; bare
+//!   metal, [`crate::netpoll_irq`], whose sources interrupt handlers
+//!   signal, installed at boot; a kernel may install its own with
+//!   [`netpollinit`]);
 //! - [`netpollopen`](Netpoll::netpollopen): arm a source, edge-triggered,
 //!   for reading and writing, reporting readiness under a [`PollTag`];
 //! - [`netpoll`](Netpoll::netpoll)`(delay)`: wait at most `delay`
@@ -62,7 +64,9 @@
 //! not park) or the G (and readies it). A source armed after the
 //! goroutine found it not ready reports its current state when it is
 //! armed (epoll's `EPOLL_CTL_ADD` does), so readiness between the failed
-//! system call and the arming is not lost either.
+//! system call and the arming is not lost either. (On bare metal, the path
+//! from an interrupt handler to a `netpoll` that reports the source is
+//! argued in [`crate::netpoll_irq`].)
 //!
 //! That leaves making sure *some* M polls while a goroutine waits. The
 //! commit, having counted the G in `waiters`, reads the timer sleeper's
@@ -378,7 +382,7 @@ impl PollDesc {
     /// - [`WaitError::Closed`] when the descriptor was evicted before or
     ///   during the wait (checked first, after the goroutine wakes);
     /// - [`WaitError::Timeout`] when `deadline` has passed when the
-    ///   goroutine wakes.
+    ///   goroutine wakes and the source did not become ready.
     pub fn wait(&'static self, fd: usize, mode: u8, deadline: u64) -> Result<(), WaitError> {
         let gp = crate::proc::current_user_g();
         if gp.is_null() {
@@ -392,16 +396,19 @@ impl PollDesc {
         let poller = netpollinited(sched).ok_or(WaitError::Poller(0))?;
         netpollarm(sched, poller, self, fd).map_err(WaitError::Poller)?;
         let mode = if mode == MODE_R { MODE_R } else { MODE_W };
-        {
+        let ready = {
             let _turn = self.turns[usize::from(mode == MODE_W)].lock();
             // SAFETY: a user G of `sched`; its turn makes it the only
             // waiter; the source is armed with sched's poller.
-            unsafe { netpollblock(sched, self, mode, deadline) };
-        }
+            unsafe { netpollblock(sched, self, mode, deadline) }
+        };
         if self.closing() {
             return Err(WaitError::Closed);
         }
-        if deadline != 0 && sched.platform.nanotime() >= deadline {
+        // Readiness consumed here is reported even if the deadline has
+        // passed too (Go's pollWait): an edge of a device source
+        // (netpoll_irq) would be lost otherwise.
+        if !ready && deadline != 0 && sched.platform.nanotime() >= deadline {
             return Err(WaitError::Timeout);
         }
         Ok(())

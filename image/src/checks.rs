@@ -222,6 +222,7 @@ fn check_cpus(r: &mut Report, sched: &'static Sched) {
             );
         }
     }
+    check_poll(r, sched);
     let locked = cpus::locked_on_cpu(sched);
     r.check(
         "lock-os-thread-cpus",
@@ -257,6 +258,45 @@ fn check_cpus(r: &mut Report, sched: &'static Sched) {
         format_args!(
             "newosproc called {calls} times; Ms = {threads} (the {} CPUs that joined)",
             cpus::NCPUS
+        ),
+    );
+}
+
+/// The interrupt-driven poller (`poll.rs`), in CPU mode.
+fn check_poll(r: &mut Report, sched: &'static Sched) {
+    let poller = crate::poll::start(sched);
+    r.check(
+        "netpoll-irq-install",
+        poller.is_some(),
+        format_args!(
+            "SIGURG handler and netpoll_irq::install: {}",
+            poller.is_some()
+        ),
+    );
+    let Some(poller) = poller else { return };
+    let n = crate::poll::ROUNDS;
+    let (woke, _) = crate::poll::wakes(sched, poller, true);
+    r.check(
+        "netpoll-irq-while-busy",
+        woke == n,
+        format_args!(
+            "a goroutine waiting on an IrqSource through the poller woke {woke} of {n} times, each by a SIGURG handler on a CPU while both CPUs ran yielding goroutines"
+        ),
+    );
+    let (woke, idle) = crate::poll::wakes(sched, poller, false);
+    r.check(
+        "netpoll-irq-while-idle",
+        woke == n && idle == n,
+        format_args!(
+            "woke {woke} of {n} times; before {idle} of the signals both CPU threads were asleep in the kernel, one M blocked in the poller"
+        ),
+    );
+    let (res, ms, idle) = crate::poll::deadline(sched, poller);
+    r.check(
+        "netpoll-irq-deadline",
+        res == Err(gokernel::netpoll::WaitError::Timeout) && ms >= 30 && idle,
+        format_args!(
+            "a 30 ms wait nothing signals: {res:?} after {ms} ms; 10 ms in, both CPUs asleep with one M in the poller: {idle}"
         ),
     );
 }

@@ -107,7 +107,7 @@ pub fn start(s: &'static Sched) -> bool {
     true
 }
 
-fn cpu_tid(i: usize) -> usize {
+pub(crate) fn cpu_tid(i: usize) -> usize {
     CPU_TIDS[i % NCPUS].load(Ordering::Acquire)
 }
 
@@ -185,7 +185,7 @@ pub fn storm_stop() -> (u32, u32, u32, bool) {
 pub const IRQ_ROUNDS: u32 = 300;
 
 /// Waits (futex, up to `secs`) until `w` reaches `n`.
-fn wait_for(w: &AtomicU32, n: u32, secs: u64) -> bool {
+pub(crate) fn wait_for(w: &AtomicU32, n: u32, secs: u64) -> bool {
     let deadline = IMAGE.nanotime() + secs * 1_000_000_000;
     loop {
         let v = w.load(Ordering::Acquire);
@@ -267,7 +267,7 @@ pub fn ready_from_interrupt(s: &'static Sched, busy: bool) -> (u32, u32) {
 
 /// Waits (up to 1 s) until every P is idle and every CPU thread sleeps
 /// in the kernel (state `S`); true if it happened.
-fn all_cpus_asleep(s: &Sched) -> bool {
+pub(crate) fn all_cpus_asleep(s: &Sched) -> bool {
     let deadline = IMAGE.nanotime() + 1_000_000_000;
     let zero = AtomicU32::new(0);
     while IMAGE.nanotime() < deadline {

@@ -21,6 +21,7 @@ mod heap;
 #[cfg(not(target_os = "none"))]
 mod mem;
 mod platform;
+mod poll;
 mod scenarios;
 mod sys;
 

@@ -31,6 +31,7 @@ pub const AT_FDCWD: usize = -100isize as usize;
 
 pub const SIGUSR1: usize = 10;
 pub const SIGUSR2: usize = 12;
+pub const SIGURG: usize = 23;
 pub const SA_ONSTACK: u64 = 0x0800_0000;
 pub const SA_RESTORER: u64 = 0x0400_0000;
 
