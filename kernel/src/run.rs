@@ -17,9 +17,11 @@ use crate::{ALLOC, say, smp, x86};
 /// Spawners in the spawn scenario (× 1,000 goroutines each).
 const SPAWNERS: usize = 10;
 
-/// The sleep-order scenario's durations × this: an emulated CPU on a
-/// loaded host may be scheduled tens of milliseconds late.
-const SLEEP_SCALE: u64 = 4;
+/// The sleep-order scenario's durations × this (gaps of 100 ms): an
+/// emulated CPU on a loaded host may be scheduled tens of milliseconds
+/// late (with 4 CPUs on 2 loaded host cores, 40 ms gaps failed 1 boot in
+/// 30).
+const SLEEP_SCALE: u64 = 10;
 
 /// The scenarios' time limits × this (see `Host::patience`): TCG's
 /// vCPUs are host threads, on a host shared with other work.
