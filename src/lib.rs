@@ -198,6 +198,7 @@ pub mod netpoll;
 mod netpoll_epoll;
 pub mod panic;
 pub mod platform;
+pub mod preempt;
 pub mod proc;
 pub mod runq;
 #[cfg(feature = "std")]

@@ -29,6 +29,7 @@ mod glue;
 mod heap;
 mod idt;
 mod irq;
+mod preempt_scenarios;
 mod run;
 #[path = "../../image/src/scenarios.rs"]
 mod scenarios;
