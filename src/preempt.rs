@@ -279,7 +279,11 @@ impl Sched {
             first = true;
             cfg
         });
-        if first { Ok(()) } else { Err(PreemptError::AlreadyEnabled) }
+        if first {
+            Ok(())
+        } else {
+            Err(PreemptError::AlreadyEnabled)
+        }
     }
 }
 
@@ -289,7 +293,9 @@ impl Sched {
 fn is_async_safe_point(text: &[Range<usize>], pc: usize, sp: usize, stack: Stack) -> bool {
     text.iter().any(|r| r.contains(&pc))
         && sp <= stack.hi
-        && sp.checked_sub(PREEMPT_STACK_NEED).is_some_and(|low| low >= stack.lo)
+        && sp
+            .checked_sub(PREEMPT_STACK_NEED)
+            .is_some_and(|low| low >= stack.lo)
 }
 
 /// Is the time slice seen now (`tick` = the P's `schedtick`) over? Records
@@ -349,10 +355,17 @@ pub unsafe fn on_timer_interrupt(frame: *mut InterruptFrame) -> bool {
             return false;
         }
         let f = &mut *frame;
-        if f.cs & 3 != 0 || !is_async_safe_point(cfg.text, f.rip as usize, f.rsp as usize, (*gp).stack) {
+        if f.cs & 3 != 0
+            || !is_async_safe_point(cfg.text, f.rip as usize, f.rsp as usize, (*gp).stack)
+        {
             return false;
         }
-        let Some(rec) = sched.preempt.slices.get().and_then(|s| s.get((*pp).id as usize)) else {
+        let Some(rec) = sched
+            .preempt
+            .slices
+            .get()
+            .and_then(|s| s.get((*pp).id as usize))
+        else {
             return false;
         };
         let tick = (*pp).schedtick.load(Ordering::Relaxed);
@@ -566,7 +579,10 @@ mod tests {
     use super::*;
 
     fn stack() -> Stack {
-        Stack { lo: 0x10_0000, hi: 0x11_0000 }
+        Stack {
+            lo: 0x10_0000,
+            hi: 0x11_0000,
+        }
     }
 
     #[test]
@@ -582,10 +598,23 @@ mod tests {
 
     #[test]
     fn safe_point_needs_room_on_the_stack() {
-        let text = [0x1000..0x2000];
+        let text = [Range {
+            start: 0x1000,
+            end: 0x2000,
+        }];
         let s = stack();
-        assert!(is_async_safe_point(&text, 0x1000, s.lo + PREEMPT_STACK_NEED, s));
-        assert!(!is_async_safe_point(&text, 0x1000, s.lo + PREEMPT_STACK_NEED - 8, s));
+        assert!(is_async_safe_point(
+            &text,
+            0x1000,
+            s.lo + PREEMPT_STACK_NEED,
+            s
+        ));
+        assert!(!is_async_safe_point(
+            &text,
+            0x1000,
+            s.lo + PREEMPT_STACK_NEED - 8,
+            s
+        ));
         // An rsp that is not on the G's stack (an interrupt stack): no.
         assert!(!is_async_safe_point(&text, 0x1000, s.hi + 8, s));
         assert!(!is_async_safe_point(&text, 0x1000, 8, s));
@@ -614,8 +643,14 @@ mod tests {
     #[test]
     fn enabling_twice_or_with_a_bad_range_is_refused() {
         use crate::platform::hosted::HOSTED;
-        static BAD: [Range<usize>; 1] = [0x2000..0x1000];
-        static GOOD: [Range<usize>; 1] = [0x1000..0x2000];
+        static BAD: [Range<usize>; 1] = [Range {
+            start: 0x2000,
+            end: 0x1000,
+        }];
+        static GOOD: [Range<usize>; 1] = [Range {
+            start: 0x1000,
+            end: 0x2000,
+        }];
         let sched = Sched::new(1, crate::stack::STACK_MIN, &HOSTED);
         let cfg = |text| PreemptConfig {
             text,
@@ -624,9 +659,15 @@ mod tests {
         };
         // SAFETY: nothing calls on_timer_interrupt hosted.
         unsafe {
-            assert_eq!(sched.enable_preemption(cfg(&BAD)), Err(PreemptError::BadRange));
+            assert_eq!(
+                sched.enable_preemption(cfg(&BAD)),
+                Err(PreemptError::BadRange)
+            );
             assert_eq!(sched.enable_preemption(cfg(&GOOD)), Ok(()));
-            assert_eq!(sched.enable_preemption(cfg(&GOOD)), Err(PreemptError::AlreadyEnabled));
+            assert_eq!(
+                sched.enable_preemption(cfg(&GOOD)),
+                Err(PreemptError::AlreadyEnabled)
+            );
         }
     }
 
