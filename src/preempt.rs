@@ -1,6 +1,6 @@
 //! Asynchronous preemption on bare metal, from the timer interrupt (Go's
 //! `preempt.go`: `asyncPreempt`, `isAsyncSafePoint`, `preemptM`, with
-//! `gopreempt_m` being [`gosched_m`](crate::proc) here). An opt-in:
+//! `gopreempt_m` being `gosched_m` here). An opt-in:
 //! a kernel turns it on with the `unsafe`
 //! [`Sched::enable_preemption`](crate::runtime2::Sched::enable_preemption)
 //! and calls [`on_timer_interrupt`] from its timer interrupt handler.
@@ -12,7 +12,7 @@
 //! 2. It decides (below) whether the interrupted code may be switched out
 //!    here. If not, it returns `false` and the handler returns as usual.
 //! 3. If so, it does not switch in the handler. It records the
-//!    interrupted `rip` in the G ([`GPreempt`]) and rewrites the frame's
+//!    interrupted `rip` in the G (`G::preempt`) and rewrites the frame's
 //!    `rip` to [`async_preempt`]: the handler's `iretq` then "returns" into
 //!    that trampoline, on the goroutine's own stack, with the goroutine's
 //!    `rsp` and `rflags` (interrupts on, as they were), every register as
@@ -21,7 +21,8 @@
 //! 4. [`async_preempt`] pushes the interrupted `rip` as a return address,
 //!    then `rflags` and all 15 general-purpose registers (and, if the
 //!    kernel asked for it, the x87/SSE state with `fxsave64`), and calls
-//!    `async_preempt2`, which yields exactly as [`gosched`] does
+//!    `async_preempt2`, which yields exactly as
+//!    [`gosched`](crate::proc::gosched) does
 //!    (`mcall(gosched_m)`: the G becomes runnable, on its M's own queue if
 //!    it is bound, and the M runs `schedule`). This is ordinary goroutine
 //!    code, not interrupt context, so the switch is the usual one.

@@ -8,9 +8,13 @@
 //!   finish its work (20 rounds of yields), because the spinner is
 //!   preempted.
 //! - `preempt-registers`: a goroutine loads known values into all 15
-//!   general-purpose registers, spins until the timer interrupt has
-//!   preempted it (a flag the handler sets for it), and finds every value
-//!   intact. (The kernel is soft-float: there is no vector state to check.)
+//!   general-purpose registers and the 16 XMM registers, spins until the
+//!   timer interrupt has preempted it (a flag the handler sets for it),
+//!   and finds every value intact, though a goroutine beside it on its CPU
+//!   loads other values into the XMM registers whenever it runs. The
+//!   kernel's compiled code is soft-float; the scenario's CPU enables SSE
+//!   for the inline assembly, and the kernel asks gokernel to save the
+//!   vector state (`fxsave64`).
 //! - `preempt-disable`: with a [`preempt_disable`] guard held, a goroutine
 //!   spins for [`GUARD_TICKS`] ticks (three time slices) and is not
 //!   preempted; without it, spinning on, it is.
@@ -103,18 +107,19 @@ pub fn on_timer(f: &mut Frame) {
 /// Turns preemption on for the kernel's scheduler.
 fn enable(h: Host) {
     // glue: begin
-    let text: &'static [Range<usize>] = Box::leak(Box::new([
-        &raw const __preemptible_start as usize..&raw const __preemptible_end as usize,
-    ]));
+    let text: &'static [Range<usize>] = Box::leak(Box::new([Range {
+        start: &raw const __preemptible_start as usize,
+        end: &raw const __preemptible_end as usize,
+    }]));
     let cfg = PreemptConfig {
         text,
         slice_ns: gokernel::sysmon::FORCE_PREEMPT_NS,
-        save_vector_state: false,
+        save_vector_state: true,
     };
     // SAFETY: .text.preemptible holds only `spin` and `check_registers`
     // below, which take no lock and call nothing; x86_64-unknown-none has
-    // no red zone and is soft-float; on_timer calls as required and the
-    // TSC clock takes no lock.
+    // no red zone; the vector state is saved (the scenarios use SSE);
+    // on_timer calls as required and the TSC clock takes no lock.
     let _ = unsafe { h.sched.enable_preemption(cfg) };
     // glue: end
 }
@@ -147,23 +152,61 @@ const VALUES: [u64; 15] = {
     v
 };
 
-const W: usize = core::mem::size_of::<u64>();
+/// The values [`check_registers`] loads into xmm0 .. xmm15 (two words
+/// each), and what the clobbering goroutine loads.
+static XMM: [u64; 32] = xmm_values(0x5a5a_0f0f_3c3c_9696);
+static XMM_GARBAGE: [u64; 32] = xmm_values(0xdead_beef_0bad_f00d);
 
-/// Loads [`VALUES`] into all 15 general-purpose registers, spins until
-/// [`WATCHED`] is set, and returns what the registers hold then.
-/// Preemptible text.
+const fn xmm_values(seed: u64) -> [u64; 32] {
+    let mut v = [0u64; 32];
+    let mut i = 0;
+    while i < 32 {
+        v[i] = seed.rotate_left(3 * i as u32) ^ i as u64;
+        i += 1;
+    }
+    v
+}
+
+const W: usize = core::mem::size_of::<u64>();
+/// Bytes of an XMM register.
+const X: usize = 2 * W;
+
+/// What [`check_registers`] returns: the 15 GPRs, then xmm0 .. xmm15.
+type Regs = [u64; 15 + 32];
+
+/// Loads [`VALUES`] into all 15 general-purpose registers and [`XMM`]
+/// into the 16 XMM registers, spins until [`WATCHED`] is set, and returns
+/// what the registers hold then. Preemptible text. The CPU must have
+/// SSE enabled.
 #[inline(never)]
 #[unsafe(link_section = ".text.preemptible")]
-fn check_registers() -> [u64; 15] {
-    let mut out = [0u64; 15];
+fn check_registers() -> Regs {
+    let mut out: Regs = [0; 15 + 32];
     // SAFETY: saves rbx and rbp (which asm! may not name) on the stack and
-    // restores them; every other register is declared clobbered; `out` is
-    // 15 writable words.
+    // restores them; every other GPR is declared clobbered; the XMM
+    // registers cannot be declared on this soft-float target, where no
+    // compiled code uses them; `out` is 47 writable words.
     unsafe {
         core::arch::asm!(
             "push rbx",
             "push rbp",
             "push {out}",
+            "movdqu xmm0, xmmword ptr [rip + {xmm}]",
+            "movdqu xmm1, xmmword ptr [rip + {xmm} + {x1}]",
+            "movdqu xmm2, xmmword ptr [rip + {xmm} + {x2}]",
+            "movdqu xmm3, xmmword ptr [rip + {xmm} + {x3}]",
+            "movdqu xmm4, xmmword ptr [rip + {xmm} + {x4}]",
+            "movdqu xmm5, xmmword ptr [rip + {xmm} + {x5}]",
+            "movdqu xmm6, xmmword ptr [rip + {xmm} + {x6}]",
+            "movdqu xmm7, xmmword ptr [rip + {xmm} + {x7}]",
+            "movdqu xmm8, xmmword ptr [rip + {xmm} + {x8}]",
+            "movdqu xmm9, xmmword ptr [rip + {xmm} + {x9}]",
+            "movdqu xmm10, xmmword ptr [rip + {xmm} + {x10}]",
+            "movdqu xmm11, xmmword ptr [rip + {xmm} + {x11}]",
+            "movdqu xmm12, xmmword ptr [rip + {xmm} + {x12}]",
+            "movdqu xmm13, xmmword ptr [rip + {xmm} + {x13}]",
+            "movdqu xmm14, xmmword ptr [rip + {xmm} + {x14}]",
+            "movdqu xmm15, xmmword ptr [rip + {xmm} + {x15}]",
             "mov rax, {v0}",
             "mov rbx, {v1}",
             "mov rcx, {v2}",
@@ -200,10 +243,33 @@ fn check_registers() -> [u64; 15] {
             "mov qword ptr [rax + {o14}], r15",
             "pop rcx",
             "mov qword ptr [rax], rcx",
+            "movdqu xmmword ptr [rax + {xo}], xmm0",
+            "movdqu xmmword ptr [rax + {xo} + {x1}], xmm1",
+            "movdqu xmmword ptr [rax + {xo} + {x2}], xmm2",
+            "movdqu xmmword ptr [rax + {xo} + {x3}], xmm3",
+            "movdqu xmmword ptr [rax + {xo} + {x4}], xmm4",
+            "movdqu xmmword ptr [rax + {xo} + {x5}], xmm5",
+            "movdqu xmmword ptr [rax + {xo} + {x6}], xmm6",
+            "movdqu xmmword ptr [rax + {xo} + {x7}], xmm7",
+            "movdqu xmmword ptr [rax + {xo} + {x8}], xmm8",
+            "movdqu xmmword ptr [rax + {xo} + {x9}], xmm9",
+            "movdqu xmmword ptr [rax + {xo} + {x10}], xmm10",
+            "movdqu xmmword ptr [rax + {xo} + {x11}], xmm11",
+            "movdqu xmmword ptr [rax + {xo} + {x12}], xmm12",
+            "movdqu xmmword ptr [rax + {xo} + {x13}], xmm13",
+            "movdqu xmmword ptr [rax + {xo} + {x14}], xmm14",
+            "movdqu xmmword ptr [rax + {xo} + {x15}], xmm15",
             "pop rbp",
             "pop rbx",
             out = in(reg) out.as_mut_ptr(),
             watched = sym WATCHED,
+            xmm = sym XMM,
+            xo = const 15 * W,
+            x1 = const X, x2 = const 2 * X, x3 = const 3 * X, x4 = const 4 * X,
+            x5 = const 5 * X, x6 = const 6 * X, x7 = const 7 * X, x8 = const 8 * X,
+            x9 = const 9 * X, x10 = const 10 * X, x11 = const 11 * X,
+            x12 = const 12 * X, x13 = const 13 * X, x14 = const 14 * X,
+            x15 = const 15 * X,
             v0 = const VALUES[0], v1 = const VALUES[1], v2 = const VALUES[2],
             v3 = const VALUES[3], v4 = const VALUES[4], v5 = const VALUES[5],
             v6 = const VALUES[6], v7 = const VALUES[7], v8 = const VALUES[8],
@@ -221,6 +287,69 @@ fn check_registers() -> [u64; 15] {
     out
 }
 
+/// Loads [`XMM_GARBAGE`] into the 16 XMM registers (SSE enabled).
+fn clobber_xmm() {
+    // SAFETY: reads a static; the XMM registers are not the compiler's
+    // on this soft-float target (see check_registers).
+    unsafe {
+        core::arch::asm!(
+            "movdqu xmm0, xmmword ptr [rip + {g}]",
+            "movdqu xmm1, xmmword ptr [rip + {g} + {x1}]",
+            "movdqu xmm2, xmmword ptr [rip + {g} + {x2}]",
+            "movdqu xmm3, xmmword ptr [rip + {g} + {x3}]",
+            "movdqu xmm4, xmmword ptr [rip + {g} + {x4}]",
+            "movdqu xmm5, xmmword ptr [rip + {g} + {x5}]",
+            "movdqu xmm6, xmmword ptr [rip + {g} + {x6}]",
+            "movdqu xmm7, xmmword ptr [rip + {g} + {x7}]",
+            "movdqu xmm8, xmmword ptr [rip + {g} + {x8}]",
+            "movdqu xmm9, xmmword ptr [rip + {g} + {x9}]",
+            "movdqu xmm10, xmmword ptr [rip + {g} + {x10}]",
+            "movdqu xmm11, xmmword ptr [rip + {g} + {x11}]",
+            "movdqu xmm12, xmmword ptr [rip + {g} + {x12}]",
+            "movdqu xmm13, xmmword ptr [rip + {g} + {x13}]",
+            "movdqu xmm14, xmmword ptr [rip + {g} + {x14}]",
+            "movdqu xmm15, xmmword ptr [rip + {g} + {x15}]",
+            g = sym XMM_GARBAGE,
+            x1 = const X, x2 = const 2 * X, x3 = const 3 * X, x4 = const 4 * X,
+            x5 = const 5 * X, x6 = const 6 * X, x7 = const 7 * X, x8 = const 8 * X,
+            x9 = const 9 * X, x10 = const 10 * X, x11 = const 11 * X,
+            x12 = const 12 * X, x13 = const 13 * X, x14 = const 14 * X,
+            x15 = const 15 * X,
+            options(readonly, nostack, preserves_flags),
+        );
+    }
+}
+
+/// Starts a goroutine running `body` on this CPU: a started goroutine
+/// stays on its CPU, so goroutines are started until one starts here (one
+/// that starts elsewhere returns at once). Returns whether one did.
+fn go_here(h: Host, body: impl Fn() + Send + Sync + 'static) -> bool {
+    let me = cpu::this();
+    let here = Arc::new(AtomicBool::new(false));
+    let body = Arc::new(body);
+    for _ in 0..1_000 {
+        let started = Arc::new(AtomicBool::new(false));
+        let (st, hr, b) = (started.clone(), here.clone(), body.clone());
+        h.sched
+            .go(Box::new(move || {
+                let on_me = cpu::this() == me;
+                hr.fetch_or(on_me, Ordering::SeqCst);
+                st.store(true, Ordering::SeqCst);
+                if on_me {
+                    b();
+                }
+            }))
+            .expect("spawn a goroutine");
+        while !started.load(Ordering::SeqCst) {
+            gosched();
+        }
+        if here.load(Ordering::SeqCst) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Watches the current goroutine: [`WATCHED`] is set when it is preempted.
 fn watch_me() {
     WATCHED.store(0, Ordering::Relaxed);
@@ -236,62 +365,55 @@ fn spinner(h: Host) -> Option<(bool, u32, u64)> {
         let me = cpu::this();
         ticking(true);
         let stop = Arc::new(AtomicU8::new(0));
-        let here = Arc::new(AtomicBool::new(false));
-        let tx = gokernel::chan::<u64>(1);
-        // A started goroutine stays on its CPU: start spinners until one
-        // starts on this one (a spinner elsewhere returns at once).
-        let mut tries = 0;
-        let mut rounds = 0;
-        while !here.load(Ordering::SeqCst) && tries < 1_000 {
-            tries += 1;
-            let started = Arc::new(AtomicBool::new(false));
-            let (st, s, hr, t) = (started.clone(), stop.clone(), here.clone(), tx.clone());
-            h.sched
-                .go(Box::new(move || {
-                    st.store(true, Ordering::SeqCst);
-                    if cpu::this() != me {
-                        return;
-                    }
-                    hr.store(true, Ordering::SeqCst);
-                    let before = preemptions();
-                    spin(&s, &TICKS[me], u64::MAX);
-                    t.send(preemptions() - before).unwrap();
-                }))
-                .expect("spawn a spinner");
-            while !started.load(Ordering::SeqCst) {
-                gosched();
-            }
-        }
+        let done = gokernel::chan::<u64>(1);
+        let (s, d) = (stop.clone(), done.clone());
+        let here = go_here(h, move || {
+            let before = preemptions();
+            spin(&s, &TICKS[me], u64::MAX);
+            d.send(preemptions() - before).unwrap();
+        });
         // The spinner is on this CPU: each yield here lets it spin until
         // the timer interrupt takes the CPU back.
-        if here.load(Ordering::SeqCst) {
-            while rounds < 20 {
-                gosched();
-                rounds += 1;
-            }
+        let mut rounds = 0;
+        while here && rounds < 20 {
+            gosched();
+            rounds += 1;
         }
         stop.store(1, Ordering::SeqCst);
-        let n = if here.load(Ordering::SeqCst) {
-            tx.recv().unwrap_or(0)
-        } else {
-            0
-        };
+        let n = if here { done.recv().unwrap_or(0) } else { 0 };
         ticking(false);
-        (here.load(Ordering::SeqCst), rounds, n)
+        (here, rounds, n)
     })
 }
 
 /// `preempt-registers`: (the registers after a preemption, the
 /// goroutine's preemptions meanwhile).
-fn registers(h: Host) -> Option<([u64; 15], u64)> {
+fn registers(h: Host) -> Option<(Regs, u64)> {
     run_g(h, 60, move || {
+        x86::enable_sse(); // this CPU's: the goroutine stays on it
         ticking(true);
+        // Beside it, a goroutine that loads other values into the XMM
+        // registers every time it runs.
+        let stop = Arc::new(AtomicU8::new(0));
+        let done = gokernel::chan::<()>(1);
+        let (s, d) = (stop.clone(), done.clone());
+        let here = go_here(h, move || {
+            while s.load(Ordering::SeqCst) == 0 {
+                clobber_xmm();
+                gosched();
+            }
+            d.send(()).unwrap();
+        });
         watch_me();
         let before = preemptions();
         let regs = check_registers();
         let n = preemptions() - before;
+        stop.store(1, Ordering::SeqCst);
+        if here {
+            let _ = done.recv();
+        }
         ticking(false);
-        (regs, n)
+        (regs, if here { n } else { 0 })
     })
 }
 
@@ -330,22 +452,23 @@ pub fn run_all(h: Host, r: &mut Report) {
         ),
     );
     let regs = registers(h);
+    let want: Regs = core::array::from_fn(|i| if i < 15 { VALUES[i] } else { XMM[i - 15] });
     r.check(
         "preempt-registers",
-        regs.is_some_and(|(v, n)| v == VALUES && n >= 1),
+        regs.is_some_and(|(v, n)| v == want && n >= 1),
         format_args!(
-            "all 15 general-purpose registers kept across {:?} preemptions{}",
+            "all 15 general-purpose and 16 XMM registers kept across {:?} preemptions, beside an XMM-clobbering goroutine{}",
             regs.map(|(_, n)| n),
             match regs {
-                Some((v, _)) if v != VALUES => " (NOT: some changed)",
+                Some((v, _)) if v != want => " (NOT: some changed)",
                 _ => "",
             }
         ),
     );
     if let Some((v, _)) = regs
-        && v != VALUES
+        && v != want
     {
-        crate::say!("  registers: {v:#x?}\n  expected:  {VALUES:#x?}");
+        crate::say!("  registers: {v:#x?}\n  expected:  {want:#x?}");
     }
     let d = disable(h);
     r.check(
