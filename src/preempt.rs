@@ -217,10 +217,15 @@ const G_PREEMPT_FX: usize = core::mem::offset_of!(G, preempt) + core::mem::offse
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct InterruptFrame {
+    /// Where the interrupted code resumes.
     pub rip: u64,
+    /// Its code segment (the low two bits: its privilege level).
     pub cs: u64,
+    /// Its flags (`IF` set: it was interruptible).
     pub rflags: u64,
+    /// Its stack pointer.
     pub rsp: u64,
+    /// Its stack segment.
     pub ss: u64,
 }
 
@@ -319,6 +324,9 @@ fn slice_over(rec: &SliceRecord, tick: u32, flagged: bool, now: u64, slice_ns: u
 /// Returns whether it did.
 ///
 /// # Safety
+///
+/// Bare metal only (hosted code has no such frame: a signal handler must
+/// not call it).
 ///
 /// - Called from an interrupt handler, with interrupts disabled, on the
 ///   CPU that was interrupted, before its EOI or after it;
