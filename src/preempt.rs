@@ -95,8 +95,8 @@
 //! first (with LTO, `alloc` calls may be inlined into preemptible code),
 //! unless it holds them with interrupts off, which keeps the timer out as
 //! well. The count lives in the G, so a guard held across a park disables
-//! preemption of that goroutine only. Dropping the last guard does not preempt at once:
-//! the next timer interrupt does, if the slice is over.
+//! preemption of that goroutine only. Dropping the last guard does not
+//! preempt at once: the next timer interrupt does, if the slice is over.
 //!
 //! # Requirements on the kernel
 //!
