@@ -353,21 +353,8 @@ pub unsafe fn on_timer_interrupt(frame: *mut InterruptFrame) -> bool {
         let Some(cfg) = sched.preempt.cfg.get() else {
             return false;
         };
-        let pre = &(*gp).preempt;
-        if pre.off.load(Ordering::Relaxed) != 0
-            || pre.pending.load(Ordering::Relaxed)
-            || (*gp).atomicstatus.load(Ordering::Relaxed) != status::RUNNING
-        {
-            return false;
-        }
         let pp = (*mp).p;
         if pp.is_null() || (*pp).status.load(Ordering::Relaxed) != PRUNNING {
-            return false;
-        }
-        let f = &mut *frame;
-        if f.cs & 3 != 0
-            || !is_async_safe_point(cfg.text, f.rip as usize, f.rsp as usize, (*gp).stack)
-        {
             return false;
         }
         let Some(rec) = sched
@@ -378,9 +365,24 @@ pub unsafe fn on_timer_interrupt(frame: *mut InterruptFrame) -> bool {
         else {
             return false;
         };
+        // Every tick that finds a G running sees its slice, wherever it is,
+        // so that a slice is timed from its first tick.
         let tick = (*pp).schedtick.load(Ordering::Relaxed);
         let flagged = (*pp).preempt.load(Ordering::Relaxed);
         if !slice_over(rec, tick, flagged, sched.platform.nanotime(), cfg.slice_ns) {
+            return false;
+        }
+        let pre = &(*gp).preempt;
+        if pre.off.load(Ordering::Relaxed) != 0
+            || pre.pending.load(Ordering::Relaxed)
+            || (*gp).atomicstatus.load(Ordering::Relaxed) != status::RUNNING
+        {
+            return false;
+        }
+        let f = &mut *frame;
+        if f.cs & 3 != 0
+            || !is_async_safe_point(cfg.text, f.rip as usize, f.rsp as usize, (*gp).stack)
+        {
             return false;
         }
         pre.pc.store(f.rip as usize, Ordering::Relaxed);
