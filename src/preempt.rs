@@ -34,7 +34,7 @@
 //!    the stack below its `rsp` that the trampoline used.
 //!
 //! So the only state that is ever inconsistent is the frame rewrite, done
-//! with interrupts off in the handler, and the trampoline's first five
+//! with interrupts off in the handler, and the trampoline's first seven
 //! instructions, which copy the recorded `rip` onto the stack with
 //! interrupts on; a G in the trampoline is not preempted again (its
 //! `pending` flag is set until it is switched out, and the trampoline is not
@@ -77,10 +77,11 @@
 //!   interrupt, whose `rsp` is the goroutine's;
 //! - its stack has room for the trampoline ([`PREEMPT_STACK_NEED`] bytes
 //!   above `stack.lo`, the soft guard);
-//! - its time slice is over: sysmon set its P's `preempt` flag, or the same
-//!   slice (the P's `schedtick`) has been seen by timer interrupts for
-//!   [`PreemptConfig::slice_ns`] (Go's `forcePreemptNS`, 10 ms, by
-//!   default): a goroutine that yields often is never interrupted.
+//! - its time slice is over: sysmon set its P's `preempt` flag, or the
+//!   same slice (the P's `schedtick`) has been seen by timer interrupts
+//!   for [`PreemptConfig::slice_ns`] (Go's `forcePreemptNS`, 10 ms, by
+//!   default), timed from the first interrupt that found it running,
+//!   wherever it was: a goroutine that yields often is never interrupted.
 //!
 //! # Why a kernel needs `preempt_disable`
 //!
