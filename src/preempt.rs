@@ -417,7 +417,7 @@ pub unsafe fn on_timer_interrupt(frame: *mut InterruptFrame) -> bool {
 pub unsafe extern "C" fn async_preempt() {
     core::arch::naked_asm!(
         ".cfi_startproc",
-        ".cfi_def_cfa rsp, 0",                         // CFA = the interrupted rsp
+        ".cfi_adjust_cfa_offset -{word}",              // CFA = the interrupted rsp: no return address
         ".cfi_undefined rip",                          // no return address yet
         "lea rsp, [rsp - {word}]",                     // the return slot (no flags touched)
         ".cfi_adjust_cfa_offset {word}",
