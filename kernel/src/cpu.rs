@@ -106,9 +106,9 @@ pub fn rearm() {
     }
 }
 
-/// The timer interrupt: run the event if it is due, count a due tick, forget a sleep
-/// deadline that has passed (the interrupt has ended that sleep: re-arming
-/// for it would fire again at once), re-arm for the rest.
+/// The timer interrupt: run the event if it is due, take a due tick,
+/// forget a sleep deadline that has passed (the interrupt has ended that
+/// sleep: re-arming for it would fire again at once), re-arm for the rest.
 pub fn on_timer() {
     let c = &CPUS[this()];
     let now = x86::nanotime();
