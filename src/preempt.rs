@@ -331,7 +331,10 @@ fn slice_over(rec: &SliceRecord, tick: u32, flagged: bool, now: u64, slice_ns: u
 /// not call it).
 ///
 /// - Called from an interrupt handler, with interrupts disabled, on the
-///   CPU that was interrupted, before its EOI or after it;
+///   CPU that was interrupted, before its EOI or after it, with FS on that
+///   CPU's TLS block (its gokernel slot a G or zero, as for every gokernel
+///   call: an interrupt taken before the CPU's TLS is set up must not
+///   call it);
 /// - `frame` points to the CPU-pushed frame (`rip` .. `ss`) that the
 ///   handler's `iretq` will pop, and the handler does not change its `rip`
 ///   or `rsp` after this call;

@@ -90,8 +90,9 @@ fn ticking(on: bool) {
 pub fn on_timer(f: &mut Frame) {
     // glue: begin
     // SAFETY: called by the timer's handler with interrupts off, on the
-    // interrupted CPU; `rip` .. `ss` of `f` are the CPU's frame, which
-    // isr_common's iretq pops, untouched after this.
+    // interrupted CPU, whose TLS block is set up before interrupts are
+    // enabled (glue::cpu_init, then join); `rip` .. `ss` of `f` are the
+    // CPU's frame, which isr_common's iretq pops, untouched after this.
     let preempted = unsafe { gokernel::preempt::on_timer_interrupt((&raw mut f.rip).cast()) };
     // glue: end
     if preempted {
