@@ -200,6 +200,7 @@ mod netpoll_epoll;
 pub mod netpoll_irq;
 pub mod panic;
 pub mod platform;
+pub mod preempt;
 pub mod proc;
 pub mod runq;
 #[cfg(feature = "std")]

@@ -57,7 +57,9 @@ impl core::fmt::Display for NewOsProcError {
 ///   that blocks on a gokernel object; [`nanotime`](Platform::nanotime)
 ///   under the scheduler lock and a P's timer lock;
 ///   [`newosproc`](Platform::newosproc) with no lock held. None is called
-///   from an interrupt handler but `futexwakeup`.
+///   from an interrupt handler but `futexwakeup`, and `nanotime` by
+///   [`on_timer_interrupt`](crate::preempt::on_timer_interrupt) when a
+///   kernel enabled preemption.
 /// - When [`starts_threads`](Platform::starts_threads) is false, the Ms are
 ///   the CPUs that call [`crate::cpu::join`], and `futexsleep` is how an
 ///   idle CPU waits: on a kernel, `hlt` (or `mwait`) with interrupts

@@ -39,19 +39,17 @@
 //!   sees the other: either the producer sees no spinning M and wakes one,
 //!   or the M sees the G.
 //!
-//! There is no asynchronous preemption: a G runs until it yields, parks
-//! or exits. A G that runs `runnext` (so does the G it wakes, and so on)
-//! inherits its time slice; sysmon (see [`crate::sysmon`]) watches each
-//! P's `schedtick` and, when one slice has lasted 10 ms, sets the P's
-//! `preempt` flag, which the next `schedule` on that P reads (one relaxed
-//! load) to put the chain behind the queues. A scheduler that no sysmon
-//! watches (a kernel that does not call `sysmon_tick`) still ends a chain
-//! after [`RUNNEXT_LIMIT`] hand-offs. The same monitor retakes the
-//! P of a G that is in a blocking call (`entersyscall` / `exitsyscall`,
-//! [`crate::syscall`]), wakes an M for overdue timers, and reports a G
-//! that has held its P without a scheduling point for long (the stall
-//! detector). Those modules' docs say why hosted gokernel does not
-//! interrupt a G the way Go's signal-based preemption does.
+//! Hosted there is no asynchronous preemption (bare metal, see
+//! [`crate::preempt`]): a G runs until it yields, parks or exits. A G that
+//! runs `runnext` (so does the G it wakes, and so on) inherits its time
+//! slice; sysmon ([`crate::sysmon`]) watches each P's `schedtick` and,
+//! when one slice has lasted 10 ms, sets the P's `preempt` flag, which
+//! the next `schedule` on that P reads (one relaxed load) to put the
+//! chain behind the queues. A scheduler that no sysmon watches still ends
+//! a chain after [`RUNNEXT_LIMIT`] hand-offs. The same monitor retakes the
+//! P of a G in a blocking call ([`crate::syscall`]), wakes an M for
+//! overdue timers, and reports a G that holds its P long without a
+//! scheduling point; its docs say why hosted Gs are not interrupted.
 //!
 //! Timers (see [`time`](crate::time)) are work too: `findrunnable` runs
 //! expired ones, and an M with nothing to do while timers are pending
@@ -241,6 +239,7 @@ fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
         waitreason: AtomicU8::new(WaitReason::Zero as u8),
         waitsince: AtomicU64::new(0),
         spawn_site: AtomicPtr::new(null_mut()),
+        preempt: Default::default(),
     }
 }
 
@@ -2136,7 +2135,7 @@ pub fn gosched() {
 /// # Safety
 ///
 /// Only [`mcall`] calls it.
-unsafe extern "C" fn gosched_m(gp: *mut G) {
+pub(crate) unsafe extern "C" fn gosched_m(gp: *mut G) {
     stackcheck(gp);
     // SAFETY: gp was running on this M and is now suspended.
     unsafe {
@@ -2772,6 +2771,7 @@ impl Sched {
             cpus: crate::cpu::Cpus::new(),
             inject: crate::intr::Inject::new(),
             sysmon: crate::sysmon::Sysmon::new(procs),
+            preempt: Default::default(),
         });
         crate::cpu::note_platform(platform);
         {

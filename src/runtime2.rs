@@ -486,6 +486,9 @@ pub struct G {
     /// Where the `go` / `spawn` that made this G was called (Go's `gopc`),
     /// or null: for dumps, deadlock reports and stall reports.
     pub(crate) spawn_site: AtomicPtr<Location<'static>>,
+    /// Timer-interrupt preemption: the pending flag and rip, the
+    /// `PreemptGuard` count ([`crate::preempt`]; asm reads its `pc`).
+    pub(crate) preempt: crate::preempt::GPreempt,
 }
 
 impl G {
@@ -989,6 +992,9 @@ pub struct Sched {
     /// sysmon's state: its sleep, its per-P records, the stall limit (see
     /// [`crate::sysmon`]).
     pub(crate) sysmon: crate::sysmon::Sysmon,
+    /// Timer-interrupt preemption, off until a kernel enables it
+    /// ([`crate::preempt`]).
+    pub(crate) preempt: crate::preempt::PreemptState,
 }
 
 /// Ms arriving at the teardown (see [`crate::teardown`]).

@@ -82,7 +82,7 @@
 //! have none for long (the stall detector), and gives programs
 //! [`blocking`](crate::blocking) for calls that would hold a P. Bare metal,
 //! a kernel controls what interrupted code may hold and can opt into
-//! preemption from its timer interrupt (not built yet: issue 13, item 4).
+//! preemption from its timer interrupt ([`crate::preempt`]).
 //!
 //! # The stall detector
 //!

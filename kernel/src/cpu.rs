@@ -22,6 +22,8 @@ pub struct Cpu {
     // glue: end
     /// When its timer event is due, or 0.
     pub event_deadline: AtomicU64,
+    /// When its next tick is due, or 0 (see [`crate::preempt_scenarios`]).
+    pub tick_deadline: AtomicU64,
 }
 
 pub static CPUS: [Cpu; MAX_CPUS] = [const {
@@ -32,6 +34,7 @@ pub static CPUS: [Cpu; MAX_CPUS] = [const {
         sleep_deadline: AtomicU64::new(0),
         // glue: end
         event_deadline: AtomicU64::new(0),
+        tick_deadline: AtomicU64::new(0),
     }
 }; MAX_CPUS];
 
@@ -92,7 +95,7 @@ pub fn timer_event_in(ns: u64) {
 /// deadlines (interrupts off).
 pub fn rearm() {
     let c = &CPUS[this()];
-    let next = [&c.sleep_deadline, &c.event_deadline]
+    let next = [&c.sleep_deadline, &c.event_deadline, &c.tick_deadline]
         .iter()
         .map(|d| d.load(Ordering::Relaxed))
         .filter(|&d| d != 0)
@@ -103,9 +106,9 @@ pub fn rearm() {
     }
 }
 
-/// The timer interrupt: run the event if it is due, forget a sleep
-/// deadline that has passed (the interrupt has ended that sleep: re-arming
-/// for it would fire again at once), re-arm for the rest.
+/// The timer interrupt: run the event if it is due, take a due tick,
+/// forget a sleep deadline that has passed (the interrupt has ended that
+/// sleep: re-arming for it would fire again at once), re-arm for the rest.
 pub fn on_timer() {
     let c = &CPUS[this()];
     let now = x86::nanotime();
@@ -119,6 +122,11 @@ pub fn on_timer() {
     if e != 0 && now >= e {
         c.event_deadline.store(0, Ordering::Relaxed);
         call_hook(&TIMER_HOOK);
+    }
+    let t = c.tick_deadline.load(Ordering::Relaxed);
+    if t != 0 && now >= t {
+        let next = crate::preempt_scenarios::tick(now);
+        c.tick_deadline.store(next, Ordering::Relaxed);
     }
     rearm();
 }

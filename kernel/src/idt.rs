@@ -475,6 +475,7 @@ extern "C" fn isr_dispatch(f: &mut Frame) {
         TIMER => {
             x86::apic_eoi();
             crate::cpu::on_timer();
+            crate::preempt_scenarios::on_timer(f);
         }
         KICK => x86::apic_eoi(),
         DEVICE => {

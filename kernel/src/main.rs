@@ -16,7 +16,8 @@
 //! fw_cfg), `serial.rs`, `heap.rs`, `idt.rs` (interrupt stubs and
 //! dispatch), `cpu.rs` (the CPU table and its timers), `smp.rs`, `glue.rs`
 //! (all the gokernel-specific code: the `Platform`, TLS and FS set-up,
-//! joining), `run.rs` (the scenarios) and the scenarios shared with the
+//! joining), `run.rs` (the scenarios), `preempt_scenarios.rs` (timer
+//! preemption, turned on there) and the scenarios shared with the
 //! image (`../../image/src/scenarios.rs`).
 #![no_std]
 #![no_main]
@@ -30,6 +31,7 @@ mod heap;
 mod idt;
 mod irq;
 mod poll_scenarios;
+mod preempt_scenarios;
 mod run;
 #[path = "../../image/src/scenarios.rs"]
 mod scenarios;

@@ -58,6 +58,7 @@ pub fn main(sched: &'static Sched) -> ! {
     scenarios::run_all(h, &mut r, SPAWNERS, SLEEP_SCALE);
     crate::irq::run_all(h, &mut r);
     crate::poll_scenarios::run_all(h, &mut r);
+    crate::preempt_scenarios::run_all(h, &mut r);
 
     let (in_use, peak, left) = ALLOC.usage();
     say!(

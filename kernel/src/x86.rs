@@ -101,6 +101,31 @@ pub unsafe fn enable_fsgsbase() {
     }
 }
 
+/// Lets this CPU run SSE instructions: CR0.EM clear, CR0.MP set,
+/// CR4.OSFXSR and OSXMMEXCPT set. CR0 and CR4 are per CPU. The kernel's
+/// compiled code is soft-float; only inline assembly uses SSE
+/// (`preempt_scenarios.rs`).
+pub fn enable_sse() {
+    // SAFETY: every x86_64 CPU has SSE and FXSR; only these four bits
+    // change, and no compiled code depends on them.
+    unsafe {
+        asm!(
+            "mov {t}, cr0",
+            "and {t}, {not_em}",
+            "or {t}, {mp}",
+            "mov cr0, {t}",
+            "mov {t}, cr4",
+            "or {t}, {fx}",
+            "mov cr4, {t}",
+            t = out(reg) _,
+            not_em = const !(1i64 << 2),
+            mp = const 1u64 << 1,
+            fx = const 3u64 << 9,
+            options(nomem, nostack),
+        )
+    }
+}
+
 /// Turns interrupts off and returns whether they were on.
 pub fn irq_save() -> bool {
     let flags: u64;
