@@ -372,10 +372,18 @@ fn main() {
         builder
     };
     let rt = builder.build().unwrap();
-    // Timed from here: the runtime's start-up (its threads) is not the
-    // workload's (Go's is done before main; tokio's peer starts its clock
-    // after building its runtime too).
-    let t = Instant::now();
+    // Timed inside the main goroutine, as Go's `ops` times its main
+    // goroutine and the tokio peer its main task: neither the runtime's
+    // start-up nor block_on's hand-over to an M (a thread wake-up, which
+    // on a loaded machine can take milliseconds) is the workload's.
+    let timed = |f: fn(u64)| {
+        rt.block_on(move || {
+            let t = Instant::now();
+            f(n);
+            t.elapsed().as_secs_f64()
+        })
+        .unwrap()
+    };
     let (value, unit) = match op.as_str() {
         "gosched" | "spawn" | "spawn-alive" | "handoff" | "handoff-chan" | "handoff-cross" => {
             let f: fn(u64) = match op.as_str() {
@@ -386,18 +394,25 @@ fn main() {
                 "handoff-cross" => handoff_cross,
                 _ => handoff_chan,
             };
-            rt.block_on(move || f(n)).unwrap();
-            (t.elapsed().as_secs_f64() * 1e9 / n as f64, "ns/op")
+            (timed(f) * 1e9 / n as f64, "ns/op")
         }
         "parked" => (rt.block_on(move || parked(n)).unwrap(), "B/G"),
         "syscall" => {
-            rt.block_on(move || syscalls(n, procs)).unwrap();
-            (t.elapsed().as_secs_f64() * 1e9 / n as f64, "ns/op")
+            let secs = rt
+                .block_on(move || {
+                    let t = Instant::now();
+                    syscalls(n, procs);
+                    t.elapsed().as_secs_f64()
+                })
+                .unwrap();
+            (secs * 1e9 / n as f64, "ns/op")
         }
-        "work" => {
-            std::hint::black_box(rt.block_on(move || work(n)).unwrap());
-            (t.elapsed().as_secs_f64(), "s")
-        }
+        "work" => (
+            timed(|n| {
+                std::hint::black_box(work(n));
+            }),
+            "s",
+        ),
         _ => unreachable!("OP was checked against OPS"),
     };
     println!("result {op} {procs} {n} {value:.2} {unit} {mode}");
