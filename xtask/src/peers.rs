@@ -154,11 +154,16 @@ fn build_go(root: &Path) -> Option<(String, PathBuf)> {
     }
 }
 
+/// How long one run may take before it is killed and counted as failed:
+/// the slowest row runs about 2 s on a loaded 2-vCPU machine, so a run
+/// this long is stuck (or pathologically slow) rather than measured.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Runs one contender on one row; the value of its result line.
 fn run_once(c: &Contender, op: &str, procs: usize, n: u64) -> Option<f64> {
     let mut cmd = Command::new(&c.bin);
     cmd.args([op, &n.to_string(), &procs.to_string(), c.mode]);
-    let (status, out) = process::output(&mut cmd, Duration::from_mins(5)).ok()?;
+    let (status, out) = process::output(&mut cmd, RUN_TIMEOUT).ok()?;
     if !status.success() {
         return None;
     }
@@ -282,8 +287,9 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
             ours: false,
         });
     }
-    // medians[row][contender]
+    // medians[row][contender], failures[row][contender]
     let mut medians: Vec<Vec<Option<f64>>> = Vec::new();
+    let mut failures: Vec<Vec<usize>> = Vec::new();
     for (i, &(op, procs, n)) in ROWS.iter().enumerate() {
         println!(
             "bench --peers: [{}/{}] {op} on {procs} P, N = {n}: a warm-up and {REPS} rounds",
@@ -294,15 +300,21 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
             let _ = run_once(c, op, procs, n);
         }
         let mut vals: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        let mut failed = vec![0usize; contenders.len()];
         for rep in 0..REPS {
             for k in 0..contenders.len() {
                 let j = (k + rep) % contenders.len();
                 match run_once(&contenders[j], op, procs, n) {
                     Some(v) => vals[j].push(v),
-                    None => println!(
-                        "bench --peers: {op} on {procs} P failed on {}",
-                        contenders[j].name
-                    ),
+                    None => {
+                        failed[j] += 1;
+                        println!(
+                            "bench --peers: {op} on {procs} P failed on {} (exit status, no result \
+                             line, or over {} s)",
+                            contenders[j].name,
+                            RUN_TIMEOUT.as_secs()
+                        );
+                    }
                 }
             }
         }
@@ -319,6 +331,7 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
             line.join(", ")
         );
         medians.push(row);
+        failures.push(failed);
     }
     // Callgrind on 1 P: gokernel in both modes, tokio.
     let mut counted: Vec<[Option<Counts>; 3]> = Vec::new();
@@ -340,7 +353,7 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
         tokio_version(root),
         go_version.as_deref().unwrap_or("not installed")
     );
-    let text = tables(&heading, &contenders, &medians, &counted);
+    let text = tables(&heading, &contenders, &medians, &failures, &counted);
     println!("\n{text}");
     let _ = std::fs::write(
         crate::target_dir().join("bench-peers.json"),
@@ -379,6 +392,7 @@ fn tables(
     heading: &str,
     contenders: &[Contender],
     medians: &[Vec<Option<f64>>],
+    failures: &[Vec<usize>],
     counted: &[[Option<Counts>; 3]],
 ) -> String {
     let mut t = String::new();
@@ -386,7 +400,10 @@ fn tables(
     let _ = writeln!(
         t,
         "Timed: median of {REPS} interleaved rounds. `÷ best` is gokernel's median over the best \
-         peer's (under 1: gokernel is faster, or smaller).\n"
+         peer's (under 1: gokernel is faster, or smaller). A cell marked `(k failed)` is the \
+         median of the rounds that gave a result; a run fails if it exits with an error or takes \
+         over {} s.\n",
+        RUN_TIMEOUT.as_secs()
     );
     let names: Vec<&str> = contenders.iter().map(|c| c.name).collect();
     let _ = writeln!(
@@ -399,13 +416,20 @@ fn tables(
         "|---|---:|---:|{}---|---:|---:|---|",
         "---:|".repeat(names.len())
     );
-    for (&(op, procs, n), row) in ROWS.iter().zip(medians) {
+    for ((&(op, procs, n), row), failed) in ROWS.iter().zip(medians).zip(failures) {
         let best = best_peer(contenders, row);
         let ratio = |k: usize| match (row[k], best) {
             (Some(v), Some((b, _))) if b > 0.0 => format!("{:.2}", v / b),
             _ => "—".into(),
         };
-        let cells: Vec<String> = row.iter().map(|v| fmt_value(*v)).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(failed)
+            .map(|(v, &f)| match f {
+                0 => fmt_value(*v),
+                f => format!("{} ({f} failed)", fmt_value(*v)),
+            })
+            .collect();
         let _ = writeln!(
             t,
             "| {op} | {procs} | {n} | {} | {} | {} | {} | {} |",
