@@ -941,9 +941,12 @@ mod imp {
                 iov_len: PAGE_SIZE,
             })
             .collect();
-        // SAFETY: each range is the top page of a slot of this chunk that
-        // no stack holds yet but the caller's, which is not in use yet;
-        // populating writes nothing (the pages read as zero either way).
+        // SAFETY: each range is the top page of a slot of a chunk this
+        // module mapped. The slots after the caller's may meanwhile have
+        // been handed to other threads' stacks; MADV_POPULATE_WRITE
+        // changes no byte of any page (a page already present is left as
+        // it is, a missing one comes in zero-filled, as a fault would
+        // bring it), so that is harmless.
         unsafe {
             libc::syscall(
                 libc::SYS_process_madvise,
