@@ -11,7 +11,7 @@
 //! (`src/signal_unix.rs`).
 //!
 //! The guard is made one of two ways, chosen once per process
-//! ([`guard_markers`]):
+//! (hosted: `guard_markers`):
 //!
 //! - **Guard markers** (Linux 6.13 and later): stacks are carved from
 //!   *chunks*, one anonymous mapping of up to [`CHUNK_SLOTS`] slots, each
@@ -156,7 +156,7 @@ pub enum StackError {
         /// The `vm.max_map_count` that limit was derived from.
         max_map_count: usize,
     },
-    /// Every guarded stack that [`set_guard_page_budget`] allows is in use:
+    /// Every guarded stack that `set_guard_page_budget` allows is in use:
     /// `limit` live stacks.
     GuardBudgetExhausted {
         /// How many guarded stacks may be live at once.
@@ -166,12 +166,12 @@ pub enum StackError {
 
 /// Kernel mappings (VMAs) one guarded stack uses when guarded with
 /// `mprotect`: its `PROT_NONE` guard page and its read-write stack (see the
-/// [module docs](self)). With guard markers ([`guard_markers`]) a stack
+/// [module docs](self)). With guard markers (hosted: `guard_markers`) a stack
 /// uses 1/[`CHUNK_SLOTS`] of one.
 pub const MAPPINGS_PER_GUARDED_STACK: usize = 2;
 
 /// The most stacks (slots of guard page + stack) in one chunk when guard
-/// pages are guard markers ([`guard_markers`]): one mapping, its guards
+/// pages are guard markers (hosted: `guard_markers`): one mapping, its guards
 /// installed by one system call. Fewer for large stacks: a chunk holds as
 /// many as fit in [`CHUNK_BYTES`], at least one.
 pub const CHUNK_SLOTS: usize = 64;
