@@ -502,6 +502,7 @@ pub use imp::{
 /// Valgrind the request is a handful of no-op instructions.
 #[cfg(feature = "std")]
 mod valgrind {
+    const RUNNING_ON_VALGRIND: usize = 0x1001;
     const STACK_REGISTER: usize = 0x1501;
     const STACK_DEREGISTER: usize = 0x1502;
 
@@ -528,6 +529,23 @@ mod valgrind {
             );
         }
         result
+    }
+
+    /// `RUNNING_ON_VALGRIND`: true under Valgrind, which does not know
+    /// every system call (`process_madvise` among them: it warns and
+    /// fails the call), so callers take a plainer way there.
+    pub(super) fn running() -> bool {
+        use core::sync::atomic::{AtomicU8, Ordering};
+        // 0: not asked yet; 1: no; 2: yes.
+        static RUNNING: AtomicU8 = AtomicU8::new(0);
+        match RUNNING.load(Ordering::Relaxed) {
+            0 => {
+                let yes = request([RUNNING_ON_VALGRIND, 0, 0, 0, 0, 0], 0) != 0;
+                RUNNING.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+                yes
+            }
+            v => v == 2,
+        }
     }
 
     /// `VALGRIND_STACK_REGISTER(lo, hi)`: returns an id (0 outside Valgrind).
@@ -804,17 +822,22 @@ mod imp {
                 iov_len: PAGE_SIZE,
             })
             .collect();
-        // SAFETY: every range is a page of the mapping just made, which
-        // nothing else uses; the call reads the iovecs only.
-        let done = unsafe {
-            libc::syscall(
-                libc::SYS_process_madvise,
-                PIDFD_SELF_THREAD,
-                guards.as_ptr(),
-                n,
-                MADV_GUARD_INSTALL,
-                0,
-            )
+        // Valgrind does not know process_madvise: one madvise per guard.
+        let done = if super::valgrind::running() {
+            -1
+        } else {
+            // SAFETY: every range is a page of the mapping just made,
+            // which nothing else uses; the call reads the iovecs only.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    PIDFD_SELF_THREAD,
+                    guards.as_ptr(),
+                    n,
+                    MADV_GUARD_INSTALL,
+                    0,
+                )
+            }
         };
         if usize::try_from(done).ok() != Some(n * PAGE_SIZE) {
             // Installing a marker twice is harmless: do every page.
@@ -930,9 +953,9 @@ mod imp {
     /// goroutine's first frame is written to, which would otherwise take a
     /// page fault per goroutine (about 10 % of the CPU time of spawning
     /// 100,000 at once, measured). Only a hint: if the call fails (an older
-    /// kernel, Valgrind) the pages fault in as before.
+    /// kernel), or under Valgrind, the pages fault in as before.
     fn populate_tops(slot: usize, len: usize, count: usize) {
-        if count == 0 {
+        if count == 0 || super::valgrind::running() {
             return;
         }
         let tops: heapless::Vec<libc::iovec, POPULATE_BATCH> = (0..count)
