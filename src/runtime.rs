@@ -141,15 +141,17 @@ impl std::error::Error for BuildError {}
 /// never do) and [`unguarded_stacks`](Builder::unguarded_stacks) (stacks
 /// without a hardware guard page; by default every stack has one).
 ///
-/// Every goroutine stack a runtime allocates has a hardware guard: a
-/// `PROT_NONE` page below it, so an overflow faults at once and is reported
-/// naming the goroutine. Each costs two of the process's kernel mappings,
-/// so about 28,669 goroutines (live, or dead and kept for reuse) fit under
-/// Linux's default `vm.max_map_count` of 65,530; beyond that, spawning
-/// fails with [`StackError::GuardedStacksExhausted`], which says how to
-/// raise the limit (see [`stack`](crate::stack)). A program that needs
-/// more goroutines than it can raise the limit for can give up the guards
-/// with the `unsafe` [`unguarded_stacks`](Self::unguarded_stacks).
+/// Every goroutine stack a runtime allocates has a hardware guard: a page
+/// below it that faults on access, so an overflow faults at once and is
+/// reported naming the goroutine. On Linux 6.13 and later the guard is a
+/// guard marker and stacks come many to a kernel mapping; on older kernels
+/// each costs two of the process's kernel mappings, so about 28,669
+/// goroutines (live, or dead and kept for reuse) fit under Linux's default
+/// `vm.max_map_count` of 65,530, and beyond that spawning fails with
+/// [`StackError::GuardedStacksExhausted`], which says how to raise the
+/// limit (see [`stack`](crate::stack)). A program that needs more
+/// goroutines than it can raise the limit for can give up the guards with
+/// the `unsafe` [`unguarded_stacks`](Self::unguarded_stacks).
 #[derive(Clone, Debug)]
 pub struct Builder {
     procs: Option<usize>,

@@ -1,6 +1,9 @@
-//! Every stack the safe API makes has a hardware guard page; the number of
-//! such stacks is bounded by the process's mapping limit, and running out
-//! is a named error; unguarded stacks are an `unsafe` opt-in.
+//! Every stack the safe API makes has a hardware guard page (a guard
+//! marker in a chunk of stacks where the kernel has them, else a
+//! `PROT_NONE` mapping of its own); with `mprotect` guards the number of
+//! such stacks is bounded by the process's mapping limit; running out of
+//! it, or of a lowered budget, is a named error; unguarded stacks are an
+//! `unsafe` opt-in.
 //!
 //! The guarded-stack budget is process-wide and these tests count this
 //! process's mappings, so each runs its body in a child process of its
@@ -10,10 +13,11 @@ mod common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use common::{in_crash_child, mapping_table, mappings, run_child_ok};
+use common::{in_crash_child, mapping_table, mappings, run_child_ok, run_child_ok_with_env};
 use gokernel::stack::{
-    self, MAPPINGS_PER_GUARDED_STACK, PAGE_SIZE, STACK_MIN, StackError, guard_page_budget,
-    guarded_stack_limit, guarded_stacks_live, set_guard_page_budget,
+    self, CHUNK_SLOTS, MAPPINGS_PER_GUARDED_STACK, PAGE_SIZE, STACK_MIN, StackError, chunk_slots,
+    guard_markers, guard_page_budget, guarded_stack_limit, guarded_stacks_live,
+    set_guard_page_budget,
 };
 use gokernel::{Runtime, SpawnError};
 
@@ -27,9 +31,91 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_default()
 }
 
+/// True if this process can read the byte at `addr`: `process_vm_readv`
+/// on itself, which fails with `EFAULT` on a guard page (a guard marker or
+/// `PROT_NONE`) instead of faulting, and reads an untouched page as zero.
+fn readable(addr: usize) -> bool {
+    let mut byte = 0u8;
+    let local = libc::iovec {
+        iov_base: (&raw mut byte).cast(),
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: the kernel writes one byte into `byte` and checks `addr`
+    // itself: an address this process cannot read is an error, not a
+    // fault.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n == 1
+}
+
+/// Asserts that each stack's guard page (the page below `lo`) faults on
+/// access while the stack's own lowest and highest pages do not.
+fn assert_guarded(gs: &[Box<gokernel::runtime2::G>]) {
+    for g in gs {
+        let (lo, hi) = (g.stack().lo(), g.stack().hi());
+        assert!(
+            !readable(lo - PAGE_SIZE) && !readable(lo - 1),
+            "the page below [{lo:#x}, {hi:#x}) is not a guard page"
+        );
+        assert!(
+            readable(lo) && readable(hi - 1),
+            "[{lo:#x}, {hi:#x}) is not readable"
+        );
+    }
+}
+
 #[test]
-fn each_guarded_stack_is_two_mappings_a_prot_none_page_and_the_stack() {
+fn with_guard_markers_a_chunk_of_stacks_is_one_mapping_and_each_has_a_guard_page() {
     if in_crash_child() {
+        assert!(
+            guard_markers(),
+            "this kernel has guard markers (Linux 6.13+)"
+        );
+        const N: usize = 1000;
+        let mut gs = Vec::with_capacity(N);
+        let before = mappings();
+        for _ in 0..N {
+            gs.push(gokernel::proc::malg(STACK_MIN).unwrap());
+        }
+        let added = mappings() - before;
+        assert_eq!(chunk_slots(STACK_MIN), CHUNK_SLOTS);
+        assert!(
+            added <= N.div_ceil(CHUNK_SLOTS) + 8,
+            "{N} guarded stacks added {added} mappings"
+        );
+        assert_guarded(&gs);
+        // A freed stack's slot is reused, its guard still there.
+        let freed = gs.pop().unwrap().stack().lo();
+        let again = gokernel::proc::malg(STACK_MIN).unwrap();
+        assert_eq!(again.stack().lo(), freed, "the freed slot was not reused");
+        assert_guarded(&[again]);
+        return;
+    }
+    let markers = {
+        let v = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut it = v
+            .trim()
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (6, 13)
+    };
+    if !markers {
+        eprintln!("Linux before 6.13: no guard markers; the mprotect test covers the guards");
+        return;
+    }
+    run_child_ok("with_guard_markers_a_chunk_of_stacks_is_one_mapping_and_each_has_a_guard_page");
+}
+
+#[test]
+fn with_mprotect_guards_each_guarded_stack_is_two_mappings_a_prot_none_page_and_the_stack() {
+    if in_crash_child() {
+        assert!(
+            !guard_markers(),
+            "GOKERNEL_STACK_GUARDS=mprotect was ignored"
+        );
         const N: usize = 1000;
         let mut gs = Vec::with_capacity(N);
         let before = mappings();
@@ -63,9 +149,13 @@ fn each_guarded_stack_is_two_mappings_a_prot_none_page_and_the_stack() {
                 "[{lo:#x}, {hi:#x}) is not one mapping of its own"
             );
         }
+        assert_guarded(&gs);
         return;
     }
-    run_child_ok("each_guarded_stack_is_two_mappings_a_prot_none_page_and_the_stack");
+    run_child_ok_with_env(
+        "with_mprotect_guards_each_guarded_stack_is_two_mappings_a_prot_none_page_and_the_stack",
+        &[("GOKERNEL_STACK_GUARDS", "mprotect")],
+    );
 }
 
 #[test]
@@ -81,7 +171,12 @@ fn the_limit_follows_vm_max_map_count_less_the_reserve() {
     // Another test binary may raise the sysctl meanwhile (tests/million.rs
     // does, as root); the runtime's view is never above the sysctl.
     assert!(stack::max_map_count() <= mmc);
-    assert!(guard_page_budget() <= guarded_stack_limit(mmc));
+    if guard_markers() {
+        // No mapping per stack: no limit but a budget, and none is set.
+        assert_eq!(guard_page_budget(), usize::MAX);
+    } else {
+        assert!(guard_page_budget() <= guarded_stack_limit(mmc));
+    }
 }
 
 #[test]
@@ -95,6 +190,12 @@ fn the_exhaustion_message_names_the_limit_and_the_command_that_raises_it() {
         "out of guarded stacks: 28669 live goroutine stacks use the process's memory-mapping \
          limit (vm.max_map_count = 65530); raise it with `sysctl -w vm.max_map_count=262144` \
          (as root), or opt in to unguarded stacks with the unsafe Builder::unguarded_stacks"
+    );
+    assert_eq!(
+        StackError::GuardBudgetExhausted { limit: 12 }.to_string(),
+        "out of guarded stacks: 12 live goroutine stacks use the budget set with \
+         stack::set_guard_page_budget; raise it (usize::MAX lifts it), or opt in to unguarded \
+         stacks with the unsafe Builder::unguarded_stacks"
     );
 }
 
@@ -122,18 +223,13 @@ fn when_guarded_stacks_run_out_try_spawn_errs_and_spawn_and_go_panic_saying_so()
                     })
                 })
                 .collect();
-            let want = StackError::GuardedStacksExhausted {
-                limit,
-                max_map_count: stack::max_map_count(),
-            };
+            let want = StackError::GuardBudgetExhausted { limit };
             let e = gokernel::try_spawn(|| ()).err().expect("a third stack");
             assert_eq!(e, SpawnError(want));
             let msg = e.to_string();
             for part in [
                 &format!("cannot start a goroutine: out of guarded stacks: {limit} live goroutine stacks use the budget set with stack::set_guard_page_budget"),
-                &format!("vm.max_map_count = {}", stack::max_map_count()),
-                "raise it with `sysctl -w vm.max_map_count=",
-                "` (as root), or opt in to unguarded stacks with the unsafe Builder::unguarded_stacks",
+                "raise it (usize::MAX lifts it), or opt in to unguarded stacks with the unsafe Builder::unguarded_stacks",
             ] {
                 assert!(msg.contains(part), "{msg:?} lacks {part:?}");
             }
@@ -158,7 +254,7 @@ fn when_guarded_stacks_run_out_try_spawn_errs_and_spawn_and_go_panic_saying_so()
         // list, which a thread that is not an M does not take from).
         let e = rt.try_spawn(|| ()).err().expect("no guarded stack left");
         assert!(
-            matches!(e.0, StackError::GuardedStacksExhausted { .. }),
+            matches!(e.0, StackError::GuardBudgetExhausted { .. }),
             "{e}"
         );
         set_guard_page_budget(usize::MAX);
@@ -179,7 +275,7 @@ fn an_unguarded_runtime_runs_without_using_guarded_stacks() {
             .err()
             .expect("no guarded stacks left");
         assert!(
-            matches!(e.0, StackError::GuardedStacksExhausted { .. }),
+            matches!(e.0, StackError::GuardBudgetExhausted { .. }),
             "{e}"
         );
         // SAFETY: these goroutines use a few hundred bytes of their 32 KiB (STACK_MIN).

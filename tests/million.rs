@@ -1,6 +1,9 @@
 //! One million goroutines parked at once, then all are woken and finish.
 //!
-//! Each guarded stack costs two kernel mappings, so a million of them need
+//! With guard markers (Linux 6.13 and later, `stack::guard_markers`) a
+//! million guarded stacks fit under any `vm.max_map_count`: they come in
+//! chunks of 64 per mapping. With `mprotect` guards each guarded stack
+//! costs two kernel mappings, so a million of them need
 //! `vm.max_map_count` above 2,008,192 (65,530 by default). As root, the
 //! test raises the sysctl to 2,200,000 (never lowers it) and the
 //! million stacks have guard pages; otherwise it says so on stderr and
@@ -21,7 +24,8 @@ const N: usize = 1_000_000;
 
 #[test]
 fn a_million_goroutines_park_at_once_then_all_wake_and_finish() {
-    let guarded = raise_max_map_count("million");
+    let markers = gokernel::stack::guard_markers();
+    let guarded = markers || raise_max_map_count("million");
     let builder = Runtime::builder()
         .procs(2)
         .stack_size(gokernel::stack::STACK_MIN);
@@ -35,7 +39,7 @@ fn a_million_goroutines_park_at_once_then_all_wake_and_finish() {
     let rt = builder.build().unwrap();
     let t = std::time::Instant::now();
     let rss0 = rss_kb();
-    let (parked_rss, maps, alive) = rt
+    let (parked_rss, maps, alive, live) = rt
         .block_on(|| {
             let handles: Arc<Mutex<Vec<Goroutine>>> = Arc::new(Mutex::new(Vec::with_capacity(N)));
             let finished = Arc::new(AtomicUsize::new(0));
@@ -57,13 +61,14 @@ fn a_million_goroutines_park_at_once_then_all_wake_and_finish() {
             let alive = gokernel::num_goroutine();
             let parked_rss = rss_kb();
             let maps = mappings();
+            let live = gokernel::stack::guarded_stacks_live();
             for g in handles.lock().unwrap().drain(..) {
                 g.unpark();
             }
             while finished.load(Ordering::Acquire) < N {
                 gokernel::park();
             }
-            (parked_rss, maps, alive)
+            (parked_rss, maps, alive, live)
         })
         .unwrap();
     let per_g = (parked_rss - rss0) * 1024 / N as u64;
@@ -74,7 +79,16 @@ fn a_million_goroutines_park_at_once_then_all_wake_and_finish() {
         t.elapsed().as_secs_f64()
     );
     assert_eq!(alive, N + 1, "all goroutines (and main) alive while parked");
-    if guarded {
+    if markers {
+        assert!(
+            live > N,
+            "{live} guarded stacks live: the stacks are not guarded"
+        );
+        assert!(
+            maps < N / gokernel::stack::CHUNK_SLOTS + 8192,
+            "{maps} mappings: more than a chunk per 64 stacks"
+        );
+    } else if guarded {
         assert!(
             maps >= N * gokernel::stack::MAPPINGS_PER_GUARDED_STACK,
             "{maps} mappings: the stacks are not guarded"

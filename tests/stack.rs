@@ -72,21 +72,29 @@ fn malg_rejects_bad_stack_sizes_with_a_typed_error() {
 #[test]
 fn the_guard_page_sits_just_below_the_stack() {
     let g = malg(STACK_MIN).unwrap();
-    let lo = g.stack().lo();
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let guard = maps.lines().find_map(|l| {
-        let (range, rest) = l.split_once(' ')?;
-        let (a, b) = range.split_once('-')?;
-        let (a, b) = (
-            usize::from_str_radix(a, 16).ok()?,
-            usize::from_str_radix(b, 16).ok()?,
-        );
-        if b != lo {
-            return None;
-        }
-        Some((a, rest.split_whitespace().next()?.to_string()))
-    });
-    let (start, perms) = guard.expect("no mapping ends at the stack's lo");
-    assert_eq!(lo - start, 4096, "the guard is one page");
-    assert_eq!(perms, "---p", "the guard page is not PROT_NONE");
+    let (lo, hi) = (g.stack().lo(), g.stack().hi());
+    // process_vm_readv on this process: EFAULT on a guard page (a guard
+    // marker or PROT_NONE), where a plain read would fault.
+    let readable = |addr: usize| {
+        let mut byte = 0u8;
+        let local = libc::iovec {
+            iov_base: (&raw mut byte).cast(),
+            iov_len: 1,
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: the kernel checks `addr`; it writes one byte to `byte`.
+        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) == 1 }
+    };
+    assert!(
+        readable(lo) && readable(hi - 1),
+        "the stack is not readable"
+    );
+    assert!(!readable(lo - 1), "the byte below the stack is not a guard");
+    assert!(
+        !readable(lo - 4096),
+        "the guard is less than a page below the stack"
+    );
 }

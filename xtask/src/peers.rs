@@ -8,9 +8,13 @@
 //!   dependency of gokernel), the same workloads as `examples/ops.rs`
 //!   written for tokio (its module docs name each counterpart), built with
 //!   `cargo build --release -p peers`;
-//! - **Go**: `bench/peers/go/ops.go`, built with `go build` when a `go`
-//!   toolchain is on the `PATH`; otherwise the run says `Go: not installed`
-//!   and leaves its column empty;
+//! - **Go**: `bench/peers/go/ops.go`, built with `go build` when a Go
+//!   toolchain is installed: `go` on the `PATH`, or Debian's
+//!   `/usr/lib/go/bin/go` or `/usr/lib/go-1.*/bin/go` (`apt-get install
+//!   golang-go`). The build is offline (`GOPROXY=off`, `GOFLAGS=-mod=mod`,
+//!   `GOTOOLCHAIN=local`: the workloads use the standard library only).
+//!   Without a toolchain the run says `Go: not installed (apt-get install
+//!   golang-go)` and leaves its column empty;
 //! - `may` is not measured (optional in the issue, left out).
 //!
 //! Every contender speaks `examples/ops.rs`'s command line and result line
@@ -49,6 +53,8 @@ const ROWS: &[(&str, usize, u64)] = &[
     ("gosched", 2, 2_000_000),
     ("spawn", 1, 1_000_000),
     ("spawn", 2, 1_000_000),
+    ("spawn-alive", 1, 1_000),
+    ("spawn-alive", 1, 10_000),
     ("spawn-alive", 1, 100_000),
     ("spawn-alive", 2, 100_000),
     ("handoff", 1, 1_000_000),
@@ -90,18 +96,51 @@ fn build_tokio(root: &Path) -> Option<PathBuf> {
         .then(|| crate::target_dir().join("release/peers"))
 }
 
-/// Builds the Go workloads if a `go` toolchain is installed; its version
-/// and the binary, or `None` (and says why).
+/// A `go` command with the environment of an offline build: no module
+/// proxy, no toolchain download, the module file taken as it is.
+fn go_command(go: &Path) -> Command {
+    let mut c = Command::new(go);
+    c.env("GOPROXY", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOTOOLCHAIN", "local")
+        .env("GO111MODULE", "on");
+    c
+}
+
+/// The `go` toolchain: `go` on the `PATH`, else Debian's
+/// `/usr/lib/go/bin/go`, else the newest `/usr/lib/go-1.*/bin/go`; with
+/// its `go version` line.
+fn find_go() -> Option<(PathBuf, String)> {
+    let mut candidates = vec![PathBuf::from("go"), PathBuf::from("/usr/lib/go/bin/go")];
+    let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let minor = name.strip_prefix("go-1.")?.parse().ok()?;
+            Some((minor, e.path().join("bin/go")))
+        })
+        .collect();
+    versioned.sort();
+    candidates.extend(versioned.into_iter().rev().map(|(_, p)| p));
+    candidates.into_iter().find_map(|go| {
+        let o = go_command(&go).arg("version").output().ok()?;
+        o.status
+            .success()
+            .then(|| (go, String::from_utf8_lossy(&o.stdout).trim().to_string()))
+    })
+}
+
+/// Builds the Go workloads if a Go toolchain is installed ([`find_go`]);
+/// its version and the binary, or `None` (and says why).
 fn build_go(root: &Path) -> Option<(String, PathBuf)> {
-    let version = match Command::new("go").arg("version").output() {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        _ => {
-            println!("Go: not installed");
-            return None;
-        }
+    let Some((go, version)) = find_go() else {
+        println!("Go: not installed (apt-get install golang-go)");
+        return None;
     };
     let bin = crate::target_dir().join("peers-go");
-    let mut c = Command::new("go");
+    let mut c = go_command(&go);
     c.args(["build", "-o"])
         .arg(&bin)
         .arg(".")
@@ -115,11 +154,16 @@ fn build_go(root: &Path) -> Option<(String, PathBuf)> {
     }
 }
 
+/// How long one run may take before it is killed and counted as failed:
+/// the slowest row runs about 2 s on a loaded 2-vCPU machine, so a run
+/// this long is stuck (or pathologically slow) rather than measured.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Runs one contender on one row; the value of its result line.
 fn run_once(c: &Contender, op: &str, procs: usize, n: u64) -> Option<f64> {
     let mut cmd = Command::new(&c.bin);
     cmd.args([op, &n.to_string(), &procs.to_string(), c.mode]);
-    let (status, out) = process::output(&mut cmd, Duration::from_mins(5)).ok()?;
+    let (status, out) = process::output(&mut cmd, RUN_TIMEOUT).ok()?;
     if !status.success() {
         return None;
     }
@@ -243,8 +287,9 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
             ours: false,
         });
     }
-    // medians[row][contender]
+    // medians[row][contender], failures[row][contender]
     let mut medians: Vec<Vec<Option<f64>>> = Vec::new();
+    let mut failures: Vec<Vec<usize>> = Vec::new();
     for (i, &(op, procs, n)) in ROWS.iter().enumerate() {
         println!(
             "bench --peers: [{}/{}] {op} on {procs} P, N = {n}: a warm-up and {REPS} rounds",
@@ -255,15 +300,21 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
             let _ = run_once(c, op, procs, n);
         }
         let mut vals: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        let mut failed = vec![0usize; contenders.len()];
         for rep in 0..REPS {
             for k in 0..contenders.len() {
                 let j = (k + rep) % contenders.len();
                 match run_once(&contenders[j], op, procs, n) {
                     Some(v) => vals[j].push(v),
-                    None => println!(
-                        "bench --peers: {op} on {procs} P failed on {}",
-                        contenders[j].name
-                    ),
+                    None => {
+                        failed[j] += 1;
+                        println!(
+                            "bench --peers: {op} on {procs} P failed on {} (exit status, no result \
+                             line, or over {} s)",
+                            contenders[j].name,
+                            RUN_TIMEOUT.as_secs()
+                        );
+                    }
                 }
             }
         }
@@ -280,6 +331,7 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
             line.join(", ")
         );
         medians.push(row);
+        failures.push(failed);
     }
     // Callgrind on 1 P: gokernel in both modes, tokio.
     let mut counted: Vec<[Option<Counts>; 3]> = Vec::new();
@@ -301,7 +353,7 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
         tokio_version(root),
         go_version.as_deref().unwrap_or("not installed")
     );
-    let text = tables(&heading, &contenders, &medians, &counted);
+    let text = tables(&heading, &contenders, &medians, &failures, &counted);
     println!("\n{text}");
     let _ = std::fs::write(
         crate::target_dir().join("bench-peers.json"),
@@ -340,6 +392,7 @@ fn tables(
     heading: &str,
     contenders: &[Contender],
     medians: &[Vec<Option<f64>>],
+    failures: &[Vec<usize>],
     counted: &[[Option<Counts>; 3]],
 ) -> String {
     let mut t = String::new();
@@ -347,29 +400,39 @@ fn tables(
     let _ = writeln!(
         t,
         "Timed: median of {REPS} interleaved rounds. `÷ best` is gokernel's median over the best \
-         peer's (under 1: gokernel is faster, or smaller).\n"
+         peer's (under 1: gokernel is faster, or smaller). A cell marked `(k failed)` is the \
+         median of the rounds that gave a result; a run fails if it exits with an error or takes \
+         over {} s.\n",
+        RUN_TIMEOUT.as_secs()
     );
     let names: Vec<&str> = contenders.iter().map(|c| c.name).collect();
     let _ = writeln!(
         t,
-        "| workload | procs | {} | best peer | bound ÷ best | migrate ÷ best | unit |",
+        "| workload | procs | N | {} | best peer | bound ÷ best | migrate ÷ best | unit |",
         names.join(" | ")
     );
     let _ = writeln!(
         t,
-        "|---|---:|{}---|---:|---:|---|",
+        "|---|---:|---:|{}---|---:|---:|---|",
         "---:|".repeat(names.len())
     );
-    for (&(op, procs, _), row) in ROWS.iter().zip(medians) {
+    for ((&(op, procs, n), row), failed) in ROWS.iter().zip(medians).zip(failures) {
         let best = best_peer(contenders, row);
         let ratio = |k: usize| match (row[k], best) {
             (Some(v), Some((b, _))) if b > 0.0 => format!("{:.2}", v / b),
             _ => "—".into(),
         };
-        let cells: Vec<String> = row.iter().map(|v| fmt_value(*v)).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(failed)
+            .map(|(v, &f)| match f {
+                0 => fmt_value(*v),
+                f => format!("{} ({f} failed)", fmt_value(*v)),
+            })
+            .collect();
         let _ = writeln!(
             t,
-            "| {op} | {procs} | {} | {} | {} | {} | {} |",
+            "| {op} | {procs} | {n} | {} | {} | {} | {} | {} |",
             cells.join(" | "),
             best.map_or("—", |(_, who)| who),
             ratio(0),

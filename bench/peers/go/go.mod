@@ -1,3 +1,3 @@
 module peers
 
-go 1.21
+go 1.19
