@@ -243,14 +243,22 @@ unsafe extern "C" fn handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c
         }
         return;
     }
-    // The current G of this thread: a user G if its M runs it.
+    // The goroutine this thread runs: its current G if that is its M's
+    // user G, or the M's user G if the thread is on g0 for it (a
+    // `systemstack` call such as `newproc`'s, during which `curg` stays
+    // set; in `schedule` it is null).
     let gp = crate::tls::getg();
     // SAFETY: this thread's own current G and M, which the code we
     // interrupted does not change while it runs on them (a switch
     // would have been a scheduling point).
     let (goid, loc) = unsafe {
-        if !gp.is_null() && !(*gp).m.is_null() && (*(*gp).m).curg == gp {
-            ((*gp).goid(), (*gp).spawn_location())
+        let curg = if gp.is_null() || (*gp).m.is_null() {
+            core::ptr::null_mut()
+        } else {
+            (*(*gp).m).curg
+        };
+        if !curg.is_null() && (curg == gp || gp == (*(*gp).m).g0) {
+            ((*curg).goid(), (*curg).spawn_location())
         } else {
             (0, None)
         }

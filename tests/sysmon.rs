@@ -125,6 +125,10 @@ fn stall_child() {
         let task = || {
             if std::env::var_os("STALL_IN_SLEEP").is_some() {
                 sleep_without_blocking();
+            } else if std::env::var_os("STALL_ON_G0").is_some() {
+                gokernel::systemstack(|| {
+                    spin_without_a_scheduling_point(Duration::from_millis(400))
+                });
             } else {
                 spin_without_a_scheduling_point(Duration::from_millis(400));
             }
@@ -250,4 +254,33 @@ fn a_goroutine_stalled_in_a_system_call_is_reported_with_its_callers() {
             c.stderr
         );
     }
+}
+
+#[test]
+fn a_goroutine_stalled_on_the_system_stack_is_reported_as_itself() {
+    const NAME: &str = "a_goroutine_stalled_on_the_system_stack_is_reported_as_itself";
+    if in_crash_child() {
+        stall_child();
+        return;
+    }
+    // It spins inside `systemstack`: its thread is on g0, but the time
+    // is the goroutine's, not the scheduler's.
+    let c = run_child_ok_with_env(NAME, &[("GOKERNEL_STALL", "100"), ("STALL_ON_G0", "1")]);
+    let (id, line) = stalled(&c.stdout);
+    for want in [
+        format!("gokernel: goroutine {id} has run for "),
+        format!("; started at tests/sysmon.rs:{line}:"),
+        "spin_without_a_scheduling_point+0x".to_string(),
+    ] {
+        assert!(
+            c.stderr.contains(&want),
+            "stderr lacks {want:?}:\n{}",
+            c.stderr
+        );
+    }
+    assert!(
+        !c.stderr.contains("in the scheduler"),
+        "blamed on the scheduler:\n{}",
+        c.stderr
+    );
 }
