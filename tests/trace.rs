@@ -45,11 +45,15 @@ fn traced_program(rt: &Runtime) -> (u64, u64) {
         let main = gokernel::current().id();
         let c = chan::<u32>(0);
         let rx = c.clone();
-        let h = gokernel::spawn(move || rx.recv().unwrap());
+        let h = gokernel::spawn(move || {
+            gokernel::syscall::call(|| ());
+            rx.recv().unwrap()
+        });
         let id = h.id();
         while gokernel::stats().goroutines.waiting == 0 {
             gokernel::gosched();
         }
+        gokernel::sleep(std::time::Duration::from_millis(1));
         c.send(5).unwrap();
         assert_eq!(h.join().unwrap(), 5);
         (main, id)
@@ -64,7 +68,9 @@ fn check(json: &str, main: u64, g: u64) {
     let create = find(&ev, 0, "GoCreate", g).unwrap_or_else(|| panic!("no GoCreate {g}:\n{json}"));
     assert_eq!(ev[create].2, main, "created by main");
     let start = find(&ev, create, "GoStart", g).expect("GoStart after GoCreate");
-    let block = find(&ev, start, "GoBlock", g).expect("GoBlock after GoStart");
+    let enter = find(&ev, start, "SyscallEnter", g).expect("SyscallEnter after GoStart");
+    let exit = find(&ev, enter, "SyscallExit", g).expect("SyscallExit after SyscallEnter");
+    let block = find(&ev, exit, "GoBlock", g).expect("GoBlock after SyscallExit");
     assert_eq!(
         ev[block].2,
         gokernel::WaitReason::ChanReceive as u64,
@@ -72,6 +78,12 @@ fn check(json: &str, main: u64, g: u64) {
     );
     let unblock = find(&ev, block, "GoUnblock", g).expect("GoUnblock after GoBlock");
     assert_eq!(ev[unblock].2, main, "woken by main's send");
+    // Main's sleep: blocked, its timer fired, woken (by the timer), run.
+    let sleep = find(&ev, 0, "GoBlock", main).expect("main's sleep");
+    let fire = find(&ev, sleep, "TimerFire", main).expect("TimerFire after main's sleep");
+    let woken = find(&ev, fire, "GoUnblock", main).expect("GoUnblock after TimerFire");
+    find(&ev, woken, "GoStart", main).expect("main runs again");
+    assert!(unblock > woken, "main sent after its sleep");
     let again = find(&ev, unblock, "GoStart", g).expect("GoStart after GoUnblock");
     find(&ev, again, "GoEnd", g).expect("GoEnd last");
     assert!(ev.iter().any(|(n, _, _)| n == "ProcStart"));
@@ -121,6 +133,60 @@ fn gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file() {
         "gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file",
         &[("GOKERNEL_TRACE", path.to_str().unwrap())],
     );
+}
+
+#[test]
+fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
+    // 2 × 5,000 yields: far more records than one 4,096-record chunk.
+    let path =
+        std::env::temp_dir().join(format!("gokernel-trace-long-{}.json", std::process::id()));
+    let rt = Runtime::builder().procs(1).trace(&path).build().unwrap();
+    const N: usize = 5_000;
+    let ids = rt
+        .block_on(|| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    gokernel::spawn(|| {
+                        for _ in 0..N {
+                            gokernel::gosched();
+                        }
+                    })
+                })
+                .collect();
+            let ids: Vec<u64> = hs.iter().map(|h| h.id()).collect();
+            hs.into_iter().for_each(|h| h.join().unwrap());
+            ids
+        })
+        .unwrap();
+    let json = rt.trace_json().unwrap();
+    let ev = events(&json);
+    for g in ids {
+        // Each goroutine: start, then N × (stop, start), then end, in order.
+        let mine: Vec<&str> = ev
+            .iter()
+            .filter(|(n, eg, _)| *eg == g && (n == "GoStart" || n == "GoStop" || n == "GoEnd"))
+            .map(|(n, _, _)| n.as_str())
+            .collect();
+        let mut want = vec!["GoStart"];
+        for _ in 0..N {
+            want.extend(["GoStop", "GoStart"]);
+        }
+        want.push("GoEnd");
+        assert_eq!(mine, want, "goroutine {g}");
+    }
+    // The instants' times never go back.
+    let ts: Vec<f64> = json
+        .lines()
+        .filter(|l| l.contains("\"ph\":\"i\""))
+        .map(|l| {
+            let at = l.find("\"ts\":").unwrap() + 5;
+            let rest = &l[at..];
+            rest[..rest.find(',').unwrap()].parse().unwrap()
+        })
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "times go back");
+    drop(rt);
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]

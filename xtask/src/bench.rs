@@ -157,7 +157,14 @@ fn build_ops(root: &Path) -> bool {
 fn build_ops_traced(root: &Path) -> Option<std::path::PathBuf> {
     let mut c = crate::gate::cargo(
         root,
-        &["build", "--release", "--example", "ops", "--features", "trace"],
+        &[
+            "build",
+            "--release",
+            "--example",
+            "ops",
+            "--features",
+            "trace",
+        ],
     );
     if !matches!(process::run(&mut c, Duration::from_mins(10)), Ok(s) if s.success()) {
         return None;
@@ -566,7 +573,10 @@ fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
         println!(
             "{op:<12} | trace recording {:>8.1} Ir ({}), baseline {}",
             c.ir,
-            plain.map_or("—".into(), |p| format!("{:+.1} % over not tracing", (c.ir / p - 1.0) * 100.0)),
+            plain.map_or("—".into(), |p| format!(
+                "{:+.1} % over not tracing",
+                (c.ir / p - 1.0) * 100.0
+            )),
             base.map_or("—".into(), |b| format!("{b:.1}"))
         );
     }
@@ -753,7 +763,10 @@ mod tests {
         );
         // The traced rows are not read as the plain ones.
         assert_eq!(baseline_count(&json, "handoff"), Some(367.5));
-        assert_eq!(baseline_count(&json, &trace_key("handoff", false)), Some(500.0));
+        assert_eq!(
+            baseline_count(&json, &trace_key("handoff", false)),
+            Some(500.0)
+        );
         assert_eq!(baseline_count(&json, "switch"), Some(49.0));
         assert_eq!(baseline_count(&json, "handoff"), Some(367.5));
         assert_eq!(
