@@ -29,7 +29,7 @@
 //! allocation. An event is one 16-byte record (kind, an 8-bit argument,
 //! the goroutine id, a 64-bit argument), written by an inlined hook as a
 //! load of the P's write position, a mask test, two stores and a bump. A
-//! full buffer (4,096 records) is swapped, off the hot path, for a
+//! full buffer (a 2 MiB chunk, 131,072 records) is swapped, off the hot path, for a
 //! pre-faulted one from a pool (hosted, a thread of the trace's own keeps
 //! it topped up; see `Pool`); a P keeps at most [`MAX_EVENTS_PER_BUFFER`] records, and later
 //! ones are counted as dropped ([`Sched::trace_dropped`]). Events of a
@@ -62,7 +62,6 @@
 //! are merged by time, with causality kept: a goroutine's start never
 //! comes before what created, woke or last stopped it.
 
-use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -209,39 +208,71 @@ const DENSE_MASK: usize = STAMP_EVERY * size_of::<Rec>() - 1;
 /// instruction counts do not depend on how slow the machine is.)
 const SPARSE_TICKS: u64 = 25_000;
 
-/// 64 records, aligned to their size so that a block's start is where
-/// the write position's low bits are zero.
-#[derive(Clone, Copy)]
-#[repr(C, align(1024))]
-struct Block([Rec; STAMP_EVERY]);
+/// Bytes per chunk: one 2 MiB huge page (hosted, the chunk is marked
+/// for one with `MADV_HUGEPAGE`: one page fault per 131,072 records
+/// rather than one per 256).
+const CHUNK_BYTES: usize = 2 << 20;
 
-const _: () = assert!(size_of::<Block>() == DENSE_MASK + 1);
+/// Records per chunk.
+const CHUNK: usize = CHUNK_BYTES / size_of::<Rec>();
 
-/// Records per chunk (64 KiB).
-const CHUNK: usize = 4096;
+// A chunk's start is where a 64-record block starts (the dense mask).
+const _: () = assert!(CHUNK_BYTES.is_multiple_of(DENSE_MASK + 1));
 
-/// One buffer's memory.
-type Chunk = Box<[Block]>;
+/// One buffer's memory: [`CHUNK`] records, aligned to their size.
+struct Chunk(core::ptr::NonNull<Rec>);
 
-/// A pre-faulted chunk: every page written (volatile, so that the
-/// compiler cannot turn it into a lazily mapped `calloc`), so that
-/// recording into it takes no page fault.
-fn new_chunk() -> Chunk {
-    let zero = Block([Rec { head: 0, arg: 0 }; STAMP_EVERY]);
-    let mut c = alloc::vec![zero; CHUNK / STAMP_EVERY].into_boxed_slice();
-    let base = chunk_base(&mut c);
-    for i in (0..CHUNK).step_by(4096 / size_of::<Rec>()) {
-        // SAFETY: record i of the chunk.
-        unsafe { core::ptr::write_volatile(base.add(i), Rec { head: 0, arg: 0 }) };
+// SAFETY: a chunk is plain memory, owned by whoever holds the Chunk.
+unsafe impl Send for Chunk {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for Chunk {}
+
+impl Chunk {
+    fn layout() -> core::alloc::Layout {
+        // 2 MiB, aligned to 2 MiB: a valid layout.
+        core::alloc::Layout::from_size_align(CHUNK_BYTES, CHUNK_BYTES).unwrap()
     }
-    c
+
+    /// A pre-faulted chunk: every page written (volatile, so that the
+    /// compiler cannot leave it lazily mapped), so that recording into it
+    /// takes no page fault.
+    fn new() -> Chunk {
+        // SAFETY: a layout of non-zero size.
+        let p = unsafe { alloc::alloc::alloc(Self::layout()) }.cast::<Rec>();
+        let Some(p) = core::ptr::NonNull::new(p) else {
+            alloc::alloc::handle_alloc_error(Self::layout());
+        };
+        #[cfg(feature = "std")]
+        // SAFETY: the chunk's own memory. Only advice: a failure (no
+        // transparent huge pages) leaves 4 KiB pages.
+        unsafe {
+            libc::madvise(p.as_ptr().cast(), CHUNK_BYTES, libc::MADV_HUGEPAGE);
+        }
+        for i in (0..CHUNK).step_by(4096 / size_of::<Rec>()) {
+            // SAFETY: record i of the chunk.
+            unsafe { core::ptr::write_volatile(p.as_ptr().add(i), Rec { head: 0, arg: 0 }) };
+        }
+        Chunk(p)
+    }
+
+    fn base(&self) -> *mut Rec {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        // SAFETY: allocated in Chunk::new with this layout.
+        unsafe { alloc::alloc::dealloc(self.0.as_ptr().cast(), Self::layout()) };
+    }
 }
 
 /// Chunks ready to be swapped in, shared by a scheduler's Ps.
 ///
 /// Filling a chunk's fresh pages costs the kernel a page fault each (a
 /// microsecond or more in a virtual machine: more than recording the 256
-/// events a page holds). Hosted, a thread of the trace's own
+/// events a 4 KiB page holds; hence huge pages, where the kernel has
+/// them). Hosted, a thread of the trace's own
 /// (`gokernel-trace`) keeps the pool topped up, so the threads that
 /// record never take those faults; bare metal, or if it falls behind, a
 /// P that finds the pool empty makes a chunk itself.
@@ -257,7 +288,7 @@ struct Pool {
 impl Pool {
     fn new(want: usize) -> alloc::sync::Arc<Pool> {
         let pool = alloc::sync::Arc::new(Pool {
-            chunks: spin::Mutex::new((0..want).map(|_| new_chunk()).collect()),
+            chunks: spin::Mutex::new((0..want).map(|_| Chunk::new()).collect()),
             want,
             #[cfg(feature = "std")]
             filler: spin::Once::new(),
@@ -282,14 +313,14 @@ impl Pool {
             (c, v.len())
         };
         #[cfg(feature = "std")]
-        if left < self.want / 2
+        if left < self.want
             && let Some(Some(t)) = self.filler.get()
         {
             t.unpark();
         }
         #[cfg(not(feature = "std"))]
         let _ = left;
-        c.unwrap_or_else(new_chunk)
+        c.unwrap_or_else(Chunk::new)
     }
 }
 
@@ -301,16 +332,12 @@ fn fill(pool: &alloc::sync::Weak<Pool>) {
         {
             let Some(pool) = pool.upgrade() else { return };
             while pool.chunks.lock().len() < pool.want {
-                let c = new_chunk();
+                let c = Chunk::new();
                 pool.chunks.lock().push(c);
             }
         }
         std::thread::park_timeout(core::time::Duration::from_millis(100));
     }
-}
-
-fn chunk_base(c: &mut Chunk) -> *mut Rec {
-    c.as_mut_ptr().cast()
 }
 
 /// A P's write position (in [`P`]): only the M holding the P writes it
@@ -494,8 +521,8 @@ unsafe fn install(pp: *mut P) -> *mut Rec {
             return core::ptr::null_mut();
         };
         let mut l = b.per_p[(*pp).id as usize].lock();
-        let mut c = b.take_chunk();
-        let base = chunk_base(&mut c);
+        let c = b.take_chunk();
+        let base = c.base();
         l.cur = Some(c);
         let t = &(*pp).trace;
         t.end.store(base.add(CHUNK - 1), Ordering::Relaxed);
@@ -521,8 +548,8 @@ unsafe fn refill(pp: *mut P) {
         };
         let t = &(*pp).trace;
         let mut l = b.per_p[(*pp).id as usize].lock();
-        let Some(mut cur) = l.cur.take() else { return };
-        let base = chunk_base(&mut cur);
+        let Some(cur) = l.cur.take() else { return };
+        let base = cur.base();
         let used = t.pos.load(Ordering::Relaxed).offset_from(base) as usize;
         let base = if l.dropping {
             b.dropped.fetch_add(used as u64, Ordering::Relaxed);
@@ -531,8 +558,8 @@ unsafe fn refill(pp: *mut P) {
         } else {
             l.full.push((cur, used));
             l.records += used;
-            let mut c = b.take_chunk();
-            let base = chunk_base(&mut c);
+            let c = b.take_chunk();
+            let base = c.base();
             l.cur = Some(c);
             l.dropping = l.records + CHUNK > MAX_EVENTS_PER_BUFFER;
             base
@@ -734,9 +761,9 @@ impl Sched {
         let mut started = false;
         self.trace.bufs.call_once(|| {
             started = true;
-            // Sixteen chunks per P (1 MiB), faulted in now rather than
-            // while recording.
-            let pool = Pool::new(16 * self.procs());
+            // Two chunks per P (4 MiB), faulted in now rather than while
+            // recording.
+            let pool = Pool::new(2 * self.procs());
             Bufs {
                 per_p: (0..self.procs())
                     .map(|_| spin::Mutex::new(PChunks::default()))
@@ -775,12 +802,10 @@ impl Sched {
                 for (c, used) in &l.full {
                     // SAFETY: the first `used` records were written before
                     // the chunk was filed, under this lock.
-                    recs.extend_from_slice(unsafe {
-                        core::slice::from_raw_parts(c.as_ptr().cast::<Rec>(), *used)
-                    });
+                    recs.extend_from_slice(unsafe { core::slice::from_raw_parts(c.base(), *used) });
                 }
                 if let (Some(c), false) = (&l.cur, l.dropping) {
-                    let base = c.as_ptr().cast::<Rec>();
+                    let base = c.base();
                     // SAFETY: allp[i] is P i; while we hold the lock its
                     // owner cannot swap `cur`, and everything before the
                     // position it published (release) is written.

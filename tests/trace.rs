@@ -137,11 +137,11 @@ fn gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file() {
 
 #[test]
 fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
-    // 2 × 5,000 yields: far more records than one 4,096-record chunk.
+    // 2 × 70,000 yields: more records than one 131,072-record chunk.
     let path =
         std::env::temp_dir().join(format!("gokernel-trace-long-{}.json", std::process::id()));
     let rt = Runtime::builder().procs(1).trace(&path).build().unwrap();
-    const N: usize = 5_000;
+    const N: usize = 70_000;
     let ids = rt
         .block_on(|| {
             let hs: Vec<_> = (0..2)
