@@ -27,13 +27,17 @@
 //! Recording: each P has its own buffer, written only by the M that holds
 //! the P, with plain stores: no lock, no locked instruction, no
 //! allocation. An event is one 16-byte record (kind, an 8-bit argument,
-//! the goroutine id, a 64-bit argument), written by an inlined hook as a
-//! load of the P's write position, a mask test, two stores and a bump. A
-//! full buffer (a 2 MiB chunk, 131,072 records) is swapped, off the hot path, for a
-//! pre-faulted one from a pool (hosted, a thread of the trace's own keeps
-//! it topped up; see `Pool`); a P keeps at most [`MAX_EVENTS_PER_BUFFER`] records, and later
-//! ones are counted as dropped ([`Sched::trace_dropped`]). Events of a
-//! thread without a P go to one shared buffer, under a lock.
+//! the goroutine id, a 64-bit argument), written behind the hook's check
+//! by a call to a few instructions: a load of the P's write position, a
+//! mask test, two stores and a bump (about 20–30 instructions an event in
+//! all). A full buffer (a 2 MiB chunk, 131,072 records) is swapped, off
+//! the hot path, for a pre-faulted one from a pool (two chunks per P to
+//! start with; hosted, a thread of the trace's own, `gokernel-trace`,
+//! keeps it topped up; see `Pool`); a P keeps at most
+//! [`MAX_EVENTS_PER_BUFFER`] records, and later ones are counted as
+//! dropped ([`Sched::trace_dropped`]). Events of a thread without a P go
+//! to one shared buffer, under a lock. Memory: 16 bytes an event, in 2 MiB
+//! steps, 4 MiB per P from the start.
 //!
 //! # Timestamps, and how precise the timeline is
 //!
