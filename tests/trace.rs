@@ -137,56 +137,73 @@ fn gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file() {
 
 #[test]
 fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
-    // 2 × 70,000 yields: more records than one 131,072-record chunk.
-    let path =
-        std::env::temp_dir().join(format!("gokernel-trace-long-{}.json", std::process::id()));
-    let rt = Runtime::builder().procs(1).trace(&path).build().unwrap();
+    use gokernel::platform::hosted::HOSTED;
+    use gokernel::runtime2::Sched;
+    use gokernel::trace::EventKind;
+
+    // 2 × 70,000 yields: more records than one 131,072-record chunk. The
+    // scheduler's own API: no JSON to format and parse.
     const N: usize = 70_000;
-    let ids = rt
-        .block_on(|| {
-            let hs: Vec<_> = (0..2)
-                .map(|_| {
-                    gokernel::spawn(|| {
-                        for _ in 0..N {
-                            gokernel::gosched();
-                        }
-                    })
-                })
-                .collect();
-            let ids: Vec<u64> = hs.iter().map(|h| h.id()).collect();
-            hs.into_iter().for_each(|h| h.join().unwrap());
-            ids
-        })
-        .unwrap();
-    let json = rt.trace_json().unwrap();
-    let ev = events(&json);
-    for g in ids {
-        // Each goroutine: start, then N × (stop, start), then end, in order.
-        let mine: Vec<&str> = ev
-            .iter()
-            .filter(|(n, eg, _)| *eg == g && (n == "GoStart" || n == "GoStop" || n == "GoEnd"))
-            .map(|(n, _, _)| n.as_str())
-            .collect();
-        let mut want = vec!["GoStart"];
-        for _ in 0..N {
-            want.extend(["GoStop", "GoStart"]);
-        }
-        want.push("GoEnd");
-        assert_eq!(mine, want, "goroutine {g}");
+    let sched = Sched::new(1, gokernel::stack::STACK_MIN, &HOSTED);
+    sched.start_trace();
+    let done = std::sync::Arc::new(std::sync::Barrier::new(3));
+    for _ in 0..2 {
+        let done = done.clone();
+        sched
+            .go(Box::new(move || {
+                for _ in 0..N {
+                    gokernel::gosched();
+                }
+                // Off the scheduler: tells the test thread this one is done
+                // (the barrier blocks this thread only after the last yield).
+                std::thread::spawn(move || {
+                    done.wait();
+                });
+            }))
+            .unwrap();
     }
-    // The instants' times never go back.
-    let ts: Vec<f64> = json
-        .lines()
-        .filter(|l| l.contains("\"ph\":\"i\""))
-        .map(|l| {
-            let at = l.find("\"ts\":").unwrap() + 5;
-            let rest = &l[at..];
-            rest[..rest.find(',').unwrap()].parse().unwrap()
-        })
+    done.wait();
+    while sched.ngoroutines() != 0 {
+        std::thread::yield_now();
+    }
+    let ev = sched.trace_events();
+    assert_eq!(sched.trace_dropped(), 0);
+    let ids: std::collections::BTreeSet<u64> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::GoCreate)
+        .map(|e| e.g)
         .collect();
-    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "times go back");
-    drop(rt);
-    std::fs::remove_file(&path).unwrap();
+    assert_eq!(ids.len(), 2, "two goroutines created");
+    for &g in &ids {
+        // Each goroutine: start, then N × (stop, start), then end, in order.
+        let mine: Vec<EventKind> = ev
+            .iter()
+            .filter(|e| {
+                e.g == g
+                    && matches!(
+                        e.kind,
+                        EventKind::GoStart | EventKind::GoStop | EventKind::GoEnd
+                    )
+            })
+            .map(|e| e.kind)
+            .collect();
+        let mut want = vec![EventKind::GoStart];
+        for _ in 0..N {
+            want.extend([EventKind::GoStop, EventKind::GoStart]);
+        }
+        want.push(EventKind::GoEnd);
+        assert!(
+            mine == want,
+            "goroutine {g}: {} events, not in order",
+            mine.len()
+        );
+    }
+    assert!(
+        ev.windows(2).all(|w| w[0].ticks <= w[1].ticks),
+        "times go back"
+    );
+    assert!(ev.iter().any(|e| e.exact) && ev.iter().any(|e| !e.exact));
+    sched.shutdown();
 }
 
 #[test]
