@@ -43,6 +43,12 @@
 //! Without arguments, or with ones it cannot read, it prints the usage on
 //! stderr and exits with status 2.
 //!
+//! With `OPS_TRACE=1` in the environment (and the crate's `trace`
+//! feature), the runtime records an execution trace while the workload
+//! runs; the trace is kept in memory and never exported (the process exits
+//! right after the result line), so the figures are the cost of recording
+//! alone.
+//!
 //! The last line is `result OP PROCS N VALUE UNIT MODE`. Under
 //! `valgrind --tool=callgrind`, run N and 2N: the instructions per op are
 //! (Ir(2N) - Ir(N)) / N, free of start-up costs.
@@ -371,6 +377,13 @@ fn main() {
     } else {
         builder
     };
+    // OPS_TRACE=1: record (see the module docs); the file is never written.
+    let traced = std::env::var_os("OPS_TRACE").is_some_and(|v| v == "1");
+    let builder = if traced {
+        builder.trace("/dev/null")
+    } else {
+        builder
+    };
     let rt = builder.build().unwrap();
     // Timed inside the main goroutine, as Go's `ops` times its main
     // goroutine and the tokio peer its main task: neither the runtime's
@@ -416,4 +429,10 @@ fn main() {
         _ => unreachable!("OP was checked against OPS"),
     };
     println!("result {op} {procs} {n} {value:.2} {unit} {mode}");
+    if traced {
+        // Not the export: it is not what is measured.
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::process::exit(0);
+    }
 }

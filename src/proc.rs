@@ -2228,6 +2228,7 @@ unsafe extern "C" fn park_m(gp: *mut G) {
         if let Some(unlockf) = (*mp).waitunlockf.take() {
             let lock = core::mem::replace(&mut (*mp).waitlock, null_mut());
             if !unlockf(gp, lock) {
+                crate::trace::gounblock(&*(*mp).rt, gp);
                 (*gp).casstatus(status::WAITING, status::RUNNABLE);
                 execute(gp, true);
             }
@@ -2729,6 +2730,7 @@ impl Sched {
                     goidcacheend: 0,
                     stats: Default::default(),
                     timers: crate::time::Timers::new(),
+                    trace: crate::trace::PTrace::new(),
                 }))
             })
             .collect();

@@ -766,6 +766,8 @@ pub struct P {
     /// deadline readable without it (Go's `p.timers`, `p.timer0When`).
     /// Any M may add to it or run its expired timers.
     pub(crate) timers: crate::time::Timers,
+    /// This P's execution-trace buffer position (owner only).
+    pub(crate) trace: crate::trace::PTrace,
 }
 
 impl M {

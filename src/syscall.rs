@@ -126,6 +126,7 @@ pub(crate) unsafe fn entersyscall(gp: *mut G, mp: *mut M) {
     // SAFETY: the contract.
     unsafe {
         let pp = (*mp).p;
+        crate::trace::syscall_enter(mp, gp);
         syscalltick_bump(pp);
         // Before the P can be retaken (the release store below), so that
         // checkdead, after the retaker idles the P, sees it.
@@ -150,6 +151,7 @@ pub(crate) unsafe fn entersyscallblock(gp: *mut G, mp: *mut M) {
     // SAFETY: the contract.
     unsafe {
         let sched = &*(*mp).rt;
+        crate::trace::syscall_enter(mp, gp);
         syscalltick_bump((*mp).p);
         (*mp).insyscall.store(true, Ordering::Relaxed);
         (*gp).casstatus(status::RUNNING, status::SYSCALL);
@@ -179,10 +181,12 @@ pub(crate) unsafe fn exitsyscall(gp: *mut G, mp: *mut M) {
         let oldp = core::mem::replace(&mut (*mp).oldp, null_mut());
         if exitsyscallfast(mp, oldp) {
             (*gp).casstatus(status::SYSCALL, status::RUNNING);
+            crate::trace::syscall_exit(mp, gp);
             (*mp).insyscall.store(false, Ordering::Relaxed);
             return;
         }
         mcall(exitsyscall0);
+        crate::trace::syscall_exit((*gp).m, gp);
         // A scheduler tearing down resumes its goroutines to unwind them
         // (crate::teardown): this one unwinds at its next park.
         crate::teardown::checkforce(gp, true);
@@ -197,6 +201,7 @@ pub(crate) unsafe fn exitsyscall(gp: *mut G, mp: *mut M) {
 ///
 /// On `mp`'s thread, in a call, holding no P; `oldp` is the P it entered
 /// the call with, or null.
+#[inline(always)]
 unsafe fn exitsyscallfast(mp: *mut M, oldp: *mut P) -> bool {
     // SAFETY: the contract; Ps live as long as their scheduler.
     unsafe {

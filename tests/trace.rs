@@ -45,11 +45,15 @@ fn traced_program(rt: &Runtime) -> (u64, u64) {
         let main = gokernel::current().id();
         let c = chan::<u32>(0);
         let rx = c.clone();
-        let h = gokernel::spawn(move || rx.recv().unwrap());
+        let h = gokernel::spawn(move || {
+            gokernel::syscall::call(|| ());
+            rx.recv().unwrap()
+        });
         let id = h.id();
         while gokernel::stats().goroutines.waiting == 0 {
             gokernel::gosched();
         }
+        gokernel::sleep(std::time::Duration::from_millis(1));
         c.send(5).unwrap();
         assert_eq!(h.join().unwrap(), 5);
         (main, id)
@@ -64,7 +68,9 @@ fn check(json: &str, main: u64, g: u64) {
     let create = find(&ev, 0, "GoCreate", g).unwrap_or_else(|| panic!("no GoCreate {g}:\n{json}"));
     assert_eq!(ev[create].2, main, "created by main");
     let start = find(&ev, create, "GoStart", g).expect("GoStart after GoCreate");
-    let block = find(&ev, start, "GoBlock", g).expect("GoBlock after GoStart");
+    let enter = find(&ev, start, "SyscallEnter", g).expect("SyscallEnter after GoStart");
+    let exit = find(&ev, enter, "SyscallExit", g).expect("SyscallExit after SyscallEnter");
+    let block = find(&ev, exit, "GoBlock", g).expect("GoBlock after SyscallExit");
     assert_eq!(
         ev[block].2,
         gokernel::WaitReason::ChanReceive as u64,
@@ -72,6 +78,12 @@ fn check(json: &str, main: u64, g: u64) {
     );
     let unblock = find(&ev, block, "GoUnblock", g).expect("GoUnblock after GoBlock");
     assert_eq!(ev[unblock].2, main, "woken by main's send");
+    // Main's sleep: blocked, its timer fired, woken (by the timer), run.
+    let sleep = find(&ev, 0, "GoBlock", main).expect("main's sleep");
+    let fire = find(&ev, sleep, "TimerFire", main).expect("TimerFire after main's sleep");
+    let woken = find(&ev, fire, "GoUnblock", main).expect("GoUnblock after TimerFire");
+    find(&ev, woken, "GoStart", main).expect("main runs again");
+    assert!(unblock > woken, "main sent after its sleep");
     let again = find(&ev, unblock, "GoStart", g).expect("GoStart after GoUnblock");
     find(&ev, again, "GoEnd", g).expect("GoEnd last");
     assert!(ev.iter().any(|(n, _, _)| n == "ProcStart"));
@@ -121,6 +133,77 @@ fn gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file() {
         "gokernel_trace_in_the_environment_traces_each_runtime_into_its_own_file",
         &[("GOKERNEL_TRACE", path.to_str().unwrap())],
     );
+}
+
+#[test]
+fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
+    use gokernel::platform::hosted::HOSTED;
+    use gokernel::runtime2::Sched;
+    use gokernel::trace::EventKind;
+
+    // 2 × 70,000 yields: more records than one 131,072-record chunk. The
+    // scheduler's own API: no JSON to format and parse.
+    const N: usize = 70_000;
+    let sched = Sched::new(1, gokernel::stack::STACK_MIN, &HOSTED);
+    sched.start_trace();
+    let done = std::sync::Arc::new(std::sync::Barrier::new(3));
+    for _ in 0..2 {
+        let done = done.clone();
+        sched
+            .go(Box::new(move || {
+                for _ in 0..N {
+                    gokernel::gosched();
+                }
+                // Off the scheduler: tells the test thread this one is done
+                // (the barrier blocks this thread only after the last yield).
+                std::thread::spawn(move || {
+                    done.wait();
+                });
+            }))
+            .unwrap();
+    }
+    done.wait();
+    while sched.ngoroutines() != 0 {
+        std::thread::yield_now();
+    }
+    let ev = sched.trace_events();
+    assert_eq!(sched.trace_dropped(), 0);
+    let ids: std::collections::BTreeSet<u64> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::GoCreate)
+        .map(|e| e.g)
+        .collect();
+    assert_eq!(ids.len(), 2, "two goroutines created");
+    for &g in &ids {
+        // Each goroutine: start, then N × (stop, start), then end, in order.
+        let mine: Vec<EventKind> = ev
+            .iter()
+            .filter(|e| {
+                e.g == g
+                    && matches!(
+                        e.kind,
+                        EventKind::GoStart | EventKind::GoStop | EventKind::GoEnd
+                    )
+            })
+            .map(|e| e.kind)
+            .collect();
+        let mut want = vec![EventKind::GoStart];
+        for _ in 0..N {
+            want.extend([EventKind::GoStop, EventKind::GoStart]);
+        }
+        want.push(EventKind::GoEnd);
+        assert!(
+            mine == want,
+            "goroutine {g}: {} events, not in order",
+            mine.len()
+        );
+    }
+    assert!(
+        ev.windows(2).all(|w| w[0].ticks <= w[1].ticks),
+        "times go back"
+    );
+    assert!(ev.iter().any(|e| e.exact) && ev.iter().any(|e| !e.exact));
+    sched.shutdown();
 }
 
 #[test]

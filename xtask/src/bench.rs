@@ -42,6 +42,12 @@
 //! `objdump -d`, each with `Ge` equal to its execution count (0
 //! mismatches; `docs/performance.md`). They are gated as `"locked/op"`
 //! entries, with an absolute slack of [`LOCKED_SLACK`] (see there).
+//!
+//! The execution trace's recording cost is counted the same way: `ops`
+//! built with the `trace` feature and run with `OPS_TRACE=1` (recording
+//! into memory; the export is not run), bound mode, the rows of
+//! [`TRACED`]. They are the `"trace/op"` entries of the baseline, gated
+//! with the same [`TOLERANCE`] (`docs/performance.md`, "Tracing cost").
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -98,6 +104,16 @@ pub const COUNTED: &[(&str, u64)] = &[
     ("syscall", 100_000),
 ];
 
+/// The rows counted with the execution trace recording (`trace/op` in
+/// the baseline): [`COUNTED`] but `switch`, which has no scheduler.
+pub const TRACED: &[(&str, u64)] = &[
+    ("gosched", 50_000),
+    ("spawn", 50_000),
+    ("handoff", 50_000),
+    ("handoff-chan", 50_000),
+    ("syscall", 100_000),
+];
+
 /// The baseline `cargo xtask test` compares instruction counts against.
 const BASELINE: &str = "bench/baseline.json";
 
@@ -135,6 +151,29 @@ fn build_ops(root: &Path) -> bool {
     matches!(process::run(&mut c, Duration::from_mins(10)), Ok(s) if s.success())
 }
 
+/// Builds `ops` with the `trace` feature, as `ops-trace` beside the
+/// plain one, and then the plain one again (cargo keeps the library built
+/// both ways, so each is a link). Returns the traced binary.
+fn build_ops_traced(root: &Path) -> Option<std::path::PathBuf> {
+    let mut c = crate::gate::cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--example",
+            "ops",
+            "--features",
+            "trace",
+        ],
+    );
+    if !matches!(process::run(&mut c, Duration::from_mins(10)), Ok(s) if s.success()) {
+        return None;
+    }
+    let traced = crate::target_dir().join("release/examples/ops-trace");
+    std::fs::copy(ops_binary(), &traced).ok()?;
+    build_ops(root).then_some(traced)
+}
+
 /// Runs one workload in one mode; returns the value of its `result` line.
 fn run_once(bin: &Path, op: &str, procs: usize, n: u64, mode: &str) -> Option<f64> {
     let mut c = Command::new(bin);
@@ -158,11 +197,20 @@ pub fn result_value(out: &str) -> Option<f64> {
 /// Instructions and locked operations per operation of `op` on 1 P in
 /// `mode`, from callgrind at N and 2N.
 pub fn instructions(bin: &Path, op: &str, n: u64, mode: &str) -> Option<Counts> {
+    instructions_env(bin, op, n, mode, false)
+}
+
+/// [`instructions`], with the execution trace recording if `traced`
+/// (`OPS_TRACE=1`; `bin` built with the `trace` feature).
+fn instructions_env(bin: &Path, op: &str, n: u64, mode: &str, traced: bool) -> Option<Counts> {
     let totals = |n: u64| -> Option<[u64; 2]> {
         // In the target directory, not a shared /tmp: two checkouts'
         // gates may count the same op at once.
-        let out_file = crate::target_dir().join(format!("callgrind.out.{op}-{mode}-{n}"));
+        let out_file = crate::target_dir().join(format!("callgrind.out.{op}-{mode}-{n}-{traced}"));
         let mut c = Command::new("valgrind");
+        if traced {
+            c.env("OPS_TRACE", "1");
+        }
         c.args(["--tool=callgrind", "-q", "--collect-bus=yes"])
             .arg(format!("--callgrind-out-file={}", out_file.display()))
             .arg(bin)
@@ -423,9 +471,37 @@ fn key(mode: &str, op: &str, locked: bool) -> String {
     }
 }
 
+/// The baseline key of `op`'s count with the trace recording:
+/// `trace/op` or `trace/locked/op`.
+fn trace_key(op: &str, locked: bool) -> String {
+    format!("trace/{}", key(GATED_MODE, op, locked))
+}
+
+/// Counts the [`TRACED`] rows with the trace recording; `None` (said on
+/// stdout) if the build or a count fails.
+fn count_traced(root: &Path) -> Option<Vec<(&'static str, Counts)>> {
+    let Some(bin) = build_ops_traced(root) else {
+        println!("bench: building ops with the trace feature failed");
+        return None;
+    };
+    let mut out = Vec::new();
+    for &(op, n) in TRACED {
+        let Some(c) = instructions_env(&bin, op, n, GATED_MODE, true) else {
+            println!("bench: callgrind on {op} (traced) failed: see its output above");
+            return None;
+        };
+        println!(
+            "bench: {op}, trace recording: {:.1} Ir, {:.2} locked (per op)",
+            c.ir, c.locked
+        );
+        out.push((op, c));
+    }
+    Some(out)
+}
+
 /// The JSON of the counts: per mode, the instruction counts, then the
 /// locked-operation counts (keys from [`key`]).
-fn counts_json(counts: &[(&str, [Counts; 2])]) -> String {
+fn counts_json(counts: &[(&str, [Counts; 2])], traced: &[(&str, Counts)]) -> String {
     let mut entries = Vec::new();
     for (m, mode) in MODES.iter().enumerate() {
         for locked in [false, true] {
@@ -433,6 +509,12 @@ fn counts_json(counts: &[(&str, [Counts; 2])]) -> String {
                 let v = if locked { c[m].locked } else { c[m].ir };
                 entries.push(format!("  \"{}\": {v:.1}", key(mode, op, locked)));
             }
+        }
+    }
+    for locked in [false, true] {
+        for &(op, c) in traced {
+            let v = if locked { c.locked } else { c.ir };
+            entries.push(format!("  \"{}\": {v:.1}", trace_key(op, locked)));
         }
     }
     format!("{{\n{}\n}}\n", entries.join(",\n"))
@@ -481,7 +563,23 @@ fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
         );
         counts.push((op, c));
     }
+    let Some(traced) = count_traced(root) else {
+        return ExitCode::FAILURE;
+    };
     println!("\n{}", counted_table(&counts, &baseline));
+    for &(op, c) in &traced {
+        let plain = counts.iter().find(|&&(o, _)| o == op).map(|(_, c)| c[0].ir);
+        let base = baseline_count(&baseline, &trace_key(op, false));
+        println!(
+            "{op:<12} | trace recording {:>8.1} Ir ({}), baseline {}",
+            c.ir,
+            plain.map_or("—".into(), |p| format!(
+                "{:+.1} % over not tracing",
+                (c.ir / p - 1.0) * 100.0
+            )),
+            base.map_or("—".into(), |b| format!("{b:.1}"))
+        );
+    }
     let mut over = Vec::new();
     for &(op, [b, _]) in &counts {
         for (locked, now) in [(false, b.ir), (true, b.locked)] {
@@ -502,7 +600,7 @@ fn run_counted(root: &Path, bin: &Path, update: bool) -> ExitCode {
             over.join(", ")
         );
     }
-    let json = counts_json(&counts);
+    let json = counts_json(&counts, &traced);
     let out = crate::target_dir().join("bench-instructions.json");
     let _ = std::fs::write(&out, &json);
     println!("wrote {}", out.display());
@@ -598,6 +696,29 @@ pub fn check_baseline(root: &Path) -> bool {
             grew |= now > limit;
         }
     }
+    // The trace's recording cost (issue 15): the same tolerance.
+    let traced = count_traced(root).unwrap_or_default();
+    if traced.len() != TRACED.len() {
+        unmeasured.push("trace rows");
+    }
+    for &(op, now) in &traced {
+        for (locked, now, unit) in [(false, now.ir, "Ir/op"), (true, now.locked, "locked/op")] {
+            let Some(base) = baseline_count(&text, &trace_key(op, locked)) else {
+                println!(
+                    "{BASELINE} has no {}: run `cargo xtask bench --update-baseline`",
+                    trace_key(op, locked)
+                );
+                unmeasured.push(op);
+                continue;
+            };
+            let limit = limit(base, locked);
+            let verdict = if now <= limit { "ok" } else { "REGRESSION" };
+            println!(
+                "{op:<12} {now:>8.2} {unit:<9} (traced)  baseline {base:>8.2}   limit {limit:>8.2}   {verdict}"
+            );
+            grew |= now > limit;
+        }
+    }
     if !unmeasured.is_empty() {
         println!("not measured: {}", unmeasured.join(", "));
     }
@@ -631,13 +752,20 @@ mod tests {
             ("switch", [c(49.0, 0.0), c(50.0, 0.0)]),
             ("handoff", [c(367.5, 13.0), c(300.0, 16.0)]),
         ];
-        let json = counts_json(&counts);
+        let json = counts_json(&counts, &[("handoff", c(500.0, 13.0))]);
         assert_eq!(
             json,
             "{\n  \"switch\": 49.0,\n  \"handoff\": 367.5,\n  \"locked/switch\": 0.0,\n  \
              \"locked/handoff\": 13.0,\n  \"migrate/switch\": 50.0,\n  \
              \"migrate/handoff\": 300.0,\n  \"migrate/locked/switch\": 0.0,\n  \
-             \"migrate/locked/handoff\": 16.0\n}\n"
+             \"migrate/locked/handoff\": 16.0,\n  \"trace/handoff\": 500.0,\n  \
+             \"trace/locked/handoff\": 13.0\n}\n"
+        );
+        // The traced rows are not read as the plain ones.
+        assert_eq!(baseline_count(&json, "handoff"), Some(367.5));
+        assert_eq!(
+            baseline_count(&json, &trace_key("handoff", false)),
+            Some(500.0)
         );
         assert_eq!(baseline_count(&json, "switch"), Some(49.0));
         assert_eq!(baseline_count(&json, "handoff"), Some(367.5));
