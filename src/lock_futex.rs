@@ -197,8 +197,11 @@ impl<T> Mutex<T> {
                 .is_ok()
     }
 
-    /// The contended part of `lock2`: spin, yield, sleep, as Go.
+    /// The contended part of `lock2`: spin, yield, sleep, as Go. Out of
+    /// line, as the wake-up in `unlock2`: inlined, they cost every
+    /// caller registers and instructions on its uncontended path.
     #[cold]
+    #[inline(never)]
     fn lock2_slow(&self) {
         let mut spin = self.spin.load(Ordering::Relaxed);
         if spin == u32::MAX {
@@ -243,8 +246,15 @@ impl<T> Mutex<T> {
         // Release: publishes the holder's writes to the next holder.
         self.key.store(MUTEX_UNLOCKED, Ordering::Release);
         if self.sleepers.load(Ordering::Relaxed) != 0 {
-            self.platform.futexwakeup(&self.key, 1);
+            self.wakeup();
         }
+    }
+
+    /// Wakes a sleeping waiter.
+    #[cold]
+    #[inline(never)]
+    fn wakeup(&self) {
+        self.platform.futexwakeup(&self.key, 1);
     }
 }
 

@@ -282,7 +282,9 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
         &servers,
         &loads,
         &idle,
-        go_version.as_deref().ok_or(go_note.as_deref().unwrap_or(NO_GO)),
+        go_version
+            .as_deref()
+            .ok_or(go_note.as_deref().unwrap_or(NO_GO)),
         secs,
         rounds,
         procs,
