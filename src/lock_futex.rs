@@ -85,3 +85,205 @@ pub fn notekicked(n: &Note) -> bool {
         .compare_exchange(KICKED, CLEAR, Ordering::Acquire, Ordering::Acquire)
         .is_ok()
 }
+
+// ---------------------------------------------------------------------
+// The scheduler's lock (Go's `lock2` / `unlock2` on a futex).
+
+/// Nobody holds the lock.
+const MUTEX_UNLOCKED: u32 = 0;
+/// Somebody does.
+const MUTEX_LOCKED: u32 = 1;
+
+/// Rounds of [`procyield`] a waiter spins before yielding its thread
+/// (Go's `active_spin`), only with more than one CPU.
+const ACTIVE_SPIN: u32 = 4;
+/// `pause` instructions per round (Go's `active_spin_cnt`).
+const ACTIVE_SPIN_CNT: u32 = 30;
+/// Times a waiter yields its thread ([`Platform::osyield`]) before it
+/// sleeps (Go's `passive_spin`).
+const PASSIVE_SPIN: u32 = 1;
+/// The longest a waiter sleeps before it looks at the lock again: the
+/// bound on a missed wake-up (see [`Mutex`]).
+const SLEEP_NS: u64 = 1_000_000;
+
+/// A mutual-exclusion lock whose waiters spin a little, then yield, then
+/// sleep on a futex (Go's `lock2` / `unlock2` in `lock_futex.go`): a
+/// holder that the OS preempts leaves its waiters asleep, not burning
+/// their time slices as on a pure spin lock. The futex is the
+/// [`Platform`]'s (`futexsleep` / `futexwakeup`), so the lock works on bare
+/// metal too (a waiting CPU halts until the holder's IPI).
+///
+/// The uncontended path costs what a spin lock costs: one
+/// compare-and-swap to take it, one plain store to release it. A release
+/// wakes a sleeper only if [`Mutex::sleepers`] says there is one; that
+/// load may be ordered before the release's store (no `mfence`, which
+/// costs as much as a locked operation), so in principle a waiter can go
+/// to sleep just as the holder releases without seeing the release, and
+/// the holder not see the waiter. A waiter therefore sleeps at most
+/// [`SLEEP_NS`] at a time before it looks again: a missed wake-up (a
+/// store still in the releasing CPU's store buffer while the waiter
+/// enters the futex) costs at most that.
+pub(crate) struct Mutex<T> {
+    /// [`MUTEX_UNLOCKED`] or [`MUTEX_LOCKED`].
+    key: AtomicU32,
+    /// Waiters that sleep or are about to (only they change it: locked
+    /// operations on the contended path only).
+    sleepers: AtomicU32,
+    /// Rounds of active spinning: [`ACTIVE_SPIN`] with more than one CPU,
+    /// else 0; `u32::MAX` until the first contended `lock2` asks the
+    /// platform (`ncpu` may be a system call).
+    spin: AtomicU32,
+    platform: &'static dyn Platform,
+    data: core::cell::UnsafeCell<T>,
+}
+
+// SAFETY: the lock hands `&mut T` to one holder at a time, the holder's
+// writes published by the release store and acquired by the next
+// holder's compare-and-swap; the data may move to whichever thread holds
+// it, so `T: Send` suffices.
+unsafe impl<T: Send> Sync for Mutex<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Send for Mutex<T> {}
+
+/// Holds a [`Mutex`]; releases it when dropped.
+pub(crate) struct MutexGuard<'a, T> {
+    m: &'a Mutex<T>,
+}
+
+impl<T> Mutex<T> {
+    /// An unlocked lock around `data`, whose waiters sleep on `platform`'s
+    /// futex.
+    pub(crate) const fn new(platform: &'static dyn Platform, data: T) -> Self {
+        Mutex {
+            key: AtomicU32::new(MUTEX_UNLOCKED),
+            sleepers: AtomicU32::new(0),
+            spin: AtomicU32::new(u32::MAX),
+            platform,
+            data: core::cell::UnsafeCell::new(data),
+        }
+    }
+
+    /// Takes the lock (Go's `lock2`), waiting as long as it takes.
+    #[inline]
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        // Acquire: pairs with the Release in unlock2.
+        if self
+            .key
+            .compare_exchange(
+                MUTEX_UNLOCKED,
+                MUTEX_LOCKED,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            self.lock2_slow();
+        }
+        MutexGuard { m: self }
+    }
+
+    /// One compare-and-swap if the lock looks free.
+    #[inline]
+    fn try_take(&self) -> bool {
+        self.key.load(Ordering::Relaxed) == MUTEX_UNLOCKED
+            && self
+                .key
+                .compare_exchange(
+                    MUTEX_UNLOCKED,
+                    MUTEX_LOCKED,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// The contended part of `lock2`: spin, yield, sleep, as Go. Out of
+    /// line, as the wake-up in `unlock2`: inlined, they cost every
+    /// caller registers and instructions on its uncontended path.
+    #[cold]
+    #[inline(never)]
+    fn lock2_slow(&self) {
+        let mut spin = self.spin.load(Ordering::Relaxed);
+        if spin == u32::MAX {
+            spin = if self.platform.ncpu() > 1 {
+                ACTIVE_SPIN
+            } else {
+                0
+            };
+            self.spin.store(spin, Ordering::Relaxed);
+        }
+        for _ in 0..spin {
+            if self.try_take() {
+                return;
+            }
+            procyield(ACTIVE_SPIN_CNT);
+        }
+        for _ in 0..PASSIVE_SPIN {
+            if self.try_take() {
+                return;
+            }
+            self.platform.osyield();
+        }
+        // SeqCst: the holder's unlock2 reads `sleepers` after its release
+        // store; counting ourselves before our last look at the key is
+        // what lets one of the two see the other (up to the store-buffer
+        // caveat in the type's docs).
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        loop {
+            if self.try_take() {
+                self.sleepers.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            self.platform
+                .futexsleep(&self.key, MUTEX_LOCKED, Some(SLEEP_NS));
+        }
+    }
+
+    /// Releases the lock (Go's `unlock2`): a plain store, and a futex
+    /// wake-up only if a waiter sleeps.
+    #[inline]
+    fn unlock2(&self) {
+        // Release: publishes the holder's writes to the next holder.
+        self.key.store(MUTEX_UNLOCKED, Ordering::Release);
+        if self.sleepers.load(Ordering::Relaxed) != 0 {
+            self.wakeup();
+        }
+    }
+
+    /// Wakes a sleeping waiter.
+    #[cold]
+    #[inline(never)]
+    fn wakeup(&self) {
+        self.platform.futexwakeup(&self.key, 1);
+    }
+}
+
+/// `cnt` spin-wait hints (Go's `procyield`: x86's `pause`).
+#[inline]
+fn procyield(cnt: u32) {
+    for _ in 0..cnt {
+        core::hint::spin_loop();
+    }
+}
+
+impl<T> core::ops::Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard's existence means this thread holds the lock.
+        unsafe { &*self.m.data.get() }
+    }
+}
+
+impl<T> core::ops::DerefMut for MutexGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in deref; `&mut self` makes the borrow unique.
+        unsafe { &mut *self.m.data.get() }
+    }
+}
+
+impl<T> Drop for MutexGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.m.unlock2();
+    }
+}

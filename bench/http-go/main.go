@@ -8,7 +8,6 @@ package main
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -47,8 +46,20 @@ func main() {
 			}
 			go func(c net.Conn) {
 				defer c.Close()
+				// A read/write loop like examples/echo.rs (io.Copy
+				// would splice through a pipe pair per connection).
 				buf := make([]byte, 4096)
-				io.CopyBuffer(c, c, buf)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						if _, err := c.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
 			}(c)
 		}
 	default:

@@ -218,6 +218,7 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
         },
     ];
     let go = go_server(root, target);
+    let go_version = go.as_ref().ok().map(|(_, v)| v.clone());
     let go_note = match &go {
         Ok(_) => None,
         Err(e) => {
@@ -225,7 +226,7 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
             Some(e.clone())
         }
     };
-    if let Ok(s) = go {
+    if let Ok((s, _)) = go {
         servers.push(s);
     }
     // gokernel with Go's migration (the unsafe opt-in), for what the
@@ -281,7 +282,9 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
         &servers,
         &loads,
         &idle,
-        go_note.as_deref(),
+        go_version
+            .as_deref()
+            .ok_or(go_note.as_deref().unwrap_or(NO_GO)),
         secs,
         rounds,
         procs,
@@ -298,30 +301,80 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Builds the Go peer, or says why not.
-fn go_server(root: &Path, target: &Path) -> Result<Server, String> {
-    let ok = Command::new("go")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        return Err("Go: not installed".into());
+/// What the table says when no Go toolchain is found.
+const NO_GO: &str = "Go: not installed (apt-get install golang-go)";
+
+/// The `go` command: the one on the `PATH`, else Debian's `golang-go`
+/// (`/usr/lib/go-1.N/bin/go`, newest first, for a `PATH` without
+/// `/usr/bin`), or `None`.
+fn find_go() -> Option<PathBuf> {
+    let works = |p: &Path| {
+        Command::new(p)
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if works(Path::new("go")) {
+        return Some(PathBuf::from("go"));
     }
+    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("go-"))
+        .map(|e| e.path().join("bin/go"))
+        .collect();
+    debian.sort_by_key(|p| std::cmp::Reverse(go_version_of(p)));
+    debian.into_iter().find(|p| works(p))
+}
+
+/// `(1, 19)` for `/usr/lib/go-1.19/bin/go`.
+fn go_version_of(p: &Path) -> (u32, u32) {
+    let dir = p.ancestors().nth(2).and_then(Path::file_name);
+    let v = dir.and_then(|d| d.to_str()?.strip_prefix("go-").map(str::to_owned));
+    let mut it = v
+        .as_deref()
+        .unwrap_or("")
+        .split('.')
+        .map(|n| n.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// Builds the Go peer, or says why not. The build is offline
+/// (`GOPROXY=off`): the peer uses the standard library only.
+fn go_server(root: &Path, target: &Path) -> Result<(Server, String), String> {
+    let Some(go) = find_go() else {
+        return Err(NO_GO.into());
+    };
+    let version = Command::new(&go)
+        .arg("version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .and_then(|v| v.split_whitespace().nth(2).map(str::to_owned))
+        .unwrap_or_else(|| "go (unknown version)".into());
     let bin = target.join("http-go");
-    let mut c = Command::new("go");
+    let mut c = Command::new(&go);
     c.current_dir(root.join("bench/http-go"))
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOCACHE", target.join("go-build-cache"))
         .args(["build", "-o"])
         .arg(&bin)
         .arg(".");
+    println!("$ {}", process::command_line(&c));
     match process::run(&mut c, Duration::from_mins(10)) {
-        Ok(s) if s.success() => Ok(Server {
-            name: "Go net/http",
-            extra: &[],
-            bin,
-            per_mode: None,
-        }),
+        Ok(s) if s.success() => Ok((
+            Server {
+                name: "Go net/http",
+                extra: &[],
+                bin,
+                per_mode: None,
+            },
+            version,
+        )),
         r => Err(format!("Go: the build of bench/http-go failed ({r:?})")),
     }
 }
@@ -480,11 +533,13 @@ fn render(
     servers: &[Server],
     loads: &[Vec<Load>],
     idle: &[f64],
-    go_note: Option<&str>,
+    go: Result<&str, &str>,
     secs: u64,
     rounds: usize,
     procs: usize,
 ) -> String {
+    // The Go toolchain's version, or why Go is not in the tables.
+    let (go_version, go_note) = (go.ok(), go.err());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut s = String::new();
     let _ = writeln!(s, "{BEGIN}");
@@ -527,7 +582,7 @@ fn render(
         let _ = writeln!(
             s,
             "| {} | {mr:.0} ({lo:.0}–{hi:.0}) | {mp:.1} ({plo:.1}–{phi:.1}) | {:.1} | {mc:.1} |",
-            label(srv.name),
+            label(srv.name, go_version),
             median(&mut p50)
         );
     }
@@ -573,7 +628,7 @@ fn render(
     let _ = writeln!(s, "|---|---|");
     let idle_servers = servers.iter().filter(|s| s.name != "gokernel-migrate");
     for (srv, b) in idle_servers.zip(idle) {
-        let _ = writeln!(s, "| {} | {b:.0} |", label(srv.name));
+        let _ = writeln!(s, "| {} | {b:.0} |", label(srv.name, go_version));
     }
     if let Some(n) = go_note {
         let _ = writeln!(s, "| Go | {n} |");
@@ -582,13 +637,13 @@ fn render(
     s
 }
 
-fn label(name: &str) -> String {
+fn label(name: &str, go_version: Option<&str>) -> String {
     match name {
         "gokernel" => "gokernel (`examples/http.rs`, `examples/echo.rs`)".into(),
         "gokernel-migrate" => {
             "gokernel, migrate mode (`examples/http.rs … migrate`: the `unsafe` opt-in)".into()
         }
         "tokio" => "tokio 1.54 (`bench/http-tokio`)".into(),
-        n => format!("{n} (`bench/http-go`)"),
+        n => format!("{n}, {} (`bench/http-go`)", go_version.unwrap_or("go")),
     }
 }
