@@ -112,13 +112,14 @@ const WORD: usize = core::mem::size_of::<usize>();
 /// `func gogo(buf *gobuf)` — restore state from a Gobuf; longjmp.
 ///
 /// Installs `buf.g` as the current G, loads rsp, rbp, rbx, r12–r15 from
-/// `buf`, loads `buf.ctxt` into rdx and jumps to `buf.pc`. It ends in
-/// `jmp`, never `ret`.
+/// `buf` and jumps to `buf.pc`. It ends in `jmp`, never `ret`. (Go's
+/// `gogo` also loads `buf.ctxt`; here only a fresh G's entry, [`gostart`],
+/// needs it, and reads it from `buf` itself.)
 ///
 /// Register contract:
 /// - in: rdi = `buf`;
 /// - out (at `buf.pc`): rsp = `buf.sp`, rbp/rbx/r12–r15 = the saved values,
-///   rdx = `buf.ctxt`, rdi = `buf`, TLS g = `buf.g`;
+///   rdi = `buf`, TLS g = `buf.g`;
 /// - clobbered: rax, rdx, flags;
 /// - stack: entered on any stack (whatever called it is abandoned); leaves
 ///   on `buf.g`'s stack at `buf.sp`.
@@ -149,7 +150,6 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
         "mov r13, qword ptr [rdi + {gobuf_r13}]",
         "mov r14, qword ptr [rdi + {gobuf_r14}]",
         "mov r15, qword ptr [rdi + {gobuf_r15}]",
-        "mov rdx, qword ptr [rdi + {gobuf_ctxt}]",     // closure context, for gostart
         "jmp qword ptr [rdi + {gobuf_pc}]",            // resume
         ".cfi_endproc",
         gobuf_g = const GOBUF_G,
@@ -160,7 +160,6 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
         gobuf_r13 = const GOBUF_R13,
         gobuf_r14 = const GOBUF_R14,
         gobuf_r15 = const GOBUF_R15,
-        gobuf_ctxt = const GOBUF_CTXT,
         gobuf_pc = const GOBUF_PC,
         badgogo = sym badgogo,
     )
@@ -361,8 +360,8 @@ pub unsafe extern "C" fn systemstack(fv: *mut FuncVal) {
 /// return address `goexit + 1` already on the stack.
 ///
 /// Register contract:
-/// - in: rdx = `sched.ctxt`, a [`FuncVal`]; rsp = hi − 8 with
-///   `[rsp] = goexit + 1`; rbp = 0;
+/// - in: rdi = the G's `sched` (as `gogo` leaves it), whose `ctxt` is a
+///   [`FuncVal`]; rsp = hi − 8 with `[rsp] = goexit + 1`; rbp = 0;
 /// - out (in the function): rdi = the `FuncVal`, rsp unchanged (≡ 8 mod 16,
 ///   as at any function entry);
 /// - clobbered: rdi;
@@ -377,9 +376,10 @@ pub unsafe extern "C" fn gostart() -> ! {
     naked_asm!(
         ".cfi_startproc",
         ".cfi_undefined rip",                          // never on a stack
-        "mov rdi, rdx",                                // arg = the FuncVal
-        "jmp qword ptr [rdx + {funcval_fn}]",          // "called" from goexit
+        "mov rdi, qword ptr [rdi + {gobuf_ctxt}]",     // arg = the FuncVal, sched.ctxt
+        "jmp qword ptr [rdi + {funcval_fn}]",          // "called" from goexit
         ".cfi_endproc",
+        gobuf_ctxt = const GOBUF_CTXT,
         funcval_fn = const FUNCVAL_FN,
     )
 }
