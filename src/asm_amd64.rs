@@ -175,11 +175,13 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
 ///
 /// Register contract:
 /// - in: rdi = `fn`; TLS g = a user G whose `m` is this thread's M;
-/// - out (in `fn`): rdi = the suspended G, rsp = `g0.sched.sp` − 24
-///   (16-byte aligned at the call; the G pointer is kept twice above it for
-///   the fatal path), rbp = 0 (ends frame-pointer walks), TLS g = g0;
+/// - out (in `fn`): rdi = the suspended G, rsp = `g0.sched.sp` − 8 (the
+///   return address of the call; `g0.sched.sp` is 16-byte aligned),
+///   rbp = 0 (ends frame-pointer walks), rbx = the suspended G (for the
+///   fatal path), TLS g = g0;
 /// - clobbered: everything caller-saved (rax, rcx, rdx, rsi, rdi, r8–r11,
-///   flags); rbx, rbp, r12–r15 are in `g.sched` and come back with `gogo`;
+///   flags) and rbx; rbx, rbp, r12–r15 are in `g.sched` and come back with
+///   `gogo`;
 /// - stack: entered on the G's stack; `fn` runs on g0's stack; control
 ///   returns to the caller, on the G's stack, only through
 ///   `gogo(&g.sched)`.
@@ -209,10 +211,11 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         "cmp rsi, rcx",
         "je 2f",                                       // mcall on g0: fatal
         // Save the caller's context in gp.sched.
-        "mov r8, qword ptr [rsp]",
-        "mov qword ptr [rsi + {sched_pc}], r8",        // pc = our return address
-        "lea r8, [rsp + {word}]",     
-        "mov qword ptr [rsi + {sched_sp}], r8",        // sp = the caller's sp after return
+        "pop r8",                                      // r8 = our return address,
+        ".cfi_adjust_cfa_offset -{word}",              // rsp = the caller's sp after return
+        ".cfi_register rip, r8",
+        "mov qword ptr [rsi + {sched_pc}], r8",
+        "mov qword ptr [rsi + {sched_sp}], rsp",
         "mov qword ptr [rsi + {sched_bp}], rbp",
         "mov qword ptr [rsi + {sched_rbx}], rbx",
         "mov qword ptr [rsi + {sched_r12}], r12",
@@ -224,12 +227,11 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         "mov rsp, qword ptr [rcx + {sched_sp}]",       // rsp = g0.sched.sp
         ".cfi_undefined rip",                          // g0's frames end here
         "xor ebp, ebp",
-        "push rsi",                                    // keep gp for badmcall2, twice:
-        "push rsi",                                    // rsp stays 16-byte aligned
+        "mov rbx, rsi",                                // keep gp for badmcall2 (saved above)
         "mov rdx, rdi",
         "mov rdi, rsi",
         "call rdx",                                    // fn(gp): must not return
-        "mov rdi, qword ptr [rsp]",
+        "mov rdi, rbx",
         "call {badmcall2}",
         "2:",
         "mov rdi, rsi",
