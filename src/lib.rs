@@ -197,6 +197,7 @@ pub mod netpoll;
 #[cfg(feature = "std")]
 mod netpoll_epoll;
 pub mod panic;
+mod park;
 pub mod platform;
 pub mod proc;
 pub mod runq;
