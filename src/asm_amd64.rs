@@ -112,13 +112,14 @@ const WORD: usize = core::mem::size_of::<usize>();
 /// `func gogo(buf *gobuf)` — restore state from a Gobuf; longjmp.
 ///
 /// Installs `buf.g` as the current G, loads rsp, rbp, rbx, r12–r15 from
-/// `buf`, loads `buf.ctxt` into rdx and jumps to `buf.pc`. It ends in
-/// `jmp`, never `ret`.
+/// `buf` and jumps to `buf.pc`. It ends in `jmp`, never `ret`. (Go's
+/// `gogo` also loads `buf.ctxt`; here only a fresh G's entry, [`gostart`],
+/// needs it, and reads it from `buf` itself.)
 ///
 /// Register contract:
 /// - in: rdi = `buf`;
 /// - out (at `buf.pc`): rsp = `buf.sp`, rbp/rbx/r12–r15 = the saved values,
-///   rdx = `buf.ctxt`, rdi = `buf`, TLS g = `buf.g`;
+///   rdi = `buf`, TLS g = `buf.g`;
 /// - clobbered: rax, rdx, flags;
 /// - stack: entered on any stack (whatever called it is abandoned); leaves
 ///   on `buf.g`'s stack at `buf.sp`.
@@ -149,7 +150,6 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
         "mov r13, qword ptr [rdi + {gobuf_r13}]",
         "mov r14, qword ptr [rdi + {gobuf_r14}]",
         "mov r15, qword ptr [rdi + {gobuf_r15}]",
-        "mov rdx, qword ptr [rdi + {gobuf_ctxt}]",     // closure context, for gostart
         "jmp qword ptr [rdi + {gobuf_pc}]",            // resume
         ".cfi_endproc",
         gobuf_g = const GOBUF_G,
@@ -160,7 +160,6 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
         gobuf_r13 = const GOBUF_R13,
         gobuf_r14 = const GOBUF_R14,
         gobuf_r15 = const GOBUF_R15,
-        gobuf_ctxt = const GOBUF_CTXT,
         gobuf_pc = const GOBUF_PC,
         badgogo = sym badgogo,
     )
@@ -176,11 +175,13 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
 ///
 /// Register contract:
 /// - in: rdi = `fn`; TLS g = a user G whose `m` is this thread's M;
-/// - out (in `fn`): rdi = the suspended G, rsp = `g0.sched.sp` − 24
-///   (16-byte aligned at the call; the G pointer is kept twice above it for
-///   the fatal path), rbp = 0 (ends frame-pointer walks), TLS g = g0;
+/// - out (in `fn`): rdi = the suspended G, rsp = `g0.sched.sp` − 8 (the
+///   return address of the call; `g0.sched.sp` is 16-byte aligned),
+///   rbp = 0 (ends frame-pointer walks), rbx = the suspended G (for the
+///   fatal path), TLS g = g0;
 /// - clobbered: everything caller-saved (rax, rcx, rdx, rsi, rdi, r8–r11,
-///   flags); rbx, rbp, r12–r15 are in `g.sched` and come back with `gogo`;
+///   flags) and rbx; rbx, rbp, r12–r15 are in `g.sched` and come back with
+///   `gogo`;
 /// - stack: entered on the G's stack; `fn` runs on g0's stack; control
 ///   returns to the caller, on the G's stack, only through
 ///   `gogo(&g.sched)`.
@@ -210,10 +211,11 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         "cmp rsi, rcx",
         "je 2f",                                       // mcall on g0: fatal
         // Save the caller's context in gp.sched.
-        "mov r8, qword ptr [rsp]",
-        "mov qword ptr [rsi + {sched_pc}], r8",        // pc = our return address
-        "lea r8, [rsp + {word}]",     
-        "mov qword ptr [rsi + {sched_sp}], r8",        // sp = the caller's sp after return
+        "pop r8",                                      // r8 = our return address,
+        ".cfi_adjust_cfa_offset -{word}",              // rsp = the caller's sp after return
+        ".cfi_register rip, r8",
+        "mov qword ptr [rsi + {sched_pc}], r8",
+        "mov qword ptr [rsi + {sched_sp}], rsp",
         "mov qword ptr [rsi + {sched_bp}], rbp",
         "mov qword ptr [rsi + {sched_rbx}], rbx",
         "mov qword ptr [rsi + {sched_r12}], r12",
@@ -225,12 +227,11 @@ pub unsafe extern "C" fn mcall(fn_: unsafe extern "C" fn(*mut G)) {
         "mov rsp, qword ptr [rcx + {sched_sp}]",       // rsp = g0.sched.sp
         ".cfi_undefined rip",                          // g0's frames end here
         "xor ebp, ebp",
-        "push rsi",                                    // keep gp for badmcall2, twice:
-        "push rsi",                                    // rsp stays 16-byte aligned
+        "mov rbx, rsi",                                // keep gp for badmcall2 (saved above)
         "mov rdx, rdi",
         "mov rdi, rsi",
         "call rdx",                                    // fn(gp): must not return
-        "mov rdi, qword ptr [rsp]",
+        "mov rdi, rbx",
         "call {badmcall2}",
         "2:",
         "mov rdi, rsi",
@@ -361,8 +362,8 @@ pub unsafe extern "C" fn systemstack(fv: *mut FuncVal) {
 /// return address `goexit + 1` already on the stack.
 ///
 /// Register contract:
-/// - in: rdx = `sched.ctxt`, a [`FuncVal`]; rsp = hi − 8 with
-///   `[rsp] = goexit + 1`; rbp = 0;
+/// - in: rdi = the G's `sched` (as `gogo` leaves it), whose `ctxt` is a
+///   [`FuncVal`]; rsp = hi − 8 with `[rsp] = goexit + 1`; rbp = 0;
 /// - out (in the function): rdi = the `FuncVal`, rsp unchanged (≡ 8 mod 16,
 ///   as at any function entry);
 /// - clobbered: rdi;
@@ -377,9 +378,10 @@ pub unsafe extern "C" fn gostart() -> ! {
     naked_asm!(
         ".cfi_startproc",
         ".cfi_undefined rip",                          // never on a stack
-        "mov rdi, rdx",                                // arg = the FuncVal
-        "jmp qword ptr [rdx + {funcval_fn}]",          // "called" from goexit
+        "mov rdi, qword ptr [rdi + {gobuf_ctxt}]",     // arg = the FuncVal, sched.ctxt
+        "jmp qword ptr [rdi + {funcval_fn}]",          // "called" from goexit
         ".cfi_endproc",
+        gobuf_ctxt = const GOBUF_CTXT,
         funcval_fn = const FUNCVAL_FN,
     )
 }

@@ -85,7 +85,14 @@ pub(crate) unsafe fn boundput(mp: *mut M, gp: *mut G, next: bool) {
 #[inline]
 pub(crate) unsafe fn boundnextget(mp: *mut M) -> *mut G {
     // SAFETY: the contract.
-    unsafe { core::mem::replace(&mut (*mp).boundnext, null_mut()) }
+    unsafe {
+        let gp = (*mp).boundnext;
+        // No store when it is empty, as it is at most scheduling points.
+        if !gp.is_null() {
+            (*mp).boundnext = null_mut();
+        }
+        gp
+    }
 }
 
 /// Takes the head of `mp`'s own queue (after moving in what other threads
@@ -94,7 +101,7 @@ pub(crate) unsafe fn boundnextget(mp: *mut M) -> *mut G {
 /// # Safety
 ///
 /// On `mp`'s thread.
-#[inline]
+#[inline(always)]
 pub(crate) unsafe fn boundqget(mp: *mut M) -> *mut G {
     // SAFETY: the contract.
     unsafe {
@@ -112,6 +119,7 @@ pub(crate) unsafe fn boundqget(mp: *mut M) -> *mut G {
 /// # Safety
 ///
 /// On `mp`'s thread.
+#[cold]
 unsafe fn inboxdrain(mp: *mut M) {
     // SAFETY: the contract; the inbox is under its lock.
     unsafe {

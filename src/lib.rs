@@ -200,6 +200,7 @@ pub mod netpoll;
 mod netpoll_epoll;
 pub mod netpoll_irq;
 pub mod panic;
+mod park;
 pub mod platform;
 pub mod preempt;
 pub mod proc;

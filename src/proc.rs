@@ -172,6 +172,7 @@ use crate::asm_amd64::{goexit, gogo, gostart, mcall, mstart1};
 use crate::bound::{gqueue_pop, gqueue_push};
 use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
+pub use crate::park::Parker;
 use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
 use crate::runtime2::{
     FuncVal, G, GQueue, Gobuf, M, P, PCounters, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn,
@@ -438,6 +439,7 @@ pub(crate) extern "C" fn goexit1() -> ! {
 pub(crate) fn stackcheck(gp: *mut G) {
     // SAFETY: gp is the G that just switched out: live, its stack too.
     if let Some(mem) = unsafe { &(*gp).stackmem }
+        && mem.has_soft_guard()
         && !crate::stack::stackguard_ok(mem)
     {
         crate::panic::stackoverflow(gp, 0);
@@ -1480,6 +1482,15 @@ pub(crate) fn globrunqput(sl: &mut SchedLocked, sched: &Sched, gp: *mut G) {
     sched.runqsize.store(sl.runq.size as u32, Ordering::SeqCst);
 }
 
+/// [`globrunqput`] under the lock, then [`wakep`]: work appeared on the
+/// global queue, an idle P may take it (globrunqput's SeqCst store is the
+/// fence: [`wakep_after_put`]).
+#[inline(never)]
+fn globrunqput_wakep(sched: &Sched, gp: *mut G) {
+    globrunqput(&mut sched.lock.lock(), sched, gp);
+    wakep_after_put(sched);
+}
+
 /// Puts a batch on the global queue, in order (Go's `globrunqputbatch`).
 fn globrunqputbatch(sl: &mut SchedLocked, sched: &Sched, batch: &[*mut G]) {
     for &gp in batch {
@@ -1490,6 +1501,7 @@ fn globrunqputbatch(sl: &mut SchedLocked, sched: &Sched, batch: &[*mut G]) {
 
 /// Takes a fair share of the global queue (at most `max` if non-zero):
 /// returns one G and puts the rest on `pp`'s ring (Go's `globrunqget`).
+#[inline(always)]
 fn globrunqget(sl: &mut SchedLocked, sched: &Sched, pp: *mut P, max: usize) -> *mut G {
     let size = sl.runq.size;
     if size == 0 {
@@ -1631,19 +1643,83 @@ fn stealwork(sched: &Sched, mp: *mut M, pp: *mut P) -> *mut G {
     null_mut()
 }
 
+/// The common case of [`findrunnable`], inline in `schedule`: a G of this
+/// M's own queues or this P's, after the interrupt posts and this P's
+/// timers, with the global queue first now and then (fairness). Returns
+/// the G and whether it inherits the time slice; `None` leaves the rest
+/// (and a stopping scheduler) to `findrunnable`, which starts with this.
+///
+/// On g0 of a scheduler M holding P `pp`.
+#[inline(always)]
+fn findlocal(sched: &Sched, mp: *mut M, pp: *mut P) -> Option<(*mut G, bool)> {
+    if sched.stopping.load(Ordering::SeqCst) {
+        return None;
+    }
+    // Interrupt handlers' posts (Go's netpoll injection; crate::intr).
+    if crate::intr::pending(sched) {
+        crate::intr::injectglist(sched);
+    }
+    // This P's expired timers (one relaxed load when it has none).
+    crate::time::checktimers(sched, pp, 0);
+    // Fairness: now and then, the global queue first.
+    // SAFETY: schedtick is touched only by the P's owner, us.
+    let schedtick = unsafe { (*pp).schedtick.load(Ordering::Relaxed) };
+    if sched.runqsize.load(Ordering::Relaxed) > 0 && schedtick % 61 == 0 {
+        let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 1);
+        if !gp.is_null() {
+            return Some((gp, false));
+        }
+    }
+    // This M's own Gs (bound to it: see bound.rs) and this P's queue,
+    // taking turns by the parity of schedtick; boundnext, like runnext,
+    // inherits the time slice.
+    // SAFETY: mp is this thread's M.
+    let gp = unsafe { crate::bound::boundnextget(mp) };
+    if !gp.is_null() {
+        return Some((gp, true));
+    }
+    if schedtick & 1 == 0 {
+        // SAFETY: as above.
+        let gp = unsafe { crate::bound::boundqget(mp) };
+        if !gp.is_null() {
+            return Some((gp, false));
+        }
+    }
+    // SAFETY: pp is ours. Only its run queue is borrowed: other Ms may
+    // read it (and the counters) while we hold this.
+    if let Some(x) = runqget(unsafe { &(*pp).runq }) {
+        return Some(x);
+    }
+    // SAFETY: as above.
+    let gp = unsafe { crate::bound::boundqget(mp) };
+    if !gp.is_null() {
+        return Some((gp, false));
+    }
+    if sched.runqsize.load(Ordering::Relaxed) != 0 {
+        let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 0);
+        if !gp.is_null() {
+            return Some((gp, false));
+        }
+    }
+    None
+}
+
 /// Finds a runnable G for the current M (Go's `findRunnable`): local queue,
 /// global queue, stealing; with nothing to do, gives up the P and sleeps
 /// until woken with one. Returns the G and whether it inherits the time
 /// slice, or `None` when the scheduler is stopping (the M then holds no P).
+/// Out of line: `schedule` tries [`findlocal`] first.
 ///
 /// On g0 of a scheduler M holding a P.
-#[inline(always)]
+#[inline(never)]
 fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
     'top: loop {
         // SAFETY: mp is ours; it holds a P at the top of each round.
         let pp = unsafe { (*mp).p };
-        // SAFETY: pp is ours. Only its run queue is borrowed: other Ms may
-        // read it (and the counters) while we hold this.
+        if let Some(x) = findlocal(sched, mp, pp) {
+            return Some(x);
+        }
+        // SAFETY: as in findlocal.
         let runq = unsafe { &(*pp).runq };
         if sched.stopping.load(Ordering::SeqCst) {
             // SAFETY: mp holds pp.
@@ -1657,53 +1733,9 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
             }
             return None;
         }
-        // Interrupt handlers' posts (Go's netpoll injection; crate::intr).
-        if crate::intr::pending(sched) {
-            crate::intr::injectglist(sched);
-        }
-        // This P's expired timers (one relaxed load when it has none).
-        let (now, _) = crate::time::checktimers(sched, pp, 0);
-        // Fairness: now and then, the global queue first.
-        // SAFETY: schedtick is touched only by the P's owner, us.
-        let schedtick = unsafe { (*pp).schedtick.load(Ordering::Relaxed) };
-        if schedtick % 61 == 0 && sched.runqsize.load(Ordering::Relaxed) > 0 {
-            let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 1);
-            if !gp.is_null() {
-                return Some((gp, false));
-            }
-        }
-        // This M's own Gs (bound to it: see bound.rs) and this P's queue,
-        // taking turns by the parity of schedtick; boundnext, like
-        // runnext, inherits the time slice.
-        // SAFETY: mp is this thread's M.
-        let gp = unsafe { crate::bound::boundnextget(mp) };
-        if !gp.is_null() {
-            return Some((gp, true));
-        }
-        if schedtick & 1 == 0 {
-            // SAFETY: as above.
-            let gp = unsafe { crate::bound::boundqget(mp) };
-            if !gp.is_null() {
-                return Some((gp, false));
-            }
-        }
-        if let Some(x) = runqget(runq) {
-            return Some(x);
-        }
-        // SAFETY: as above.
-        let gp = unsafe { crate::bound::boundqget(mp) };
-        if !gp.is_null() {
-            return Some((gp, false));
-        }
-        if sched.runqsize.load(Ordering::Relaxed) != 0 {
-            let gp = globrunqget(&mut sched.lock.lock(), sched, pp, 0);
-            if !gp.is_null() {
-                return Some((gp, false));
-            }
-        }
         // Every P's expired timers (an idle P, or one whose M is busy,
         // keeps its heap); the Gs they ready come to our queue.
-        let (mut now, mut ran) = (now, false);
+        let (mut now, mut ran) = (0, false);
         for &p2 in &sched.allp {
             let (t, r) = crate::time::checktimers(sched, p2, now);
             (now, ran) = (t, ran | r);
@@ -1906,100 +1938,117 @@ fn resetspinning(sched: &Sched, mp: *mut M) {
 /// ```compile_fail,E0603
 /// gokernel::proc::schedule(); // private: only g0 of an M may call it
 /// ```
+#[inline(always)]
 pub(crate) fn schedule() -> ! {
-    let g0 = getg();
     // SAFETY: schedule runs on g0 of a live M.
-    let mp = unsafe { (*g0).m };
-    // SAFETY: as above.
+    schedule_m(unsafe { (*getg()).m })
+}
+
+/// [`schedule`] for a caller that knows its M, `mp`.
+#[inline(always)]
+fn schedule_m(mp: *mut M) -> ! {
+    // SAFETY: on g0 of mp, a live M.
     let rt = unsafe { (*mp).rt };
-    if !rt.is_null() {
-        // SAFETY: an M's scheduler outlives it.
-        let sched = unsafe { &*rt };
-        // SAFETY: mp is ours.
-        if unsafe { (*mp).tornup } {
-            // Tearing down: the next goroutine to unwind, or the end.
-            // SAFETY: on g0 of mp, stopping, running no G.
+    if rt.is_null() {
+        // SAFETY: a bare M (no scheduler) ends: on its g0, no G running.
+        unsafe { mend(mp) }
+    }
+    // SAFETY: an M's scheduler outlives it.
+    schedule_on(unsafe { &*rt }, mp)
+}
+
+/// [`schedule`] for a scheduler M `mp` of `sched`, on its g0.
+#[inline(never)]
+pub(crate) fn schedule_on(sched: &Sched, mp: *mut M) -> ! {
+    // SAFETY: mp is ours.
+    if unsafe { (*mp).tornup } {
+        // Tearing down: the next goroutine to unwind, or the end.
+        // SAFETY: on g0 of mp, stopping, running no G.
+        unsafe { crate::teardown::mexit(sched, mp) }
+    }
+    // SAFETY: mp is ours.
+    let lockedg = unsafe { (*mp).lockedg };
+    if !lockedg.is_null() {
+        // This M runs only its locked G: wait until it is runnable.
+        // SAFETY: on g0 of mp, whose locked G just switched out; once
+        // stoplockedm returns true the G is runnable and ours to run.
+        if unsafe { stoplockedm(sched, mp) } {
+            // Inheriting the time slice, as the hand-off M that took
+            // the G off a queue (often runnext: a locked G and its
+            // waker passing it back and forth) would have: a new slice
+            // at every hand-off would keep sysmon from ever seeing the
+            // chain's slice run out, so runnext would never be demoted
+            // and the P's ring (a G its timer readied, say) would
+            // starve for good on one P. A locked G taken from the ring
+            // inherits too: it can only end the slice sooner.
+            // SAFETY: as above.
+            unsafe { execute(lockedg, true) }
+        }
+        // SAFETY: stopping (stoplockedm said so), on g0, no G running.
+        unsafe { crate::teardown::mexit(sched, mp) }
+    }
+    // Ms wait for a P to run Gs bound to them: maybe give them ours.
+    // SAFETY: on g0 of mp, holding a P and no locked G; stopm as at
+    // the end of findrunnable.
+    if sched.nmwantp.load(Ordering::Relaxed) != 0
+        && unsafe { crate::bound::handoff_wanted(sched, mp) }
+    {
+        // SAFETY: on g0 of mp, which holds no P now.
+        if !unsafe { stopm(sched, mp) } {
+            // SAFETY: stopping (stopm said so), on g0, no G running.
             unsafe { crate::teardown::mexit(sched, mp) }
         }
         // SAFETY: mp is ours.
         let lockedg = unsafe { (*mp).lockedg };
         if !lockedg.is_null() {
-            // This M runs only its locked G: wait until it is runnable.
-            // SAFETY: on g0 of mp, whose locked G just switched out; once
-            // stoplockedm returns true the G is runnable and ours to run.
-            if unsafe { stoplockedm(sched, mp) } {
-                // Inheriting the time slice, as the hand-off M that took
-                // the G off a queue (often runnext: a locked G and its
-                // waker passing it back and forth) would have: a new slice
-                // at every hand-off would keep sysmon from ever seeing the
-                // chain's slice run out, so runnext would never be demoted
-                // and the P's ring (a G its timer readied, say) would
-                // starve for good on one P. A locked G taken from the ring
-                // inherits too: it can only end the slice sooner.
-                // SAFETY: as above.
-                unsafe { execute(lockedg, true) }
-            }
-            // SAFETY: stopping (stoplockedm said so), on g0, no G running.
-            unsafe { crate::teardown::mexit(sched, mp) }
+            // Woken to run a goroutine started locked on it, as at the
+            // end of findrunnable.
+            // SAFETY: it is runnable, on no queue, and ours to run.
+            unsafe { execute_on(mp, (*mp).p, lockedg, false) }
         }
-        // Ms wait for a P to run Gs bound to them: maybe give them ours.
-        // SAFETY: on g0 of mp, holding a P and no locked G; stopm as at
-        // the end of findrunnable.
-        if sched.nmwantp.load(Ordering::Relaxed) != 0
-            && unsafe { crate::bound::handoff_wanted(sched, mp) }
-        {
-            // SAFETY: on g0 of mp, which holds no P now.
-            if !unsafe { stopm(sched, mp) } {
-                // SAFETY: stopping (stopm said so), on g0, no G running.
-                unsafe { crate::teardown::mexit(sched, mp) }
-            }
-            // SAFETY: mp is ours.
-            let lockedg = unsafe { (*mp).lockedg };
-            if !lockedg.is_null() {
-                // Woken to run a goroutine started locked on it, as at the
-                // end of findrunnable.
-                // SAFETY: it is runnable, on no queue, and ours to run.
-                unsafe { execute_on(mp, lockedg, false) }
-            }
-        }
-        // SAFETY: a running scheduler M holds a P here.
-        let pp = unsafe { (*mp).p };
-        // sysmon says the time slice is over (crate::sysmon), or, on a
-        // scheduler no sysmon watches, the chain has had RUNNEXT_LIMIT
-        // hand-offs: the runnext chain ends here, behind the queues.
-        // SAFETY: pp is ours.
-        if unsafe { (*pp).preempt.load(Ordering::Relaxed) || (*pp).runnext_streak >= RUNNEXT_LIMIT }
-        {
-            // SAFETY: as above; boundnext is this M's own.
-            unsafe {
-                (*pp).preempt.store(false, Ordering::Relaxed);
-                (*pp).runnext_streak = 0;
-                let gp = crate::bound::boundnextget(mp);
-                if !gp.is_null() {
-                    crate::bound::boundput(mp, gp, false);
-                }
-            }
-            // SAFETY: as above.
-            if let Some(batch) = runqdemote(unsafe { &(*pp).runq }) {
-                globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
-            }
-        }
-        if let Some((gp, inherit)) = findrunnable(sched, mp) {
-            // SAFETY: mp is ours.
-            if unsafe { (*mp).spinning } {
-                resetspinning(sched, mp);
-            }
-            // SAFETY: gp is runnable and was taken off a queue by us; mp
-            // is this M.
-            unsafe { execute_on(mp, gp, inherit) }
-        }
-        // SAFETY: findrunnable returns None only when stopping; on g0, no
-        // G running.
-        unsafe { crate::teardown::mexit(sched, mp) }
     }
-    // SAFETY: on g0, whose sched was set by mstart1 and whose frame
-    // (mstart's) is live while the M runs.
-    unsafe { gogo(&(*g0).sched) }
+    // SAFETY: a running scheduler M holds a P here.
+    let pp = unsafe { (*mp).p };
+    // SAFETY: as above (and so execute_on need not check for none).
+    unsafe { core::hint::assert_unchecked(!pp.is_null()) };
+    // sysmon says the time slice is over (crate::sysmon), or, on a
+    // scheduler no sysmon watches, the chain has had RUNNEXT_LIMIT
+    // hand-offs: the runnext chain ends here, behind the queues.
+    // SAFETY: pp is ours.
+    if unsafe { (*pp).preempt.load(Ordering::Relaxed) || (*pp).runnext_streak >= RUNNEXT_LIMIT } {
+        // SAFETY: as above; boundnext is this M's own.
+        unsafe {
+            (*pp).preempt.store(false, Ordering::Relaxed);
+            (*pp).runnext_streak = 0;
+            let gp = crate::bound::boundnextget(mp);
+            if !gp.is_null() {
+                crate::bound::boundput(mp, gp, false);
+            }
+        }
+        // SAFETY: as above.
+        if let Some(batch) = runqdemote(unsafe { &(*pp).runq }) {
+            globrunqputbatch(&mut sched.lock.lock(), sched, &batch);
+        }
+    }
+    let run = |pp, (gp, inherit)| -> ! {
+        // SAFETY: mp is ours.
+        if unsafe { (*mp).spinning } {
+            resetspinning(sched, mp);
+        }
+        // SAFETY: gp is runnable and was taken off a queue by us; mp
+        // is this M, pp its P.
+        unsafe { execute_on(mp, pp, gp, inherit) }
+    };
+    if let Some(found) = findlocal(sched, mp, pp) {
+        run(pp, found)
+    }
+    if let Some(found) = findrunnable(sched, mp) {
+        // SAFETY: mp is ours; findrunnable may have changed its P.
+        run(unsafe { (*mp).p }, found)
+    }
+    // SAFETY: findrunnable returns None only when stopping; on g0, no
+    // G running.
+    unsafe { crate::teardown::mexit(sched, mp) }
 }
 
 /// Runs `gp` on the current M (Go's `execute`): makes it `m.curg`, marks
@@ -2014,35 +2063,38 @@ pub(crate) fn schedule() -> ! {
 /// other M is running or about to run.
 pub unsafe fn execute(gp: *mut G, inherit_time: bool) -> ! {
     // SAFETY: we are on g0 (the contract), so g0.m is this M.
-    unsafe { execute_on((*getg()).m, gp, inherit_time) }
+    unsafe {
+        let mp = (*getg()).m;
+        execute_on(mp, (*mp).p, gp, inherit_time)
+    }
 }
 
-/// [`execute`] for a caller that knows its M.
+/// [`execute`] for a caller that knows its M and the M's P (or null).
 ///
 /// # Safety
 ///
-/// As [`execute`], and `mp` is the current M.
+/// As [`execute`], and `mp` is the current M, `pp` its `p`.
 #[inline(always)]
-pub(crate) unsafe fn execute_on(mp: *mut M, gp: *mut G, inherit_time: bool) -> ! {
+pub(crate) unsafe fn execute_on(mp: *mut M, pp: *mut P, gp: *mut G, inherit_time: bool) -> ! {
     // SAFETY: the contract.
     unsafe {
         debug_assert!((*mp).g0 == getg(), "execute called off g0");
         let bm = (*gp).boundm;
-        if bm.is_null() {
+        if bm != mp {
+            if !bm.is_null() {
+                throw_g("execute: the goroutine is bound to another M", gp);
+            }
             if (*mp).bindg {
                 // Its first run: from now on the G runs only here.
                 (*gp).boundm = mp;
                 // On this M: a load and a store (see M::nbound_add).
                 (*mp).nbound_add(1);
             }
-        } else if bm != mp {
-            throw_g("execute: the goroutine is bound to another M", gp);
         }
         (*mp).curg = gp;
         (*gp).m = mp;
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
         crate::trace::gostart(mp, gp);
-        let pp = (*mp).p;
         if !pp.is_null() {
             if inherit_time {
                 (*pp).runnext_streak += 1;
@@ -2156,13 +2208,12 @@ pub(crate) unsafe extern "C" fn gosched_m(gp: *mut G) {
         } else {
             // The global queue, as in Go: a yielding goroutine may continue
             // on any P, which is what spreads yielding work over busy Ps.
-            globrunqput(&mut sched.lock.lock(), sched, gp);
-            // Work appeared on the global queue: an idle P may take it.
-            // globrunqput's SeqCst store is the fence (wakep_after_put).
-            wakep_after_put(sched);
+            globrunqput_wakep(sched, gp);
+            // (Nothing kept across the call: no registers to save above.)
+            schedule()
         }
+        schedule_on(sched, mp)
     }
-    schedule()
 }
 
 /// Parks the current G (Go's `gopark`): on g0 it becomes waiting and
@@ -2233,8 +2284,8 @@ unsafe extern "C" fn park_m(gp: *mut G) {
                 execute(gp, true);
             }
         }
+        schedule_m(mp)
     }
-    schedule()
 }
 
 /// Makes a parked G runnable (Go's `goready`): it takes the current P's
@@ -2312,182 +2363,8 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
     } else {
         // SAFETY: as above.
         unsafe { (*gp).casstatus(status::WAITING, status::RUNNABLE) };
-        globrunqput(&mut sched.lock.lock(), sched, gp);
-        // globrunqput's SeqCst store is the fence (wakep_after_put).
-        wakep_after_put(sched);
+        globrunqput_wakep(sched, gp);
     }
-}
-
-// ---------------------------------------------------------------------
-// park / unpark: a token per G, as std::thread's.
-
-const PARK_EMPTY: u32 = 0;
-const PARK_NOTIFIED: u32 = 1;
-const PARK_PARKED: u32 = 2;
-
-/// The park token of one G, shared with its handles (std::thread's
-/// semantics: an `unpark` before `park` is kept, not lost).
-pub struct Parker {
-    /// `PARK_EMPTY`, `PARK_NOTIFIED` or `PARK_PARKED`.
-    state: AtomicU32,
-    /// The G; only followed while `state` is `PARK_PARKED`, which implies
-    /// the G is alive and parked.
-    gp: AtomicPtr<G>,
-    /// The G's scheduler. Weak: a handle may outlive the runtime, and then
-    /// `unpark` has nothing to wake (the runtime freed its Gs).
-    rt: alloc::sync::Weak<Sched>,
-}
-
-impl Parker {
-    /// The parker of the current G, made on first use.
-    ///
-    /// # Safety
-    ///
-    /// On a user G of a scheduler.
-    pub unsafe fn current() -> Arc<Parker> {
-        // SAFETY: the contract.
-        unsafe { Self::current_ref() }.clone()
-    }
-
-    /// The parker of the current G, borrowed: what `park` needs, without
-    /// the `Arc` clone and drop (two locked instructions) of
-    /// [`current`](Self::current).
-    ///
-    /// # Safety
-    ///
-    /// On a user G of a scheduler; the borrow must end before the G
-    /// exits (only the G itself and, after it is done, `goexit0` touch
-    /// its parker field).
-    pub(crate) unsafe fn current_ref<'a>() -> &'a Arc<Parker> {
-        let gp = getg();
-        // SAFETY: the contract: gp is the running G; only it touches its
-        // own parker field (and goexit0 after it is done).
-        unsafe {
-            (*gp).parker.get_or_insert_with(|| {
-                Arc::new(Parker {
-                    state: AtomicU32::new(PARK_EMPTY),
-                    gp: AtomicPtr::new(gp),
-                    rt: (*(*gp).rt).self_weak.clone(),
-                })
-            })
-        }
-    }
-
-    /// A parker of its own for the current G, apart from the G's park
-    /// token (which `current` gives): for a wait inside the runtime
-    /// (`JoinHandle::join`) that must not consume or leave a token the
-    /// program's `park` / `unpark` use.
-    ///
-    /// # Safety
-    ///
-    /// On a user G of a scheduler; only that G parks on it.
-    #[cfg(feature = "std")]
-    pub(crate) unsafe fn new_for_current() -> Arc<Parker> {
-        let gp = getg();
-        Arc::new(Parker {
-            state: AtomicU32::new(PARK_EMPTY),
-            gp: AtomicPtr::new(gp),
-            // SAFETY: the contract: gp is a running user G, so its
-            // scheduler is live.
-            rt: unsafe { (*(*gp).rt).self_weak.clone() },
-        })
-    }
-
-    /// Blocks the current G until its token is available, then consumes
-    /// it. The parker must be the current G's.
-    ///
-    /// # Safety
-    ///
-    /// On the G this parker belongs to.
-    pub unsafe fn park(&self) {
-        // SAFETY: the contract is the same.
-        unsafe { self.park_for(WaitReason::Park) }
-    }
-
-    /// [`park`](Self::park), recording `reason` as the wait's.
-    ///
-    /// # Safety
-    ///
-    /// As [`park`](Self::park).
-    pub(crate) unsafe fn park_for(&self, reason: WaitReason) {
-        while !self.take_token() {
-            // SAFETY: on this parker's G (the contract); park_commit only
-            // reads the parker, which outlives the call.
-            unsafe { gopark(park_commit, self as *const Parker as *mut (), reason) };
-        }
-    }
-
-    /// Consumes the token if it is there.
-    fn take_token(&self) -> bool {
-        // A load first: on the way into a park the token is usually not
-        // there, and a failing CAS still locks the bus. Only this G moves
-        // the state away from NOTIFIED, so a NOTIFIED seen here stays
-        // until the CAS below; the CAS (not a plain store of EMPTY) is
-        // still needed, because an unparker may swap NOTIFIED over
-        // NOTIFIED in between, and its release must be acquired here too
-        // (the CAS reads the last value in the state's modification
-        // order; a store would lose that unparker's writes and token).
-        // Acquire: pairs with unpark's release, so what the unparker did
-        // before is visible after.
-        self.state.load(Ordering::Relaxed) == PARK_NOTIFIED
-            && self
-                .state
-                .compare_exchange(
-                    PARK_NOTIFIED,
-                    PARK_EMPTY,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-    }
-
-    /// Makes the token available, waking the G if it is parked.
-    pub fn unpark(&self) {
-        // AcqRel: release publishes our writes to the woken G; acquire
-        // pairs with park_commit's release, so gp's parked state is seen.
-        if self.state.swap(PARK_NOTIFIED, Ordering::AcqRel) != PARK_PARKED {
-            return;
-        }
-        let gp = self.gp.load(Ordering::Relaxed);
-        // On a goroutine of the G's own scheduler, that scheduler is alive
-        // (it outlives every M running its Gs, and we run on one): no
-        // `Weak::upgrade` and drop, two locked instructions per wake-up.
-        let me = current_user_g();
-        // SAFETY: a user G's M and scheduler are live (current_user_g).
-        if !me.is_null() && unsafe { (*(*me).m).rt } == self.rt.as_ptr() {
-            // SAFETY: PARKED means the G is parked in `park` and the swap
-            // made us its one waker; its scheduler, which owns its
-            // memory, is the one running us.
-            unsafe { goready(gp) };
-            return;
-        }
-        // Elsewhere, holding the scheduler keeps the parked G's memory
-        // alive while we ready it; if the runtime is gone, so is the G,
-        // and there is nothing to wake.
-        let Some(sched) = self.rt.upgrade() else {
-            return;
-        };
-        // SAFETY: PARKED means the G is parked in `park`, the swap made us
-        // its one waker, and its scheduler (which owns its memory) is held.
-        unsafe { goready(gp) };
-        drop(sched);
-    }
-}
-
-/// `gopark`'s unlock function for [`Parker::park`]: commits to sleeping
-/// unless a token arrived meanwhile.
-///
-/// # Safety
-///
-/// `arg` is a live `Parker` of `_gp`.
-unsafe fn park_commit(_gp: *mut G, arg: *mut ()) -> bool {
-    // SAFETY: the contract.
-    let p = unsafe { &*(arg as *const Parker) };
-    // Release: the G's saved context happens before an unparker that sees
-    // PARKED readies it.
-    p.state
-        .compare_exchange(PARK_EMPTY, PARK_PARKED, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
 }
 
 // ---------------------------------------------------------------------

@@ -203,6 +203,7 @@ fn runqputslow<T>(q: &Runq<T>, gp: *mut T, h: u32, t: u32) -> Option<Overflow<T>
 /// slice instead of starting a new one.
 ///
 /// Only the owner of `q` may call it.
+#[inline(always)]
 pub fn runqget<T>(q: &Runq<T>) -> Option<(*mut T, bool)> {
     let next = q.runnext.load(Acquire);
     // AcqRel on success. Acquire pairs with the release swap that stored

@@ -261,7 +261,7 @@ unsafe extern "C" fn exitsyscall0(gp: *mut G) {
             };
             if !pp.is_null() {
                 acquirep(mp, pp);
-                execute_on(mp, gp, false);
+                execute_on(mp, (*mp).p, gp, false);
             }
             if !crate::proc::stopm(sched, mp) {
                 crate::teardown::mexit(sched, mp);
@@ -299,7 +299,7 @@ unsafe extern "C" fn exitsyscall0(gp: *mut G) {
             }
             acquirep(mp, pp);
         }
-        execute_on(mp, gp, false)
+        execute_on(mp, (*mp).p, gp, false)
     }
 }
 

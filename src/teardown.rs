@@ -161,7 +161,7 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
         let can_unwind = UNWINDS && !thread_panicking();
         if can_unwind && let Some((gp, from)) = nextvictim(sched, mp) {
             prepare(gp, from);
-            crate::proc::execute_on(mp, gp, false);
+            crate::proc::execute_on(mp, (*mp).p, gp, false);
         }
         crate::proc::mend(mp)
     }
