@@ -2161,6 +2161,7 @@ pub(crate) fn require_user_g(what: &str) -> *mut G {
 ///
 /// Outside a goroutine of a scheduler.
 #[track_caller]
+#[inline]
 pub fn gosched() {
     // Outside any goroutine: a clear panic. (On g0 `mcall` itself is a
     // named fatal error, and a G of a bare M without a scheduler is

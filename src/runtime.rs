@@ -1365,6 +1365,7 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinH
 /// .unwrap();
 /// ```
 #[track_caller]
+#[inline]
 pub fn gosched() {
     crate::proc::gosched();
 }
