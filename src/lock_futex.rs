@@ -91,8 +91,11 @@ pub fn notekicked(n: &Note) -> bool {
 
 /// Nobody holds the lock.
 const MUTEX_UNLOCKED: u32 = 0;
-/// Somebody does.
+/// Somebody does, and nobody sleeps waiting for it.
 const MUTEX_LOCKED: u32 = 1;
+/// Somebody does, and a waiter may sleep on the key (Go's
+/// `mutex_sleeping`): the release must wake one.
+const MUTEX_SLEEPING: u32 = 2;
 
 /// Rounds of [`procyield`] a waiter spins before yielding its thread
 /// (Go's `active_spin`), only with more than one CPU.
@@ -102,9 +105,6 @@ const ACTIVE_SPIN_CNT: u32 = 30;
 /// Times a waiter yields its thread ([`Platform::osyield`]) before it
 /// sleeps (Go's `passive_spin`).
 const PASSIVE_SPIN: u32 = 1;
-/// The longest a waiter sleeps before it looks at the lock again: the
-/// bound on a missed wake-up (see [`Mutex`]).
-const SLEEP_NS: u64 = 1_000_000;
 
 /// A mutual-exclusion lock whose waiters spin a little, then yield, then
 /// sleep on a futex (Go's `lock2` / `unlock2` in `lock_futex.go`): a
@@ -113,22 +113,22 @@ const SLEEP_NS: u64 = 1_000_000;
 /// [`Platform`]'s (`futexsleep` / `futexwakeup`), so the lock works on bare
 /// metal too (a waiting CPU halts until the holder's IPI).
 ///
-/// The uncontended path costs what a spin lock costs: one
-/// compare-and-swap to take it, one plain store to release it. A release
-/// wakes a sleeper only if [`Mutex::sleepers`] says there is one; that
-/// load may be ordered before the release's store (no `mfence`, which
-/// costs as much as a locked operation), so in principle a waiter can go
-/// to sleep just as the holder releases without seeing the release, and
-/// the holder not see the waiter. A waiter therefore sleeps at most
-/// [`SLEEP_NS`] at a time before it looks again: a missed wake-up (a
-/// store still in the releasing CPU's store buffer while the waiter
-/// enters the futex) costs at most that.
+/// The key has Go's three states. Taking a free lock is one
+/// compare-and-swap (`UNLOCKED` → `LOCKED`). A waiter that gives up
+/// spinning swaps in `SLEEPING`: if the old value was `UNLOCKED` it has the
+/// lock (marked `SLEEPING`, which at worst costs one needless wake-up
+/// later), otherwise it sleeps on the key for as long as the key still
+/// reads `SLEEPING`. The release swaps in `UNLOCKED` and wakes one sleeper
+/// if the old value was `SLEEPING`. Both sides change the key with atomic
+/// swaps, so one of them always sees the other: a waiter that marked the
+/// key before the release is woken; one that marks it after finds the
+/// lock free. No wake-up is missed, and no sleep needs a time-out. The
+/// price is the release's swap: one locked operation per lock/unlock pair
+/// more than a spin lock's plain store (a plain store cannot see a waiter
+/// that marks the key between the holder's last look and its store).
 pub(crate) struct Mutex<T> {
-    /// [`MUTEX_UNLOCKED`] or [`MUTEX_LOCKED`].
+    /// [`MUTEX_UNLOCKED`], [`MUTEX_LOCKED`] or [`MUTEX_SLEEPING`].
     key: AtomicU32,
-    /// Waiters that sleep or are about to (only they change it: locked
-    /// operations on the contended path only).
-    sleepers: AtomicU32,
     /// Rounds of active spinning: [`ACTIVE_SPIN`] with more than one CPU,
     /// else 0; `u32::MAX` until the first contended `lock2` asks the
     /// platform (`ncpu` may be a system call).
@@ -138,9 +138,9 @@ pub(crate) struct Mutex<T> {
 }
 
 // SAFETY: the lock hands `&mut T` to one holder at a time, the holder's
-// writes published by the release store and acquired by the next
-// holder's compare-and-swap; the data may move to whichever thread holds
-// it, so `T: Send` suffices.
+// writes published by the release swap and acquired by the next
+// holder's compare-and-swap or swap; the data may move to whichever
+// thread holds it, so `T: Send` suffices.
 unsafe impl<T: Send> Sync for Mutex<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Send for Mutex<T> {}
@@ -156,7 +156,6 @@ impl<T> Mutex<T> {
     pub(crate) const fn new(platform: &'static dyn Platform, data: T) -> Self {
         Mutex {
             key: AtomicU32::new(MUTEX_UNLOCKED),
-            sleepers: AtomicU32::new(0),
             spin: AtomicU32::new(u32::MAX),
             platform,
             data: core::cell::UnsafeCell::new(data),
@@ -166,7 +165,7 @@ impl<T> Mutex<T> {
     /// Takes the lock (Go's `lock2`), waiting as long as it takes.
     #[inline]
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        // Acquire: pairs with the Release in unlock2.
+        // Acquire: pairs with the Release of unlock2's swap.
         if self
             .key
             .compare_exchange(
@@ -224,28 +223,19 @@ impl<T> Mutex<T> {
             }
             self.platform.osyield();
         }
-        // SeqCst: the holder's unlock2 reads `sleepers` after its release
-        // store; counting ourselves before our last look at the key is
-        // what lets one of the two see the other (up to the store-buffer
-        // caveat in the type's docs).
-        self.sleepers.fetch_add(1, Ordering::SeqCst);
-        loop {
-            if self.try_take() {
-                self.sleepers.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
-            self.platform
-                .futexsleep(&self.key, MUTEX_LOCKED, Some(SLEEP_NS));
+        // Mark the key: the holder's release will see it (see the type's
+        // docs). Acquire: if the lock was free, it is ours now.
+        while self.key.swap(MUTEX_SLEEPING, Ordering::Acquire) != MUTEX_UNLOCKED {
+            self.platform.futexsleep(&self.key, MUTEX_SLEEPING, None);
         }
     }
 
-    /// Releases the lock (Go's `unlock2`): a plain store, and a futex
-    /// wake-up only if a waiter sleeps.
+    /// Releases the lock (Go's `unlock2`): a swap, and a futex wake-up
+    /// only if a waiter marked the key.
     #[inline]
     fn unlock2(&self) {
         // Release: publishes the holder's writes to the next holder.
-        self.key.store(MUTEX_UNLOCKED, Ordering::Release);
-        if self.sleepers.load(Ordering::Relaxed) != 0 {
+        if self.key.swap(MUTEX_UNLOCKED, Ordering::Release) == MUTEX_SLEEPING {
             self.wakeup();
         }
     }
