@@ -1225,6 +1225,14 @@ pub const GFREE_MAX: usize = 1024;
 /// The most dead Gs [`gftrim`] frees per hold of the scheduler lock.
 const GFTRIM_BATCH: usize = 256;
 
+/// The most dead Gs one [`gftrim`] frees. The M that trims has given up
+/// its P and is on its way to sleep, possibly as the timer sleeper: a
+/// burst of 100,000 (a `munmap` each without stack chunks) kept it from
+/// the timers for tens of milliseconds, and sleeping goroutines woke that
+/// late (the image's sleep-order check, 7 runs in 60). The rest stays on
+/// the list, cold, for the next intervals.
+const GFTRIM_MAX: usize = 4 * GFTRIM_BATCH;
+
 /// How often, at most, [`gftrim`] frees anything: the interval over which a
 /// dead G must sit unused to be freed (Go frees dead Gs' stacks at a
 /// garbage collection, at least every two minutes).
@@ -1252,7 +1260,11 @@ pub(crate) fn gftrim(sched: &Sched) {
             return;
         }
         sl.gftrim_at = now;
-        let cold = sl.gfree_low.min(sl.gfree.size).saturating_sub(GFREE_MAX);
+        let cold = sl
+            .gfree_low
+            .min(sl.gfree.size)
+            .saturating_sub(GFREE_MAX)
+            .min(GFTRIM_MAX);
         // A new interval: what nobody takes until the next trim is cold
         // then.
         sl.gfree_low = sl.gfree.size - cold;
