@@ -284,7 +284,7 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
         &idle,
         go_version
             .as_deref()
-            .ok_or(go_note.as_deref().unwrap_or(NO_GO)),
+            .ok_or(go_note.as_deref().unwrap_or(crate::golang::NO_GO)),
         secs,
         rounds,
         procs,
@@ -301,65 +301,20 @@ fn bench(secs: u64, rounds: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// What the table says when no Go toolchain is found.
-const NO_GO: &str = "Go: not installed (apt-get install golang-go)";
-
-/// The `go` command: the one on the `PATH`, else Debian's `golang-go`
-/// (`/usr/lib/go-1.N/bin/go`, newest first, for a `PATH` without
-/// `/usr/bin`), or `None`.
-fn find_go() -> Option<PathBuf> {
-    let works = |p: &Path| {
-        Command::new(p)
-            .arg("version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if works(Path::new("go")) {
-        return Some(PathBuf::from("go"));
-    }
-    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("go-"))
-        .map(|e| e.path().join("bin/go"))
-        .collect();
-    debian.sort_by_key(|p| std::cmp::Reverse(go_version_of(p)));
-    debian.into_iter().find(|p| works(p))
-}
-
-/// `(1, 19)` for `/usr/lib/go-1.19/bin/go`.
-fn go_version_of(p: &Path) -> (u32, u32) {
-    let dir = p.ancestors().nth(2).and_then(Path::file_name);
-    let v = dir.and_then(|d| d.to_str()?.strip_prefix("go-").map(str::to_owned));
-    let mut it = v
-        .as_deref()
-        .unwrap_or("")
-        .split('.')
-        .map(|n| n.parse().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
 /// Builds the Go peer, or says why not. The build is offline
 /// (`GOPROXY=off`): the peer uses the standard library only.
 fn go_server(root: &Path, target: &Path) -> Result<(Server, String), String> {
-    let Some(go) = find_go() else {
-        return Err(NO_GO.into());
+    let Some((go, line)) = crate::golang::find_go() else {
+        return Err(crate::golang::NO_GO.into());
     };
-    let version = Command::new(&go)
-        .arg("version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .and_then(|v| v.split_whitespace().nth(2).map(str::to_owned))
-        .unwrap_or_else(|| "go (unknown version)".into());
+    let version = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or("go (unknown version)")
+        .to_owned();
     let bin = target.join("http-go");
-    let mut c = Command::new(&go);
+    let mut c = crate::golang::go_command(&go);
     c.current_dir(root.join("bench/http-go"))
-        .env("GOPROXY", "off")
-        .env("GOFLAGS", "-mod=mod")
         .env("GOCACHE", target.join("go-build-cache"))
         .args(["build", "-o"])
         .arg(&bin)

@@ -37,6 +37,7 @@
 
 mod bench;
 mod gate;
+mod golang;
 mod httpbench;
 mod image;
 mod offsets;

@@ -96,51 +96,16 @@ fn build_tokio(root: &Path) -> Option<PathBuf> {
         .then(|| crate::target_dir().join("release/peers"))
 }
 
-/// A `go` command with the environment of an offline build: no module
-/// proxy, no toolchain download, the module file taken as it is.
-fn go_command(go: &Path) -> Command {
-    let mut c = Command::new(go);
-    c.env("GOPROXY", "off")
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOTOOLCHAIN", "local")
-        .env("GO111MODULE", "on");
-    c
-}
-
-/// The `go` toolchain: `go` on the `PATH`, else Debian's
-/// `/usr/lib/go/bin/go`, else the newest `/usr/lib/go-1.*/bin/go`; with
-/// its `go version` line.
-fn find_go() -> Option<(PathBuf, String)> {
-    let mut candidates = vec![PathBuf::from("go"), PathBuf::from("/usr/lib/go/bin/go")];
-    let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let minor = name.strip_prefix("go-1.")?.parse().ok()?;
-            Some((minor, e.path().join("bin/go")))
-        })
-        .collect();
-    versioned.sort();
-    candidates.extend(versioned.into_iter().rev().map(|(_, p)| p));
-    candidates.into_iter().find_map(|go| {
-        let o = go_command(&go).arg("version").output().ok()?;
-        o.status
-            .success()
-            .then(|| (go, String::from_utf8_lossy(&o.stdout).trim().to_string()))
-    })
-}
-
-/// Builds the Go workloads if a Go toolchain is installed ([`find_go`]);
+/// Builds the Go workloads if a Go toolchain is installed
+/// ([`find_go`](crate::golang::find_go));
 /// its version and the binary, or `None` (and says why).
 fn build_go(root: &Path) -> Option<(String, PathBuf)> {
-    let Some((go, version)) = find_go() else {
-        println!("Go: not installed (apt-get install golang-go)");
+    let Some((go, version)) = crate::golang::find_go() else {
+        println!("{}", crate::golang::NO_GO);
         return None;
     };
     let bin = crate::target_dir().join("peers-go");
-    let mut c = go_command(&go);
+    let mut c = crate::golang::go_command(&go);
     c.args(["build", "-o"])
         .arg(&bin)
         .arg(".")
