@@ -13,7 +13,9 @@ mod common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use common::{in_crash_child, mapping_table, mappings, run_child_ok, run_child_ok_with_env};
+use common::{
+    in_crash_child, mapping_table, mappings, readable, run_child_ok, run_child_ok_with_env,
+};
 use gokernel::stack::{
     self, CHUNK_SLOTS, MAPPINGS_PER_GUARDED_STACK, PAGE_SIZE, STACK_MIN, StackError, chunk_slots,
     guard_markers, guard_page_budget, guarded_stack_limit, guarded_stacks_live,
@@ -29,26 +31,6 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_default()
-}
-
-/// True if this process can read the byte at `addr`: `process_vm_readv`
-/// on itself, which fails with `EFAULT` on a guard page (a guard marker or
-/// `PROT_NONE`) instead of faulting, and reads an untouched page as zero.
-fn readable(addr: usize) -> bool {
-    let mut byte = 0u8;
-    let local = libc::iovec {
-        iov_base: (&raw mut byte).cast(),
-        iov_len: 1,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: 1,
-    };
-    // SAFETY: the kernel writes one byte into `byte` and checks `addr`
-    // itself: an address this process cannot read is an error, not a
-    // fault.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    n == 1
 }
 
 /// Asserts that each stack's guard page (the page below `lo`) faults on

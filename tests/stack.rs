@@ -73,21 +73,9 @@ fn malg_rejects_bad_stack_sizes_with_a_typed_error() {
 fn the_guard_page_sits_just_below_the_stack() {
     let g = malg(STACK_MIN).unwrap();
     let (lo, hi) = (g.stack().lo(), g.stack().hi());
-    // process_vm_readv on this process: EFAULT on a guard page (a guard
-    // marker or PROT_NONE), where a plain read would fault.
-    let readable = |addr: usize| {
-        let mut byte = 0u8;
-        let local = libc::iovec {
-            iov_base: (&raw mut byte).cast(),
-            iov_len: 1,
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: 1,
-        };
-        // SAFETY: the kernel checks `addr`; it writes one byte to `byte`.
-        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) == 1 }
-    };
+    // EFAULT on a guard page (a guard marker or PROT_NONE), where a
+    // plain read would fault.
+    let readable = common::readable;
     assert!(
         readable(lo) && readable(hi - 1),
         "the stack is not readable"

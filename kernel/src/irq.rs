@@ -100,6 +100,31 @@ fn device_wait(h: Host) -> Option<u32> {
     })
 }
 
+/// Puts a yielding goroutine on every other CPU, each running until
+/// `stop` is set; the caller keeps its own CPU busy. A started goroutine
+/// stays on its CPU, so spinners are started until each CPU has one (a
+/// spinner that finds its CPU covered returns).
+pub fn occupy_every_cpu(h: Host, stop: &Arc<AtomicBool>) {
+    let n = ONLINE.load(Ordering::Acquire);
+    let covered = Arc::new(AtomicUsize::new(1 << cpu::this()));
+    let mut tries = 0;
+    while covered.load(Ordering::SeqCst) != (1 << n) - 1 && tries < 100_000 {
+        let (st, c) = (stop.clone(), covered.clone());
+        h.sched
+            .go(Box::new(move || {
+                let bit = 1 << cpu::this();
+                if c.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
+                    while !st.load(Ordering::SeqCst) {
+                        gosched();
+                    }
+                }
+            }))
+            .expect("spawn a spinner");
+        gosched();
+        tries += 1;
+    }
+}
+
 /// `irq-timer-busy` (`busy`) or `irq-timer-idle`: arms the timer event
 /// on this CPU, with every CPU busy or every CPU idle; returns whether
 /// the waiter ran and how many CPUs were halted when the timer fired.
@@ -116,29 +141,8 @@ fn timer_wakes(h: Host, busy: bool) -> Option<(bool, usize)> {
                 w.send(()).unwrap();
             }))
             .expect("spawn the waiter");
-        let n = ONLINE.load(Ordering::Acquire);
         if busy {
-            // A yielding goroutine on every CPU: this one here, and
-            // spinners elsewhere. A started goroutine stays on its CPU, so
-            // spinners are started until each other CPU has one (a
-            // spinner that finds its CPU covered returns).
-            let covered = Arc::new(AtomicUsize::new(1 << cpu::this()));
-            let mut tries = 0;
-            while covered.load(Ordering::SeqCst) != (1 << n) - 1 && tries < 100_000 {
-                let (st, c) = (stop.clone(), covered.clone());
-                h.sched
-                    .go(Box::new(move || {
-                        let bit = 1 << cpu::this();
-                        if c.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
-                            while !st.load(Ordering::SeqCst) {
-                                gosched();
-                            }
-                        }
-                    }))
-                    .expect("spawn a spinner");
-                gosched();
-                tries += 1;
-            }
+            occupy_every_cpu(h, &stop);
             cpu::timer_event_in(2_000_000);
             // Busy here too, until the waiter has run.
             while !stop.load(Ordering::SeqCst) {

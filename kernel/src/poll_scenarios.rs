@@ -118,25 +118,8 @@ fn timer_wakes(h: Host, busy: bool) -> Option<(bool, usize, u32)> {
             }))
             .expect("spawn the waiter");
         if busy {
-            // A yielding goroutine on every CPU (as irq.rs's irq-timer-busy).
-            let n = ONLINE.load(Ordering::Acquire);
-            let covered = Arc::new(AtomicUsize::new(1 << cpu::this()));
-            let mut tries = 0;
-            while covered.load(Ordering::SeqCst) != (1 << n) - 1 && tries < 100_000 {
-                let (st, c) = (stop.clone(), covered.clone());
-                h.sched
-                    .go(Box::new(move || {
-                        let bit = 1 << cpu::this();
-                        if c.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
-                            while !st.load(Ordering::SeqCst) {
-                                gosched();
-                            }
-                        }
-                    }))
-                    .expect("spawn a spinner");
-                gosched();
-                tries += 1;
-            }
+            // A yielding goroutine on every CPU (as irq-timer-busy).
+            crate::irq::occupy_every_cpu(h, &stop);
             cpu::timer_event_in(2_000_000);
             while !stop.load(Ordering::SeqCst) {
                 gosched();

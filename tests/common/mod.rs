@@ -305,3 +305,23 @@ pub fn wait_for_stderr(mut err: std::process::ChildStderr, want: &str, what: &st
     }
     seen
 }
+
+/// True if this process can read the byte at `addr`: `process_vm_readv`
+/// on itself, which fails with `EFAULT` on a guard page (a guard marker or
+/// `PROT_NONE`) instead of faulting, and reads an untouched page as zero.
+pub fn readable(addr: usize) -> bool {
+    let mut byte = 0u8;
+    let local = libc::iovec {
+        iov_base: (&raw mut byte).cast(),
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: the kernel writes one byte into `byte` and checks `addr`
+    // itself: an address this process cannot read is an error, not a
+    // fault.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n == 1
+}
