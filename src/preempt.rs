@@ -543,6 +543,10 @@ unsafe extern "C" fn async_preempt2() {
 #[must_use = "preemption is enabled again when the guard is dropped"]
 pub struct PreemptGuard {
     gp: *mut G,
+    /// `gp`'s goroutine id when the guard was made: a G is reused after
+    /// its goroutine exits, so the pointer alone does not say it is the
+    /// same goroutine.
+    goid: u64,
 }
 
 /// Disables preemption of the current goroutine until the returned guard
@@ -564,16 +568,42 @@ pub fn preempt_disable() -> PreemptGuard {
     // The count is up before anything the guard protects (the interrupt
     // runs on this CPU: program order, not a fence, is what it sees).
     compiler_fence(Ordering::SeqCst);
-    PreemptGuard { gp }
+    // SAFETY: as above.
+    let goid = if gp.is_null() {
+        0
+    } else {
+        unsafe { (*gp).goid() }
+    };
+    PreemptGuard { gp, goid }
 }
 
 impl Drop for PreemptGuard {
+    /// # Panics
+    ///
+    /// If dropped on another goroutine than the one that made it. The
+    /// guard is not `Send`, but a thread-local can carry it from one
+    /// goroutine of a thread to the next, after the first has exited and
+    /// its G may have been freed or reused: only the current G is known
+    /// to be live, so only it is touched.
     fn drop(&mut self) {
         compiler_fence(Ordering::SeqCst);
-        if !self.gp.is_null() {
-            // SAFETY: the G that made the guard; the guard is not Send, and
-            // a G outlives what runs on it.
-            unsafe { (*self.gp).preempt.off.fetch_sub(1, Ordering::Relaxed) };
+        let cur = getg();
+        // SAFETY: the current G is live while it runs.
+        let same = cur == self.gp && (cur.is_null() || unsafe { (*cur).goid() } == self.goid);
+        assert!(
+            same,
+            "gokernel: a PreemptGuard made on goroutine {} was dropped on goroutine {}; drop it where it was made",
+            self.goid,
+            // SAFETY: as above.
+            if cur.is_null() {
+                0
+            } else {
+                unsafe { (*cur).goid() }
+            }
+        );
+        if !cur.is_null() {
+            // SAFETY: the current G, which made the guard (checked above).
+            unsafe { (*cur).preempt.off.fetch_sub(1, Ordering::Relaxed) };
         }
     }
 }
