@@ -312,9 +312,7 @@ pub(crate) fn mremove(sl: &mut SchedLocked, mp: *mut M) {
 /// At a scheduling point of `mp`, which holds a P while Ms wait on
 /// `mwantp`: gives the P to the first of them if `mp` has no bound G of
 /// its own to run, or has held the P for [`WANTP_SLICE_NS`]. Returns true
-/// when it gave the P away and has no G of its own to run (`mp` then
-/// holds none); with Gs of its own it waits on `mwantp` for a P and
-/// returns false holding one.
+/// when it gave the P away (`mp` then holds none).
 ///
 /// # Safety
 ///
@@ -340,32 +338,8 @@ pub(crate) unsafe fn handoff_wanted(sched: &Sched, mp: *mut M) -> bool {
         let pp = crate::proc::releasep(mp);
         (*wm).nextp = pp;
         notewakeup(sched.platform, &(*wm).park);
-        // Stopping: shutdown, which set it before walking mwantp under
-        // the lock, would not wake us there; stopm sees it and exits.
-        if !has_bound_work(mp) || sched.stopping.load(Ordering::SeqCst) {
-            return true;
-        }
-        // Gs of our own are runnable: we wait on mwantp for a P, listed
-        // before the lock is dropped. Listed only after it (stopm), we
-        // would be, in between, an M with runnable Gs that checkdead,
-        // which decides under the lock, does not see: with every P idle
-        // by then, it reported a deadlock (tests/syscall.rs, about one
-        // run in three once the lock's waiters slept).
-        (*mp).sleeping.store(IDLE, Ordering::SeqCst);
-        wantpput(&mut sl, sched, mp);
-        drop(sl);
-        // Whoever takes us off mwantp sets nextp first (shutdown: null),
-        // as for exitsyscall0's wait.
-        crate::cpu::notesleep_woken(sched.platform, &(*mp).park);
-        crate::lock_futex::noteclear(&(*mp).park);
-        (*mp).sleeping.store(AWAKE, Ordering::Relaxed);
-        let pp = core::mem::replace(&mut (*mp).nextp, null_mut());
-        if pp.is_null() {
-            crate::teardown::mexit(sched, mp);
-        }
-        crate::proc::acquirep(mp, pp);
     }
-    false
+    true
 }
 
 /// Appends `gp` to `q`.

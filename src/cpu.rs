@@ -364,7 +364,7 @@ impl Sched {
 /// are (module docs). Consumes the lock guard; gives back the spinning
 /// count the caller took.
 pub(crate) fn startm_nom(
-    mut sl: crate::lock_futex::MutexGuard<'_, SchedLocked>,
+    mut sl: spin::MutexGuard<'_, SchedLocked>,
     sched: &Sched,
     pp: *mut P,
     spinning: bool,

@@ -118,9 +118,8 @@ below through [`Sched`](runtime2::Sched).
 //!   the stall detector): the other half of Go's scheduler.
 //! - [`platform`]: what the scheduler needs from its world (threads,
 //!   futexes, a monotonic clock, CPU count); `lock_futex` (internal): how
-//!   idle Ms and the scheduler lock's waiters sleep; [`cpu`]: a kernel's
-//!   CPUs joining as the Ms; [`intr`]: interrupt handlers waking
-//!   goroutines (`docs/interrupts.md`).
+//!   idle Ms sleep; [`cpu`]: a kernel's CPUs joining as the Ms;
+//!   [`intr`]: interrupt handlers waking goroutines (`docs/interrupts.md`).
 //! - [`stack`]: goroutine stacks: a guard page below every stack, as many
 //!   as `vm.max_map_count` allows; arena stacks with soft guards only behind
 //!   an `unsafe` opt-in.

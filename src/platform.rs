@@ -52,11 +52,9 @@ impl core::fmt::Display for NewOsProcError {
 ///   inbox, a channel's lock) and, by [`crate::intr`], from an interrupt
 ///   handler (a signal handler, hosted) whatever code it interrupted: it
 ///   must take no lock that code may hold, allocate nothing, and not
-///   sleep. [`futexsleep`](Platform::futexsleep) is called on an M's system
-///   stack (g0) or on a plain thread that blocks on a gokernel object,
-///   with no gokernel lock held, and by a waiter for the scheduler's lock
-///   (on any stack, with interrupts as they were, perhaps holding a spin
-///   lock taken before it: a channel's, an M's inbox); [`nanotime`](Platform::nanotime)
+///   sleep. [`futexsleep`](Platform::futexsleep) is called with no
+///   gokernel lock held, on an M's system stack (g0) or on a plain thread
+///   that blocks on a gokernel object; [`nanotime`](Platform::nanotime)
 ///   under the scheduler lock and a P's timer lock;
 ///   [`newosproc`](Platform::newosproc) with no lock held. None is called
 ///   from an interrupt handler but `futexwakeup`, and `nanotime` by
@@ -159,16 +157,6 @@ pub unsafe trait Platform: Sync + 'static {
     /// # }
     /// ```
     fn nanotime(&self) -> u64;
-    /// Gives the CPU to another thread if one is ready (Go's `osyield`):
-    /// a waiter for the scheduler's lock calls it once before it sleeps
-    /// (see `lock_futex`). The default spins a moment instead (on bare
-    /// metal a CPU has nothing to yield to). Called with gokernel's spin
-    /// locks held, never from an interrupt handler.
-    fn osyield(&self) {
-        for _ in 0..30 {
-            core::hint::spin_loop();
-        }
-    }
 }
 
 /// The hosted platform: Linux threads and futexes.
@@ -257,12 +245,6 @@ pub mod hosted {
 
         fn ncpu(&self) -> usize {
             std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
-
-        /// `sched_yield`.
-        fn osyield(&self) {
-            // SAFETY: a plain system call without arguments.
-            unsafe { libc::sched_yield() };
         }
 
         /// `clock_gettime(CLOCK_MONOTONIC)` (a vDSO call, no system call).

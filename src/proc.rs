@@ -2625,19 +2625,16 @@ impl Sched {
             })
             .collect();
         let sched = Arc::new_cyclic(|self_weak| Sched {
-            lock: crate::lock_futex::Mutex::new(
-                platform,
-                SchedLocked {
-                    runq: GQueue::new(),
-                    midle: null_mut(),
-                    pidle: null_mut(),
-                    gfree: GQueue::new(),
-                    gfree_low: 0,
-                    gftrim_at: 0,
-                    nmidlelocked: 0,
-                    mwantp: null_mut(),
-                },
-            ),
+            lock: spin::Mutex::new(SchedLocked {
+                runq: GQueue::new(),
+                midle: null_mut(),
+                pidle: null_mut(),
+                gfree: GQueue::new(),
+                gfree_low: 0,
+                gftrim_at: 0,
+                nmidlelocked: 0,
+                mwantp: null_mut(),
+            }),
             runqsize: AtomicU32::new(0),
             npidle: AtomicU32::new(0),
             nmspinning: AtomicU32::new(0),

@@ -919,7 +919,7 @@ unsafe impl Send for SchedLocked {}
 /// `allp`). A hosted `Runtime` owns one.
 pub struct Sched {
     /// Guards the global run queue, the idle lists and the global free list.
-    pub(crate) lock: crate::lock_futex::Mutex<SchedLocked>,
+    pub(crate) lock: spin::Mutex<SchedLocked>,
     /// Length of the global run queue, readable without the lock.
     pub(crate) runqsize: AtomicU32,
     /// Idle Ps (length of `pidle`).
