@@ -444,3 +444,68 @@ fn work_on_a_p_no_cpu_can_take_runs_while_the_other_cpu_is_busy() {
     stop.store(true, Ordering::Relaxed);
     leave(sched, threads);
 }
+
+/// The message of a caught panic payload.
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    match p.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => p
+            .downcast_ref::<&str>()
+            .map_or_else(|| "<not a string>".into(), |s| (*s).into()),
+    }
+}
+
+#[test]
+fn a_second_waiter_on_an_irq_event_panics_and_the_first_still_gets_the_signal() {
+    static EV: IrqEvent = IrqEvent::new();
+    let (sched, _, threads) = cpus(1, 1);
+    let text = run_g(sched, 20, move || {
+        let c = gokernel::chan::<()>(1);
+        let tx = c.clone();
+        sched
+            .go(Box::new(move || {
+                EV.wait(sched);
+                tx.send(()).unwrap();
+            }))
+            .unwrap();
+        // Until the first waiter is parked on the event.
+        while sched
+            .stats()
+            .waiting_by_reason
+            .get(gokernel::WaitReason::Interrupt)
+            == 0
+        {
+            gokernel::gosched();
+        }
+        let second = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| EV.wait(sched)));
+        EV.signal();
+        c.recv().unwrap(); // the first waiter was woken by it
+        panic_text(second.expect_err("a second waiter was let in"))
+    });
+    assert!(
+        text.contains("IrqEvent::wait: another goroutine is waiting on this event"),
+        "{text}"
+    );
+    leave(sched, threads);
+}
+
+#[test]
+fn an_irq_event_wait_given_another_scheduler_panics() {
+    static EV: IrqEvent = IrqEvent::new();
+    let (a, _, a_threads) = cpus(1, 1);
+    let (b, _, b_threads) = cpus(1, 1);
+    let text = run_g(a, 20, move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| EV.wait(b)));
+        panic_text(r.expect_err("a wait with another goroutine's scheduler was let in"))
+    });
+    assert!(
+        text.contains("the scheduler given is not the calling goroutine's"),
+        "{text}"
+    );
+    // The event is untouched: a signal and a wait on the right scheduler
+    // still pair up.
+    EV.signal();
+    run_g(a, 20, move || EV.wait(a));
+    leave(a, a_threads);
+    leave(b, b_threads);
+}
