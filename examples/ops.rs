@@ -11,6 +11,10 @@
 //! - `spawn`: spawn + run + exit of an empty goroutine, in batches of 1,000
 //!   (stacks reused); one op = one goroutine;
 //! - `spawn-alive`: the same with all N goroutines alive at once;
+//! - `spawn-parked`: N goroutines spawned, each of which parks (on a
+//!   channel receive) until all have; one op = one goroutine, timed from
+//!   the first spawn until the last has parked (their release and exit are
+//!   not timed). Each needs a stack of its own, under any design;
 //! - `handoff`: two goroutines pass a token with park / unpark; one op =
 //!   one one-way hand-off;
 //! - `handoff-chan`: the same over two unbuffered channels (ping, pong);
@@ -130,6 +134,39 @@ fn handoff(n: u64) {
 fn gettid() -> i64 {
     // SAFETY: gettid takes no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// Starts `k` goroutines that each park (receive on a channel nobody
+/// sends on) until all have; returns the seconds from the first spawn
+/// until the last one parked, then closes the channel and waits for all
+/// to exit (untimed).
+fn spawn_parked(k: u64) -> f64 {
+    let main = gokernel::current();
+    let parked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let gate = gokernel::chan::<()>(0);
+    let t = Instant::now();
+    for _ in 0..k {
+        let (parked, done, gate, main) = (parked.clone(), done.clone(), gate.clone(), main.clone());
+        gokernel::go(move || {
+            if parked.fetch_add(1, Ordering::AcqRel) + 1 == k {
+                main.unpark();
+            }
+            let _ = gate.recv();
+            if done.fetch_add(1, Ordering::AcqRel) + 1 == k {
+                main.unpark();
+            }
+        });
+    }
+    while parked.load(Ordering::Acquire) != k {
+        gokernel::park();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    gate.close().unwrap();
+    while done.load(Ordering::Acquire) != k {
+        gokernel::park();
+    }
+    secs
 }
 
 /// `handoff`, with the peer started by another M than the main
@@ -284,7 +321,7 @@ fn syscalls(n: u64, procs: usize) {
 }
 
 const USAGE: &str = "usage: ops OP N [PROCS [MODE]]
-  OP:    switch|gosched|spawn|spawn-alive|handoff|handoff-chan|handoff-cross|parked|work|syscall
+  OP:    switch|gosched|spawn|spawn-alive|spawn-parked|handoff|handoff-chan|handoff-cross|parked|work|syscall
   N:     operations (work: computation steps), a whole number > 0
   PROCS: Ps, default 1
   MODE:  bound (default: a started goroutine stays on its thread) | migrate (as in Go)";
@@ -294,6 +331,7 @@ const OPS: &[&str] = &[
     "gosched",
     "spawn",
     "spawn-alive",
+    "spawn-parked",
     "handoff",
     "handoff-chan",
     "handoff-cross",
@@ -364,7 +402,7 @@ fn main() {
     };
     // All N alive at once may be more guarded stacks than vm.max_map_count
     // allows (28,669 by default): then unguarded ones, said on stderr.
-    let alive = matches!(op.as_str(), "spawn-alive" | "parked");
+    let alive = matches!(op.as_str(), "spawn-alive" | "spawn-parked" | "parked");
     let builder = if alive && n as usize + 16 > gokernel::stack::guard_page_budget() {
         eprintln!(
             "ops: {n} goroutines alive need more guarded stacks than vm.max_map_count = {} allows; \
@@ -409,6 +447,10 @@ fn main() {
             };
             (timed(f) * 1e9 / n as f64, "ns/op")
         }
+        "spawn-parked" => (
+            rt.block_on(move || spawn_parked(n)).unwrap() * 1e9 / n as f64,
+            "ns/op",
+        ),
         "parked" => (rt.block_on(move || parked(n)).unwrap(), "B/G"),
         "syscall" => {
             let secs = rt
