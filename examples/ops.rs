@@ -26,6 +26,9 @@
 //!   mode they may come together;
 //! - `parked`: N goroutines parked at once; the value is RSS bytes per
 //!   parked goroutine;
+//! - `queued`: N goroutines spawned and not yet run (on 1 P none runs
+//!   before the spawner parks); the value is RSS bytes per queued
+//!   goroutine;
 //! - `work`: a CPU-bound job split over 64 goroutines; the value is the
 //!   job's seconds (compare PROCS = 1 and 2 for the speed-up);
 //! - `syscall`: the fast path of a blocking call that returns at once
@@ -286,6 +289,27 @@ fn parked(n: u64) -> f64 {
     per_g
 }
 
+/// Spawns `n` empty goroutines and, before any has run, returns RSS bytes
+/// per queued goroutine; then lets them run.
+fn queued(n: u64) -> f64 {
+    let before = rss_bytes();
+    let main = gokernel::current();
+    let pending = Arc::new(AtomicU64::new(n));
+    for _ in 0..n {
+        let (pending, main) = (pending.clone(), main.clone());
+        gokernel::go(move || {
+            if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                main.unpark();
+            }
+        });
+    }
+    let per_g = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    while pending.load(Ordering::Acquire) != 0 {
+        gokernel::park();
+    }
+    per_g
+}
+
 /// A CPU-bound job of `n` steps split over 64 goroutines.
 fn work(n: u64) -> u64 {
     let hs: Vec<_> = (0..64u64)
@@ -321,7 +345,7 @@ fn syscalls(n: u64, procs: usize) {
 }
 
 const USAGE: &str = "usage: ops OP N [PROCS [MODE]]
-  OP:    switch|gosched|spawn|spawn-alive|spawn-parked|handoff|handoff-chan|handoff-cross|parked|work|syscall
+  OP:    switch|gosched|spawn|spawn-alive|spawn-parked|handoff|handoff-chan|handoff-cross|parked|queued|work|syscall
   N:     operations (work: computation steps), a whole number > 0
   PROCS: Ps, default 1
   MODE:  bound (default: a started goroutine stays on its thread) | migrate (as in Go)";
@@ -336,6 +360,7 @@ const OPS: &[&str] = &[
     "handoff-chan",
     "handoff-cross",
     "parked",
+    "queued",
     "work",
     "syscall",
 ];
@@ -402,7 +427,10 @@ fn main() {
     };
     // All N alive at once may be more guarded stacks than vm.max_map_count
     // allows (28,669 by default): then unguarded ones, said on stderr.
-    let alive = matches!(op.as_str(), "spawn-alive" | "spawn-parked" | "parked");
+    let alive = matches!(
+        op.as_str(),
+        "spawn-alive" | "spawn-parked" | "parked" | "queued"
+    );
     let builder = if alive && n as usize + 16 > gokernel::stack::guard_page_budget() {
         eprintln!(
             "ops: {n} goroutines alive need more guarded stacks than vm.max_map_count = {} allows; \
@@ -452,6 +480,7 @@ fn main() {
             "ns/op",
         ),
         "parked" => (rt.block_on(move || parked(n)).unwrap(), "B/G"),
+        "queued" => (rt.block_on(move || queued(n)).unwrap(), "B/G"),
         "syscall" => {
             let secs = rt
                 .block_on(move || {

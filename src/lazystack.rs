@@ -46,16 +46,35 @@ use crate::runtime2::{G, P, Sched, SchedLocked, Stack, status};
 use crate::stack::StackError;
 
 /// How many stackless Gs a P keeps before it moves half to the global
-/// list (as `gfput` does for Gs with stacks).
-const NOSTACK_LOCAL_MAX: u32 = 64;
+/// list (as `gfput` does for Gs with stacks, which keeps 64: a G without
+/// a stack is a few hundred bytes, not 32 KiB, and a burst of up to this
+/// many then needs no lock).
+pub const NOSTACK_LOCAL_MAX: u32 = 1024;
 
 /// A G with no stack and nothing to run, for [`newproc1`](crate::proc::newproc1)
 /// when no dead G with a stack is at hand: one from the no-stack lists, or
 /// a new one (in `allgs`, belonging to `sched`). Without `lazy` it gets a
 /// stack now; if that fails the G goes back on a list and the error is
 /// returned. `pp`: the caller's P (owner), or null.
-#[inline(never)]
+#[inline(always)]
 pub(crate) fn newg(sched: &Sched, pp: *mut P, lazy: bool) -> Result<*mut G, StackError> {
+    // SAFETY: pp is the caller's P: its lists are ours.
+    unsafe {
+        if lazy && !pp.is_null() && !(*pp).gfree_nostack.is_null() {
+            let gp = (*pp).gfree_nostack;
+            (*pp).gfree_nostack = (*gp).schedlink;
+            (*pp).gfree_nostackcnt -= 1;
+            (*gp).schedlink = null_mut();
+            return Ok(gp);
+        }
+    }
+    newg_slow(sched, pp, lazy)
+}
+
+/// [`newg`] when the P has no stackless G at hand (or one is wanted with a
+/// stack).
+#[inline(never)]
+fn newg_slow(sched: &Sched, pp: *mut P, lazy: bool) -> Result<*mut G, StackError> {
     let mut gp = nostack_get(sched, pp);
     if gp.is_null() {
         let mut g = alloc::boxed::Box::new(crate::proc::newg_struct(Stack { lo: 0, hi: 0 }, None));
@@ -122,10 +141,57 @@ pub(crate) unsafe fn gostartcall<F: FnOnce() + Send + 'static>(gp: *mut G, f: F)
 /// `execute` is starting on this M.
 pub(crate) unsafe extern "C" fn stackget_m(gp: *mut G) -> ! {
     // SAFETY: the contract: gp is this M's curg, RUNNING, without frames;
-    // its M holds pp (or none) and its scheduler outlives it.
+    // its M holds pp (or none), whose lists are ours.
     unsafe {
-        let mp = (*gp).m;
-        let pp = (*mp).p;
+        let pp = (*(*gp).m).p;
+        // The common case, inline: a dead G on the P's own list (gfget's
+        // fast path), such as the one that just exited here.
+        let donor = if pp.is_null() {
+            null_mut()
+        } else {
+            (*pp).gfree
+        };
+        if donor.is_null() {
+            stackget_slow(gp, pp);
+        } else {
+            (*pp).gfree = (*donor).schedlink;
+            (*pp).gfreecnt -= 1;
+            take_stack(gp, donor);
+            nostack_put(&*(*gp).rt, pp, donor);
+        }
+        gostartframe(gp);
+        (*gp).sched.g = gp;
+        crate::asm_amd64::gogo(&(*gp).sched)
+    }
+}
+
+/// Moves dead `donor`'s stack to `gp`, which has none: its guard, its
+/// valgrind registration and its pool slot go with the `StackMem`.
+///
+/// # Safety
+///
+/// Both are ours alone; `gp` has no stack, `donor` has one.
+#[inline(always)]
+unsafe fn take_stack(gp: *mut G, donor: *mut G) {
+    // SAFETY: the contract; gp.stackmem is None, so writing over it drops
+    // nothing.
+    unsafe {
+        (*gp).stack = (*donor).stack;
+        core::ptr::write(&raw mut (*gp).stackmem, (*donor).stackmem.take());
+        (*donor).stack = Stack { lo: 0, hi: 0 };
+    }
+}
+
+/// [`stackget_m`] when the P has no dead G at hand: one from the global
+/// list (refilling the P's), or a new stack; fatal if none can be had.
+///
+/// # Safety
+///
+/// As [`stackget_m`]; `pp` is `gp`'s M's P, or null.
+#[inline(never)]
+unsafe fn stackget_slow(gp: *mut G, pp: *mut P) {
+    // SAFETY: the contract.
+    unsafe {
         let sched = &*(*gp).rt;
         let donor = if pp.is_null() {
             gfree_pop(&mut sched.lock.lock())
@@ -136,21 +202,14 @@ pub(crate) unsafe extern "C" fn stackget_m(gp: *mut G) -> ! {
             match sched.stackalloc_g() {
                 Ok(mem) => {
                     (*gp).stack = mem.bounds();
-                    (*gp).stackmem = Some(mem);
+                    core::ptr::write(&raw mut (*gp).stackmem, Some(mem));
                 }
                 Err(e) => nostack_fatal(gp, &e),
             }
         } else {
-            // The dead G's stack, taken whole: its guard, its valgrind
-            // registration and its pool slot go with the StackMem.
-            (*gp).stack = (*donor).stack;
-            (*gp).stackmem = (*donor).stackmem.take();
-            (*donor).stack = Stack { lo: 0, hi: 0 };
+            take_stack(gp, donor);
             nostack_put(sched, pp, donor);
         }
-        gostartframe(gp);
-        (*gp).sched.g = gp;
-        crate::asm_amd64::gogo(&(*gp).sched)
     }
 }
 
@@ -204,6 +263,7 @@ fn nostack_get(sched: &Sched, pp: *mut P) -> *mut G {
 /// Puts a dead G that has no stack on `pp`'s no-stack list (moving half
 /// to the global one when long), or on the global one when `pp` is null.
 /// Owner of `pp` only.
+#[inline(always)]
 pub(crate) fn nostack_put(sched: &Sched, pp: *mut P, gp: *mut G) {
     // SAFETY: gp is dead and ours; pp is the caller's P.
     unsafe {
@@ -216,6 +276,17 @@ pub(crate) fn nostack_put(sched: &Sched, pp: *mut P, gp: *mut G) {
         (*pp).gfree_nostack = gp;
         (*pp).gfree_nostackcnt += 1;
         if (*pp).gfree_nostackcnt >= NOSTACK_LOCAL_MAX {
+            nostack_spill(sched, pp);
+        }
+    }
+}
+
+/// Moves half of `pp`'s stackless Gs to the global list. Owner of `pp`.
+#[inline(never)]
+fn nostack_spill(sched: &Sched, pp: *mut P) {
+    // SAFETY: pp is the caller's P; the global list is under the lock.
+    unsafe {
+        {
             let mut sl = sched.lock.lock();
             while (*pp).gfree_nostackcnt > NOSTACK_LOCAL_MAX / 2 {
                 let g = (*pp).gfree_nostack;

@@ -1402,8 +1402,13 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     site: &'static Location<'static>,
     lazy: bool,
 ) -> Result<*mut G, StackError> {
+    // SAFETY: pp, if not null, is the caller's P: its list is ours.
+    let local_empty = !pp.is_null() && unsafe { (*pp).gfree.is_null() };
     let mut gp = if pp.is_null() {
         gfree_pop(&mut sched.lock.lock())
+    } else if lazy && local_empty {
+        // No lock for the global list: stacks there go to first runs.
+        null_mut()
     } else {
         gfget(sched, pp)
     };
@@ -1490,7 +1495,10 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
         unsafe {
             let mp = (*gp).m;
             let pp = (*mp).p;
-            if !(*pp).gfree.is_null() && (*mp).curg == gp {
+            // (A dead G without a stack does too, for a spawn that lets
+            // the G take its stack when it first runs: crate::lazystack.)
+            let at_hand = !(*pp).gfree.is_null() || (lazy && !(*pp).gfree_nostack.is_null());
+            if at_hand && (*mp).curg == gp {
                 let sched = &*here;
                 let newg = newproc1(sched, pp, f, site, lazy)?;
                 let id = (*newg).goid();
