@@ -105,16 +105,23 @@ fn newg_slow(sched: &Sched, pp: *mut P, lazy: bool) -> Result<*mut G, StackError
 }
 
 /// [`gostartcall`](crate::proc::gostartcall) for a G from [`newg`]: one
-/// with no stack gets one from [`stackget_m`] when `gogo` first takes it.
+/// with no stack (`lazy`) gets one from [`stackget_m`] when `gogo` first
+/// takes it.
 ///
 /// # Safety
 ///
-/// `gp` is from [`newg`] and nobody else refers to it.
+/// `gp` is from [`newg`] with the same `lazy`, and nobody else refers to
+/// it.
 #[inline(always)]
-pub(crate) unsafe fn gostartcall<F: FnOnce() + Send + 'static>(gp: *mut G, f: F) {
+pub(crate) unsafe fn gostartcall<F: FnOnce() + Send + 'static>(gp: *mut G, f: F, lazy: bool) {
     // SAFETY: the contract.
     unsafe {
-        if (*gp).stack.hi != 0 {
+        debug_assert_eq!(
+            (*gp).stack.hi == 0,
+            lazy,
+            "newg gave a G a stack iff not lazy"
+        );
+        if !lazy {
             gostartcall_stack(gp, f);
             return;
         }

@@ -1417,7 +1417,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
         if gp.is_null() {
             gp = crate::lazystack::newg(sched, pp, lazy)?;
             newg_name(gp, pp, site);
-            crate::lazystack::gostartcall(gp, f);
+            crate::lazystack::gostartcall(gp, f, lazy);
         } else {
             newg_name(gp, pp, site);
             // Dead Gs on the free lists have stacks of at least STACK_MIN.

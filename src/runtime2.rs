@@ -184,6 +184,7 @@ impl StartFn {
     }
 
     /// Stores `f`, dropping any function stored before.
+    #[inline(always)]
     pub(crate) fn set<F: FnOnce() + Send + 'static>(&mut self, f: F) {
         self.clear();
         let fits = core::mem::size_of::<F>() <= STARTFN_INLINE
