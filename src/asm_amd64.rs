@@ -128,7 +128,7 @@ const WORD: usize = core::mem::size_of::<usize>();
 /// A `buf.g` of null is a fatal error (`gogo on a Gobuf whose g is null`),
 /// except for the `sched` of a goroutine that has no stack yet
 /// ([`lazystack`](crate::lazystack)): `buf.g` null and `buf.pc` =
-/// [`stackget_m`](crate::lazystack::stackget_m). Then, still on the
+/// `lazystack::stackget_m`. Then, still on the
 /// caller's stack (g0's: `execute`) and with TLS g unchanged, it jumps to
 /// `stackget_m(G)` (the G whose `sched` `buf` is), which gives the G a
 /// stack and comes back here with a complete Gobuf. The test costs the

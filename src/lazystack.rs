@@ -8,7 +8,7 @@
 //! stack comes when an M first switches to it:
 //!
 //! 1. `execute` does `gogo(&g.sched)` as for any G. A stackless G's
-//!    `sched` has `g` null and `pc =` [`stackget_m`]: behind the null
+//!    `sched` has `g` null and `pc =` `stackget_m`: behind the null
 //!    check every `gogo` makes anyway, `gogo` then jumps to
 //!    `stackget_m(g)` on the stack it was called on (g0's), TLS g still
 //!    g0. `execute` and the switch path pay nothing for this, and the
@@ -18,7 +18,7 @@
 //!    list (or the global one; Go's `gfget` with a stack) — the donor,
 //!    now stackless, goes on the P's no-stack list — or, if there is
 //!    none, allocates a new one (`Sched::stackalloc_g`). It builds the
-//!    first frame there ([`gostartframe`](crate::proc::gostartframe)) and
+//!    first frame there (`proc::gostartframe`) and
 //!    `gogo`s to it: from here on the G is like any other.
 //!
 //! So a burst of goroutines that run one at a time (spawned by a loop
@@ -29,7 +29,7 @@
 //! (`docs/failures.md`); the spawn APIs that return
 //! [`StackError`] (`try_spawn`, [`Sched::go`], the locked and per-CPU
 //! spawns) allocate at the spawn instead (`lazy == false` in
-//! [`newproc1`](crate::proc::newproc1)).
+//! `proc::newproc1`).
 //!
 //! Who sees a stackless G: dumps list it as `runnable, not started`;
 //! `G::stack` is `[0, 0)` and `G::stackmem` is `None` (the overflow
