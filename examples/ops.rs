@@ -11,6 +11,10 @@
 //! - `spawn`: spawn + run + exit of an empty goroutine, in batches of 1,000
 //!   (stacks reused); one op = one goroutine;
 //! - `spawn-alive`: the same with all N goroutines alive at once;
+//! - `spawn-parked`: N goroutines spawned, each of which parks (on a
+//!   channel receive) until all have; one op = one goroutine, timed from
+//!   the first spawn until the last has parked (their release and exit are
+//!   not timed). Each needs a stack of its own, under any design;
 //! - `handoff`: two goroutines pass a token with park / unpark; one op =
 //!   one one-way hand-off;
 //! - `handoff-chan`: the same over two unbuffered channels (ping, pong);
@@ -22,6 +26,9 @@
 //!   mode they may come together;
 //! - `parked`: N goroutines parked at once; the value is RSS bytes per
 //!   parked goroutine;
+//! - `queued`: N goroutines spawned and not yet run (on 1 P none runs
+//!   before the spawner parks); the value is RSS bytes per queued
+//!   goroutine;
 //! - `work`: a CPU-bound job split over 64 goroutines; the value is the
 //!   job's seconds (compare PROCS = 1 and 2 for the speed-up);
 //! - `syscall`: the fast path of a blocking call that returns at once
@@ -130,6 +137,39 @@ fn handoff(n: u64) {
 fn gettid() -> i64 {
     // SAFETY: gettid takes no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// Starts `k` goroutines that each park (receive on a channel nobody
+/// sends on) until all have; returns the seconds from the first spawn
+/// until the last one parked, then closes the channel and waits for all
+/// to exit (untimed).
+fn spawn_parked(k: u64) -> f64 {
+    let main = gokernel::current();
+    let parked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let gate = gokernel::chan::<()>(0);
+    let t = Instant::now();
+    for _ in 0..k {
+        let (parked, done, gate, main) = (parked.clone(), done.clone(), gate.clone(), main.clone());
+        gokernel::go(move || {
+            if parked.fetch_add(1, Ordering::AcqRel) + 1 == k {
+                main.unpark();
+            }
+            let _ = gate.recv();
+            if done.fetch_add(1, Ordering::AcqRel) + 1 == k {
+                main.unpark();
+            }
+        });
+    }
+    while parked.load(Ordering::Acquire) != k {
+        gokernel::park();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    gate.close().unwrap();
+    while done.load(Ordering::Acquire) != k {
+        gokernel::park();
+    }
+    secs
 }
 
 /// `handoff`, with the peer started by another M than the main
@@ -249,6 +289,27 @@ fn parked(n: u64) -> f64 {
     per_g
 }
 
+/// Spawns `n` empty goroutines and, before any has run, returns RSS bytes
+/// per queued goroutine; then lets them run.
+fn queued(n: u64) -> f64 {
+    let before = rss_bytes();
+    let main = gokernel::current();
+    let pending = Arc::new(AtomicU64::new(n));
+    for _ in 0..n {
+        let (pending, main) = (pending.clone(), main.clone());
+        gokernel::go(move || {
+            if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                main.unpark();
+            }
+        });
+    }
+    let per_g = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    while pending.load(Ordering::Acquire) != 0 {
+        gokernel::park();
+    }
+    per_g
+}
+
 /// A CPU-bound job of `n` steps split over 64 goroutines.
 fn work(n: u64) -> u64 {
     let hs: Vec<_> = (0..64u64)
@@ -284,7 +345,7 @@ fn syscalls(n: u64, procs: usize) {
 }
 
 const USAGE: &str = "usage: ops OP N [PROCS [MODE]]
-  OP:    switch|gosched|spawn|spawn-alive|handoff|handoff-chan|handoff-cross|parked|work|syscall
+  OP:    switch|gosched|spawn|spawn-alive|spawn-parked|handoff|handoff-chan|handoff-cross|parked|queued|work|syscall
   N:     operations (work: computation steps), a whole number > 0
   PROCS: Ps, default 1
   MODE:  bound (default: a started goroutine stays on its thread) | migrate (as in Go)";
@@ -294,10 +355,12 @@ const OPS: &[&str] = &[
     "gosched",
     "spawn",
     "spawn-alive",
+    "spawn-parked",
     "handoff",
     "handoff-chan",
     "handoff-cross",
     "parked",
+    "queued",
     "work",
     "syscall",
 ];
@@ -364,7 +427,10 @@ fn main() {
     };
     // All N alive at once may be more guarded stacks than vm.max_map_count
     // allows (28,669 by default): then unguarded ones, said on stderr.
-    let alive = matches!(op.as_str(), "spawn-alive" | "parked");
+    let alive = matches!(
+        op.as_str(),
+        "spawn-alive" | "spawn-parked" | "parked" | "queued"
+    );
     let builder = if alive && n as usize + 16 > gokernel::stack::guard_page_budget() {
         eprintln!(
             "ops: {n} goroutines alive need more guarded stacks than vm.max_map_count = {} allows; \
@@ -409,7 +475,12 @@ fn main() {
             };
             (timed(f) * 1e9 / n as f64, "ns/op")
         }
+        "spawn-parked" => (
+            rt.block_on(move || spawn_parked(n)).unwrap() * 1e9 / n as f64,
+            "ns/op",
+        ),
         "parked" => (rt.block_on(move || parked(n)).unwrap(), "B/G"),
+        "queued" => (rt.block_on(move || queued(n)).unwrap(), "B/G"),
         "syscall" => {
             let secs = rt
                 .block_on(move || {

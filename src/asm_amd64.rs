@@ -101,9 +101,10 @@ use core::arch::naked_asm;
 use crate::panic::{badgogo, badmcall, badmcall2, badnom, badsystemstack};
 use crate::proc::goexit1;
 use crate::runtime2::{
-    FUNCVAL_FN, FuncVal, G, G_M, G_SCHED_BP, G_SCHED_PC, G_SCHED_R12, G_SCHED_R13, G_SCHED_R14,
-    G_SCHED_R15, G_SCHED_RBX, G_SCHED_SP, GOBUF_BP, GOBUF_CTXT, GOBUF_G, GOBUF_PC, GOBUF_R12,
-    GOBUF_R13, GOBUF_R14, GOBUF_R15, GOBUF_RBX, GOBUF_SP, Gobuf, M_CURG, M_G0, M_GSIGNAL,
+    FUNCVAL_FN, FuncVal, G, G_M, G_SCHED, G_SCHED_BP, G_SCHED_PC, G_SCHED_R12, G_SCHED_R13,
+    G_SCHED_R14, G_SCHED_R15, G_SCHED_RBX, G_SCHED_SP, GOBUF_BP, GOBUF_CTXT, GOBUF_G, GOBUF_PC,
+    GOBUF_R12, GOBUF_R13, GOBUF_R14, GOBUF_R15, GOBUF_RBX, GOBUF_SP, Gobuf, M_CURG, M_G0,
+    M_GSIGNAL,
 };
 
 /// The size of a stack slot: a return address, a pushed register.
@@ -124,7 +125,14 @@ const WORD: usize = core::mem::size_of::<usize>();
 /// - stack: entered on any stack (whatever called it is abandoned); leaves
 ///   on `buf.g`'s stack at `buf.sp`.
 ///
-/// A `buf.g` of null is a fatal error (`gogo on a Gobuf whose g is null`).
+/// A `buf.g` of null is a fatal error (`gogo on a Gobuf whose g is null`),
+/// except for the `sched` of a goroutine that has no stack yet
+/// ([`lazystack`](crate::lazystack)): `buf.g` null and `buf.pc` =
+/// `lazystack::stackget_m`. Then, still on the
+/// caller's stack (g0's: `execute`) and with TLS g unchanged, it jumps to
+/// `stackget_m(G)` (the G whose `sched` `buf` is), which gives the G a
+/// stack and comes back here with a complete Gobuf. The test costs the
+/// hot path nothing: it lies behind the null check every `gogo` makes.
 ///
 /// # Safety
 ///
@@ -140,7 +148,7 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
         ".cfi_undefined rip",                          // never returns: nothing to unwind to
         "mov rdx, qword ptr [rdi + {gobuf_g}]",        // rdx = buf.g
         "test rdx, rdx",
-        "jz {badgogo}",                                // no G: fatal
+        "jz 2f",                                       // no G: a stackless G, or fatal
         "mov rax, qword ptr [rip + __gokernel_g@GOTTPOFF]",
         "mov qword ptr fs:[rax], rdx",                 // setg(buf.g)
         "mov rsp, qword ptr [rdi + {gobuf_sp}]",       // onto the G's stack
@@ -151,7 +159,15 @@ pub unsafe extern "C" fn gogo(buf: *const Gobuf) -> ! {
         "mov r14, qword ptr [rdi + {gobuf_r14}]",
         "mov r15, qword ptr [rdi + {gobuf_r15}]",
         "jmp qword ptr [rdi + {gobuf_pc}]",            // resume
+        "2:",
+        "lea rax, [rip + {stackget_m}]",
+        "cmp qword ptr [rdi + {gobuf_pc}], rax",
+        "jne {badgogo}",                               // not a stackless G: fatal
+        "sub rdi, {g_sched}",                          // rdi = the G (buf = &G.sched)
+        "jmp {stackget_m}",                            // stackget_m(gp), on this stack
         ".cfi_endproc",
+        g_sched = const G_SCHED,
+        stackget_m = sym crate::lazystack::stackget_m,
         gobuf_g = const GOBUF_G,
         gobuf_sp = const GOBUF_SP,
         gobuf_bp = const GOBUF_BP,

@@ -414,7 +414,7 @@ pub(crate) fn newproc_locked<F: FnOnce() + Send + 'static>(
         (None, Some(h)) => h,
         (None, None) => panic!("gokernel: go or spawn called outside a gokernel runtime"),
     };
-    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller())?;
+    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller(), false)?;
     // SAFETY: gp is new and ours.
     let id = unsafe { (*gp).goid() };
     // SAFETY: gp is new, runnable and on no queue.

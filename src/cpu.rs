@@ -293,7 +293,7 @@ pub fn try_go_locked(
     if sched.platform.starts_threads() {
         return crate::bound::newproc_locked(Some(sched), f).map_err(GoLockedError::Stack);
     }
-    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller())
+    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller(), false)
         .map_err(GoLockedError::Stack)?;
     // SAFETY: gp is new and ours.
     let id = unsafe { (*gp).goid() };

@@ -122,7 +122,8 @@ below through [`Sched`](runtime2::Sched).
 //!   [`intr`]: interrupt handlers waking goroutines (`docs/interrupts.md`).
 //! - [`stack`]: goroutine stacks: a guard page below every stack, as many
 //!   as `vm.max_map_count` allows; arena stacks with soft guards only behind
-//!   an `unsafe` opt-in.
+//!   an `unsafe` opt-in. [`lazystack`]: a goroutine spawned when no dead G
+//!   has a stack gets one when it first runs.
 //! - [`panic`](mod@panic): fatal errors (`throw`) and the named sinks for misuse.
 //! - [`chan`](mod@chan) (channels), [`select`](mod@select) (`select!`),
 //!   [`sync`] (`Mutex`, `WaitGroup`, `Once`): Go's toolkit, built on
@@ -191,6 +192,7 @@ pub mod bound;
 pub mod chan;
 pub mod cpu;
 pub mod intr;
+pub mod lazystack;
 pub(crate) mod lock_futex;
 #[cfg(feature = "std")]
 pub mod net;

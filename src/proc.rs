@@ -219,7 +219,7 @@ unsafe fn pgoid(pp: *mut P) -> u64 {
 }
 
 /// A G with the given stack and nothing to run.
-fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
+pub(crate) fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>) -> G {
     G {
         stack,
         sched: Gobuf::new(),
@@ -305,20 +305,6 @@ pub fn malg(stack_size: usize) -> Result<Box<G>, StackError> {
     Ok(malg_with(stackalloc(stack_size)?))
 }
 
-/// [`malg`] for a G of `sched`: its stack size, and a stack without a
-/// hardware guard if the scheduler was told to use those
-/// ([`Sched::use_unguarded_stacks`]).
-fn malg_for(sched: &Sched) -> Result<Box<G>, StackError> {
-    let mem = if sched.unguarded_stacks.load(Ordering::Relaxed) {
-        // SAFETY: whoever set unguarded_stacks promised, in
-        // use_unguarded_stacks' contract, that no G of sched overflows.
-        unsafe { crate::stack::stackalloc_unguarded(sched.stack_size)? }
-    } else {
-        stackalloc(sched.stack_size)?
-    };
-    Ok(malg_with(mem))
-}
-
 fn malg_with(mem: crate::stack::StackMem) -> Box<G> {
     let mut gp = Box::new(newg_struct(mem.bounds(), Some(mem)));
     gp.sched.g = &raw mut *gp;
@@ -351,24 +337,53 @@ pub unsafe fn gostartcallfn<F: FnOnce() + Send + 'static>(gp: *mut G, f: F) {
 ///
 /// As [`gostartcallfn`], and `gp.stack` is at least 64 bytes.
 #[inline(always)]
-unsafe fn gostartcall<F: FnOnce() + Send + 'static>(gp: *mut G, f: F) {
-    // SAFETY: per the contract, nothing else touches gp or its stack.
+pub(crate) unsafe fn gostartcall<F: FnOnce() + Send + 'static>(gp: *mut G, f: F) {
+    // SAFETY: the contract.
+    unsafe {
+        gostartfn(gp, f);
+        gostartframe(gp);
+        (*gp)
+            .atomicstatus
+            .store(status::RUNNABLE, Ordering::Release);
+    }
+}
+
+/// The stack-independent half of [`gostartcall`]: stores `f` and points
+/// `sched.ctxt` at it.
+///
+/// # Safety
+///
+/// `gp` is a live G that nothing else touches.
+#[inline(always)]
+pub(crate) unsafe fn gostartfn<F: FnOnce() + Send + 'static>(gp: *mut G, f: F) {
+    // SAFETY: per the contract, nothing else touches gp.
     let g = unsafe { &mut *gp };
-    let hi = g.stack.hi & !15;
-    let sp = hi - 8;
-    // SAFETY: sp lies inside the G's own, unused stack.
-    unsafe { (sp as *mut usize).write(goexit as *const () as usize + 1) };
     g.startfv = FuncVal { fn_: gentry };
     g.startfn.set(f);
     // Only what `gogo` and the entry trampoline read: a fresh G has no
     // callee-saved registers to restore (gostart calls into Rust, which
     // saves what it uses), and bp 0 ends frame-pointer walks.
-    g.sched.sp = sp;
-    g.sched.pc = gostart as *const () as usize;
     g.sched.g = gp;
     g.sched.ctxt = &raw mut g.startfv as usize;
     g.sched.bp = 0;
-    g.atomicstatus.store(status::RUNNABLE, Ordering::Release);
+}
+
+/// The other half: the first frame on the G's stack, as if [`goexit`]
+/// had called [`gostart`].
+///
+/// # Safety
+///
+/// `gp` is a live G that nothing else touches, whose stack is at least 64
+/// bytes and unused.
+#[inline(always)]
+pub(crate) unsafe fn gostartframe(gp: *mut G) {
+    // SAFETY: per the contract, nothing else touches gp or its stack.
+    let g = unsafe { &mut *gp };
+    let sp = (g.stack.hi & !15) - 8;
+    // SAFETY: sp lies inside the G's own, unused stack.
+    unsafe { (sp as *mut usize).write(goexit as *const () as usize + 1) };
+    g.sched.sp = sp;
+    g.sched.pc = gostart as *const () as usize;
 }
 
 /// The function every fresh G runs first (through `G.startfv`): takes the
@@ -1239,7 +1254,7 @@ const GFTRIM_MAX: usize = 4 * GFTRIM_BATCH;
 const GFTRIM_INTERVAL_NS: u64 = 100_000_000;
 
 /// A dead G off the global free list, keeping its low-water mark.
-fn gfree_pop(sl: &mut SchedLocked) -> *mut G {
+pub(crate) fn gfree_pop(sl: &mut SchedLocked) -> *mut G {
     let g = gqueue_pop(&mut sl.gfree);
     sl.gfree_low = sl.gfree_low.min(sl.gfree.size);
     g
@@ -1254,7 +1269,7 @@ fn gfree_pop(sl: &mut SchedLocked) -> *mut G {
 /// of idleness.
 pub(crate) fn gftrim(sched: &Sched) {
     let now = sched.platform.nanotime();
-    let mut cold = {
+    let (mut cold, nostack) = {
         let mut sl = sched.lock.lock();
         if now.saturating_sub(sl.gftrim_at) < GFTRIM_INTERVAL_NS {
             return;
@@ -1268,8 +1283,12 @@ pub(crate) fn gftrim(sched: &Sched) {
         // A new interval: what nobody takes until the next trim is cold
         // then.
         sl.gfree_low = sl.gfree.size - cold;
-        cold
+        (
+            cold,
+            crate::lazystack::nostack_cold(&mut sl, GFREE_MAX, GFTRIM_MAX),
+        )
     };
+    crate::lazystack::nostack_trim(sched, nostack);
     while cold > 0 {
         let mut batch: heapless::Vec<*mut G, GFTRIM_BATCH> = heapless::Vec::new();
         {
@@ -1289,8 +1308,9 @@ pub(crate) fn gftrim(sched: &Sched) {
     }
 }
 
-/// Frees every dead G on the global free list, [`GFTRIM_BATCH`] per hold
-/// of the lock; returns how many (`Runtime::free_dead_goroutines`).
+/// Frees every dead G on the global free lists (with stacks, then
+/// without), [`GFTRIM_BATCH`] per hold of the lock; returns how many
+/// (`Runtime::free_dead_goroutines`).
 #[cfg(feature = "std")]
 pub(crate) fn gffree(sched: &Sched) -> usize {
     let mut freed = 0;
@@ -1299,7 +1319,10 @@ pub(crate) fn gffree(sched: &Sched) -> usize {
         {
             let mut sl = sched.lock.lock();
             while !batch.is_full() {
-                let g = gfree_pop(&mut sl);
+                let mut g = gfree_pop(&mut sl);
+                if g.is_null() {
+                    g = crate::lazystack::nostack_pop(&mut sl);
+                }
                 if g.is_null() {
                     break;
                 }
@@ -1315,7 +1338,7 @@ pub(crate) fn gffree(sched: &Sched) -> usize {
 }
 
 /// Frees dead Gs and their stacks for good, outside the scheduler lock.
-fn gfree_release(sched: &Sched, gs: &[*mut G]) {
+pub(crate) fn gfree_release(sched: &Sched, gs: &[*mut G]) {
     {
         let mut all = sched.allgs.lock();
         for &g in gs {
@@ -1339,7 +1362,7 @@ fn gfree_release(sched: &Sched, gs: &[*mut G]) {
 /// Takes a dead G (with its stack) from P's free list, refilling it from the
 /// global list when empty (Go's `gfget`). Null if there is none. Owner of
 /// `pp` only.
-fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
+pub(crate) fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
     // SAFETY: pp is the caller's P; the global list is under the lock.
     unsafe {
         if (*pp).gfree.is_null() {
@@ -1364,8 +1387,11 @@ fn gfget(sched: &Sched, pp: *mut P) -> *mut G {
     }
 }
 
-/// A G for `f`: a reused dead one or a new one from `malg` (Go's
-/// `newproc1`). It is runnable, with a fresh goid, on no queue yet.
+/// A G for `f`: a reused dead one with its stack or, if there is none,
+/// one from [`lazystack::newg`](crate::lazystack::newg) (Go's
+/// `newproc1`). It is runnable, with a fresh goid, on no queue yet. With
+/// `lazy`, a G that has no stack gets one when it first runs; without,
+/// now (so the failure to get one is the caller's `Err`).
 ///
 /// `pp` is the caller's P, or null from a thread that is not an M.
 #[inline(always)]
@@ -1374,30 +1400,29 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     pp: *mut P,
     f: F,
     site: &'static Location<'static>,
+    lazy: bool,
 ) -> Result<*mut G, StackError> {
+    // SAFETY: pp, if not null, is the caller's P: its list is ours.
+    let local_empty = !pp.is_null() && unsafe { (*pp).gfree.is_null() };
     let mut gp = if pp.is_null() {
         gfree_pop(&mut sched.lock.lock())
+    } else if lazy && local_empty {
+        // No lock for the global list: stacks there go to first runs.
+        null_mut()
     } else {
         gfget(sched, pp)
     };
-    if gp.is_null() {
-        gp = Box::into_raw(malg_for(sched)?);
-        // SAFETY: a new G, ours alone.
-        unsafe { (*gp).rt = sched };
-        let mut all = sched.allgs.lock();
-        // SAFETY: as above.
-        unsafe { (*gp).allg_index = all.len() };
-        all.push(gp);
-    }
     // SAFETY: gp is dead or new: nobody else refers to it.
     unsafe {
-        (*gp).goid.store(pgoid(pp), Ordering::Relaxed);
-        (*gp)
-            .spawn_site
-            .store(core::ptr::from_ref(site).cast_mut(), Ordering::Relaxed);
-        (*gp).force = crate::teardown::FORCE_NONE;
-        // Scheduler Gs come from malg, with a stack of at least STACK_MIN.
-        gostartcall(gp, f);
+        if gp.is_null() {
+            gp = crate::lazystack::newg(sched, pp, lazy)?;
+            newg_name(gp, pp, site);
+            crate::lazystack::gostartcall(gp, f, lazy);
+        } else {
+            newg_name(gp, pp, site);
+            // Dead Gs on the free lists have stacks of at least STACK_MIN.
+            gostartcall(gp, f);
+        }
     }
     crate::trace::gocreate(sched, gp);
     sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
@@ -1408,10 +1433,29 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
     Ok(gp)
 }
 
+/// Gives a new or reused G its id and spawn site.
+///
+/// # Safety
+///
+/// `gp` is dead or new: nobody else refers to it. `pp` as for
+/// [`newproc1`].
+#[inline(always)]
+unsafe fn newg_name(gp: *mut G, pp: *mut P, site: &'static Location<'static>) {
+    // SAFETY: the contract.
+    unsafe {
+        (*gp).goid.store(pgoid(pp), Ordering::Relaxed);
+        (*gp)
+            .spawn_site
+            .store(core::ptr::from_ref(site).cast_mut(), Ordering::Relaxed);
+        (*gp).force = crate::teardown::FORCE_NONE;
+    }
+}
+
 /// Starts a G running `f` (Go's `newproc`, the `go` statement) on the
 /// current scheduler and returns its goroutine id. From a G, the new G
 /// takes the P's `runnext`; from a thread that is not an M (`sched` given),
 /// it goes on the global queue. Then an idle P gets an M (`wakep`).
+/// `lazy`: see [`newproc1`].
 ///
 /// # Panics
 ///
@@ -1420,6 +1464,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
 pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
     sched: Option<&Sched>,
     f: F,
+    lazy: bool,
 ) -> Result<u64, StackError> {
     // The `go` / `spawn` call, for dumps (every caller tracks it).
     let site = Location::caller();
@@ -1450,9 +1495,12 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
         unsafe {
             let mp = (*gp).m;
             let pp = (*mp).p;
-            if !(*pp).gfree.is_null() && (*mp).curg == gp {
+            // (A dead G without a stack does too, for a spawn that lets
+            // the G take its stack when it first runs: crate::lazystack.)
+            let at_hand = !(*pp).gfree.is_null() || (lazy && !(*pp).gfree_nostack.is_null());
+            if at_hand && (*mp).curg == gp {
                 let sched = &*here;
-                let newg = newproc1(sched, pp, f, site)?;
+                let newg = newproc1(sched, pp, f, site, lazy)?;
                 let id = (*newg).goid();
                 runqput_p(sched, pp, newg, true);
                 if wakep_needed_after_put(sched) {
@@ -1468,7 +1516,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
                 let mp = (*getg()).m;
                 let sched = &*(*mp).rt;
                 let pp = (*mp).p;
-                let newg = newproc1(sched, pp, f, site)?;
+                let newg = newproc1(sched, pp, f, site, lazy)?;
                 let id = (*newg).goid();
                 runqput_p(sched, pp, newg, true);
                 wakep(sched);
@@ -1477,7 +1525,7 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
         });
     }
     let sched = sched.expect("gokernel: go or spawn called outside a gokernel runtime");
-    let newg = newproc1(sched, null_mut(), f, site)?;
+    let newg = newproc1(sched, null_mut(), f, site, lazy)?;
     // SAFETY: newg is new and ours.
     let id = unsafe { (*newg).goid() };
     globrunqput(&mut sched.lock.lock(), sched, newg);
@@ -2616,6 +2664,8 @@ impl Sched {
                     runq: crate::runq::Runq::new(),
                     gfree: null_mut(),
                     gfreecnt: 0,
+                    gfree_nostack: null_mut(),
+                    gfree_nostackcnt: 0,
                     goidcache: 0,
                     goidcacheend: 0,
                     stats: Default::default(),
@@ -2632,6 +2682,8 @@ impl Sched {
                 gfree: GQueue::new(),
                 gfree_low: 0,
                 gftrim_at: 0,
+                gfree_nostack: GQueue::new(),
+                gfree_nostack_low: 0,
                 nmidlelocked: 0,
                 mwantp: null_mut(),
             }),
@@ -2786,10 +2838,11 @@ impl Sched {
     /// # Errors
     ///
     /// [`StackError`] if the goroutine's stack cannot be allocated (`f` is
-    /// dropped).
+    /// dropped): like every API that returns one, this gives the goroutine
+    /// its stack now, not when it first runs ([`crate::lazystack`]).
     #[track_caller]
     pub fn go(&self, f: Box<dyn FnOnce() + Send + 'static>) -> Result<u64, StackError> {
-        newproc(Some(self), f)
+        newproc(Some(self), f, false)
     }
 
     /// [`Sched::go`] for a goroutine locked to an M of its own, as if it

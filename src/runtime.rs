@@ -491,8 +491,8 @@ impl Runtime {
     ///
     /// # Panics
     ///
-    /// If called from a goroutine (it would block its M), or if the main
-    /// G's stack cannot be allocated.
+    /// If called from a goroutine (it would block its M). (The main G gets
+    /// its stack as [`spawn`](Self::spawn)'s do.)
     ///
     /// # Errors
     ///
@@ -525,11 +525,10 @@ impl Runtime {
         }
     }
 
-    /// Starts a goroutine from outside the runtime (or inside it).
-    ///
-    /// # Panics
-    ///
-    /// If its stack cannot be allocated.
+    /// Starts a goroutine from outside the runtime (or inside it). Its
+    /// stack, as for [`crate::go`]: if it gets one only when it first runs
+    /// and none can be allocated then, that is a fatal error naming it;
+    /// [`try_spawn`](Self::try_spawn) allocates at once instead.
     #[track_caller]
     pub fn spawn<T: Send + 'static>(
         &self,
@@ -551,14 +550,14 @@ impl Runtime {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
         self.sysmon();
-        match try_spawn_on(Some(&self.sched), true, f) {
+        match try_spawn_on(Some(&self.sched), true, false, f) {
             Ok(h) => h,
             Err(e) => panic!("gokernel: {e}"),
         }
     }
 
-    /// [`spawn`](Self::spawn), returning an error instead of panicking when
-    /// the goroutine's stack cannot be allocated.
+    /// [`spawn`](Self::spawn), with the goroutine's stack allocated now
+    /// (never at its first run): returns an error when it cannot be.
     ///
     /// # Errors
     ///
@@ -569,7 +568,7 @@ impl Runtime {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<JoinHandle<T>, SpawnError> {
         self.sysmon();
-        try_spawn_on(Some(&self.sched), false, f)
+        try_spawn_on(Some(&self.sched), false, false, f)
     }
 
     /// The number of Ps.
@@ -1131,7 +1130,7 @@ fn spawn_on<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
     // A match, not a closure, so that the panic points at the caller.
-    match try_spawn_on(sched, false, f) {
+    match try_spawn_on(sched, false, true, f) {
         Ok(h) => h,
         Err(e) => panic!("gokernel: {e}"),
     }
@@ -1141,6 +1140,7 @@ fn spawn_on<T: Send + 'static>(
 fn try_spawn_on<T: Send + 'static>(
     sched: Option<&Sched>,
     locked: bool,
+    lazy: bool,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
     let inner = Arc::new(JoinInner::new(target_sched(sched)));
@@ -1164,7 +1164,7 @@ fn try_spawn_on<T: Send + 'static>(
     let id = if locked {
         crate::bound::newproc_locked(sched, body)
     } else {
-        newproc(sched, body)
+        newproc(sched, body, lazy)
     }
     .map_err(SpawnError)?;
     Ok(JoinHandle { inner, id })
@@ -1224,7 +1224,13 @@ fn require_goroutine(what: &str) {
 /// [`Builder::migrate_started_goroutines`]), so thread-locals and
 /// thread-keyed state stay coherent across its yields and waits. Its stack
 /// has a hardware guard page (unless built with
-/// [`Builder::unguarded_stacks`]).
+/// [`Builder::unguarded_stacks`]). It is the stack of a dead goroutine
+/// kept for reuse, or, when there is none, one it gets when it first runs
+/// ([`lazystack`](crate::lazystack)): a goroutine still waiting to run
+/// costs no stack. If none can be allocated then, the process ends with a
+/// fatal error naming the goroutine and where it was spawned
+/// (`docs/failures.md`); [`try_spawn`] allocates at once and returns the
+/// error instead.
 ///
 /// It may also be called on an M's own stack (an
 /// [`after_func`](crate::time::after_func) callback, a
@@ -1233,8 +1239,7 @@ fn require_goroutine(what: &str) {
 ///
 /// # Panics
 ///
-/// Outside a goroutine (or an M's stack), or if its stack cannot be
-/// allocated.
+/// Outside a goroutine (or an M's stack).
 ///
 /// # Example
 ///
@@ -1251,14 +1256,14 @@ fn require_goroutine(what: &str) {
 #[track_caller]
 pub fn go(f: impl FnOnce() + Send + 'static) {
     let sched = spawn_sched("go");
-    if let Err(e) = newproc(Some(sched), f) {
+    if let Err(e) = newproc(Some(sched), f, true) {
         panic!("gokernel: {}", SpawnError(e));
     }
 }
 
-/// [`spawn`], returning an error instead of panicking when the goroutine's
-/// stack cannot be allocated. The closure is dropped then; the runtime
-/// stays usable.
+/// [`spawn`], with the goroutine's stack allocated now (never at its
+/// first run, see [`go`]): returns an error when it cannot be. The closure
+/// is dropped then; the runtime stays usable.
 ///
 /// # Errors
 ///
@@ -1272,7 +1277,7 @@ pub fn try_spawn<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<JoinHandle<T>, SpawnError> {
     let sched = spawn_sched("try_spawn");
-    try_spawn_on(Some(sched), false, f)
+    try_spawn_on(Some(sched), false, false, f)
 }
 
 /// [`spawn`] on an OS thread of its own, locked to it as if `f` began with
@@ -1307,7 +1312,7 @@ pub fn try_spawn<T: Send + 'static>(
 #[track_caller]
 pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     let sched = spawn_sched("spawn_locked");
-    match try_spawn_on(Some(sched), true, f) {
+    match try_spawn_on(Some(sched), true, false, f) {
         Ok(h) => h,
         Err(e) => panic!("gokernel: {e}"),
     }
@@ -1319,8 +1324,7 @@ pub fn spawn_locked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 ///
 /// # Panics
 ///
-/// Outside a goroutine (use [`Runtime::spawn`] there), or if its stack
-/// cannot be allocated.
+/// Outside a goroutine (use [`Runtime::spawn`] there).
 ///
 /// # Example
 ///

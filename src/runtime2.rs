@@ -159,12 +159,17 @@ pub struct FuncVal {
 /// goroutine whose closure captures a few words does not allocate.
 pub(crate) struct StartFn {
     /// Consumes the closure in `buf`: runs it (`true`) or drops it
-    /// (`false`). `None` when there is none.
-    op: Option<unsafe fn(*mut u8, bool)>,
+    /// (`false`). An [`StartOp`] as a pointer, null when there is none;
+    /// atomic (relaxed loads and stores, plain moves) so that a goroutine
+    /// dump on another thread may ask whether the G has started.
+    op: AtomicPtr<()>,
     buf: core::mem::MaybeUninit<[usize; STARTFN_WORDS]>,
 }
 
 const STARTFN_WORDS: usize = 3;
+
+/// What [`StartFn`]'s `op` points to.
+type StartOp = unsafe fn(*mut u8, bool);
 
 /// The largest closure (in bytes) a G stores without allocating.
 pub const STARTFN_INLINE: usize = STARTFN_WORDS * core::mem::size_of::<usize>();
@@ -173,12 +178,13 @@ impl StartFn {
     /// No function.
     pub(crate) const fn empty() -> Self {
         StartFn {
-            op: None,
+            op: AtomicPtr::new(core::ptr::null_mut()),
             buf: core::mem::MaybeUninit::uninit(),
         }
     }
 
     /// Stores `f`, dropping any function stored before.
+    #[inline(always)]
     pub(crate) fn set<F: FnOnce() + Send + 'static>(&mut self, f: F) {
         self.clear();
         let fits = core::mem::size_of::<F>() <= STARTFN_INLINE
@@ -187,7 +193,7 @@ impl StartFn {
             // SAFETY: F fits the buffer in size and alignment; `op` now
             // owns the value and reads it out exactly once.
             unsafe { self.buf.as_mut_ptr().cast::<F>().write(f) };
-            self.op = Some(startfn_inline::<F>);
+            self.set_op(startfn_inline::<F>);
         } else {
             let b = alloc::boxed::Box::new(f);
             // SAFETY: a Box is one word; `op` owns it as above.
@@ -197,14 +203,14 @@ impl StartFn {
                     .cast::<alloc::boxed::Box<F>>()
                     .write(b)
             };
-            self.op = Some(startfn_boxed::<F>);
+            self.set_op(startfn_boxed::<F>);
         }
     }
 
     /// Takes the function out and runs it; false if there was none. If it
     /// panics, the function is gone all the same.
     pub(crate) fn run(&mut self) -> bool {
-        match self.op.take() {
+        match self.take_op() {
             // SAFETY: `op` matches what `set` stored, and was taken, so the
             // value is consumed once.
             Some(op) => unsafe {
@@ -217,12 +223,31 @@ impl StartFn {
 
     /// Whether a function is stored (the G has not started yet).
     pub(crate) fn is_set(&self) -> bool {
-        self.op.is_some()
+        !self.op.load(Ordering::Relaxed).is_null()
+    }
+
+    fn set_op(&mut self, op: StartOp) {
+        // Relaxed: the store that publishes the G (its status, or the
+        // queue it goes on) orders it for the M that runs it; a dump only
+        // asks whether it is set.
+        self.op.store(op as *mut (), Ordering::Relaxed);
+    }
+
+    /// The `op`, now taken: a load and a store, no read-modify-write (only
+    /// the G's owner writes it).
+    fn take_op(&mut self) -> Option<StartOp> {
+        let p = self.op.load(Ordering::Relaxed);
+        if p.is_null() {
+            return None;
+        }
+        self.op.store(core::ptr::null_mut(), Ordering::Relaxed);
+        // SAFETY: a non-null `op` was stored by `set_op` from a StartOp.
+        Some(unsafe { core::mem::transmute::<*mut (), StartOp>(p) })
     }
 
     /// Drops the function, if any, without running it.
     pub(crate) fn clear(&mut self) {
-        if let Some(op) = self.op.take() {
+        if let Some(op) = self.take_op() {
             // SAFETY: as in `run`.
             unsafe { op(self.buf.as_mut_ptr().cast(), false) };
         }
@@ -443,7 +468,10 @@ pub struct G {
     /// The closure behind `startfv` (taken when the G starts).
     pub(crate) startfn: StartFn,
     /// The stack memory this G owns, freed when the G is dropped. `None` for
-    /// a g0 that runs on its thread's own stack.
+    /// a g0 that runs on its thread's own stack, and for a G that has no
+    /// stack yet or any more (`stack` is then `[0, 0)`): a goroutine spawned
+    /// when no dead G had one gets it when it first runs
+    /// ([`lazystack`](crate::lazystack)).
     pub(crate) stackmem: Option<crate::stack::StackMem>,
     /// Next G on whatever list this G is on: the global run queue or a free
     /// list. Owned by the holder of that list.
@@ -493,7 +521,8 @@ pub struct G {
 
 impl G {
     /// The stack `[lo, hi)` this G runs on (`lo == hi == 0` for a g0 on
-    /// its thread's own stack).
+    /// its thread's own stack, and for a goroutine that has not started and
+    /// gets its stack when it first runs).
     pub fn stack(&self) -> Stack {
         self.stack
     }
@@ -754,6 +783,12 @@ pub struct P {
     pub(crate) gfree: *mut G,
     /// Length of `gfree`.
     pub(crate) gfreecnt: u32,
+    /// Dead Gs without stacks (Go's `gFree.noStack`), for spawns that find
+    /// no dead G with one (linked by `schedlink`; see
+    /// [`lazystack`](crate::lazystack)). Owner only.
+    pub(crate) gfree_nostack: *mut G,
+    /// Length of `gfree_nostack`.
+    pub(crate) gfree_nostackcnt: u32,
     /// Goroutine ids this P hands out next, `goidcache..goidcacheend`,
     /// taken from the global generator [`GOIDCACHE_BATCH`] at a time (Go's
     /// `p.goidcache`): one locked `fetch_add` per batch, not per spawn.
@@ -901,6 +936,14 @@ pub(crate) struct SchedLocked {
     pub(crate) gfree_low: usize,
     /// When `gftrim` last looked (`Platform::nanotime`).
     pub(crate) gftrim_at: u64,
+    /// Dead Gs without stacks, beyond what the Ps keep (see
+    /// [`lazystack`](crate::lazystack)). A G without a stack costs only
+    /// its own few hundred bytes: kept until the scheduler is dropped, as
+    /// Go keeps its `gFree.noStack`.
+    pub(crate) gfree_nostack: GQueue,
+    /// The fewest Gs `gfree_nostack` held since the last `gftrim` (as
+    /// `gfree_low`).
+    pub(crate) gfree_nostack_low: usize,
     /// Locked Ms sleeping in `stoplockedm` (Go's `nmidlelocked`): those
     /// with `M::lockedsleep` set.
     pub(crate) nmidlelocked: u32,

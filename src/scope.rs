@@ -278,7 +278,7 @@ where
             run,
         )
     };
-    match crate::proc::newproc(Some(sched), run) {
+    match crate::proc::newproc(Some(sched), run, true) {
         Ok(id) => JoinHandle::from_parts(inner, id),
         // The closure was dropped, and with it its Member.
         Err(e) => panic!("gokernel: {}", crate::SpawnError(e)),

@@ -453,6 +453,22 @@ impl crate::runtime2::Sched {
         self.unguarded_stacks
             .store(true, core::sync::atomic::Ordering::Relaxed);
     }
+
+    /// A stack for a G of this scheduler: its stack size, without a
+    /// hardware guard if it was told to use those
+    /// ([`use_unguarded_stacks`](Self::use_unguarded_stacks)).
+    pub(crate) fn stackalloc_g(&self) -> Result<StackMem, StackError> {
+        if self
+            .unguarded_stacks
+            .load(core::sync::atomic::Ordering::Relaxed)
+        {
+            // SAFETY: whoever set unguarded_stacks promised, in
+            // use_unguarded_stacks' contract, that no G of self overflows.
+            unsafe { stackalloc_unguarded(self.stack_size) }
+        } else {
+            stackalloc(self.stack_size)
+        }
+    }
 }
 
 /// Stack allocations still to fail on purpose (tests of out-of-memory

@@ -92,6 +92,10 @@ pub struct GoroutineInfo {
     pub id: u64,
     /// Its [`status`] (`RUNNABLE`, `RUNNING` or `WAITING`).
     pub status: u32,
+    /// Whether its function has begun. One that has not may have no stack
+    /// yet (it gets one when it first runs: [`crate::lazystack`]); the
+    /// header says `runnable, not started`.
+    pub started: bool,
     /// Why it is parked, if it is (`WAITING`).
     pub wait_reason: Option<WaitReason>,
     /// How long it has been parked, if it is.
@@ -113,6 +117,9 @@ impl GoroutineInfo {
         match self.wait_reason {
             Some(r) if r != WaitReason::Zero => s.push_str(r.as_str()),
             _ => s.push_str(status::name(self.status)),
+        }
+        if !self.started {
+            s.push_str(", not started");
         }
         if let Some(d) = self.waiting_for {
             // Writing to a String cannot fail.
@@ -259,6 +266,7 @@ fn info(g: &G, now: u64, rate: (u64, u64)) -> Option<GoroutineInfo> {
     Some(GoroutineInfo {
         id: g.goid(),
         status: st,
+        started: !g.startfn.is_set(),
         wait_reason,
         waiting_for,
         created_by: g.spawn_site(),

@@ -31,9 +31,12 @@ fn a_burst_of_dead_gs_is_reused_by_the_next_burst_then_trimmed_when_idle() {
     assert_eq!(second, first, "the second burst allocated new Gs");
     // Idle now: each time the M goes idle (here, while the main goroutine
     // sleeps, and after it), Gs that sat unused through an interval are
-    // freed, down to GFREE_MAX (plus what the P keeps locally, under 64,
-    // and the main goroutine).
-    let limit = GFREE_MAX + 64 + 1;
+    // freed, down to GFREE_MAX (plus what the P keeps locally: under 64
+    // with stacks, under NOSTACK_LOCAL_MAX without, and the main
+    // goroutine). On 1 P most of the burst never had a stack (they ran one
+    // at a time and took one as they started: gokernel::lazystack); the
+    // Gs without stacks are trimmed the same way.
+    let limit = GFREE_MAX + 64 + gokernel::lazystack::NOSTACK_LOCAL_MAX as usize + 1;
     let deadline = Instant::now() + Duration::from_secs(20);
     while rt.num_allocated_gs() > limit {
         assert!(

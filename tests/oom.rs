@@ -1,5 +1,6 @@
 //! Stack allocation failure (injected): `try_spawn` returns an error,
-//! `spawn` panics clearly, nothing leaks and the runtime stays usable.
+//! nothing leaks and the runtime stays usable. (`spawn` allocates at the
+//! goroutine's first run, where a failure is fatal: tests/lazystack.rs.)
 //!
 //! Alone in its test binary: failure injection is process-wide.
 
@@ -37,29 +38,20 @@ fn a_failed_stack_allocation_is_an_error_and_leaks_nothing() {
     );
     assert_eq!(rt.num_goroutine(), 0);
 
-    // From inside: try_spawn errs, spawn panics with the reason; the
-    // goroutine that tried goes on, and so does the runtime.
+    // From inside: try_spawn errs; the goroutine that tried goes on, and
+    // so does the runtime.
     let c3 = captured.clone();
-    let (err, panic_msg, after) = rt
+    let (err, after) = rt
         .block_on(move || {
             inject_stack_alloc_failures(1);
             let err = gokernel::try_spawn(move || drop(c3)).err();
-            inject_stack_alloc_failures(1);
-            let p = std::panic::catch_unwind(|| gokernel::spawn(|| ()))
-                .err()
-                .unwrap();
-            let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
             let after = gokernel::spawn(|| 7).join().unwrap();
-            (err, msg, after)
+            (err, after)
         })
         .unwrap();
     assert_eq!(
         err,
         Some(SpawnError(StackError::OutOfMemory { size: STACK }))
-    );
-    assert!(
-        panic_msg.contains("cannot start a goroutine: out of memory allocating a 65536-byte stack"),
-        "{panic_msg:?}"
     );
     assert_eq!(after, 7);
     assert_eq!(Arc::strong_count(&captured), 1, "a closure leaked");

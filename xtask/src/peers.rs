@@ -57,6 +57,8 @@ const ROWS: &[(&str, usize, u64)] = &[
     ("spawn-alive", 1, 10_000),
     ("spawn-alive", 1, 100_000),
     ("spawn-alive", 2, 100_000),
+    ("spawn-parked", 1, 1_000),
+    ("spawn-parked", 1, 10_000),
     ("handoff", 1, 1_000_000),
     ("handoff", 2, 1_000_000),
     ("handoff-chan", 1, 1_000_000),

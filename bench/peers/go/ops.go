@@ -48,6 +48,33 @@ func spawnAndWait(k uint64) {
 	<-wake
 }
 
+// spawnParked starts k goroutines that each block on a channel receive
+// until all have; it returns ns per goroutine from the first spawn until
+// the last one blocked, then closes the channel and waits (untimed).
+func spawnParked(k uint64) float64 {
+	var parked, done atomic.Uint64
+	ready := make(chan struct{}, 1)
+	finished := make(chan struct{}, 1)
+	gate := make(chan struct{})
+	t := time.Now()
+	for i := uint64(0); i < k; i++ {
+		go func() {
+			if parked.Add(1) == k {
+				ready <- struct{}{}
+			}
+			<-gate
+			if done.Add(1) == k {
+				finished <- struct{}{}
+			}
+		}()
+	}
+	<-ready
+	ns := float64(time.Since(t).Nanoseconds()) / float64(k)
+	close(gate)
+	<-finished
+	return ns
+}
+
 func spawnBatches(n uint64) {
 	for left := n; left > 0; {
 		k := left
@@ -186,6 +213,8 @@ func main() {
 	case "spawn-alive":
 		spawnAndWait(n)
 		value = perOp()
+	case "spawn-parked":
+		value = spawnParked(n)
 	case "handoff":
 		handoff(n)
 		value = perOp()

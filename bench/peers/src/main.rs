@@ -17,6 +17,9 @@
 //! - `spawn`, `spawn-alive`: `tokio::spawn` of an empty task, in batches
 //!   of 1,000 / all N at once, the last one to finish waking the spawner
 //!   through a `Notify`;
+//! - `spawn-parked`: N tasks, each waiting on a `Semaphore` (0 permits)
+//!   until all wait; timed from the first spawn until the last waits, then
+//!   the semaphore is closed (as a Go channel is) and all finish, untimed;
 //! - `handoff`: two tasks passing a token through two `Notify`s
 //!   (`notify_one` stores a permit, as an `unpark` before `park` does);
 //! - `handoff-chan`: two `mpsc::channel(1)`s, ping and pong (tokio has no
@@ -62,6 +65,42 @@ async fn spawn_and_wait(k: u64) {
     while pending.load(Ordering::Acquire) != 0 {
         done.notified().await;
     }
+}
+
+/// `spawn-parked` (see the module docs): seconds from the first spawn
+/// until the last task waits.
+async fn spawn_parked(k: u64) -> f64 {
+    let (ready, finished) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (parked, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let t = Instant::now();
+    for _ in 0..k {
+        let (ready, finished, parked, done, gate) = (
+            ready.clone(),
+            finished.clone(),
+            parked.clone(),
+            done.clone(),
+            gate.clone(),
+        );
+        tokio::spawn(async move {
+            if parked.fetch_add(1, Ordering::AcqRel) + 1 == k {
+                ready.notify_one();
+            }
+            let _ = gate.acquire().await;
+            if done.fetch_add(1, Ordering::AcqRel) + 1 == k {
+                finished.notify_one();
+            }
+        });
+    }
+    while parked.load(Ordering::Acquire) != k {
+        ready.notified().await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    gate.close();
+    while done.load(Ordering::Acquire) != k {
+        finished.notified().await;
+    }
+    secs
 }
 
 async fn spawn_batches(n: u64) {
@@ -169,7 +208,7 @@ async fn work(n: u64) -> u64 {
 }
 
 const USAGE: &str = "usage: peers OP N [PROCS [tokio]]
-  OP:    gosched|spawn|spawn-alive|handoff|handoff-chan|parked|work
+  OP:    gosched|spawn|spawn-alive|spawn-parked|handoff|handoff-chan|parked|work
   N:     operations (work: computation steps), a whole number > 0
   PROCS: worker threads, default 1 (1: the current_thread runtime)";
 
@@ -234,6 +273,11 @@ fn main() {
             };
             (timed(run) * 1e9 / n as f64, "ns/op")
         }
+        "spawn-parked" => (
+            rt.block_on(async move { tokio::spawn(spawn_parked(n)).await.unwrap() }) * 1e9
+                / n as f64,
+            "ns/op",
+        ),
         "parked" => (
             rt.block_on(async move { tokio::spawn(parked(n)).await.unwrap() }),
             "B/G",
