@@ -538,7 +538,10 @@ unsafe fn flush(pp: *mut P) {
     // SAFETY: the contract.
     unsafe {
         let t = &(*pp).trace;
-        let s = u64::from(t.stash.swap(NO_STOP, Ordering::Relaxed));
+        // A load and a store, not a swap (a locked instruction): only
+        // the owner writes the stash.
+        let s = u64::from(t.stash.load(Ordering::Relaxed));
+        t.stash.store(NO_STOP, Ordering::Relaxed);
         if s != u64::from(NO_STOP) {
             slow(pp, s - code::SWITCH + code::STOP, 0, 1);
         }
@@ -592,7 +595,8 @@ unsafe fn slow(pp: *mut P, w0: u64, w1: u64, n: usize) {
         }
         let now = cputicks();
         // Dense or sparse, from the time since the last reading.
-        let last = t.last.swap(now, Ordering::Relaxed);
+        let last = t.last.load(Ordering::Relaxed);
+        t.last.store(now, Ordering::Relaxed);
         let gap = now.wrapping_sub(last);
         let dense = if t.dense.load(Ordering::Relaxed) {
             gap <= BLOCK_WORDS as u64 * SPARSE_TICKS
