@@ -476,7 +476,6 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
         (*gp).casstatus(status::RUNNING, status::DEAD);
         (*gp).startfn.clear();
         (*gp).parker = None;
-        // After the closure's drop: what it wakes is woken by this G.
         crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoEnd);
         if !(*gp).lockedm.is_null() {
             // Exiting locked: the M is unlocked and goes back to the pool
@@ -1732,8 +1731,7 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
         if let Some(x) = findlocal(sched, mp, pp) {
             return Some(x);
         }
-        // SAFETY: mp holds pp.
-        unsafe { crate::trace::idle(pp) };
+        crate::trace::idle(pp);
         // SAFETY: as in findlocal.
         let runq = unsafe { &(*pp).runq };
         if sched.stopping.load(Ordering::SeqCst) {
@@ -2334,8 +2332,7 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         return;
     }
     let cur = getg();
-    // SAFETY: the contract: gp is parked and ours to ready.
-    unsafe { crate::trace::gounblock(sched, gp, cur) };
+    crate::trace::gounblock(sched, gp, cur);
     // SAFETY: the contract: gp is parked and ours to ready; its boundm
     // and lockedm were written by its own M before it parked, which the
     // wait it parked on orders before this call.

@@ -1279,17 +1279,15 @@ pub(crate) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
 }
 
 /// `gp` (of `sched`) is made runnable by whoever runs this (`ready`, or
-/// a park whose condition already holds); `cur` is `getg()`.
-///
-/// # Safety
-///
-/// `gp` is a parked G being readied by the caller; `cur` is `getg()`.
+/// a park whose condition already holds). For the scheduler only: `gp`
+/// is a parked G the caller readies, and `cur` is `getg()`.
 #[inline(always)]
-pub(crate) unsafe fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
+pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
     if !ENABLED {
         return;
     }
-    // SAFETY: the contract.
+    // SAFETY: the callers' contract: cur is getg(), gp is parked and
+    // theirs to ready, so live.
     unsafe {
         let pp = p_of(sched, cur);
         if pp.is_null() {
@@ -1330,14 +1328,12 @@ pub(crate) unsafe fn proc(mp: *mut M, pp: *mut P, start: bool) {
 
 /// The M holding `pp` found no goroutine in its own queues and looks
 /// further (`findrunnable`): a stop still stashed is written now, at
-/// its time, rather than when the P next starts one.
-///
-/// # Safety
-///
-/// `pp` is the P the calling M holds.
+/// its time, rather than when the P next starts one. For the scheduler
+/// only: `pp` is the P the calling M holds.
 #[inline(always)]
-pub(crate) unsafe fn idle(pp: *mut P) {
-    // SAFETY: the contract.
+pub(crate) fn idle(pp: *mut P) {
+    // SAFETY: the caller's contract: pp is its M's P, live, and only
+    // this M writes its trace state.
     if ENABLED && unsafe { (*pp).trace.stash.load(Ordering::Relaxed) } != NO_STOP {
         // SAFETY: as above.
         unsafe { flush(pp) };
