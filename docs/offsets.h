@@ -43,6 +43,6 @@
 #define SIZEOF_GOBUF 80  /* sizeof(Gobuf) */
 #define SIZEOF_G 304     /* sizeof(G) */
 #define SIZEOF_M 224     /* sizeof(M) */
-#define SIZEOF_P 2280    /* sizeof(P) */
+#define SIZEOF_P 2288    /* sizeof(P) */
 
 #endif /* GOKERNEL_OFFSETS_H */

@@ -489,9 +489,9 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
     // this M touches it until it is reused.
     unsafe {
         (*gp).casstatus(status::RUNNING, status::DEAD);
-        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoEnd);
         (*gp).startfn.clear();
         (*gp).parker = None;
+        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoEnd);
         if !(*gp).lockedm.is_null() {
             // Exiting locked: the M is unlocked and goes back to the pool
             // (see lock_os_thread: Go ends the thread).
@@ -1779,6 +1779,7 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
         if let Some(x) = findlocal(sched, mp, pp) {
             return Some(x);
         }
+        crate::trace::idle(pp);
         // SAFETY: as in findlocal.
         let runq = unsafe { &(*pp).runq };
         if sched.stopping.load(Ordering::SeqCst) {
@@ -2154,7 +2155,7 @@ pub(crate) unsafe fn execute_on(mp: *mut M, pp: *mut P, gp: *mut G, inherit_time
         (*mp).curg = gp;
         (*gp).m = mp;
         (*gp).casstatus(status::RUNNABLE, status::RUNNING);
-        crate::trace::gostart(mp, gp);
+        crate::trace::gostart(mp, pp, gp);
         if !pp.is_null() {
             if inherit_time {
                 (*pp).runnext_streak += 1;
@@ -2340,7 +2341,7 @@ unsafe extern "C" fn park_m(gp: *mut G) {
         if let Some(unlockf) = (*mp).waitunlockf.take() {
             let lock = core::mem::replace(&mut (*mp).waitlock, null_mut());
             if !unlockf(gp, lock) {
-                crate::trace::gounblock(&*(*mp).rt, gp);
+                crate::trace::gounblock(&*(*mp).rt, gp, (*mp).g0);
                 (*gp).casstatus(status::WAITING, status::RUNNABLE);
                 execute(gp, true);
             }
@@ -2378,9 +2379,8 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         // A runtime that is shutting down runs no more goroutines.
         return;
     }
-    // SAFETY: the contract: gp is parked and ours to ready.
-    unsafe { crate::trace::gounblock(sched, gp) };
     let cur = getg();
+    crate::trace::gounblock(sched, gp, cur);
     // SAFETY: the contract: gp is parked and ours to ready; its boundm
     // and lockedm were written by its own M before it parked, which the
     // wait it parked on orders before this call.

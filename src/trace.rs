@@ -20,24 +20,66 @@
 //! The hooks exist only with the crate's `trace` cargo feature
 //! ([`ENABLED`]); without it they are compiled out, costing nothing, and a
 //! trace asked for stays empty (the hosted runtime says so on stderr).
-//! With the feature and no trace started, each hook is one load of a
-//! process-wide count and a branch not taken (figures in
+//! With the feature, a hook loads no flag: a P of a scheduler that does
+//! not trace has a null write position, and the hook's compare of it
+//! with the limit fails and a test of it for null says "not tracing" (a
+//! few instructions, most of the recording cost; figures in
 //! `docs/performance.md`, "Tracing cost").
 //!
-//! Recording: each P has its own buffer, written only by the M that holds
-//! the P, with plain stores: no lock, no locked instruction, no
-//! allocation. An event is one 16-byte record (kind, an 8-bit argument,
-//! the goroutine id, a 64-bit argument), written behind the hook's check
-//! by a call to a few instructions: a load of the P's write position, a
-//! mask test, two stores and a bump (about 20–30 instructions an event in
-//! all). A full buffer (a 2 MiB chunk, 131,072 records) is swapped, off
-//! the hot path, for a pre-faulted one from a pool (two chunks per P to
-//! start with; hosted, a thread of the trace's own, `gokernel-trace`,
-//! keeps it topped up; see `Pool`); a P keeps at most
-//! [`MAX_EVENTS_PER_BUFFER`] records, and later ones are counted as
-//! dropped ([`Sched::trace_dropped`]). Events of a thread without a P go
-//! to one shared buffer, under a lock. Memory: 16 bytes an event, in 2 MiB
-//! steps, 4 MiB per P from the start.
+//! # Recording
+//!
+//! Each P has its own buffer, written only by the M that holds the P,
+//! with plain stores: no lock, no locked instruction, no allocation, no
+//! call. An event is mostly one 8-byte word, written inline at the call
+//! site (`put`): the write position compared with the P's limit, the
+//! word stored, the position bumped: with finding the P and composing
+//! the word, 10–20 instructions an event on the benchmark rows (11 a
+//! yield's stop and start, 18 a hand-off's wake-up, block and start). What is not the hot path is out of line (`slow`,
+//! `flush`, the `cold` module).
+//!
+//! The record encoding (internal; [`Sched::trace_events`] turns it back
+//! into [`Event`]s): a word is a code (bits 0–7), an 8-bit argument
+//! (8–15) and a 48-bit one (16–63, a goroutine id modulo 2^48, a P or M
+//! id). A record leaves out what the reader can work out, chiefly which
+//! goroutine it is about: the reader knows which goroutine runs on each P
+//! from the last start it read there.
+//!
+//! | code | events | words | goroutine |
+//! |---|---|---|---|
+//! | `SWITCH + how` | the P's goroutine stops (`how`: none, yield, end, block + wait reason), goroutine `g` starts | 1 | `g`; the stop: the P's |
+//! | `STOP + how` | the P's goroutine stops, no other starts yet | 1 | the P's |
+//! | `CREATE` | `g` created by the P's goroutine (0 if none) | 1 | `g` |
+//! | `UNBLOCK` | `g` made runnable by the P's goroutine (0 if none) | 1 | `g` |
+//! | `SYSENTER` / `SYSENTER_G` | a goroutine enters a blocking call | 1 | the P's / `g` |
+//! | `SYSEXIT` | `g` is back from one (and is the P's goroutine) | 1 | `g` |
+//! | `TIMER` | a timer fired, readying `g` (0: a callback) | 1 | `g` |
+//! | `STEAL` | the P stole (next word) goroutines from P `g` | 2 | — |
+//! | `PROC_START` / `PROC_STOP` | M `g` took / let go of the P | 1 | — |
+//! | `STAMP` | a clock reading: the next word is the time of the record after it | 2 | — |
+//!
+//! A stop costs one store: the stop site (`gosched_m`, `park_m`,
+//! `goexit0`) stashes how the goroutine stopped in the P (`PTrace::stash`)
+//! and the next start on the P writes it and the new goroutine's id as
+//! one `SWITCH` record. If the P does something else first — records
+//! another event from g0 (a timer, a wake-up, a steal), looks beyond its
+//! own queues for work (`findrunnable`, the `idle` hook), or is let go —
+//! the stash is written first as a `STOP`, with its own clock reading.
+//! So a stop's time is the next start's when the P found that start in
+//! its own queues at once (within the few hundred nanoseconds of
+//! `schedule`'s local pick), and its own otherwise.
+//!
+//! A full chunk (2 MiB, 262,144 words) is swapped, off the hot path, for
+//! a pre-faulted one from a pool (three chunks per P to start with, one
+//! in use and two in the pool; hosted, a thread of the trace's own,
+//! `gokernel-trace`, keeps it topped up; see `Pool`); a P keeps at most
+//! [`MAX_EVENTS_PER_BUFFER`] words, and later ones are counted as dropped
+//! ([`Sched::trace_dropped`]). At each clock reading the slow path asks
+//! for the cache lines of the block after the next one (`prefetch`), so
+//! that the records' stores find their lines in the cache: without it, a
+//! store to a line not yet in the cache stalled about once every 8
+//! records, and that cost more time than all the instructions. Events of
+//! a thread without a P go to one shared buffer, under a lock. Memory:
+//! 8 bytes an event, in 2 MiB steps, 6 MiB per P from the start.
 //!
 //! # Timestamps, and how precise the timeline is
 //!
@@ -45,19 +87,21 @@
 //! would cost more than the rest of an event, so not every event reads it.
 //! An event carries an exact time (the TSC) when:
 //!
-//! - it is a block (`GoBlock`): the time `gopark` already reads for the
-//!   goroutine's wait time;
-//! - it is a P start or stop, a steal, or recorded without a P;
+//! - it is a P start or stop, a steal, a stop written on its own (see
+//!   above), or recorded without a P;
 //! - its P's events are sparse — more than about 10 µs apart on
-//!   average: then every event reads the clock, which is then cheap
+//!   average: then every record reads the clock, which is then cheap
 //!   beside the gaps;
-//! - otherwise, while its P's events are dense, one in 64: the first
-//!   record of each 64-record block is a clock reading.
+//! - otherwise, while its P's events are dense, one record in about 64
+//!   words: the first written past the end of each 64-word block (the
+//!   block's end is the P's `limit`, so this costs the fast path
+//!   nothing).
 //!
 //! The events between two readings of one P are placed evenly between
 //! them, in the order they happened on that P ([`Event::exact`] tells
-//! which is which). So in a dense stretch, the times are good to the span
-//! of 64 events (64 scheduler operations: a few microseconds); the one
+//! which is which; a stop written with the next start takes that start's
+//! time). So in a dense stretch, the times are good to the span of 64
+//! records (64 scheduler operations: a few microseconds); the one
 //! case that is off by more is a long gap (a goroutine computing without
 //! a scheduling point) that begins inside a dense stretch and ends before
 //! the P's next clock reading: the gap is spread over the events up to
@@ -65,26 +109,28 @@
 //! by at most the gap. Order is exact within a P; across Ps the events
 //! are merged by time, with causality kept: a goroutine's start never
 //! comes before what created, woke or last stopped it.
+//!
+//! A goroutine already running when a trace starts (only
+//! [`Sched::start_trace`] on a running scheduler can do that) has no
+//! start in the trace, and its first stop names goroutine 0.
 
 use alloc::collections::BTreeSet;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use crate::runtime2::{G, M, P, Sched, WaitReason};
 use crate::tls::getg;
 use crate::traceback::cputicks;
 
-/// Schedulers tracing now, in the whole process: the hooks' one check.
-static TRACING: AtomicUsize = AtomicUsize::new(0);
-
 /// Whether this build records traces (the `trace` cargo feature).
 pub const ENABLED: bool = cfg!(feature = "trace");
 
-/// The most records one P's buffer keeps (16 bytes each: 16 MiB per P);
-/// events past it are counted as dropped. Clock readings are records too
-/// (one in 64 while events are dense).
-pub const MAX_EVENTS_PER_BUFFER: usize = 1 << 20;
+/// The most record words one P's buffer keeps (8 bytes each: 16 MiB per
+/// P); events past it are counted as dropped. Most events take one word;
+/// a clock reading takes two (about one in 64 words while events are
+/// dense).
+pub const MAX_EVENTS_PER_BUFFER: usize = 1 << 21;
 
 /// What happened.
 #[repr(u8)]
@@ -119,29 +165,6 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// The kind with this `as u8` value.
-    const fn from_u8(v: u8) -> Option<Self> {
-        const ALL: [EventKind; 12] = [
-            EventKind::GoCreate,
-            EventKind::GoStart,
-            EventKind::GoStop,
-            EventKind::GoBlock,
-            EventKind::GoUnblock,
-            EventKind::GoEnd,
-            EventKind::Steal,
-            EventKind::ProcStart,
-            EventKind::ProcStop,
-            EventKind::TimerFire,
-            EventKind::SyscallEnter,
-            EventKind::SyscallExit,
-        ];
-        if (v as usize) < ALL.len() {
-            Some(ALL[v as usize])
-        } else {
-            None
-        }
-    }
-
     /// The event's name in the JSON (Go's trace names, where Go has one).
     pub const fn name(self) -> &'static str {
         match self {
@@ -184,26 +207,67 @@ pub struct Event {
 // ---------------------------------------------------------------------
 // Recording.
 
-/// One record of a P's buffer: `head` is the kind (bits 0–7), the 8-bit
-/// argument (8–15) and the goroutine id (16–63); `arg` the 64-bit
-/// argument — for a `GoBlock` its time (the 8-bit one is the reason), for
-/// a clock reading ([`STAMP`]) the time of the record after it.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Rec {
-    head: u64,
-    arg: u64,
+/// A record's first word: the code (bits 0–7), an 8-bit argument (8–15)
+/// and a goroutine id or other 48-bit argument (16–63). What each code
+/// means, and which goroutine it is about when the word does not say,
+/// is in [`decode`]; the module docs have the table.
+mod code {
+    /// A goroutine starts on the P (the id); before it, the goroutine
+    /// that ran there stops, if `SWITCH + how` says how (`how`: 0 none,
+    /// [`YIELD`], [`END`], [`BLOCK`] with the wait reason in bits 8–15).
+    pub(super) const SWITCH: u64 = 1;
+    /// The P's goroutine stops and no other starts yet (`STOP + how`,
+    /// `how` ≥ 1): a stop flushed before another event of the P.
+    pub(super) const STOP: u64 = SWITCH + 3;
+    pub(super) const YIELD: u64 = 1;
+    pub(super) const END: u64 = 2;
+    pub(super) const BLOCK: u64 = 3;
+    /// Goroutine (id) created by the P's goroutine (0 if none).
+    pub(super) const CREATE: u64 = 8;
+    /// Goroutine (id) made runnable by the P's goroutine (0 if none).
+    pub(super) const UNBLOCK: u64 = 9;
+    /// The P's goroutine enters a blocking call.
+    pub(super) const SYSENTER: u64 = 10;
+    /// Goroutine (id) enters a blocking call.
+    pub(super) const SYSENTER_G: u64 = 11;
+    /// Goroutine (id) is back from its call, and the P's goroutine.
+    pub(super) const SYSEXIT: u64 = 12;
+    /// A timer fired, readying goroutine (id, 0 for a callback).
+    pub(super) const TIMER: u64 = 13;
+    /// The P stole (next word) goroutines from P (id).
+    pub(super) const STEAL: u64 = 14;
+    /// M (id) took the P.
+    pub(super) const PROC_START: u64 = 15;
+    /// M (id) let the P go.
+    pub(super) const PROC_STOP: u64 = 16;
+    /// A clock reading: the next word is the time of the record after it.
+    pub(super) const STAMP: u64 = 0xff;
 }
 
-/// The kind byte of a clock reading.
-const STAMP: u8 = 0xff;
+/// The stash of a P with no stop pending: `SWITCH + 0`.
+const NO_STOP: u32 = code::SWITCH as u32;
 
-/// Records per clock reading while a P's events are dense.
-const STAMP_EVERY: usize = 64;
+/// A record word: `code`, the 8-bit `aux`, and `g` (modulo 2^48).
+#[inline(always)]
+const fn word(code: u64, aux: u64, g: u64) -> u64 {
+    code | aux << 8 | g << 16
+}
 
-/// The write position's bits that are zero at the start of a 64-record
-/// block (blocks are aligned to their size): the dense mask.
-const DENSE_MASK: usize = STAMP_EVERY * size_of::<Rec>() - 1;
+/// Words per clock block while a P's events are dense: the first record
+/// written past a block's end reads the clock.
+const BLOCK_WORDS: usize = 64;
+
+/// Block alignment, in bytes.
+const BLOCK_BYTES: usize = BLOCK_WORDS * size_of::<u64>();
+
+/// The most words a record written by the fast path takes; the last
+/// ones of a chunk stay free for it (`limit` is at least this far from
+/// the end).
+const FAST_WORDS: usize = 2;
+
+/// The most words the slow path writes at once: a stashed stop, with
+/// its clock reading, then a record of two words with its own.
+const SLOW_WORDS: usize = 8;
 
 /// Ticks per event above which a P's events count as sparse (about 10 µs
 /// at 2–3 GHz): every event then reads the clock, which costs under 0.5 %
@@ -213,18 +277,18 @@ const DENSE_MASK: usize = STAMP_EVERY * size_of::<Rec>() - 1;
 const SPARSE_TICKS: u64 = 25_000;
 
 /// Bytes per chunk: one 2 MiB huge page (hosted, the chunk is marked
-/// for one with `MADV_HUGEPAGE`: one page fault per 131,072 records
-/// rather than one per 256).
+/// for one with `MADV_HUGEPAGE`: one page fault per 262,144 words rather
+/// than one per 512).
 const CHUNK_BYTES: usize = 2 << 20;
 
-/// Records per chunk.
-const CHUNK: usize = CHUNK_BYTES / size_of::<Rec>();
+/// Words per chunk.
+const CHUNK: usize = CHUNK_BYTES / size_of::<u64>();
 
-// A chunk's start is where a 64-record block starts (the dense mask).
-const _: () = assert!(CHUNK_BYTES.is_multiple_of(DENSE_MASK + 1));
+// A chunk's start is where a clock block starts.
+const _: () = assert!(CHUNK_BYTES.is_multiple_of(BLOCK_BYTES));
 
-/// One buffer's memory: [`CHUNK`] records, aligned to their size.
-struct Chunk(core::ptr::NonNull<Rec>);
+/// One buffer's memory: [`CHUNK`] words, aligned to their size.
+struct Chunk(core::ptr::NonNull<u64>);
 
 // SAFETY: a chunk is plain memory, owned by whoever holds the Chunk.
 unsafe impl Send for Chunk {}
@@ -242,7 +306,7 @@ impl Chunk {
     /// takes no page fault.
     fn new() -> Chunk {
         // SAFETY: a layout of non-zero size.
-        let p = unsafe { alloc::alloc::alloc(Self::layout()) }.cast::<Rec>();
+        let p = unsafe { alloc::alloc::alloc(Self::layout()) }.cast::<u64>();
         let Some(p) = core::ptr::NonNull::new(p) else {
             alloc::alloc::handle_alloc_error(Self::layout());
         };
@@ -252,14 +316,14 @@ impl Chunk {
         unsafe {
             libc::madvise(p.as_ptr().cast(), CHUNK_BYTES, libc::MADV_HUGEPAGE);
         }
-        for i in (0..CHUNK).step_by(4096 / size_of::<Rec>()) {
-            // SAFETY: record i of the chunk.
-            unsafe { core::ptr::write_volatile(p.as_ptr().add(i), Rec { head: 0, arg: 0 }) };
+        for i in (0..CHUNK).step_by(4096 / size_of::<u64>()) {
+            // SAFETY: word i of the chunk.
+            unsafe { core::ptr::write_volatile(p.as_ptr().add(i), 0) };
         }
         Chunk(p)
     }
 
-    fn base(&self) -> *mut Rec {
+    fn base(&self) -> *mut u64 {
         self.0.as_ptr()
     }
 }
@@ -270,12 +334,11 @@ impl Drop for Chunk {
         unsafe { alloc::alloc::dealloc(self.0.as_ptr().cast(), Self::layout()) };
     }
 }
-
 /// Chunks ready to be swapped in, shared by a scheduler's Ps.
 ///
 /// Filling a chunk's fresh pages costs the kernel a page fault each (a
-/// microsecond or more in a virtual machine: more than recording the 256
-/// events a 4 KiB page holds; hence huge pages, where the kernel has
+/// microsecond or more in a virtual machine: more than recording the 512
+/// words a 4 KiB page holds; hence huge pages, where the kernel has
 /// them). Hosted, a thread of the trace's own
 /// (`gokernel-trace`) keeps the pool topped up, so the threads that
 /// record never take those faults; bare metal, or if it falls behind, a
@@ -298,7 +361,7 @@ impl Pool {
             filler: spin::Once::new(),
         });
         #[cfg(feature = "std")]
-        {
+        if want > 0 {
             let weak = alloc::sync::Arc::downgrade(&pool);
             let t = std::thread::Builder::new()
                 .name("gokernel-trace".into())
@@ -344,18 +407,28 @@ fn fill(pool: &alloc::sync::Weak<Pool>) {
     }
 }
 
-/// A P's write position (in [`P`]): only the M holding the P writes it
+/// A P's trace state (in [`P`]): only the M holding the P writes it
 /// (relaxed atomics, which are plain moves on x86_64; the release store
-/// of `pos` publishes the records before it to a reader).
+/// of `pos` publishes the words before it to a reader). The fields the
+/// fast path reads are first, together.
 pub(crate) struct PTrace {
-    /// The next free record; null until the P records its first event.
-    pos: AtomicPtr<Rec>,
-    /// One record before the chunk's end: reaching it swaps the chunk
-    /// (so that a clock reading and its event always fit).
-    end: AtomicPtr<Rec>,
-    /// [`DENSE_MASK`], or 0 while events are sparse: a record goes through
-    /// the slow path (and reads the clock) when `pos & mask == 0`.
-    mask: AtomicUsize,
+    /// The next free word; null while the P's scheduler does not trace
+    /// (set once by [`Sched::start_trace`], then by the owner only).
+    pos: AtomicPtr<u64>,
+    /// A record goes through the slow path when `pos >= limit`: at the
+    /// end of a dense clock block, at once while events are sparse, at
+    /// the chunk's end; null until the owner's first slow path.
+    limit: AtomicPtr<u64>,
+    /// The stop of the P's goroutine not yet written: `SWITCH + how`
+    /// (with the wait reason in bits 8–15), or [`NO_STOP`]. A stop site
+    /// stores it (one plain store); the next start writes it with the
+    /// new goroutine's id, as one record; any other record of the P
+    /// writes it first.
+    stash: AtomicU32,
+    /// Whether the P's events are dense (a clock reading per block).
+    dense: AtomicBool,
+    /// The chunk's end.
+    end: AtomicPtr<u64>,
     /// The last clock reading of the dense/sparse choice.
     last: AtomicU64,
 }
@@ -364,8 +437,10 @@ impl PTrace {
     pub(crate) const fn new() -> Self {
         PTrace {
             pos: AtomicPtr::new(core::ptr::null_mut()),
+            limit: AtomicPtr::new(core::ptr::null_mut()),
+            stash: AtomicU32::new(NO_STOP),
+            dense: AtomicBool::new(true),
             end: AtomicPtr::new(core::ptr::null_mut()),
-            mask: AtomicUsize::new(0),
             last: AtomicU64::new(0),
         }
     }
@@ -382,12 +457,12 @@ pub struct SchedTrace {
 /// chunk, and by readers.
 #[derive(Default)]
 struct PChunks {
-    /// Filled chunks, with how many records each holds.
+    /// Filled chunks, with how many words each holds.
     full: Vec<(Chunk, usize)>,
     /// The chunk being written (from `PTrace::pos`).
     cur: Option<Chunk>,
-    /// Records in `full`.
-    records: usize,
+    /// Words in `full`.
+    words: usize,
     /// Over [`MAX_EVENTS_PER_BUFFER`]: `cur` is scratch, rewritten.
     dropping: bool,
 }
@@ -401,54 +476,75 @@ struct Bufs {
     start: (u64, u64),
 }
 
-impl Drop for SchedTrace {
-    fn drop(&mut self) {
-        if self.bufs.get().is_some() {
-            TRACING.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-#[inline(always)]
-const fn head(kind: EventKind, aux: u8, g: u64) -> u64 {
-    kind as u64 | (aux as u64) << 8 | g << 16
-}
-
-/// Records an event in P `pp`'s buffer: the hot path.
+/// Records the one-word record `w()` in P `pp`'s buffer: the fast path,
+/// a few instructions — a compare of the write position with the limit,
+/// a store, the position bumped. At the limit (a clock reading due, the
+/// chunk full, or the P's first record) the slow path; with the P's
+/// scheduler not tracing (`pos` null), nothing: `w` is not called, so
+/// that not tracing costs the compare and a test. `flushing`: the
+/// caller may run between a stop and the next start (on g0), so a
+/// stashed stop is written first.
 ///
 /// # Safety
 ///
-/// `pp` is the P the calling M holds.
+/// `pp` is the P the calling M holds; unless `flushing`, no stop is
+/// stashed in it, or `w` takes it.
 #[inline(always)]
-unsafe fn put(pp: *mut P, kind: EventKind, aux: u8, g: u64, arg: u64) {
+unsafe fn put(pp: *mut P, flushing: bool, w: impl Fn() -> u64) {
     // SAFETY: the contract: our P; only we write its PTrace.
     unsafe {
         let t = &(*pp).trace;
         let pos = t.pos.load(Ordering::Relaxed);
-        // Null (the first event) or a clock reading due: the slow path.
-        if (pos as usize) & t.mask.load(Ordering::Relaxed) == 0 {
-            return put_slow(pp, head(kind, aux, g), arg);
+        if pos < t.limit.load(Ordering::Relaxed) {
+            if flushing && t.stash.load(Ordering::Relaxed) != NO_STOP {
+                return flush_then(pp, w());
+            }
+            // limit is at most the chunk's end minus FAST_WORDS.
+            pos.write(w());
+            t.pos.store(pos.add(1), Ordering::Release);
+        } else if !pos.is_null() {
+            if flushing {
+                return flush_then(pp, w());
+            }
+            slow(pp, w(), 0, 1);
         }
-        write(pp, pos, head(kind, aux, g), arg);
     }
 }
 
-/// Writes a record at `pos` and moves past it.
+/// Writes `pp`'s stashed stop, if any, then the record `w`.
 ///
 /// # Safety
 ///
-/// `pp` is the caller's P; `pos` is a free record of its chunk, before
-/// `end`'s successor.
-#[inline(always)]
-unsafe fn write(pp: *mut P, pos: *mut Rec, head: u64, arg: u64) {
+/// `pp` is the P the calling M holds.
+#[cold]
+#[inline(never)]
+unsafe fn flush_then(pp: *mut P, w: u64) {
+    // SAFETY: the contract.
+    unsafe {
+        flush(pp);
+        slow(pp, w, 0, 1);
+    }
+}
+
+/// Writes P `pp`'s stashed stop, with a clock reading (the P is about
+/// to do something else than start a goroutine: look for work, record
+/// another event, or go idle).
+///
+/// # Safety
+///
+/// `pp` is the P the calling M holds.
+#[cold]
+#[inline(never)]
+unsafe fn flush(pp: *mut P) {
     // SAFETY: the contract.
     unsafe {
         let t = &(*pp).trace;
-        pos.write(Rec { head, arg });
-        let next = pos.add(1);
-        t.pos.store(next, Ordering::Release);
-        if next >= t.end.load(Ordering::Relaxed) {
-            refill(pp);
+        // A load and a store, not a swap (a locked instruction): only
+        // the owner writes the stash.
+        let s = u64::from(t.stash.load(Ordering::Relaxed));
+        t.stash.store(NO_STOP, Ordering::Relaxed);
+        if s != u64::from(NO_STOP) {
+            slow(pp, s - code::SWITCH + code::STOP, 0, 1);
         }
     }
 }
@@ -470,22 +566,30 @@ fn cur_sched() -> *const Sched {
     }
 }
 
-/// The record with a clock reading before it: the first record of a P
-/// (which sets its buffer up), one in 64 while dense, every one while
-/// sparse, and the rare kinds that are always exact.
+/// Writes a record of `n` (1 or 2) words, `w0` then `w1`, with a clock
+/// reading before it, and sets the limit for the records after it: the
+/// end of their clock block while the P's events are dense, this very
+/// position while they are sparse (so that each reads the clock), never
+/// past the chunk's end. Swaps the chunk when full. Nothing if the P's
+/// scheduler does not trace.
 ///
 /// # Safety
 ///
 /// `pp` is the P the calling M holds.
 #[cold]
 #[inline(never)]
-unsafe fn put_slow(pp: *mut P, head: u64, arg: u64) {
+unsafe fn slow(pp: *mut P, w0: u64, w1: u64, n: usize) {
     // SAFETY: the contract.
     unsafe {
         let t = &(*pp).trace;
-        let mut pos = t.pos.load(Ordering::Relaxed);
+        // Acquire: pairs with start_trace's release store (`end`).
+        let mut pos = t.pos.load(Ordering::Acquire);
         if pos.is_null() {
-            pos = install(pp);
+            return;
+        }
+        let end = t.end.load(Ordering::Relaxed);
+        if (end as usize - pos as usize) / size_of::<u64>() < SLOW_WORDS {
+            pos = refill(pp);
             if pos.is_null() {
                 return;
             }
@@ -495,64 +599,75 @@ unsafe fn put_slow(pp: *mut P, head: u64, arg: u64) {
         let last = t.last.load(Ordering::Relaxed);
         t.last.store(now, Ordering::Relaxed);
         let gap = now.wrapping_sub(last);
-        if t.mask.load(Ordering::Relaxed) == 0 {
-            if gap < SPARSE_TICKS {
-                t.mask.store(DENSE_MASK, Ordering::Relaxed);
-            }
-        } else if gap > STAMP_EVERY as u64 * SPARSE_TICKS {
-            t.mask.store(0, Ordering::Relaxed);
-        }
-        pos.write(Rec {
-            head: u64::from(STAMP),
-            arg: now,
-        });
-        // pos was before `end`: its successor is in the chunk.
-        write(pp, pos.add(1), head, arg);
-    }
-}
-
-/// Sets up the buffer of `pp` (the calling M's P) if its scheduler
-/// traces; returns the write position, or null.
-///
-/// # Safety
-///
-/// As [`put_slow`].
-unsafe fn install(pp: *mut P) -> *mut Rec {
-    let sched = cur_sched();
-    // SAFETY: the calling M's scheduler is live; pp is one of its Ps.
-    unsafe {
-        let Some(b) = sched.as_ref().and_then(|s| s.trace.bufs.get()) else {
-            return core::ptr::null_mut();
+        let dense = if t.dense.load(Ordering::Relaxed) {
+            gap <= BLOCK_WORDS as u64 * SPARSE_TICKS
+        } else {
+            gap < SPARSE_TICKS
         };
-        let mut l = b.per_p[(*pp).id as usize].lock();
-        let c = b.take_chunk();
-        let base = c.base();
-        l.cur = Some(c);
-        let t = &(*pp).trace;
-        t.end.store(base.add(CHUNK - 1), Ordering::Relaxed);
-        t.mask.store(DENSE_MASK, Ordering::Relaxed);
-        t.pos.store(base, Ordering::Release);
-        base
+        t.dense.store(dense, Ordering::Relaxed);
+        pos.write(code::STAMP);
+        pos.add(1).write(now);
+        pos.add(2).write(w0);
+        if n == 2 {
+            pos.add(3).write(w1);
+        }
+        let next = pos.add(2 + n);
+        t.pos.store(next, Ordering::Release);
+        let end = t.end.load(Ordering::Relaxed);
+        let last_ok = end.sub(FAST_WORDS);
+        let limit = if dense {
+            // The next block boundary after `next`.
+            let boundary = ((next as usize | (BLOCK_BYTES - 1)) + 1) as *mut u64;
+            if boundary < last_ok {
+                boundary
+            } else {
+                last_ok
+            }
+        } else {
+            next
+        };
+        t.limit.store(limit, Ordering::Relaxed);
+        if dense {
+            // The block after the next one, into this core's cache ahead
+            // of its stores (a record's store to a cold line otherwise
+            // waits for the line, about once every 8 records).
+            let ahead = (limit as usize).wrapping_add(BLOCK_BYTES) & !(BLOCK_BYTES - 1);
+            for line in (0..BLOCK_BYTES).step_by(64) {
+                prefetch(ahead.wrapping_add(line));
+            }
+        }
     }
 }
 
-/// `pp`'s chunk is full: swaps in a fresh one (or, over the limit,
-/// rewrites a scratch chunk and counts what it drops).
+/// Asks for the cache line at `addr` (a hint: any address is valid).
+#[inline(always)]
+fn prefetch(addr: usize) {
+    // SAFETY: prefetch never faults, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(addr as *const i8);
+    }
+}
+
+/// `pp`'s chunk is (nearly) full: swaps in a fresh one (or, over the
+/// limit, rewrites a scratch chunk and counts what it drops). Returns the
+/// new write position (null if the scheduler does not trace).
 ///
 /// # Safety
 ///
-/// As [`put_slow`].
+/// As [`slow`].
 #[cold]
 #[inline(never)]
-unsafe fn refill(pp: *mut P) {
-    // SAFETY: the contract; install ran for pp, so its scheduler traces.
+unsafe fn refill(pp: *mut P) -> *mut u64 {
+    // SAFETY: the contract; pos is set, so the scheduler traces.
     unsafe {
         let Some(b) = cur_sched().as_ref().and_then(|s| s.trace.bufs.get()) else {
-            return;
+            return core::ptr::null_mut();
         };
         let t = &(*pp).trace;
         let mut l = b.per_p[(*pp).id as usize].lock();
-        let Some(cur) = l.cur.take() else { return };
+        let Some(cur) = l.cur.take() else {
+            return core::ptr::null_mut();
+        };
         let base = cur.base();
         let used = t.pos.load(Ordering::Relaxed).offset_from(base) as usize;
         let base = if l.dropping {
@@ -561,34 +676,28 @@ unsafe fn refill(pp: *mut P) {
             base
         } else {
             l.full.push((cur, used));
-            l.records += used;
-            let c = b.take_chunk();
+            l.words += used;
+            let c = b.pool.take();
             let base = c.base();
             l.cur = Some(c);
-            l.dropping = l.records + CHUNK > MAX_EVENTS_PER_BUFFER;
+            l.dropping = l.words + CHUNK > MAX_EVENTS_PER_BUFFER;
             base
         };
-        t.end.store(base.add(CHUNK - 1), Ordering::Relaxed);
+        t.end.store(base.add(CHUNK), Ordering::Relaxed);
         t.pos.store(base, Ordering::Release);
+        base
     }
 }
 
-impl Bufs {
-    fn take_chunk(&self) -> Chunk {
-        self.pool.take()
-    }
-}
-
-/// Records an event without a P, in the shared buffer (`ticks`: its
-/// time, if already read).
+/// Records an event without a P, in the shared buffer, with its time.
 #[cold]
 #[inline(never)]
-fn put_no_p(sched: *const Sched, kind: EventKind, g: u64, arg: u64, ticks: Option<u64>) {
+fn put_no_p(sched: *const Sched, kind: EventKind, g: u64, arg: u64) {
     // SAFETY: callers pass a live scheduler or null.
     let Some(b) = (unsafe { sched.as_ref() }).and_then(|s| s.trace.bufs.get()) else {
         return;
     };
-    let ticks = ticks.unwrap_or_else(cputicks);
+    let ticks = cputicks();
     let mut v = b.no_p.lock();
     if v.len() >= MAX_EVENTS_PER_BUFFER {
         b.dropped.fetch_add(1, Ordering::Relaxed);
@@ -607,36 +716,89 @@ fn put_no_p(sched: *const Sched, kind: EventKind, g: u64, arg: u64, ticks: Optio
 // ---------------------------------------------------------------------
 // Reading back.
 
-/// The events of one P's records, in order, their times placed (see the
-/// module docs).
-fn decode(recs: &[Rec], p: u32, t0: u64) -> Vec<Event> {
-    let mut out: Vec<Event> = Vec::with_capacity(recs.len());
+/// The events of one P's record words, in order, their times placed
+/// (see the module docs).
+///
+/// The records say which goroutine they are about where the P's owner
+/// could not know it for free; where they do not, it is the P's
+/// goroutine: the one the last `SWITCH` (or `SYSEXIT`) started on the
+/// P, until a stop, or the P changes hands.
+fn decode(words: &[u64], p: u32, t0: u64) -> Vec<Event> {
+    let mut out: Vec<Event> = Vec::with_capacity(words.len() + words.len() / 4);
+    // Indices of stops written with the next start: their time is its.
+    let mut tied: Vec<usize> = Vec::new();
     let mut stamp: Option<u64> = None;
-    for r in recs {
-        let kind = (r.head & 0xff) as u8;
-        if kind == STAMP {
-            stamp = Some(r.arg);
-            continue;
+    let mut cur: Option<u64> = None;
+    let stop_kind = |how: u64| match how {
+        code::YIELD => EventKind::GoStop,
+        code::END => EventKind::GoEnd,
+        _ => EventKind::GoBlock,
+    };
+    let mut i = 0;
+    while i < words.len() {
+        let w = words[i];
+        i += 1;
+        let (c, aux, g) = (w & 0xff, (w >> 8) & 0xff, w >> 16);
+        let ev = |kind: EventKind, g: u64, arg: u64, stamp: &mut Option<u64>| {
+            let exact = stamp.take();
+            Event {
+                ticks: exact.unwrap_or(0),
+                g,
+                arg,
+                kind,
+                p: Some(p),
+                exact: exact.is_some(),
+            }
+        };
+        let by_cur = cur.unwrap_or(0);
+        match c {
+            code::STAMP => {
+                stamp = words.get(i).copied();
+                i += 1;
+            }
+            _ if (code::SWITCH..=code::SWITCH + code::BLOCK).contains(&c) => {
+                let how = c - code::SWITCH;
+                if how != 0 {
+                    let arg = if how == code::BLOCK { aux } else { 0 };
+                    out.push(ev(stop_kind(how), by_cur, arg, &mut None));
+                    tied.push(out.len() - 1);
+                }
+                out.push(ev(EventKind::GoStart, g, 0, &mut stamp));
+                cur = Some(g);
+            }
+            _ if (code::STOP + code::YIELD..=code::STOP + code::BLOCK).contains(&c) => {
+                let how = c - code::STOP;
+                let arg = if how == code::BLOCK { aux } else { 0 };
+                out.push(ev(stop_kind(how), by_cur, arg, &mut stamp));
+                cur = None;
+            }
+            code::CREATE => out.push(ev(EventKind::GoCreate, g, by_cur, &mut stamp)),
+            code::UNBLOCK => out.push(ev(EventKind::GoUnblock, g, by_cur, &mut stamp)),
+            code::SYSENTER => out.push(ev(EventKind::SyscallEnter, by_cur, 0, &mut stamp)),
+            code::SYSENTER_G => out.push(ev(EventKind::SyscallEnter, g, 0, &mut stamp)),
+            code::SYSEXIT => {
+                out.push(ev(EventKind::SyscallExit, g, 0, &mut stamp));
+                cur = Some(g);
+            }
+            code::TIMER => out.push(ev(EventKind::TimerFire, g, 0, &mut stamp)),
+            code::STEAL => {
+                let n = words.get(i).copied().unwrap_or(0);
+                i += 1;
+                out.push(ev(EventKind::Steal, g, n, &mut stamp));
+            }
+            code::PROC_START | code::PROC_STOP => {
+                let kind = if c == code::PROC_START {
+                    EventKind::ProcStart
+                } else {
+                    EventKind::ProcStop
+                };
+                out.push(ev(kind, 0, g, &mut stamp));
+                cur = None;
+            }
+            // Not a record (cannot happen: the buffer is read up to the
+            // published position).
+            _ => {}
         }
-        let Some(kind) = EventKind::from_u8(kind) else {
-            continue;
-        };
-        let aux = (r.head >> 8) & 0xff;
-        let g = r.head >> 16;
-        let (arg, exact) = if kind == EventKind::GoBlock {
-            (aux, Some(r.arg))
-        } else {
-            (r.arg, stamp)
-        };
-        stamp = None;
-        out.push(Event {
-            ticks: exact.unwrap_or(0),
-            g,
-            arg,
-            kind,
-            p: Some(p),
-            exact: exact.is_some(),
-        });
     }
     // Place the others evenly between the exact ones around them.
     let mut next: Vec<Option<usize>> = alloc::vec![None; out.len()];
@@ -667,6 +829,10 @@ fn decode(recs: &[Rec], p: u32, t0: u64) -> Vec<Event> {
         // Monotonic within the P, whatever the TSCs of its threads say.
         out[i].ticks = out[i].ticks.max(floor);
         floor = out[i].ticks;
+    }
+    // A stop written with the next start happened at (just before) it.
+    for i in tied {
+        out[i].ticks = out[i + 1].ticks;
     }
     out
 }
@@ -740,9 +906,13 @@ fn merge(streams: Vec<Vec<Event>>) -> Vec<Event> {
 
 impl Sched {
     /// Starts recording this scheduler's events (once: later calls do
-    /// nothing). Until then, and for schedulers that never start, the
-    /// hooks cost one load and a branch. Without the `trace` feature
-    /// ([`ENABLED`]) nothing is recorded.
+    /// nothing). Until then, and for schedulers that never start, a hook
+    /// finds its P's write position null and records nothing. Without
+    /// the `trace` feature ([`ENABLED`]) nothing is recorded.
+    ///
+    /// A goroutine already running when the trace starts (bare metal,
+    /// mid-run) has no start in it, and its first stop names goroutine 0
+    /// (a stop record does not repeat the id the start carried).
     ///
     /// ```
     /// use gokernel::platform::hosted::HOSTED;
@@ -762,15 +932,31 @@ impl Sched {
     /// # sched.shutdown();
     /// ```
     pub fn start_trace(&self) {
+        if !ENABLED {
+            // No hook would write: nothing to set up.
+            let _ = self.trace.bufs.call_once(|| Bufs {
+                per_p: Vec::new(),
+                pool: Pool::new(0),
+                no_p: spin::Mutex::new(Vec::new()),
+                dropped: AtomicU64::new(0),
+                start: (cputicks(), self.platform.nanotime()),
+            });
+            return;
+        }
         let mut started = false;
-        self.trace.bufs.call_once(|| {
+        let b = self.trace.bufs.call_once(|| {
             started = true;
-            // Two chunks per P (4 MiB), faulted in now rather than while
-            // recording.
+            // Three chunks per P (6 MiB), faulted in now rather than while
+            // recording: each P's first, and two in the pool.
             let pool = Pool::new(2 * self.procs());
             Bufs {
                 per_p: (0..self.procs())
-                    .map(|_| spin::Mutex::new(PChunks::default()))
+                    .map(|_| {
+                        spin::Mutex::new(PChunks {
+                            cur: Some(pool.take()),
+                            ..PChunks::default()
+                        })
+                    })
                     .collect(),
                 pool,
                 no_p: spin::Mutex::new(Vec::new()),
@@ -778,8 +964,25 @@ impl Sched {
                 start: (cputicks(), self.platform.nanotime()),
             }
         });
-        if started {
-            TRACING.fetch_add(1, Ordering::Relaxed);
+        if !started {
+            return;
+        }
+        for (i, chunks) in b.per_p.iter().enumerate() {
+            let base = chunks
+                .lock()
+                .cur
+                .as_ref()
+                .map_or(core::ptr::null_mut(), Chunk::base);
+            // SAFETY: allp[i] is P i, live as long as the scheduler. Its
+            // owner does not write `pos`, `end` or `limit` while `pos` is
+            // null, and `limit` stays null until its owner's slow path
+            // (so its fast path cannot run before then).
+            unsafe {
+                let t = &(*self.allp[i]).trace;
+                t.end.store(base.add(CHUNK), Ordering::Relaxed);
+                // Release: pairs with the slow path's acquire (`end`).
+                t.pos.store(base, Ordering::Release);
+            }
         }
     }
 
@@ -800,13 +1003,14 @@ impl Sched {
         let mut streams = Vec::with_capacity(b.per_p.len() + 1);
         streams.push(b.no_p.lock().clone());
         for (i, chunks) in b.per_p.iter().enumerate() {
-            let mut recs: Vec<Rec> = Vec::new();
+            let mut words: Vec<u64> = Vec::new();
             {
                 let l = chunks.lock();
                 for (c, used) in &l.full {
-                    // SAFETY: the first `used` records were written before
+                    // SAFETY: the first `used` words were written before
                     // the chunk was filed, under this lock.
-                    recs.extend_from_slice(unsafe { core::slice::from_raw_parts(c.base(), *used) });
+                    words
+                        .extend_from_slice(unsafe { core::slice::from_raw_parts(c.base(), *used) });
                 }
                 if let (Some(c), false) = (&l.cur, l.dropping) {
                     let base = c.base();
@@ -814,15 +1018,20 @@ impl Sched {
                     // owner cannot swap `cur`, and everything before the
                     // position it published (release) is written.
                     let pos = unsafe { (*self.allp[i]).trace.pos.load(Ordering::Acquire) };
-                    // SAFETY: pos is in `cur` (at most one past its end).
-                    let used = unsafe { pos.offset_from(base) }.clamp(0, CHUNK as isize);
+                    let used = if pos.is_null() {
+                        // start_trace has not set it yet.
+                        0
+                    } else {
+                        // SAFETY: pos is in `cur` (at most at its end).
+                        unsafe { pos.offset_from(base) }.clamp(0, CHUNK as isize)
+                    };
                     // SAFETY: as above.
-                    recs.extend_from_slice(unsafe {
+                    words.extend_from_slice(unsafe {
                         core::slice::from_raw_parts(base, used as usize)
                     });
                 }
             }
-            streams.push(decode(&recs, i as u32, b.start.0));
+            streams.push(decode(&words, i as u32, b.start.0));
         }
         let mut no_p = core::mem::take(&mut streams[0]);
         no_p.sort_by_key(|e| e.ticks);
@@ -945,39 +1154,10 @@ fn chrome_json(events: &[Event], procs: usize, us: impl Fn(u64) -> f64) -> Strin
 }
 
 // ---------------------------------------------------------------------
-// The hooks. Each is inlined: a check of `TRACING`, then (tracing) the
-// few stores of `put`; the rest is out of line.
-
-/// Whether any scheduler traces (never, without the `trace` feature: the
-/// hooks are compiled out).
-#[inline(always)]
-fn on() -> bool {
-    ENABLED && TRACING.load(Ordering::Relaxed) != 0
-}
-
-/// Records an event of M `mp`: in its P's buffer, or the shared one.
-///
-/// # Safety
-///
-/// `mp` is the calling thread's M.
-#[inline(always)]
-unsafe fn put_m(mp: *mut M, kind: EventKind, aux: u8, g: u64, arg: u64) {
-    // SAFETY: the contract: our M, our P.
-    unsafe {
-        let pp = (*mp).p;
-        if pp.is_null() {
-            let ticks = (kind == EventKind::GoBlock).then_some(arg);
-            let arg = if kind == EventKind::GoBlock {
-                u64::from(aux)
-            } else {
-                arg
-            };
-            put_no_p((*mp).rt, kind, g, arg, ticks);
-        } else {
-            put(pp, kind, aux, g, arg);
-        }
-    }
-}
+// The hooks. Each is inlined into its call site: on the hot paths only
+// the few instructions of `put` (or a stash store), with no flag loaded:
+// a P whose scheduler does not trace has a null write position. What
+// is rare is out of line, in `cold`.
 
 /// The current M and the goid of the goroutine it runs (0 on g0); null
 /// off any M.
@@ -1000,96 +1180,131 @@ fn here() -> (*mut M, u64) {
     }
 }
 
-/// Records an event of whoever runs this, for `sched` (which, off any M,
-/// gets it in its shared buffer).
-#[inline(always)]
-fn put_here(sched: &Sched, kind: EventKind, g: u64, arg_is_me: bool, arg: u64) {
-    let (mp, me) = here();
-    let arg = if arg_is_me { me } else { arg };
-    // SAFETY: mp is this thread's M; a P it holds is its scheduler's.
-    unsafe {
-        if !mp.is_null() && core::ptr::eq((*mp).rt, sched) {
-            put_m(mp, kind, 0, g, arg);
-        } else {
-            put_no_p(sched, kind, g, arg, None);
-        }
-    }
-}
-
-/// A G of `sched` was made (`newproc1`).
-#[inline(always)]
-pub(crate) fn gocreate(sched: &Sched, gp: *mut G) {
-    if on() {
-        // SAFETY: gp is new and ours.
-        unsafe { rec::gocreate(sched, gp) };
-    }
-}
-
-/// `gp` starts running on `mp` (`execute`).
+/// The P the current G's M holds, if that M runs `sched` (`cur`: the
+/// current G, `getg()`); null otherwise.
 ///
 /// # Safety
 ///
-/// On `mp`'s g0; `gp` is the G it runs.
+/// `cur` is `getg()`.
 #[inline(always)]
-pub(crate) unsafe fn gostart(mp: *mut M, gp: *mut G) {
-    if on() {
-        // SAFETY: the contract.
-        unsafe { rec::gostart(mp, gp) };
+unsafe fn p_of(sched: &Sched, cur: *mut G) -> *mut P {
+    if cur.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: the current G's M is live, and its P is its own.
+    unsafe {
+        let mp = (*cur).m;
+        if mp.is_null() || !core::ptr::eq((*mp).rt, sched) {
+            return core::ptr::null_mut();
+        }
+        (*mp).p
     }
 }
 
-/// `gp` leaves its M: `kind` is `GoStop`, `GoBlock` or `GoEnd`.
+/// A G of `sched` was made (`newproc1`), by the current goroutine if any.
+#[inline(always)]
+pub(crate) fn gocreate(sched: &Sched, gp: *mut G) {
+    if !ENABLED {
+        return;
+    }
+    let cur = getg();
+    // SAFETY: cur is getg(); gp is new and ours.
+    unsafe {
+        let pp = p_of(sched, cur);
+        if pp.is_null() {
+            return cold::no_p_creator(sched, EventKind::GoCreate, gp);
+        }
+        // By the P's goroutine (m.curg), if any: on g0 between a stop
+        // and the next start there is none, and the stop is written
+        // first.
+        put(pp, true, || word(code::CREATE, 0, (*gp).goid()));
+    }
+}
+
+/// `gp` starts running on `mp`, which holds `pp` (`execute`): one
+/// record, which also says how the goroutine before it on the P
+/// stopped (the stash).
+///
+/// # Safety
+///
+/// On `mp`'s g0; `pp` is `mp.p`; `gp` is the G it runs.
+#[inline(always)]
+pub(crate) unsafe fn gostart(mp: *mut M, pp: *mut P, gp: *mut G) {
+    if !ENABLED {
+        return;
+    }
+    // SAFETY: the contract.
+    unsafe {
+        if pp.is_null() {
+            return cold::gostart_no_p(mp, gp);
+        }
+        let t = &(*pp).trace;
+        // Not tracing, the stash is left as it is: a stale one is
+        // dropped when the P is next taken (`proc`).
+        put(pp, false, || {
+            let w = u64::from(t.stash.load(Ordering::Relaxed)) | (*gp).goid() << 16;
+            t.stash.store(NO_STOP, Ordering::Relaxed);
+            w
+        });
+    }
+}
+
+/// `gp` leaves its M: `kind` is `GoStop`, `GoBlock` or `GoEnd`. Only
+/// stashed in the P (one store): the next start, or whatever the P
+/// records first, writes it.
 ///
 /// # Safety
 ///
 /// On the g0 of the M `gp` just left, which still holds its P (if any).
 #[inline(always)]
 pub(crate) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
-    if on() {
-        // SAFETY: the contract.
-        unsafe { rec::gostop(mp, gp, kind) };
+    if !ENABLED {
+        return;
+    }
+    // SAFETY: the contract.
+    unsafe {
+        let pp = (*mp).p;
+        if pp.is_null() {
+            return cold::gostop_no_p(mp, gp, kind);
+        }
+        let s = match kind {
+            EventKind::GoStop => code::SWITCH + code::YIELD,
+            EventKind::GoEnd => code::SWITCH + code::END,
+            _ => {
+                let r = (*gp).waitreason.load(Ordering::Relaxed);
+                (code::SWITCH + code::BLOCK) | (u64::from(r) << 8)
+            }
+        };
+        (*pp).trace.stash.store(s as u32, Ordering::Relaxed);
     }
 }
 
 /// `gp` (of `sched`) is made runnable by whoever runs this (`ready`, or
-/// a park whose condition already holds).
-///
-/// # Safety
-///
-/// `gp` is a parked G being readied by the caller.
+/// a park whose condition already holds). For the scheduler only: `gp`
+/// is a parked G the caller readies, and `cur` is `getg()`.
 #[inline(always)]
-pub(crate) unsafe fn gounblock(sched: &Sched, gp: *mut G) {
-    if on() {
-        // SAFETY: the contract.
-        unsafe { rec::gounblock(sched, gp) };
+pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
+    if !ENABLED {
+        return;
+    }
+    // SAFETY: the callers' contract: cur is getg(), gp is parked and
+    // theirs to ready, so live.
+    unsafe {
+        let pp = p_of(sched, cur);
+        if pp.is_null() {
+            return cold::no_p_creator(sched, EventKind::GoUnblock, gp);
+        }
+        // By the P's goroutine, if any (as in gocreate).
+        put(pp, true, || word(code::UNBLOCK, 0, (*gp).goid()));
     }
 }
 
 /// P `pp` of `sched` stole `n` Gs from P `victim`.
 #[inline(always)]
 pub(crate) fn steal(sched: &Sched, pp: *mut P, victim: *mut P, n: u64) {
-    if on() {
+    if ENABLED {
         // SAFETY: Ps live as long as their scheduler; pp is the caller's.
-        unsafe {
-            let v = (*victim).id as u64;
-            exact(sched, pp, EventKind::Steal, v, n);
-        }
-    }
-}
-
-/// Records a rare event with its own clock reading.
-///
-/// # Safety
-///
-/// `pp` is null or the P the calling M holds, of `sched`.
-#[cold]
-#[inline(never)]
-unsafe fn exact(sched: *const Sched, pp: *mut P, kind: EventKind, g: u64, arg: u64) {
-    if pp.is_null() {
-        put_no_p(sched, kind, g, arg, None);
-    } else {
-        // SAFETY: the contract.
-        unsafe { put_slow(pp, head(kind, 0, g), arg) };
+        unsafe { cold::exact(sched, pp, word(code::STEAL, 0, (*victim).id as u64), n, 2) };
     }
 }
 
@@ -1102,60 +1317,80 @@ unsafe fn exact(sched: *const Sched, pp: *mut P, kind: EventKind, g: u64, arg: u
 /// `mp` holds (`start`: from now; else: until after this).
 #[inline(always)]
 pub(crate) unsafe fn proc(mp: *mut M, pp: *mut P, start: bool) {
-    if on() {
-        // SAFETY: the contract.
-        unsafe {
-            if start && (*mp).insyscall.load(Ordering::Relaxed) {
-                return;
-            }
-            let kind = if start {
-                EventKind::ProcStart
-            } else {
-                EventKind::ProcStop
-            };
-            exact((*mp).rt, pp, kind, 0, (*mp).id as u64);
+    // SAFETY: the contract.
+    unsafe {
+        // Inline, the check that keeps a blocking call's fast exit off
+        // the cold path.
+        if ENABLED && !(start && (*mp).insyscall.load(Ordering::Relaxed)) {
+            cold::proc(mp, pp, start);
         }
+    }
+}
+
+/// The M holding `pp` found no goroutine in its own queues and looks
+/// further (`findrunnable`): a stop still stashed is written now, at
+/// its time, rather than when the P next starts one. For the scheduler
+/// only: `pp` is the P the calling M holds.
+#[inline(always)]
+pub(crate) fn idle(pp: *mut P) {
+    // SAFETY: the caller's contract: pp is its M's P, live, and only
+    // this M writes its trace state.
+    if ENABLED && unsafe { (*pp).trace.stash.load(Ordering::Relaxed) } != NO_STOP {
+        // SAFETY: as above.
+        unsafe { flush(pp) };
     }
 }
 
 /// A timer of `sched` fired; `gp` is the G it readies, or null.
 #[inline(always)]
 pub(crate) fn timerfire(sched: &Sched, gp: *mut G) {
-    if on() {
-        // SAFETY: a G handed to its timer is live until readied.
-        let g = if gp.is_null() {
-            0
-        } else {
-            unsafe { (*gp).goid() }
-        };
-        put_here(sched, EventKind::TimerFire, g, false, 0);
+    if ENABLED {
+        cold::timerfire(sched, gp);
     }
 }
 
 /// `gp` on `mp` enters a blocking call (`entersyscall`), still holding
-/// its P.
+/// its P: a record without the id (it is the P's goroutine).
 ///
 /// # Safety
 ///
 /// `mp` is the calling thread's M, `gp` its current G.
 #[inline(always)]
 pub(crate) unsafe fn syscall_enter(mp: *mut M, gp: *mut G) {
-    if on() {
-        // SAFETY: the contract.
-        unsafe { rec::syscall(mp, gp, EventKind::SyscallEnter) };
+    if !ENABLED {
+        return;
+    }
+    // SAFETY: the contract.
+    unsafe {
+        let pp = (*mp).p;
+        if pp.is_null() {
+            return cold::put_no_p_g(mp, EventKind::SyscallEnter, gp);
+        }
+        // A running goroutine's P has no stop stashed.
+        put(pp, false, || code::SYSENTER);
     }
 }
 
-/// `gp` on `mp` is back from its call, with a P again (`exitsyscall`).
+/// `gp` on `mp` is back from its call, with a P again (`exitsyscall`):
+/// with the id, since the P may be another than the one it left.
 ///
 /// # Safety
 ///
 /// As [`syscall_enter`].
 #[inline(always)]
 pub(crate) unsafe fn syscall_exit(mp: *mut M, gp: *mut G) {
-    if on() {
-        // SAFETY: the contract.
-        unsafe { rec::syscall(mp, gp, EventKind::SyscallExit) };
+    if !ENABLED {
+        return;
+    }
+    // SAFETY: the contract.
+    unsafe {
+        let pp = (*mp).p;
+        if pp.is_null() {
+            return cold::put_no_p_g(mp, EventKind::SyscallExit, gp);
+        }
+        // Taken by exitsyscallfast (nothing stashed: it was idle or in
+        // the call) or by exitsyscall0 and execute (which wrote it).
+        put(pp, false, || word(code::SYSEXIT, 0, (*gp).goid()));
     }
 }
 
@@ -1164,98 +1399,169 @@ pub(crate) unsafe fn syscall_exit(mp: *mut M, gp: *mut G) {
 /// its own).
 #[inline(always)]
 pub fn syscall(enter: bool) {
-    if on() {
+    if ENABLED {
+        cold::syscall(enter);
+    }
+}
+
+/// The hooks' rare halves, out of line.
+mod cold {
+    use super::*;
+
+    /// An event of `gp` by the current goroutine (the creator or the
+    /// waker: `kind` is `GoCreate` or `GoUnblock`) recorded off a P of
+    /// `sched`.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn no_p_creator(sched: &Sched, kind: EventKind, gp: *mut G) {
+        if !sched.tracing() {
+            return;
+        }
+        // The current goroutine's id, whichever scheduler it runs on.
+        let (_, me) = here();
+        // SAFETY: the callers' gp is live.
+        let g = unsafe { (*gp).goid() };
+        put_no_p(sched, kind, g, me);
+    }
+
+    /// `gp` starts on `mp`, which holds no P.
+    ///
+    /// # Safety
+    ///
+    /// As [`super::gostart`].
+    #[cold]
+    #[inline(never)]
+    pub(super) unsafe fn gostart_no_p(mp: *mut M, gp: *mut G) {
+        // SAFETY: the contract.
+        unsafe { put_no_p((*mp).rt, EventKind::GoStart, (*gp).goid(), 0) };
+    }
+
+    /// `gp` stops on `mp`, which holds no P.
+    ///
+    /// # Safety
+    ///
+    /// As [`super::gostop`].
+    #[cold]
+    #[inline(never)]
+    pub(super) unsafe fn gostop_no_p(mp: *mut M, gp: *mut G, kind: EventKind) {
+        // SAFETY: the contract.
+        unsafe {
+            let arg = if kind == EventKind::GoBlock {
+                u64::from((*gp).waitreason.load(Ordering::Relaxed))
+            } else {
+                0
+            };
+            put_no_p((*mp).rt, kind, (*gp).goid(), arg);
+        }
+    }
+
+    /// An event of `gp` on `mp`, which holds no P.
+    ///
+    /// # Safety
+    ///
+    /// `mp` is the calling thread's M; `gp` is live.
+    #[cold]
+    #[inline(never)]
+    pub(super) unsafe fn put_no_p_g(mp: *mut M, kind: EventKind, gp: *mut G) {
+        // SAFETY: the contract.
+        unsafe { put_no_p((*mp).rt, kind, (*gp).goid(), 0) };
+    }
+
+    /// Records a rare event of `n` words with its own clock reading.
+    ///
+    /// # Safety
+    ///
+    /// `pp` is null or the P the calling M holds, of `sched`.
+    #[cold]
+    #[inline(never)]
+    pub(super) unsafe fn exact(sched: *const Sched, pp: *mut P, w0: u64, w1: u64, n: usize) {
+        if pp.is_null() {
+            let (kind, g, arg) = match w0 & 0xff {
+                code::STEAL => (EventKind::Steal, w0 >> 16, w1),
+                code::PROC_START => (EventKind::ProcStart, 0, w0 >> 16),
+                _ => (EventKind::ProcStop, 0, w0 >> 16),
+            };
+            put_no_p(sched, kind, g, arg);
+        } else {
+            // SAFETY: the contract.
+            unsafe {
+                flush(pp);
+                slow(pp, w0, w1, n);
+            }
+        }
+    }
+
+    /// See [`super::proc`].
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    #[cold]
+    #[inline(never)]
+    pub(super) unsafe fn proc(mp: *mut M, pp: *mut P, start: bool) {
+        // SAFETY: the contract.
+        unsafe {
+            if (*pp).trace.pos.load(Ordering::Relaxed).is_null() {
+                return;
+            }
+            let c = if start {
+                // A P being taken runs no goroutine: a stop stashed in it
+                // was stashed while not tracing, and is stale.
+                if !pp.is_null() {
+                    (*pp).trace.stash.store(NO_STOP, Ordering::Relaxed);
+                }
+                code::PROC_START
+            } else {
+                code::PROC_STOP
+            };
+            exact((*mp).rt, pp, word(c, 0, (*mp).id as u64), 0, 1);
+        }
+    }
+
+    /// See [`super::timerfire`].
+    #[cold]
+    #[inline(never)]
+    pub(super) fn timerfire(sched: &Sched, gp: *mut G) {
+        // SAFETY: a G handed to its timer is live until readied.
+        let g = if gp.is_null() {
+            0
+        } else {
+            unsafe { (*gp).goid() }
+        };
+        // SAFETY: getg() is the current G.
+        unsafe {
+            let pp = p_of(sched, getg());
+            if pp.is_null() {
+                if sched.tracing() {
+                    put_no_p(sched, EventKind::TimerFire, g, 0);
+                }
+            } else {
+                put(pp, true, || word(code::TIMER, 0, g));
+            }
+        }
+    }
+
+    /// See [`super::syscall`].
+    #[cold]
+    #[inline(never)]
+    pub(super) fn syscall(enter: bool) {
         let (mp, g) = here();
         if mp.is_null() {
             return;
         }
-        let kind = if enter {
-            EventKind::SyscallEnter
+        let (kind, c) = if enter {
+            (EventKind::SyscallEnter, code::SYSENTER_G)
         } else {
-            EventKind::SyscallExit
+            (EventKind::SyscallExit, code::SYSEXIT)
         };
-        // SAFETY: mp is this thread's M.
-        unsafe { put_m(mp, kind, 0, g, 0) };
-    }
-}
-
-/// The hooks' recording halves, out of line: a hook inlined into the
-/// scheduler is only its check of `TRACING`, so that with tracing off the
-/// scheduler's code (and what the compiler inlines into it) stays as it
-/// is without the hooks. Each is the few stores of [`put`] behind a call.
-mod rec {
-    use super::*;
-
-    /// See [`super::gocreate`].
-    ///
-    /// # Safety
-    ///
-    /// `gp` is a live G.
-    #[cold]
-    #[inline(never)]
-    pub(super) unsafe fn gocreate(sched: &Sched, gp: *mut G) {
-        // SAFETY: the contract.
-        let g = unsafe { (*gp).goid() };
-        put_here(sched, EventKind::GoCreate, g, true, 0);
-    }
-
-    /// See [`super::gostart`].
-    ///
-    /// # Safety
-    ///
-    /// As there.
-    #[cold]
-    #[inline(never)]
-    pub(super) unsafe fn gostart(mp: *mut M, gp: *mut G) {
-        // SAFETY: the contract.
-        unsafe { put_m(mp, EventKind::GoStart, 0, (*gp).goid(), 0) };
-    }
-
-    /// See [`super::gostop`].
-    ///
-    /// # Safety
-    ///
-    /// As there.
-    #[cold]
-    #[inline(never)]
-    pub(super) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
-        // SAFETY: the contract.
+        // SAFETY: mp is this thread's M; a P it holds is its own.
         unsafe {
-            // A block's time is the one gopark read for its wait time.
-            let (aux, arg) = if kind == EventKind::GoBlock {
-                (
-                    (*gp).waitreason.load(Ordering::Relaxed),
-                    (*gp).waitsince.load(Ordering::Relaxed),
-                )
+            let pp = (*mp).p;
+            if pp.is_null() {
+                put_no_p((*mp).rt, kind, g, 0);
             } else {
-                (0, 0)
-            };
-            put_m(mp, kind, aux, (*gp).goid(), arg);
+                put(pp, true, || word(c, 0, g));
+            }
         }
-    }
-
-    /// See [`super::gounblock`].
-    ///
-    /// # Safety
-    ///
-    /// As there.
-    #[cold]
-    #[inline(never)]
-    pub(super) unsafe fn gounblock(sched: &Sched, gp: *mut G) {
-        // SAFETY: the contract: gp is ours to ready, so live.
-        let g = unsafe { (*gp).goid() };
-        put_here(sched, EventKind::GoUnblock, g, true, 0);
-    }
-
-    /// See [`super::syscall_enter`].
-    ///
-    /// # Safety
-    ///
-    /// As there.
-    #[cold]
-    #[inline(never)]
-    pub(super) unsafe fn syscall(mp: *mut M, gp: *mut G, kind: EventKind) {
-        // SAFETY: the contract.
-        unsafe { put_m(mp, kind, 0, (*gp).goid(), 0) };
     }
 }

@@ -141,9 +141,10 @@ fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
     use gokernel::runtime2::Sched;
     use gokernel::trace::EventKind;
 
-    // 2 × 70,000 yields: more records than one 131,072-record chunk. The
-    // scheduler's own API: no JSON to format and parse.
-    const N: usize = 70_000;
+    // 2 × 140,000 yields: more records than one 262,144-word chunk holds
+    // (a yield and the next start are one word). The scheduler's own
+    // API: no JSON to format and parse.
+    const N: usize = 140_000;
     let sched = Sched::new(1, gokernel::stack::STACK_MIN, &HOSTED);
     sched.start_trace();
     let done = std::sync::Arc::new(std::sync::Barrier::new(3));
