@@ -1352,10 +1352,14 @@ pub(crate) fn gfree_release(sched: &Sched, gs: &[*mut G]) {
             }
         }
     }
+    let mut stacks = crate::stack::FreeBatch::new();
     for &g in gs {
         // SAFETY: made by Box::into_raw in newproc1, dead, on no list and
         // out of allgs: nothing refers to it.
-        drop(unsafe { Box::from_raw(g) });
+        let mut g = unsafe { Box::from_raw(g) };
+        if let Some(mem) = g.stackmem.take() {
+            stacks.push(mem);
+        }
     }
 }
 
@@ -2967,6 +2971,8 @@ impl Drop for Sched {
             // SAFETY: made by Box::into_raw in newm; its thread is gone.
             drop(unsafe { Box::from_raw(mp) });
         }
+        // The stacks of the Gs that are done, freed together.
+        let mut stacks = crate::stack::FreeBatch::new();
         for &gp in self.allgs.get_mut().iter() {
             // SAFETY: made by Box::into_raw in newproc1; no M runs it. A G
             // parked on a channel or sync object has sudogs on that
@@ -2985,6 +2991,8 @@ impl Drop for Sched {
                     // build does not unwind). The stack is leaked, never
                     // freed under them (see crate::teardown).
                     core::mem::forget(g.stackmem.take());
+                } else if let Some(mem) = g.stackmem.take() {
+                    stacks.push(mem);
                 }
                 drop(g);
             }

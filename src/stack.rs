@@ -507,6 +507,73 @@ impl Drop for StackMem {
     }
 }
 
+/// Frees many stacks at once: hosted, their pages go back to the kernel
+/// with one `process_madvise(MADV_DONTNEED)` per [`FREE_BATCH`] stacks
+/// and their slots to the pool under one hold of its lock, where dropping
+/// each costs a `madvise` (with its TLB flush) and a lock. For the
+/// scheduler's bulk frees: `gftrim` and dropping a scheduler. The rest is
+/// freed when the batch is dropped.
+pub(crate) struct FreeBatch {
+    #[cfg(feature = "std")]
+    slots: heapless::Vec<(usize, usize, bool), FREE_BATCH>,
+}
+
+/// Stacks per [`FreeBatch`] system call (an `iovec` each, 16 bytes, on
+/// the caller's stack).
+#[cfg(feature = "std")]
+pub(crate) const FREE_BATCH: usize = 256;
+
+impl FreeBatch {
+    /// An empty batch.
+    pub(crate) fn new() -> Self {
+        FreeBatch {
+            #[cfg(feature = "std")]
+            slots: heapless::Vec::new(),
+        }
+    }
+
+    /// Frees `mem`, now or with the batch.
+    pub(crate) fn push(&mut self, mem: StackMem) {
+        #[cfg(feature = "std")]
+        {
+            let (slot, len, guarded) = match mem.kind {
+                Kind::Chunk { slot, len } => (slot, len, true),
+                Kind::Arena { slot, len } => (slot, len, false),
+                Kind::Mapped { .. } => return drop(mem),
+            };
+            if mem.vg_id != 0 {
+                valgrind::stack_deregister(mem.vg_id);
+            }
+            core::mem::forget(mem);
+            if self.slots.push((slot, len, guarded)).is_err() {
+                unreachable!("a full batch is flushed before the next push");
+            }
+            if self.slots.is_full() {
+                self.flush();
+            }
+        }
+        #[cfg(not(feature = "std"))]
+        drop(mem);
+    }
+
+    /// Frees what the batch holds.
+    pub(crate) fn flush(&mut self) {
+        #[cfg(feature = "std")]
+        if !self.slots.is_empty() {
+            // SAFETY: every slot came from a StackMem given to `push`,
+            // which was forgotten there: nothing else frees or uses it.
+            unsafe { imp::free_slots(&self.slots) };
+            self.slots.clear();
+        }
+    }
+}
+
+impl Drop for FreeBatch {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 #[cfg(feature = "std")]
 pub use imp::{
     guard_markers, guard_page_budget, guarded_stacks_live, max_map_count, set_guard_page_budget,
@@ -1016,24 +1083,86 @@ mod imp {
         })
     }
 
+    /// The range of a slot whose pages go back to the kernel when it is
+    /// freed: for a chunk slot only the stack's pages (the guard marker
+    /// stays); for an arena slot all of it, which also re-arms the soft
+    /// guard (it reads as zero again).
+    fn slot_pages(slot: usize, len: usize, guarded: bool) -> (usize, usize) {
+        if guarded {
+            (slot + PAGE_SIZE, len - PAGE_SIZE)
+        } else {
+            (slot, len)
+        }
+    }
+
     /// Gives a slot's pages back to the kernel and the slot to its pool.
-    /// For a chunk slot only the stack's pages: the guard marker stays.
     ///
     /// # Safety
     /// The slot must be one of the pool's, unused.
     unsafe fn free_slot(slot: usize, len: usize, guarded: bool) {
-        let (from, n) = if guarded {
-            (slot + PAGE_SIZE, len - PAGE_SIZE)
-        } else {
-            (slot, len)
-        };
-        // Give the pages back; they read as zero again, which also
-        // re-arms an arena slot's soft guard.
-        // SAFETY: per the contract, the slot is ours and unused.
-        unsafe { libc::madvise(from as *mut libc::c_void, n, libc::MADV_DONTNEED) };
-        let size = len - PAGE_SIZE;
+        // SAFETY: per the contract.
+        unsafe { free_slots(&[(slot, len, guarded)]) }
+    }
+
+    /// [`free_slot`] for many: the pages with one
+    /// `process_madvise(MADV_DONTNEED)` (Linux 6.13 and later take any
+    /// advice for the calling process; older kernels, or a call that did
+    /// not cover every range, get a `madvise` per slot, which is harmless
+    /// twice), the slots under one hold of the pools' lock.
+    ///
+    /// # Safety
+    /// Every slot must be one of the pools', unused.
+    pub(super) unsafe fn free_slots(slots: &[(usize, usize, bool)]) {
+        // SAFETY: per the contract.
+        let done = slots.len() > 1 && unsafe { dontneed_batch(slots) };
+        if !done {
+            for &(slot, len, guarded) in slots {
+                let (from, n) = slot_pages(slot, len, guarded);
+                // SAFETY: per the contract, the slot is ours and unused.
+                unsafe { libc::madvise(from as *mut libc::c_void, n, libc::MADV_DONTNEED) };
+            }
+        }
         let mut pools = POOLS.lock();
-        pool(&mut pools, size, guarded).free.push(slot);
+        for &(slot, len, guarded) in slots {
+            pool(&mut pools, len - PAGE_SIZE, guarded).free.push(slot);
+            if guarded {
+                LIVE.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The pages of `slots` back to the kernel with one
+    /// `process_madvise(MADV_DONTNEED)`; whether it covered them all. Out
+    /// of line: its `iovec`s take 4 KiB of stack, which a single free
+    /// (possibly on a goroutine's stack) should not reserve.
+    ///
+    /// # Safety
+    /// As [`free_slots`]; at most [`FREE_BATCH`](super::FREE_BATCH) slots.
+    #[inline(never)]
+    unsafe fn dontneed_batch(slots: &[(usize, usize, bool)]) -> bool {
+        let iov: heapless::Vec<libc::iovec, { super::FREE_BATCH }> = slots
+            .iter()
+            .map(|&(slot, len, guarded)| {
+                let (from, n) = slot_pages(slot, len, guarded);
+                libc::iovec {
+                    iov_base: from as *mut libc::c_void,
+                    iov_len: n,
+                }
+            })
+            .collect();
+        let want: usize = iov.iter().map(|v| v.iov_len).sum();
+        // SAFETY: per the contract, the ranges are ours and unused.
+        let got = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                PIDFD_SELF_THREAD,
+                iov.as_ptr(),
+                iov.len(),
+                libc::MADV_DONTNEED,
+                0,
+            )
+        };
+        usize::try_from(got).is_ok_and(|g| g == want)
     }
 
     /// # Safety
@@ -1047,9 +1176,8 @@ mod imp {
                 LIVE.fetch_sub(1, Ordering::Relaxed);
             }
             Kind::Chunk { slot, len } => {
-                // SAFETY: per the contract.
+                // SAFETY: per the contract (free_slots counts it off LIVE).
                 unsafe { free_slot(slot, len, true) };
-                LIVE.fetch_sub(1, Ordering::Relaxed);
             }
             Kind::Arena { slot, len } => {
                 // SAFETY: per the contract.
