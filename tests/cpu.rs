@@ -255,6 +255,20 @@ fn a_signal_handler_readies_a_goroutine_on_busy_and_on_idle_cpus() {
     leave(sched, threads);
 }
 
+/// Starts a goroutine of `sched` that waits on `ev`, then sends on the
+/// channel returned.
+fn spawn_waiter(sched: &'static Sched, ev: &'static IrqEvent) -> gokernel::Chan<()> {
+    let c = gokernel::chan::<()>(1);
+    let tx = c.clone();
+    sched
+        .go(Box::new(move || {
+            ev.wait(sched);
+            tx.send(()).unwrap();
+        }))
+        .unwrap();
+    c
+}
+
 #[test]
 fn a_signal_before_the_wait_is_kept() {
     static EV: IrqEvent = IrqEvent::new();
@@ -263,15 +277,8 @@ fn a_signal_before_the_wait_is_kept() {
     EV.signal(); // merged: one wake-up
     let r = run_g(sched, 10, move || {
         EV.wait(sched); // returns at once
-        let c = gokernel::chan::<()>(1);
-        let tx = c.clone();
         // A second wait parks until the next signal.
-        sched
-            .go(Box::new(move || {
-                EV.wait(sched);
-                tx.send(()).unwrap();
-            }))
-            .unwrap();
+        let c = spawn_waiter(sched, &EV);
         gokernel::sleep(Duration::from_millis(20));
         let early = c.try_recv().is_ok();
         EV.signal();
@@ -460,14 +467,7 @@ fn a_second_waiter_on_an_irq_event_panics_and_the_first_still_gets_the_signal() 
     static EV: IrqEvent = IrqEvent::new();
     let (sched, _, threads) = cpus(1, 1);
     let text = run_g(sched, 20, move || {
-        let c = gokernel::chan::<()>(1);
-        let tx = c.clone();
-        sched
-            .go(Box::new(move || {
-                EV.wait(sched);
-                tx.send(()).unwrap();
-            }))
-            .unwrap();
+        let c = spawn_waiter(sched, &EV);
         // Until the first waiter is parked on the event.
         while sched
             .stats()

@@ -149,22 +149,7 @@ fn a_runtime_dropped_with_never_started_goroutines_queued_drops_their_closures_a
     }
     let r = rt1();
     // Hold the only P with a goroutine that spins, so the rest stay queued.
-    let (spinning, stop) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let (s2, st2) = (spinning.clone(), stop.clone());
-    let spinner = r.spawn(move || {
-        s2.store(true, Ordering::SeqCst);
-        while !st2.load(Ordering::SeqCst) {
-            std::hint::spin_loop();
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !spinning.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "the spinner never ran");
-        std::thread::yield_now();
-    }
+    let (stop, spinner) = common::spin_the_only_p(&r);
     let dropped = Arc::new(AtomicUsize::new(0));
     let ran = Arc::new(AtomicUsize::new(0));
     let hs: Vec<_> = (0..N)

@@ -40,28 +40,6 @@ fn wait_parked(rt: &Runtime, n: usize) {
     }
 }
 
-/// Starts a goroutine that holds the only P of `r` spinning, without
-/// yielding, until the returned flag is set; returns once it spins.
-fn spin_the_only_p(r: &Runtime) -> (Arc<AtomicBool>, gokernel::JoinHandle<()>) {
-    let (spinning, stop) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let (s2, st2) = (spinning.clone(), stop.clone());
-    let h = r.spawn(move || {
-        s2.store(true, Ordering::SeqCst);
-        while !st2.load(Ordering::SeqCst) {
-            std::hint::spin_loop();
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !spinning.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "the spinner never ran");
-        std::thread::yield_now();
-    }
-    (stop, h)
-}
-
 #[test]
 fn values_held_by_parked_senders_and_receivers_are_dropped_exactly_once() {
     for procs in [1, 2] {
@@ -139,7 +117,7 @@ fn a_goroutine_woken_in_a_select_but_not_run_leaves_no_entry_on_the_other_channe
         }));
         wait_parked(&r, 1);
         // The only P spins until told, so the selector, once woken, waits.
-        let (stop, _spinner) = spin_the_only_p(&r);
+        let (stop, _spinner) = common::spin_the_only_p(&r);
         a.send(1).unwrap(); // wakes the selector; it cannot run yet
         stop.store(true, Ordering::SeqCst);
         within(60, "dropping the runtime", move || drop(r));
@@ -155,7 +133,7 @@ fn join_reports_runtime_dropped_for_goroutines_that_never_finished_or_never_star
     let parked = r.spawn(gokernel::park);
     wait_parked(&r, 1);
     // Spawned from outside with the only P busy: never starts.
-    let (stop, spinner) = spin_the_only_p(&r);
+    let (stop, spinner) = common::spin_the_only_p(&r);
     let never = r.spawn(|| 5);
     // Stop the spinner from a thread, after the drop has begun.
     std::thread::spawn(move || {

@@ -325,3 +325,29 @@ pub fn readable(addr: usize) -> bool {
     let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
     n == 1
 }
+
+/// Starts a goroutine that holds the only P of `r` spinning, without
+/// yielding, until the returned flag is set; returns once it spins.
+pub fn spin_the_only_p(
+    r: &gokernel::Runtime,
+) -> (Arc<std::sync::atomic::AtomicBool>, gokernel::JoinHandle<()>) {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+    let (spinning, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (s2, st2) = (spinning.clone(), stop.clone());
+    let h = r.spawn(move || {
+        s2.store(true, Ordering::SeqCst);
+        while !st2.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spinning.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the spinner never ran");
+        std::thread::yield_now();
+    }
+    (stop, h)
+}
