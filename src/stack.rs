@@ -1113,8 +1113,10 @@ mod imp {
     /// # Safety
     /// Every slot must be one of the pools', unused.
     pub(super) unsafe fn free_slots(slots: &[(usize, usize, bool)]) {
+        // Valgrind does not know process_madvise (it warns, and fails it).
         // SAFETY: per the contract.
-        let done = slots.len() > 1 && unsafe { dontneed_batch(slots) };
+        let done =
+            slots.len() > 1 && !super::valgrind::running() && unsafe { dontneed_batch(slots) };
         if !done {
             for &(slot, len, guarded) in slots {
                 let (from, n) = slot_pages(slot, len, guarded);
