@@ -172,9 +172,19 @@ fn when_the_work_is_done_every_p_and_m_goes_idle() {
     })
     .unwrap();
     let s = wait_for(
-        "every P and M to be idle",
+        "every P and M to be idle, with no goroutine left",
         || r.stats(),
-        |s: &Stats| s.idle_ps == 2 && s.spinning_ms == 0 && s.idle_ms == s.threads && s.threads > 0,
+        // With no goroutine left too: a snapshot reads the goroutines'
+        // states before the idle lists, so the main goroutine may still
+        // read as running in one that finds its M idle (the race that
+        // failed a gate run).
+        |s: &Stats| {
+            s.idle_ps == 2
+                && s.spinning_ms == 0
+                && s.idle_ms == s.threads
+                && s.threads > 0
+                && s.goroutines.live() == 0
+        },
     );
     assert_eq!(s.goroutines.live(), 0, "{s:?}");
     assert_eq!(s.runqueue, 0, "{s:?}");
