@@ -173,7 +173,7 @@ use crate::bound::{gqueue_pop, gqueue_push};
 use crate::lock_futex::{Note, noteclear, notesleep, notewakeup};
 use crate::panic::{throw, throw_g};
 pub use crate::park::Parker;
-use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqsteal};
+use crate::runq::{RUNQ_LEN, runqdemote, runqempty, runqget, runqput, runqs_queued, runqsteal};
 use crate::runtime2::{
     FuncVal, G, GQueue, Gobuf, M, P, PCounters, RUNNEXT_LIMIT, Sched, SchedLocked, Stack, StartFn,
     WaitReason, status,
@@ -1029,13 +1029,7 @@ pub(crate) fn handoffp(sched: &Sched, pp: *mut P) -> bool {
     // or the loads below see its G. Timers: time.rs module docs ("What the
     // argument needs", point 2).
     fence(Ordering::SeqCst);
-    // SAFETY: Ps live as long as the scheduler; only the queues are read.
-    if sched
-        .allp
-        .iter()
-        .any(|&p2| !runqempty(unsafe { &(*p2).runq }))
-        || crate::intr::pending(sched)
-    {
+    if runqs_queued(sched) || crate::intr::pending(sched) {
         wakep(sched);
     }
     let next = crate::time::timesleepuntil(sched);
@@ -1860,34 +1854,32 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
         // that sat unused (gftrim).
         gftrim(sched);
         // SAFETY: mp is ours.
-        if unsafe { (*mp).spinning } {
+        let spinning = unsafe { (*mp).spinning };
+        if spinning {
             // SAFETY: as above.
             unsafe { (*mp).spinning = false };
             // SeqCst, then the SeqCst fence below: pairs with wakep's fence
             // (see the module docs): a producer that missed us spinning is
             // seen by the re-checks that follow.
             sched.nmspinning.fetch_sub(1, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            // Global queue again.
-            if sched.runqsize.load(Ordering::SeqCst) != 0 {
-                let mut sl = sched.lock.lock();
-                if sl.runq.size != 0 && spin_on_idle_p(&mut sl, sched, mp) {
-                    continue 'top;
-                }
-            }
-            // Interrupt handlers' posts (crate::intr) and every P's queue again.
-            if crate::intr::pending(sched) && spin_on_idle_p(&mut sched.lock.lock(), sched, mp) {
+        }
+        // Not spinning too, as handoffp: a wakep that read npidle before
+        // our pidleput's SeqCst increment left its G to its own P, which a
+        // G that never yields holds for good (tests/sched.rs, nested
+        // TestGoroutineParallelism). The fence pairs with wakep's.
+        fence(Ordering::SeqCst);
+        // Global queue again (a non-spinning M looked under the lock).
+        if spinning && sched.runqsize.load(Ordering::SeqCst) != 0 {
+            let mut sl = sched.lock.lock();
+            if sl.runq.size != 0 && spin_on_idle_p(&mut sl, sched, mp) {
                 continue 'top;
             }
-            for &p2 in &sched.allp {
-                // SAFETY: Ps live as long as the scheduler.
-                if !runqempty(unsafe { &(*p2).runq }) {
-                    if spin_on_idle_p(&mut sched.lock.lock(), sched, mp) {
-                        continue 'top;
-                    }
-                    break;
-                }
-            }
+        }
+        // Interrupt handlers' posts (crate::intr) and every P's queue again.
+        if ((spinning && crate::intr::pending(sched)) || runqs_queued(sched))
+            && spin_on_idle_p(&mut sched.lock.lock(), sched, mp)
+        {
+            continue 'top;
         }
         if all_idle {
             checkdead(sched);

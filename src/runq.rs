@@ -136,6 +136,15 @@ pub fn runqempty<T>(q: &Runq<T>) -> bool {
     }
 }
 
+/// Whether some P of `sched` has a G queued, as seen now (the look of
+/// Go's `checkRunqsNoP`, without the taking): what an M that just idled
+/// its P looks at before it sleeps.
+pub(crate) fn runqs_queued(sched: &crate::runtime2::Sched) -> bool {
+    // SAFETY: a scheduler's Ps live as long as it; only their queues
+    // (atomics) are read.
+    (sched.allp.iter()).any(|&pp| !runqempty(unsafe { &(*pp).runq }))
+}
+
 /// Puts `gp` on `q` (Go's `runqput`). With `next`, `gp` goes into
 /// `runnext` and the G it displaces, if any, goes to the ring's tail.
 /// When the ring is full, half of it plus that G are returned, oldest
