@@ -889,6 +889,36 @@ mod imp {
         }
     }
 
+    /// Gives `advice` for every range of `iov` with one
+    /// `process_madvise` on the calling process; whether it covered them
+    /// all. False, with nothing done, under Valgrind, which does not know
+    /// the call (it warns, and fails it); false too where the kernel
+    /// refuses it (before 6.13, or no `PIDFD_SELF_THREAD`) or stops short:
+    /// the callers then fall back to a `madvise` per range, or, for a
+    /// hint, to nothing.
+    ///
+    /// # Safety
+    /// As `madvise(advice)` on each range: the ranges are this process's
+    /// memory, and the advice is harmless to whatever uses them.
+    unsafe fn madvise_ranges(iov: &[libc::iovec], advice: libc::c_int) -> bool {
+        if super::valgrind::running() {
+            return false;
+        }
+        let want: usize = iov.iter().map(|v| v.iov_len).sum();
+        // SAFETY: the contract; the call only reads the iovecs.
+        let got = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                PIDFD_SELF_THREAD,
+                iov.as_ptr(),
+                iov.len(),
+                advice,
+                0,
+            )
+        };
+        usize::try_from(got).is_ok_and(|g| g == want)
+    }
+
     /// A chunk of `n` slots of `len` bytes, each starting with a guard
     /// marker page: one mapping, and one `process_madvise` over every
     /// guard page (or one `madvise` per guard page where that is refused:
@@ -905,24 +935,10 @@ mod imp {
                 iov_len: PAGE_SIZE,
             })
             .collect();
-        // Valgrind does not know process_madvise: one madvise per guard.
-        let done = if super::valgrind::running() {
-            -1
-        } else {
-            // SAFETY: every range is a page of the mapping just made,
-            // which nothing else uses; the call reads the iovecs only.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_process_madvise,
-                    PIDFD_SELF_THREAD,
-                    guards.as_ptr(),
-                    n,
-                    MADV_GUARD_INSTALL,
-                    0,
-                )
-            }
-        };
-        if usize::try_from(done).ok() != Some(n * PAGE_SIZE) {
+        // SAFETY: every range is a page of the mapping just made, which
+        // nothing else uses.
+        let done = unsafe { madvise_ranges(&guards, MADV_GUARD_INSTALL) };
+        if !done {
             // Installing a marker twice is harmless: do every page.
             for g in &guards {
                 // SAFETY: as above.
@@ -1041,7 +1057,7 @@ mod imp {
     /// 100,000 at once, measured). Only a hint: if the call fails (an older
     /// kernel), or under Valgrind, the pages fault in as before.
     fn populate_tops(slot: usize, len: usize, count: usize) {
-        if count == 0 || super::valgrind::running() {
+        if count == 0 {
             return;
         }
         let tops: heapless::Vec<libc::iovec, POPULATE_BATCH> = (0..count)
@@ -1055,17 +1071,8 @@ mod imp {
         // been handed to other threads' stacks; MADV_POPULATE_WRITE
         // changes no byte of any page (a page already present is left as
         // it is, a missing one comes in zero-filled, as a fault would
-        // bring it), so that is harmless.
-        unsafe {
-            libc::syscall(
-                libc::SYS_process_madvise,
-                PIDFD_SELF_THREAD,
-                tops.as_ptr(),
-                tops.len(),
-                MADV_POPULATE_WRITE,
-                0,
-            )
-        };
+        // bring it), so that is harmless. A hint: whether it took is moot.
+        unsafe { madvise_ranges(&tops, MADV_POPULATE_WRITE) };
     }
 
     /// A slot of an arena: a soft guard page, then the stack (see
@@ -1113,10 +1120,8 @@ mod imp {
     /// # Safety
     /// Every slot must be one of the pools', unused.
     pub(super) unsafe fn free_slots(slots: &[(usize, usize, bool)]) {
-        // Valgrind does not know process_madvise (it warns, and fails it).
         // SAFETY: per the contract.
-        let done =
-            slots.len() > 1 && !super::valgrind::running() && unsafe { dontneed_batch(slots) };
+        let done = slots.len() > 1 && unsafe { dontneed_batch(slots) };
         if !done {
             for &(slot, len, guarded) in slots {
                 let (from, n) = slot_pages(slot, len, guarded);
@@ -1152,19 +1157,8 @@ mod imp {
                 }
             })
             .collect();
-        let want: usize = iov.iter().map(|v| v.iov_len).sum();
         // SAFETY: per the contract, the ranges are ours and unused.
-        let got = unsafe {
-            libc::syscall(
-                libc::SYS_process_madvise,
-                PIDFD_SELF_THREAD,
-                iov.as_ptr(),
-                iov.len(),
-                libc::MADV_DONTNEED,
-                0,
-            )
-        };
-        usize::try_from(got).is_ok_and(|g| g == want)
+        unsafe { madvise_ranges(&iov, libc::MADV_DONTNEED) }
     }
 
     /// # Safety
