@@ -240,7 +240,7 @@ pub use runtime2::WaitReason;
 pub use scope::{Scope, ScopedJoinHandle};
 pub use stubs::systemstack;
 pub use syscall::blocking;
-pub use teardown::RuntimeDropped;
+pub use teardown::{RuntimeDropped, shutting_down};
 pub use time::{after, sleep};
 pub use tls::getg;
 pub use traceback::{Dump, GoroutineInfo};

@@ -92,6 +92,49 @@ impl core::fmt::Display for RuntimeDropped {
 #[cfg(feature = "std")]
 impl std::error::Error for RuntimeDropped {}
 
+/// Whether the runtime of the calling goroutine has begun to shut down
+/// (hosted: its `Runtime` is being dropped; bare metal:
+/// [`Sched::shutdown`](crate::runtime2::Sched::shutdown) was called).
+/// `false` outside a goroutine.
+///
+/// A shutdown waits for each running goroutine to reach its next yield,
+/// park or exit. A goroutine that computes for long without any of those
+/// can poll this to stop early, so that the drop does not wait for it;
+/// one that parks or yields needs nothing of the kind (its park or yield
+/// unwinds it).
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+/// let rt = gokernel::Runtime::builder().procs(1).build().unwrap();
+/// let started = Arc::new(AtomicBool::new(false));
+/// let s = started.clone();
+/// let h = rt.spawn(move || {
+///     s.store(true, Ordering::SeqCst);
+///     let mut rounds = 0u64;
+///     // Never parks nor yields: without the poll, the drop would wait
+///     // here for good.
+///     while !gokernel::shutting_down() {
+///         rounds = rounds.wrapping_add(1);
+///     }
+///     rounds
+/// });
+/// while !started.load(Ordering::SeqCst) {
+///     std::thread::yield_now();
+/// }
+/// drop(rt);
+/// assert!(h.join().is_ok(), "it returned on its own");
+/// ```
+pub fn shutting_down() -> bool {
+    let gp = crate::proc::current_user_g();
+    if gp.is_null() {
+        return false;
+    }
+    // SAFETY: a user G that is running has a live M whose scheduler (the
+    // M's `rt`, non-null: current_user_g checked) outlives its Ms.
+    unsafe { (*(*(*gp).m).rt).stopping.load(Ordering::SeqCst) }
+}
+
 /// Whether this build unwinds goroutines at shutdown (else it leaks their
 /// stacks).
 pub(crate) const UNWINDS: bool = cfg!(all(feature = "std", panic = "unwind"));

@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{assert_aborted_with, in_crash_child, run_crash_child, within};
@@ -148,8 +148,10 @@ fn a_runtime_dropped_with_never_started_goroutines_queued_drops_their_closures_a
         }
     }
     let r = rt1();
-    // Hold the only P with a goroutine that spins, so the rest stay queued.
-    let (stop, spinner) = common::spin_the_only_p(&r);
+    // Hold the only P with a goroutine that spins until the drop has
+    // begun (its M then exits instead of running the queue), so the rest
+    // stay queued.
+    let spinner = common::spin_the_only_p_until_shutdown(&r);
     let dropped = Arc::new(AtomicUsize::new(0));
     let ran = Arc::new(AtomicUsize::new(0));
     let hs: Vec<_> = (0..N)
@@ -162,21 +164,7 @@ fn a_runtime_dropped_with_never_started_goroutines_queued_drops_their_closures_a
         })
         .collect();
     assert_eq!(r.num_allocated_gs(), N + 1, "one G each, reused or new");
-    // Stop the spinner once the drop is under way (its M then exits
-    // instead of running the queue).
-    let began = Arc::new(AtomicBool::new(false));
-    let b2 = began.clone();
-    std::thread::spawn(move || {
-        while !b2.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        stop.store(true, Ordering::SeqCst);
-    });
-    within(60, "dropping the runtime", move || {
-        began.store(true, Ordering::SeqCst);
-        drop(r)
-    });
+    within(60, "dropping the runtime", move || drop(r));
     assert!(spinner.join().is_ok());
     for h in hs {
         let e = h.join().expect_err("never started");

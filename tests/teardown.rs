@@ -133,13 +133,9 @@ fn join_reports_runtime_dropped_for_goroutines_that_never_finished_or_never_star
     let parked = r.spawn(gokernel::park);
     wait_parked(&r, 1);
     // Spawned from outside with the only P busy: never starts.
-    let (stop, spinner) = common::spin_the_only_p(&r);
+    // The spinner ends once the drop has begun.
+    let spinner = common::spin_the_only_p_until_shutdown(&r);
     let never = r.spawn(|| 5);
-    // Stop the spinner from a thread, after the drop has begun.
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(20));
-        stop.store(true, Ordering::SeqCst);
-    });
     within(60, "dropping the runtime", move || drop(r));
     assert!(spinner.join().is_ok(), "the spinner finished normally");
     for (what, h) in [
@@ -280,4 +276,17 @@ fn a_destructor_that_blocks_while_its_runtime_is_dropped_is_a_named_fatal_error(
             "goroutine ",
         ],
     );
+}
+
+#[test]
+fn shutting_down_is_false_outside_goroutines_and_in_a_live_runtime_and_true_once_its_drop_began() {
+    assert!(!gokernel::shutting_down(), "a plain thread");
+    let r = rt(1);
+    let h = r.spawn(gokernel::shutting_down);
+    assert_eq!(h.join().ok(), Some(false), "a live runtime");
+    // The spinner returns only once it sees the drop: if it never did,
+    // the drop would wait for it for good and `within` would fail.
+    let spinner = common::spin_the_only_p_until_shutdown(&r);
+    within(60, "dropping the runtime", move || drop(r));
+    assert!(spinner.join().is_ok(), "the spinner returned by itself");
 }

@@ -326,6 +326,29 @@ pub fn readable(addr: usize) -> bool {
     n == 1
 }
 
+/// Like [`spin_the_only_p`], but the spinner stops by itself once the
+/// runtime's shutdown has begun (`gokernel::shutting_down`): a drop of the
+/// runtime then finds every goroutine queued behind it still unrun.
+#[allow(dead_code)]
+pub fn spin_the_only_p_until_shutdown(r: &gokernel::Runtime) -> gokernel::JoinHandle<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+    let spinning = Arc::new(AtomicBool::new(false));
+    let s2 = spinning.clone();
+    let h = r.spawn(move || {
+        s2.store(true, Ordering::SeqCst);
+        while !gokernel::shutting_down() {
+            std::hint::spin_loop();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spinning.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the spinner never ran");
+        std::thread::yield_now();
+    }
+    h
+}
+
 /// Starts a goroutine that holds the only P of `r` spinning, without
 /// yielding, until the returned flag is set; returns once it spins.
 pub fn spin_the_only_p(
