@@ -15,8 +15,9 @@
 //!
 //! 1. `shutdown` sets `stopping` and wakes every sleeping M. An M finishes
 //!    the goroutine it is running (up to its next yield, park or exit:
-//!    a goroutine that never gets there delays the shutdown for good) and
-//!    comes here, `mexit`, instead of looking for work.
+//!    a goroutine that never gets there delays the shutdown for good,
+//!    unless it polls [`shutting_down`]) and comes here, `mexit`,
+//!    instead of looking for work.
 //! 2. A barrier: no M unwinds anything until every live M has arrived, so
 //!    no goroutine of this scheduler runs user code any more except the
 //!    ones being unwound, and none is in the middle of a wake-up from
