@@ -619,3 +619,84 @@ fn spawning_onto_another_runtime_from_a_goroutine_runs_there() {
     );
     assert_eq!(spawned_on_a, 0, "runtime A created a goroutine meant for B");
 }
+
+/// Runs 100 goroutines whose closures carry `W` words of payload and a
+/// drop counter, and checks that each ran once, saw its payload, and
+/// dropped its captures once; returns the closures' size in bytes.
+fn run_closures_of<const W: usize>(r: &Runtime) -> usize {
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    struct Payload<const W: usize> {
+        words: [u64; W],
+        _c: Counted,
+    }
+    const N: u64 = 100;
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let d = dropped.clone();
+    let (size, sum) = r
+        .block_on(move || {
+            let main = gokernel::current();
+            let sum = Arc::new(AtomicU64::new(0));
+            let left = Arc::new(AtomicU64::new(N));
+            let mut size = 0;
+            for i in 0..N {
+                let p = Payload {
+                    words: [i; W],
+                    _c: Counted(d.clone()),
+                };
+                let (sum, left, main) = (sum.clone(), left.clone(), main.clone());
+                let f = move || {
+                    let p = p;
+                    sum.fetch_add(p.words.iter().sum::<u64>(), Ordering::SeqCst);
+                    if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        main.unpark();
+                    }
+                };
+                size = std::mem::size_of_val(&f);
+                gokernel::go(f);
+            }
+            while left.load(Ordering::SeqCst) != 0 {
+                gokernel::park();
+            }
+            (size, sum.load(Ordering::SeqCst))
+        })
+        .unwrap();
+    assert_eq!(sum, (0..N).sum::<u64>() * W as u64, "a payload was lost");
+    // A goroutine drops its closure before it exits: all have by the time
+    // the runtime has no goroutine left.
+    spin_until("every closure to be dropped", 20, || {
+        dropped.load(Ordering::SeqCst) >= N as usize
+    });
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        N as usize,
+        "a closure dropped twice"
+    );
+    size
+}
+
+#[test]
+fn closures_that_fit_in_the_g_and_larger_boxed_ones_run_once_and_drop_once() {
+    use gokernel::runtime2::STARTFN_INLINE;
+    let r = rt(1);
+    // The captures besides the payload: the counter, `sum`, `left`, `main`.
+    const OTHERS: usize = 3 * 8 + std::mem::size_of::<Goroutine>();
+    const FITS: usize = (STARTFN_INLINE - OTHERS) / 8;
+    assert_eq!(
+        run_closures_of::<FITS>(&r),
+        STARTFN_INLINE,
+        "the largest inline closure"
+    );
+    assert!(
+        run_closures_of::<{ FITS + 1 }>(&r) > STARTFN_INLINE,
+        "a boxed closure"
+    );
+    assert!(
+        run_closures_of::<0>(&r) < STARTFN_INLINE,
+        "a small inline closure"
+    );
+}
