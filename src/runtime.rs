@@ -510,12 +510,17 @@ impl Runtime {
         let deadlocked = Arc::new(AtomicBool::new(false));
         let me = JoinSignal::current();
         let d = deadlocked.clone();
+        // Counted as starting a goroutine until the main G is queued, so
+        // that the hook hears of no deadlock decided before (about
+        // goroutines parked earlier): crate::spawning.
+        let spawning = crate::spawning::Spawning::begin(&self.sched);
         // Registered before the main G exists, so no deadlock is missed.
         let key = self.sched.add_deadlock_hook(Box::new(move || {
             d.store(true, Ordering::SeqCst);
             me.notify();
         }));
         let h = self.spawn(f);
+        drop(spawning);
         let r = h.wait(|| deadlocked.load(Ordering::SeqCst));
         self.sched.remove_deadlock_hook(key);
         match r {
