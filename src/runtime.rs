@@ -1043,12 +1043,20 @@ impl<T> JoinHandle<T> {
         let _external = ExternalWait::begin(self.inner.rt);
         let mut registered = false;
         loop {
+            // `give_up` before `done`: a deadlock may be reported after the
+            // goroutine finished (goroutines parked earlier are left), and
+            // then `done` is seen. The report is decided under the
+            // scheduler lock after the goroutine's P went idle, which its
+            // M did after `finish` stored `done`; the flag `give_up` reads
+            // is stored after that, so reading it (acquire) orders the load
+            // of `done` below after `finish`'s store.
+            let gave_up = give_up();
             // Acquire: pairs with the release in `finish`.
             if self.inner.done.load(Ordering::Acquire) {
                 let r = self.inner.result.lock().take();
                 return Some(r.expect("a joined goroutine's result was taken twice"));
             }
-            if give_up() {
+            if gave_up {
                 return None;
             }
             if !registered {

@@ -197,3 +197,14 @@ fn block_ons_started_from_many_threads_at_once_are_not_deadlocks() {
     assert_eq!(ms, Ok(64));
     assert_eq!(deadlocks_among_block_ons(&rt, 8, 5_000), 0);
 }
+
+/// With a goroutine parked for good, every moment the runtime is idle is a
+/// deadlock, and is reported: a `block_on` started after such a report was
+/// decided, or whose goroutine finished before its report came, still
+/// returns its value.
+#[test]
+fn block_ons_after_a_deadlock_return_their_values() {
+    let rt = Arc::new(Runtime::builder().procs(1).build().unwrap());
+    assert!(matches!(rt.block_on(gokernel::park), Err(Deadlock { .. })));
+    assert_eq!(deadlocks_among_block_ons(&rt, 4, 5_000), 0);
+}
