@@ -374,6 +374,24 @@ pub(crate) fn gqueue_pop(q: &mut GQueue) -> *mut G {
     gp
 }
 
+/// Whether an M of `sched` that holds no P is at work (`checkdead`'s
+/// question, under the scheduler lock with every P idle): on its way to
+/// sleep with a bound G of its own made runnable meanwhile (in its inbox,
+/// or its locked G), for which it takes a P in stopm or stoplockedm; or
+/// running a goroutine in a call (crate::syscall).
+pub(crate) fn ms_at_work(sched: &Sched) -> bool {
+    sched.allm.lock().iter().any(|&mp| {
+        // SAFETY: Ms live as long as the scheduler; only atomics are read,
+        // and lockedg, which changes only while its M holds a P (none does
+        // now).
+        unsafe {
+            (*mp).ninbox.load(Ordering::SeqCst) != 0
+                || (*mp).insyscall.load(Ordering::SeqCst)
+                || (!(*mp).lockedg.is_null() && (*(*mp).lockedg).readgstatus() == status::RUNNABLE)
+        }
+    })
+}
+
 /// Whether locked G `gp` is runnable, read SeqCst after `mp` stored
 /// `sleeping` (the M's half of the wake-up argument for locked Gs).
 ///
@@ -414,13 +432,19 @@ pub(crate) fn newproc_locked<F: FnOnce() + Send + 'static>(
         (None, Some(h)) => h,
         (None, None) => panic!("gokernel: go or spawn called outside a gokernel runtime"),
     };
+    // Counted until an M has the G (crate::spawning): from a thread
+    // without a P, every P may be idle meanwhile.
+    let spawning = crate::spawning::Spawning::begin(sched);
     let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller(), false)?;
     // SAFETY: gp is new and ours.
     let id = unsafe { (*gp).goid() };
+    let mut sl = sched.lock.lock();
     // SAFETY: gp is new, runnable and on no queue.
-    if unsafe { golocked_idle(&mut sched.lock.lock(), sched, gp) } {
+    if unsafe { golocked_idle(&mut sl, sched, gp) } {
+        spawning.end_locked(&mut sl);
         return Ok(id);
     }
+    drop(sl);
     if !sched.platform.starts_threads() {
         // SAFETY: gp is new and nobody took it.
         unsafe { crate::cpu::discard_new_g(sched, gp) };

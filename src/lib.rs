@@ -215,6 +215,7 @@ pub mod select;
 pub mod sema;
 #[cfg(feature = "std")]
 mod signal_unix;
+mod spawning;
 pub mod stack;
 #[cfg(feature = "std")]
 mod stall;

@@ -1523,10 +1523,15 @@ pub(crate) fn newproc<F: FnOnce() + Send + 'static>(
         });
     }
     let sched = sched.expect("gokernel: go or spawn called outside a gokernel runtime");
+    // Holding no P: counted until the G is queued (crate::spawning).
+    let spawning = crate::spawning::Spawning::begin(sched);
     let newg = newproc1(sched, null_mut(), f, site, lazy)?;
     // SAFETY: newg is new and ours.
     let id = unsafe { (*newg).goid() };
-    globrunqput(&mut sched.lock.lock(), sched, newg);
+    let mut sl = sched.lock.lock();
+    globrunqput(&mut sl, sched, newg);
+    spawning.end_locked(&mut sl);
+    drop(sl);
     wakep(sched);
     Ok(id)
 }
@@ -1927,7 +1932,7 @@ pub(crate) fn spin_on_idle_p(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) ->
 /// runtime wakes one, nothing ever will. Tells whoever asked
 /// (`Runtime::block_on`); the Ms go to sleep either way.
 pub(crate) fn checkdead(sched: &Sched) {
-    {
+    let hooks = {
         // The caller saw every P idle a moment ago; since then an M may
         // have taken one (the timer sleeper, or an M woken by handoffp)
         // and be running the timers — off their heaps already — and the
@@ -1946,25 +1951,19 @@ pub(crate) fn checkdead(sched: &Sched) {
         {
             return;
         }
-        // An M on its way to sleep with a bound G of its own made runnable
-        // meanwhile (in its inbox, or its locked G) takes a P for it in
-        // stopm or stoplockedm: not dead.
-        if sched.allm.lock().iter().any(|&mp| {
-            // SAFETY: Ms live as long as the scheduler; only atomics are
-            // read, and lockedg, which changes only while its M holds a P
-            // (none does now).
-            unsafe {
-                (*mp).ninbox.load(Ordering::SeqCst) != 0
-                    // A goroutine in a call (crate::syscall) is running.
-                    || (*mp).insyscall.load(Ordering::SeqCst)
-                    || (!(*mp).lockedg.is_null()
-                        && (*(*mp).lockedg).readgstatus() == status::RUNNABLE)
-            }
-        }) {
+        if crate::bound::ms_at_work(sched) {
             return;
         }
-    }
-    for (_, hook) in sched.deadlock_hooks.lock().iter() {
+        // A thread without a P starting a goroutine (crate::spawning):
+        // read after taking the hooks' lock, which a block_on counting
+        // itself takes to add its hook.
+        let hooks = sched.deadlock_hooks.lock();
+        if crate::spawning::any(sched) {
+            return;
+        }
+        hooks
+    };
+    for (_, hook) in hooks.iter() {
         hook();
     }
 }
@@ -2702,6 +2701,7 @@ impl Sched {
             report_panics,
             self_weak: self_weak.clone(),
             external_waits: AtomicU32::new(0),
+            nspawning: AtomicU32::new(0),
             timerpoll: crate::time::TimerPoll::new(),
             netpoll: crate::netpoll::NetpollState::new(),
             nmlocked: AtomicU32::new(0),

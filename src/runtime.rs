@@ -510,12 +510,17 @@ impl Runtime {
         let deadlocked = Arc::new(AtomicBool::new(false));
         let me = JoinSignal::current();
         let d = deadlocked.clone();
+        // Counted as starting a goroutine until the main G is queued, so
+        // that the hook hears of no deadlock decided before (about
+        // goroutines parked earlier): crate::spawning.
+        let spawning = crate::spawning::Spawning::begin(&self.sched);
         // Registered before the main G exists, so no deadlock is missed.
         let key = self.sched.add_deadlock_hook(Box::new(move || {
             d.store(true, Ordering::SeqCst);
             me.notify();
         }));
         let h = self.spawn(f);
+        drop(spawning);
         let r = h.wait(|| deadlocked.load(Ordering::SeqCst));
         self.sched.remove_deadlock_hook(key);
         match r {
@@ -1039,12 +1044,20 @@ impl<T> JoinHandle<T> {
         let _external = ExternalWait::begin(self.inner.rt);
         let mut registered = false;
         loop {
+            // `give_up` before `done`: a deadlock may be reported after the
+            // goroutine finished (goroutines parked earlier are left), and
+            // then `done` is seen. The report is decided under the
+            // scheduler lock after the goroutine's P went idle, which its
+            // M did after `finish` stored `done`; the flag `give_up` reads
+            // is stored after that, so reading it (acquire) orders the load
+            // of `done` below after `finish`'s store.
+            let gave_up = give_up();
             // Acquire: pairs with the release in `finish`.
             if self.inner.done.load(Ordering::Acquire) {
                 let r = self.inner.result.lock().take();
                 return Some(r.expect("a joined goroutine's result was taken twice"));
             }
-            if give_up() {
+            if gave_up {
                 return None;
             }
             if !registered {

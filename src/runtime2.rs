@@ -1020,6 +1020,9 @@ pub struct Sched {
     /// will do (joining its goroutine): while any do, all-idle is not a
     /// deadlock.
     pub(crate) external_waits: AtomicU32,
+    /// Threads holding no P that are starting a goroutine
+    /// (`crate::spawning`): while any are, all-idle is not a deadlock.
+    pub(crate) nspawning: AtomicU32,
     /// The idle M that sleeps until the next timer, and how to wake it
     /// (Go's `sched.pollUntil` and `netpollBreak`; see [`crate::time`]).
     pub(crate) timerpoll: crate::time::TimerPoll,

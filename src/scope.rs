@@ -348,6 +348,9 @@ impl Runtime {
             env: PhantomData,
         };
         let d = data.clone();
+        // As in block_on: no deadlock decided before the main goroutine
+        // is queued reaches the hook.
+        let spawning = crate::spawning::Spawning::begin(self.sched());
         let hook = HookGuard {
             sched: self.sched(),
             key: self.sched().add_deadlock_hook(Box::new(move || {
@@ -361,6 +364,7 @@ impl Runtime {
             let scope = &scope;
             spawn_scoped(self.sched(), &data, move || f(scope))
         };
+        drop(spawning);
         let mut reported = false;
         // Acquire: pairs with Member's release.
         while data.running.load(Ordering::Acquire) != 0 {

@@ -2,7 +2,7 @@
 //! `block_on` returns "all goroutines are asleep - deadlock!" instead of
 //! hanging.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use gokernel::{Deadlock, Runtime, WaitReason};
@@ -160,4 +160,51 @@ fn a_wait_on_a_channel_only_this_runtime_uses_is_still_a_deadlock() {
         })
     });
     assert!(matches!(r, Err(Deadlock { .. })));
+}
+
+/// Starts `rounds` trivial `block_on`s on `rt` from each of `threads`
+/// threads at once; returns how many of them reported a deadlock.
+fn deadlocks_among_block_ons(rt: &Arc<Runtime>, threads: usize, rounds: usize) -> usize {
+    let ts: Vec<_> = (0..threads)
+        .map(|_| {
+            let rt = rt.clone();
+            std::thread::spawn(move || (0..rounds).filter(|_| rt.block_on(|| 1).is_err()).count())
+        })
+        .collect();
+    ts.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// A thread outside the runtime starting a goroutine counts as running:
+/// the new goroutine is alive before it is queued, and an M idling the
+/// last P meanwhile (as one does after every main goroutine here, on one
+/// P) took that for a deadlock. 64 idle Ms make its check longer (it looks
+/// at every M), and so the window wider: without the fix, 8 threads of
+/// 5,000 `block_on`s saw a false deadlock in most runs.
+#[test]
+fn block_ons_started_from_many_threads_at_once_are_not_deadlocks() {
+    let rt = Arc::new(Runtime::builder().procs(1).build().unwrap());
+    let ms = rt.block_on(|| {
+        let c = gokernel::chan::<()>(0);
+        let hs: Vec<_> = (0..64)
+            .map(|_| {
+                let c = c.clone();
+                gokernel::spawn_locked(move || assert!(c.recv().is_err()))
+            })
+            .collect();
+        c.close().unwrap();
+        hs.into_iter().map(|h| h.join().unwrap()).count()
+    });
+    assert_eq!(ms, Ok(64));
+    assert_eq!(deadlocks_among_block_ons(&rt, 8, 5_000), 0);
+}
+
+/// With a goroutine parked for good, every moment the runtime is idle is a
+/// deadlock, and is reported: a `block_on` started after such a report was
+/// decided, or whose goroutine finished before its report came, still
+/// returns its value.
+#[test]
+fn block_ons_after_a_deadlock_return_their_values() {
+    let rt = Arc::new(Runtime::builder().procs(1).build().unwrap());
+    assert!(matches!(rt.block_on(gokernel::park), Err(Deadlock { .. })));
+    assert_eq!(deadlocks_among_block_ons(&rt, 4, 5_000), 0);
 }
