@@ -1103,6 +1103,21 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
 ///
 /// `pp` is an idle P no M holds; `mp` holds none.
 pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
+    // SAFETY: the contract.
+    unsafe {
+        acquirep_untraced(mp, pp);
+        crate::trace::proc(mp, pp, true);
+    }
+}
+
+/// [`acquirep`] with no trace record: for a goroutine back from a call
+/// that kept its P (`exitsyscallfast`), which the trace does not record.
+///
+/// # Safety
+///
+/// As [`acquirep`].
+#[inline(always)]
+pub(crate) unsafe fn acquirep_untraced(mp: *mut M, pp: *mut P) {
     // SAFETY: the contract: nobody else holds pp.
     unsafe {
         debug_assert!(
@@ -1115,7 +1130,6 @@ pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
         (*pp)
             .status
             .store(crate::runtime2::PRUNNING, Ordering::Relaxed);
-        crate::trace::proc(mp, pp, true);
         let rt = (*mp).rt;
         // Only while Ms wait for a P is the clock read at all.
         if !rt.is_null() && (*rt).nmwantp.load(Ordering::Relaxed) != 0 {
