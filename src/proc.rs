@@ -491,7 +491,7 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
         (*gp).casstatus(status::RUNNING, status::DEAD);
         (*gp).startfn.clear();
         (*gp).parker = None;
-        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoEnd);
+        crate::trace::gostop((*gp).m, (*(*gp).m).p, gp, crate::trace::EventKind::GoEnd);
         if !(*gp).lockedm.is_null() {
             // Exiting locked: the M is unlocked and goes back to the pool
             // (see lock_os_thread: Go ends the thread).
@@ -1436,7 +1436,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
             gostartcall(gp, f);
         }
     }
-    crate::trace::gocreate(sched, gp);
+    crate::trace::gocreate(sched, pp, gp);
     sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
     if !pp.is_null() {
         // SAFETY: pp is the caller's P.
@@ -2269,7 +2269,7 @@ pub(crate) unsafe extern "C" fn gosched_m(gp: *mut G) {
         }
         let sched = &*rt;
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoStop);
+        crate::trace::gostop((*gp).m, (*(*gp).m).p, gp, crate::trace::EventKind::GoStop);
         let mp = dropg(gp);
         if !(*gp).lockedm.is_null() {
             // Runnable and on no queue: its M's schedule (stoplockedm)
@@ -2342,9 +2342,9 @@ unsafe extern "C" fn park_m(gp: *mut G) {
     unsafe {
         let mp = (*gp).m;
         (*gp).casstatus(status::RUNNING, status::WAITING);
-        crate::trace::gostop(mp, gp, crate::trace::EventKind::GoBlock);
         dropg(gp);
         let pp = (*mp).p;
+        crate::trace::gostop(mp, pp, gp, crate::trace::EventKind::GoBlock);
         if !pp.is_null() {
             PCounters::add(&(*pp).stats.parked, 1);
         }
@@ -2390,7 +2390,6 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         return;
     }
     let cur = getg();
-    crate::trace::gounblock(sched, gp, cur);
     // SAFETY: the contract: gp is parked and ours to ready; its boundm
     // and lockedm were written by its own M before it parked, which the
     // wait it parked on orders before this call.
@@ -2399,12 +2398,15 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         if !bm.is_null() {
             (*gp).casstatus(status::WAITING, status::RUNNABLE);
             if !(*gp).lockedm.is_null() {
+                crate::trace::gounblock(sched, gp, cur);
                 // On no queue: its M waits for exactly this G.
                 crate::bound::readylocked(sched, bm);
             } else if !cur.is_null() && (*cur).m == bm {
+                crate::trace::gounblock_m(bm, gp);
                 // On its own M's thread: that M's own queue, no lock.
                 crate::bound::boundput(bm, gp, NEXT);
             } else {
+                crate::trace::gounblock(sched, gp, cur);
                 crate::bound::readyhome(sched, bm, gp);
             }
             return;
@@ -2412,6 +2414,8 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
     }
     // SAFETY: a non-null current G has a live M.
     let on_m = !cur.is_null() && unsafe { (*(*cur).m).rt == (*gp).rt && !(*(*cur).m).p.is_null() };
+    // SAFETY: on_m: cur's M is this thread's, of gp's scheduler.
+    unsafe { crate::trace::gounblock_m_or(on_m, sched, gp, cur) };
     if on_m {
         // On the caller's own stack, as newproc's fast path: no
         // `systemstack` hop (two stack switches, about 50 instructions).

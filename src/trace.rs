@@ -1268,24 +1268,21 @@ unsafe fn p_of(sched: &Sched, cur: *mut G) -> *mut P {
     }
 }
 
-/// A G of `sched` was made (`newproc1`), by the current goroutine if any.
+/// A G of `sched` was made (`newproc1`), by the current goroutine if
+/// any; `pp` is the calling M's P, or null if the caller does not know
+/// it (then it is looked for, out of line).
 #[inline(always)]
-pub(crate) fn gocreate(sched: &Sched, gp: *mut G) {
+pub(crate) fn gocreate(sched: &Sched, pp: *mut P, gp: *mut G) {
     if !ENABLED {
         return;
     }
-    let cur = getg();
-    // SAFETY: cur is getg(); gp is new and ours.
-    unsafe {
-        let pp = p_of(sched, cur);
-        if pp.is_null() {
-            return cold::no_p_creator(sched, EventKind::GoCreate, gp);
-        }
-        // By the P's goroutine (m.curg), if any: on g0 between a stop
-        // and the next start there is none, and the stop is written
-        // first.
-        put(pp, true, || word(code::CREATE, 0, (*gp).goid()));
+    if pp.is_null() {
+        return cold::created_by(sched, gp);
     }
+    // SAFETY: pp is our M's P; gp is new and ours. By the P's goroutine
+    // (m.curg), if any: on g0 between a stop and the next start there
+    // is none, and the stop is written first.
+    unsafe { put(pp, true, || word(code::CREATE, 0, (*gp).goid())) };
 }
 
 /// `gp` starts running on `mp`, which holds `pp` (`execute`): one
@@ -1322,15 +1319,15 @@ pub(crate) unsafe fn gostart(mp: *mut M, pp: *mut P, gp: *mut G) {
 ///
 /// # Safety
 ///
-/// On the g0 of the M `gp` just left, which still holds its P (if any).
+/// On the g0 of the M `mp` that `gp` just left, which still holds its
+/// P (if any): `pp` is `mp.p`.
 #[inline(always)]
-pub(crate) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
+pub(crate) unsafe fn gostop(mp: *mut M, pp: *mut P, gp: *mut G, kind: EventKind) {
     if !ENABLED {
         return;
     }
     // SAFETY: the contract.
     unsafe {
-        let pp = (*mp).p;
         if pp.is_null() {
             return cold::gostop_no_p(mp, gp, kind);
         }
@@ -1347,7 +1344,8 @@ pub(crate) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
 }
 
 /// `gp` (of `sched`) is made runnable by whoever runs this (`ready`, or
-/// a park whose condition already holds). For the scheduler only: `gp`
+/// a park whose condition already holds), on an M not known to be of
+/// `sched` ([`gounblock_m`] when it is). For the scheduler only: `gp`
 /// is a parked G the caller readies, and `cur` is `getg()`.
 #[inline(always)]
 pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
@@ -1363,6 +1361,45 @@ pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
         }
         // By the P's goroutine, if any (as in gocreate).
         put(pp, true, || word(code::UNBLOCK, 0, (*gp).goid()));
+    }
+}
+
+/// [`gounblock`] by the goroutine running on `mp`, the calling thread's
+/// M, of `gp`'s scheduler: `ready` knows that much, so only its P is
+/// looked at.
+///
+/// # Safety
+///
+/// As [`gounblock`]; `mp` is the calling thread's M, of `gp`'s
+/// scheduler.
+#[inline(always)]
+pub(crate) unsafe fn gounblock_m(mp: *mut M, gp: *mut G) {
+    if !ENABLED {
+        return;
+    }
+    // SAFETY: the contract: mp's P, if any, is ours.
+    unsafe {
+        let pp = (*mp).p;
+        if pp.is_null() {
+            return cold::no_p_creator(&*(*mp).rt, EventKind::GoUnblock, gp);
+        }
+        put(pp, true, || word(code::UNBLOCK, 0, (*gp).goid()));
+    }
+}
+
+/// [`gounblock_m`] on `cur`'s M if `on_m`, else [`gounblock`].
+///
+/// # Safety
+///
+/// As [`gounblock`]; if `on_m`, `cur` is a G of an M of `gp`'s
+/// scheduler.
+#[inline(always)]
+pub(crate) unsafe fn gounblock_m_or(on_m: bool, sched: &Sched, gp: *mut G, cur: *mut G) {
+    if on_m {
+        // SAFETY: the contract.
+        unsafe { gounblock_m((*cur).m, gp) }
+    } else {
+        gounblock(sched, gp, cur);
     }
 }
 
@@ -1526,6 +1563,22 @@ mod cold {
         // SAFETY: the callers' gp is live.
         let g = unsafe { (*gp).goid() };
         put_no_p(sched, kind, g, me);
+    }
+
+    /// `gp` created by whoever runs this, whose P (if any) `newproc1`
+    /// was not given.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn created_by(sched: &Sched, gp: *mut G) {
+        // SAFETY: getg() is the current G; gp is new and ours.
+        unsafe {
+            let pp = p_of(sched, getg());
+            if pp.is_null() {
+                no_p_creator(sched, EventKind::GoCreate, gp);
+            } else {
+                put(pp, true, || word(code::CREATE, 0, (*gp).goid()));
+            }
+        }
     }
 
     /// `gp` starts on `mp`, which holds no P.
