@@ -394,49 +394,7 @@ pub(crate) unsafe fn gostartframe(gp: *mut G) {
 /// `fv` must be the `startfv` field of a live G; only [`gostart`] calls it.
 unsafe extern "C" fn gentry(fv: *mut FuncVal) {
     let gp = fv.wrapping_byte_sub(offset_of!(G, startfv)).cast::<G>();
-    run_catching(gp);
-}
-
-/// Runs a G's function. Unwinding cannot cross the entry trampoline, so a
-/// panic that reaches here ends the process with a fatal error naming the
-/// goroutine (the panic hook has already printed the message).
-///
-/// A scheduler built to report instead (`Builder::report_go_panics`) prints
-/// one line naming the goroutine and lets it end; the process goes on.
-#[cfg(feature = "std")]
-fn run_catching(gp: *mut G) {
-    // SAFETY: gp is the running G; only it touches its startfn now.
-    let run = || unsafe { (*gp).startfn.run() };
-    match std::panic::catch_unwind(core::panic::AssertUnwindSafe(run)) {
-        Ok(true) => return,
-        Ok(false) => throw_g("goroutine started without a function", gp),
-        // Unwound by its runtime's teardown: it ends quietly.
-        Err(p) if p.is::<crate::teardown::RuntimeDropped>() => return,
-        Err(_) => {}
-    }
-    // SAFETY: gp is the running G; its scheduler (if any) outlives it.
-    let report = unsafe { !(*gp).rt.is_null() && (*(*gp).rt).report_panics };
-    if report {
-        crate::panic::report_g(
-            "a goroutine panicked (message above); it ended, the runtime goes on",
-            gp,
-        );
-        return;
-    }
-    throw_g(
-        "a goroutine panicked (message above); a panic cannot unwind out of a goroutine",
-        gp,
-    );
-}
-
-/// Runs a G's function. Without `std` there is no unwinding to catch: a
-/// panic goes to the embedder's panic handler.
-#[cfg(not(feature = "std"))]
-fn run_catching(gp: *mut G) {
-    // SAFETY: gp is the running G; only it touches its startfn now.
-    if !unsafe { (*gp).startfn.run() } {
-        throw_g("goroutine started without a function", gp);
-    }
+    crate::panic::run_catching(gp);
 }
 
 /// Finishes the current G: called by [`goexit`] when a G's function
@@ -1105,19 +1063,19 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
 pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
     // SAFETY: the contract.
     unsafe {
-        acquirep_untraced(mp, pp);
+        wirep(mp, pp);
         crate::trace::proc(mp, pp, true);
     }
 }
 
-/// [`acquirep`] with no trace record: for a goroutine back from a call
-/// that kept its P (`exitsyscallfast`), which the trace does not record.
+/// [`acquirep`] without the trace's P start (Go's `wirep`): for
+/// `exitsyscallfast` taking back the P its call kept.
 ///
 /// # Safety
 ///
 /// As [`acquirep`].
 #[inline(always)]
-pub(crate) unsafe fn acquirep_untraced(mp: *mut M, pp: *mut P) {
+pub(crate) unsafe fn wirep(mp: *mut M, pp: *mut P) {
     // SAFETY: the contract: nobody else holds pp.
     unsafe {
         debug_assert!(
@@ -2269,8 +2227,8 @@ pub(crate) unsafe extern "C" fn gosched_m(gp: *mut G) {
         }
         let sched = &*rt;
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        crate::trace::gostop((*gp).m, (*(*gp).m).p, gp, crate::trace::EventKind::GoStop);
         let mp = dropg(gp);
+        crate::trace::gostop(mp, (*mp).p, gp, crate::trace::EventKind::GoStop);
         if !(*gp).lockedm.is_null() {
             // Runnable and on no queue: its M's schedule (stoplockedm)
             // sees it, after handing the P to whoever has work.

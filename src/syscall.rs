@@ -80,9 +80,7 @@ use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
 
 use crate::asm_amd64::mcall;
-use crate::proc::{
-    acquirep, acquirep_untraced, current_user_g, dropg, execute_on, pidleget, releasep,
-};
+use crate::proc::{acquirep, current_user_g, dropg, execute_on, pidleget, releasep, wirep};
 use crate::runtime2::{G, M, P, PRUNNING, PSYSCALL, status};
 
 /// The current goroutine if it can enter a call now: a user G of a
@@ -247,7 +245,7 @@ unsafe fn exitsyscallfast(mp: *mut M, oldp: *mut P) -> bool {
         {
             // The call kept its P: the trace has its entry only (see
             // crate::trace, "Blocking calls").
-            acquirep_untraced(mp, oldp);
+            wirep(mp, oldp);
             oldp
         } else {
             let sched = &*(*mp).rt;

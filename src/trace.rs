@@ -21,10 +21,15 @@
 //! ([`ENABLED`]); without it they are compiled out, costing nothing, and a
 //! trace asked for stays empty (the hosted runtime says so on stderr).
 //! With the feature, a hook loads no flag: a P of a scheduler that does
-//! not trace has a null write position, and the hook's compare of it
-//! with the limit fails and a test of it for null says "not tracing" (a
-//! few instructions, most of the recording cost; figures in
-//! `docs/performance.md`, "Tracing cost").
+//! not trace has a null write position and a null limit, and the hook's
+//! one compare of the two says "not tracing" (equal), "record" (below)
+//! or "slow path" (above: the slow path sets the limit one byte below a
+//! word boundary, so a tracing P's position never equals it). The hooks
+//! use the P their caller already holds in a register (`execute`'s,
+//! `newproc1`'s, `ready`'s M's), so not tracing costs the compare, a
+//! stop's one store (`gostop`), and the registers the hooks' rare
+//! out-of-line calls make the compiler save; figures in
+//! `docs/performance.md`, "Tracing cost".
 //!
 //! # Recording
 //!
@@ -32,10 +37,11 @@
 //! with plain stores: no lock, no locked instruction, no allocation, no
 //! call. An event is mostly one 8-byte word, written inline at the call
 //! site (`put`): the write position compared with the P's limit, the
-//! word stored, the position bumped: with finding the P and composing
-//! the word, 10–20 instructions an event on the benchmark rows (11 a
-//! yield's stop and start, 18 a hand-off's wake-up, block and start). What is not the hot path is out of line (`slow`,
-//! `flush`, the `cold` module).
+//! word stored, the position bumped: with composing the word, 4–6
+//! instructions an event over not tracing (a yield's stop and start 8,
+//! a hand-off's wake-up, block and start 18, a blocking call that keeps
+//! its P 4). What is not the hot path is out of line (`slow`, `flush`,
+//! the `cold` module).
 //!
 //! The record encoding (internal; [`Sched::trace_events`] turns it back
 //! into [`Event`]s): a word is a code (bits 0–7), an 8-bit argument
@@ -1387,7 +1393,9 @@ pub(crate) unsafe fn gounblock_m(mp: *mut M, gp: *mut G) {
     }
 }
 
-/// [`gounblock_m`] on `cur`'s M if `on_m`, else [`gounblock`].
+/// [`gounblock_m`] on `cur`'s M if `on_m`, else [`gounblock`]: `ready`
+/// says `on_m` when it has seen that the caller runs on an M of `gp`'s
+/// scheduler holding a P.
 ///
 /// # Safety
 ///
