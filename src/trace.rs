@@ -1,7 +1,8 @@
 //! The execution trace (Go's `trace.go`, much reduced): scheduler events
 //! — goroutine create, start, stop (a yield), block (with its wait
 //! reason), unblock (with the waker), end; steals; P start and stop;
-//! blocking calls entered and left; timer fires — recorded into per-P
+//! blocking calls entered and left (a call that kept its P as an
+//! instant: see "Blocking calls"); timer fires — recorded into per-P
 //! buffers while tracing is on, and exported as Chrome trace-event JSON,
 //! which Perfetto's UI (<https://ui.perfetto.dev>) and `chrome://tracing`
 //! open: a lane per P, each goroutine's run a slice on it, a wake-up an
