@@ -258,7 +258,12 @@ unsafe fn exitsyscallfast(mp: *mut M, oldp: *mut P) -> bool {
                 return false;
             }
             acquirep(mp, pp);
-            crate::trace::syscall_exit(mp, (*mp).curg);
+            // Back from a call that lost its P. (No goroutine when a G
+            // parked in its call: park_syscall_m's M leaves the call.)
+            let gp = (*mp).curg;
+            if !gp.is_null() {
+                crate::trace::syscall_exit(mp, gp);
+            }
             pp
         };
         let t = &(*pp).schedtick;
