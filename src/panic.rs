@@ -320,3 +320,47 @@ impl core::fmt::Display for StackFmt {
         )
     }
 }
+
+/// Runs a G's function. Unwinding cannot cross the entry trampoline, so a
+/// panic that reaches here ends the process with a fatal error naming the
+/// goroutine (the panic hook has already printed the message).
+///
+/// A scheduler built to report instead (`Builder::report_go_panics`) prints
+/// one line naming the goroutine and lets it end; the process goes on.
+#[cfg(feature = "std")]
+#[inline]
+pub(crate) fn run_catching(gp: *mut G) {
+    // SAFETY: gp is the running G; only it touches its startfn now.
+    let run = || unsafe { (*gp).startfn.run() };
+    match std::panic::catch_unwind(core::panic::AssertUnwindSafe(run)) {
+        Ok(true) => return,
+        Ok(false) => throw_g("goroutine started without a function", gp),
+        // Unwound by its runtime's teardown: it ends quietly.
+        Err(p) if p.is::<crate::teardown::RuntimeDropped>() => return,
+        Err(_) => {}
+    }
+    // SAFETY: gp is the running G; its scheduler (if any) outlives it.
+    let report = unsafe { !(*gp).rt.is_null() && (*(*gp).rt).report_panics };
+    if report {
+        report_g(
+            "a goroutine panicked (message above); it ended, the runtime goes on",
+            gp,
+        );
+        return;
+    }
+    throw_g(
+        "a goroutine panicked (message above); a panic cannot unwind out of a goroutine",
+        gp,
+    );
+}
+
+/// Runs a G's function. Without `std` there is no unwinding to catch: a
+/// panic goes to the embedder's panic handler.
+#[cfg(not(feature = "std"))]
+#[inline]
+pub(crate) fn run_catching(gp: *mut G) {
+    // SAFETY: gp is the running G; only it touches its startfn now.
+    if !unsafe { (*gp).startfn.run() } {
+        throw_g("goroutine started without a function", gp);
+    }
+}

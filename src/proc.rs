@@ -394,49 +394,7 @@ pub(crate) unsafe fn gostartframe(gp: *mut G) {
 /// `fv` must be the `startfv` field of a live G; only [`gostart`] calls it.
 unsafe extern "C" fn gentry(fv: *mut FuncVal) {
     let gp = fv.wrapping_byte_sub(offset_of!(G, startfv)).cast::<G>();
-    run_catching(gp);
-}
-
-/// Runs a G's function. Unwinding cannot cross the entry trampoline, so a
-/// panic that reaches here ends the process with a fatal error naming the
-/// goroutine (the panic hook has already printed the message).
-///
-/// A scheduler built to report instead (`Builder::report_go_panics`) prints
-/// one line naming the goroutine and lets it end; the process goes on.
-#[cfg(feature = "std")]
-fn run_catching(gp: *mut G) {
-    // SAFETY: gp is the running G; only it touches its startfn now.
-    let run = || unsafe { (*gp).startfn.run() };
-    match std::panic::catch_unwind(core::panic::AssertUnwindSafe(run)) {
-        Ok(true) => return,
-        Ok(false) => throw_g("goroutine started without a function", gp),
-        // Unwound by its runtime's teardown: it ends quietly.
-        Err(p) if p.is::<crate::teardown::RuntimeDropped>() => return,
-        Err(_) => {}
-    }
-    // SAFETY: gp is the running G; its scheduler (if any) outlives it.
-    let report = unsafe { !(*gp).rt.is_null() && (*(*gp).rt).report_panics };
-    if report {
-        crate::panic::report_g(
-            "a goroutine panicked (message above); it ended, the runtime goes on",
-            gp,
-        );
-        return;
-    }
-    throw_g(
-        "a goroutine panicked (message above); a panic cannot unwind out of a goroutine",
-        gp,
-    );
-}
-
-/// Runs a G's function. Without `std` there is no unwinding to catch: a
-/// panic goes to the embedder's panic handler.
-#[cfg(not(feature = "std"))]
-fn run_catching(gp: *mut G) {
-    // SAFETY: gp is the running G; only it touches its startfn now.
-    if !unsafe { (*gp).startfn.run() } {
-        throw_g("goroutine started without a function", gp);
-    }
+    crate::panic::run_catching(gp);
 }
 
 /// Finishes the current G: called by [`goexit`] when a G's function
@@ -491,7 +449,7 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
         (*gp).casstatus(status::RUNNING, status::DEAD);
         (*gp).startfn.clear();
         (*gp).parker = None;
-        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoEnd);
+        crate::trace::gostop((*gp).m, (*(*gp).m).p, gp, crate::trace::EventKind::GoEnd);
         if !(*gp).lockedm.is_null() {
             // Exiting locked: the M is unlocked and goes back to the pool
             // (see lock_os_thread: Go ends the thread).
@@ -1103,6 +1061,21 @@ unsafe fn stoplockedm(sched: &Sched, mp: *mut M) -> bool {
 ///
 /// `pp` is an idle P no M holds; `mp` holds none.
 pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
+    // SAFETY: the contract.
+    unsafe {
+        wirep(mp, pp);
+        crate::trace::proc(mp, pp, true);
+    }
+}
+
+/// [`acquirep`] without the trace's P start (Go's `wirep`): for
+/// `exitsyscallfast` taking back the P its call kept.
+///
+/// # Safety
+///
+/// As [`acquirep`].
+#[inline(always)]
+pub(crate) unsafe fn wirep(mp: *mut M, pp: *mut P) {
     // SAFETY: the contract: nobody else holds pp.
     unsafe {
         debug_assert!(
@@ -1115,7 +1088,6 @@ pub(crate) unsafe fn acquirep(mp: *mut M, pp: *mut P) {
         (*pp)
             .status
             .store(crate::runtime2::PRUNNING, Ordering::Relaxed);
-        crate::trace::proc(mp, pp, true);
         let rt = (*mp).rt;
         // Only while Ms wait for a P is the clock read at all.
         if !rt.is_null() && (*rt).nmwantp.load(Ordering::Relaxed) != 0 {
@@ -1422,7 +1394,7 @@ pub(crate) fn newproc1<F: FnOnce() + Send + 'static>(
             gostartcall(gp, f);
         }
     }
-    crate::trace::gocreate(sched, gp);
+    crate::trace::gocreate(sched, pp, gp);
     sched.ngoroutines.fetch_add(1, Ordering::Relaxed);
     if !pp.is_null() {
         // SAFETY: pp is the caller's P.
@@ -2254,8 +2226,8 @@ pub(crate) unsafe extern "C" fn gosched_m(gp: *mut G) {
         }
         let sched = &*rt;
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
-        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoStop);
         let mp = dropg(gp);
+        crate::trace::gostop(mp, (*mp).p, gp, crate::trace::EventKind::GoStop);
         if !(*gp).lockedm.is_null() {
             // Runnable and on no queue: its M's schedule (stoplockedm)
             // sees it, after handing the P to whoever has work.
@@ -2327,9 +2299,9 @@ unsafe extern "C" fn park_m(gp: *mut G) {
     unsafe {
         let mp = (*gp).m;
         (*gp).casstatus(status::RUNNING, status::WAITING);
-        crate::trace::gostop(mp, gp, crate::trace::EventKind::GoBlock);
         dropg(gp);
         let pp = (*mp).p;
+        crate::trace::gostop(mp, pp, gp, crate::trace::EventKind::GoBlock);
         if !pp.is_null() {
             PCounters::add(&(*pp).stats.parked, 1);
         }
@@ -2375,7 +2347,6 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         return;
     }
     let cur = getg();
-    crate::trace::gounblock(sched, gp, cur);
     // SAFETY: the contract: gp is parked and ours to ready; its boundm
     // and lockedm were written by its own M before it parked, which the
     // wait it parked on orders before this call.
@@ -2384,12 +2355,15 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
         if !bm.is_null() {
             (*gp).casstatus(status::WAITING, status::RUNNABLE);
             if !(*gp).lockedm.is_null() {
+                crate::trace::gounblock(sched, gp, cur);
                 // On no queue: its M waits for exactly this G.
                 crate::bound::readylocked(sched, bm);
             } else if !cur.is_null() && (*cur).m == bm {
+                crate::trace::gounblock_m(bm, gp);
                 // On its own M's thread: that M's own queue, no lock.
                 crate::bound::boundput(bm, gp, NEXT);
             } else {
+                crate::trace::gounblock(sched, gp, cur);
                 crate::bound::readyhome(sched, bm, gp);
             }
             return;
@@ -2397,6 +2371,8 @@ pub(crate) unsafe fn ready<const NEXT: bool>(gp: *mut G) {
     }
     // SAFETY: a non-null current G has a live M.
     let on_m = !cur.is_null() && unsafe { (*(*cur).m).rt == (*gp).rt && !(*(*cur).m).p.is_null() };
+    // SAFETY: on_m: cur's M is this thread's, of gp's scheduler.
+    unsafe { crate::trace::gounblock_m_or(on_m, sched, gp, cur) };
     if on_m {
         // On the caller's own stack, as newproc's fast path: no
         // `systemstack` hop (two stack switches, about 50 instructions).

@@ -80,7 +80,7 @@ use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
 
 use crate::asm_amd64::mcall;
-use crate::proc::{acquirep, current_user_g, dropg, execute_on, pidleget, releasep};
+use crate::proc::{acquirep, current_user_g, dropg, execute_on, pidleget, releasep, wirep};
 use crate::runtime2::{G, M, P, PRUNNING, PSYSCALL, status};
 
 /// The current goroutine if it can enter a call now: a user G of a
@@ -126,7 +126,39 @@ pub(crate) unsafe fn entersyscall(gp: *mut G, mp: *mut M) {
     // SAFETY: the contract.
     unsafe {
         let pp = (*mp).p;
-        crate::trace::syscall_enter(mp, gp);
+        if !crate::trace::syscall_enter_fast(pp) {
+            // Out of line, so that this path keeps nothing across a call.
+            return entersyscall_traced(gp, mp);
+        }
+        entersyscall_on(gp, mp, pp);
+    }
+}
+
+/// [`entersyscall`] whose trace record takes the slow path.
+///
+/// # Safety
+///
+/// As [`entersyscall`].
+#[cold]
+#[inline(never)]
+unsafe fn entersyscall_traced(gp: *mut G, mp: *mut M) {
+    // SAFETY: the contract.
+    unsafe {
+        let pp = (*mp).p;
+        crate::trace::syscall_enter_slow(pp);
+        entersyscall_on(gp, mp, pp);
+    }
+}
+
+/// [`entersyscall`] once its trace record is written; `pp` is `mp.p`.
+///
+/// # Safety
+///
+/// As [`entersyscall`].
+#[inline(always)]
+unsafe fn entersyscall_on(gp: *mut G, mp: *mut M, pp: *mut P) {
+    // SAFETY: the contract.
+    unsafe {
         syscalltick_bump(pp);
         // Before the P can be retaken (the release store below), so that
         // checkdead, after the retaker idles the P, sees it.
@@ -151,7 +183,7 @@ pub(crate) unsafe fn entersyscallblock(gp: *mut G, mp: *mut M) {
     // SAFETY: the contract.
     unsafe {
         let sched = &*(*mp).rt;
-        crate::trace::syscall_enter(mp, gp);
+        crate::trace::syscall_enter((*mp).p);
         syscalltick_bump((*mp).p);
         (*mp).insyscall.store(true, Ordering::Relaxed);
         (*gp).casstatus(status::RUNNING, status::SYSCALL);
@@ -181,7 +213,6 @@ pub(crate) unsafe fn exitsyscall(gp: *mut G, mp: *mut M) {
         let oldp = core::mem::replace(&mut (*mp).oldp, null_mut());
         if exitsyscallfast(mp, oldp) {
             (*gp).casstatus(status::SYSCALL, status::RUNNING);
-            crate::trace::syscall_exit(mp, gp);
             (*mp).insyscall.store(false, Ordering::Relaxed);
             return;
         }
@@ -212,6 +243,9 @@ unsafe fn exitsyscallfast(mp: *mut M, oldp: *mut P) -> bool {
                 .compare_exchange(PSYSCALL, PRUNNING, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
+            // The call kept its P: the trace has its entry only (see
+            // crate::trace, "Blocking calls").
+            wirep(mp, oldp);
             oldp
         } else {
             let sched = &*(*mp).rt;
@@ -223,9 +257,15 @@ unsafe fn exitsyscallfast(mp: *mut M, oldp: *mut P) -> bool {
             if pp.is_null() {
                 return false;
             }
+            acquirep(mp, pp);
+            // Back from a call that lost its P. (No goroutine when a G
+            // parked in its call: park_syscall_m's M leaves the call.)
+            let gp = (*mp).curg;
+            if !gp.is_null() {
+                crate::trace::syscall_exit(mp, gp);
+            }
             pp
         };
-        acquirep(mp, pp);
         let t = &(*pp).schedtick;
         t.store(t.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
         true

@@ -1,7 +1,8 @@
 //! The execution trace (Go's `trace.go`, much reduced): scheduler events
 //! — goroutine create, start, stop (a yield), block (with its wait
 //! reason), unblock (with the waker), end; steals; P start and stop;
-//! blocking calls entered and left; timer fires — recorded into per-P
+//! blocking calls entered and left (a call that kept its P as an
+//! instant: see "Blocking calls"); timer fires — recorded into per-P
 //! buffers while tracing is on, and exported as Chrome trace-event JSON,
 //! which Perfetto's UI (<https://ui.perfetto.dev>) and `chrome://tracing`
 //! open: a lane per P, each goroutine's run a slice on it, a wake-up an
@@ -21,10 +22,15 @@
 //! ([`ENABLED`]); without it they are compiled out, costing nothing, and a
 //! trace asked for stays empty (the hosted runtime says so on stderr).
 //! With the feature, a hook loads no flag: a P of a scheduler that does
-//! not trace has a null write position, and the hook's compare of it
-//! with the limit fails and a test of it for null says "not tracing" (a
-//! few instructions, most of the recording cost; figures in
-//! `docs/performance.md`, "Tracing cost").
+//! not trace has a null write position and a null limit, and the hook's
+//! one compare of the two says "not tracing" (equal), "record" (below)
+//! or "slow path" (above: the slow path sets the limit one byte below a
+//! word boundary, so a tracing P's position never equals it). The hooks
+//! use the P their caller already holds in a register (`execute`'s,
+//! `newproc1`'s, `ready`'s M's), so not tracing costs the compare, a
+//! stop's one store (`gostop`), and the registers the hooks' rare
+//! out-of-line calls make the compiler save; figures in
+//! `docs/performance.md`, "Tracing cost".
 //!
 //! # Recording
 //!
@@ -32,10 +38,11 @@
 //! with plain stores: no lock, no locked instruction, no allocation, no
 //! call. An event is mostly one 8-byte word, written inline at the call
 //! site (`put`): the write position compared with the P's limit, the
-//! word stored, the position bumped: with finding the P and composing
-//! the word, 10–20 instructions an event on the benchmark rows (11 a
-//! yield's stop and start, 18 a hand-off's wake-up, block and start). What is not the hot path is out of line (`slow`,
-//! `flush`, the `cold` module).
+//! word stored, the position bumped: with composing the word, 4–6
+//! instructions an event over not tracing (a yield's stop and start 8,
+//! a hand-off's wake-up, block and start 18, a blocking call that keeps
+//! its P 4). What is not the hot path is out of line (`slow`, `flush`,
+//! the `cold` module).
 //!
 //! The record encoding (internal; [`Sched::trace_events`] turns it back
 //! into [`Event`]s): a word is a code (bits 0–7), an 8-bit argument
@@ -51,7 +58,7 @@
 //! | `CREATE` | `g` created by the P's goroutine (0 if none) | 1 | `g` |
 //! | `UNBLOCK` | `g` made runnable by the P's goroutine (0 if none) | 1 | `g` |
 //! | `SYSENTER` / `SYSENTER_G` | a goroutine enters a blocking call | 1 | the P's / `g` |
-//! | `SYSEXIT` | `g` is back from one (and is the P's goroutine) | 1 | `g` |
+//! | `SYSEXIT` | `g` is back from one that lost its P, or from a `SYSENTER_G` (and is the P's goroutine) | 1 | `g` |
 //! | `TIMER` | a timer fired, readying `g` (0: a callback) | 1 | `g` |
 //! | `STEAL` | the P stole (next word) goroutines from P `g` | 2 | — |
 //! | `PROC_START` / `PROC_STOP` | M `g` took / let go of the P | 1 | — |
@@ -80,6 +87,28 @@
 //! records, and that cost more time than all the instructions. Events of
 //! a thread without a P go to one shared buffer, under a lock. Memory:
 //! 8 bytes an event, in 2 MiB steps, 6 MiB per P from the start.
+//!
+//! # Blocking calls
+//!
+//! As Go's tracer did before Go 1.21 (one `GoSysCall` event for a call
+//! that returned with its P, `GoSysBlock` and `GoSysExit` only for one
+//! that lost it), a blocking call (`gokernel::syscall::call`,
+//! `blocking`) that keeps its P costs one word, at its entry, and
+//! nothing on its way out: `exitsyscallfast` taking its own P back
+//! records nothing. A call that loses its P (handed off at once by
+//! `blocking`, retaken by sysmon, or back on another P) has its exit
+//! recorded (`SYSEXIT`, with the goroutine's id) where it gets a P
+//! again. The reader tells the two apart from the P's next record
+//! (see `decode`): after a call that lost its P that is a P start or
+//! stop, a `SYSEXIT`, or a start with no stop before it; anything else
+//! means the call kept its P, and the reader adds its
+//! [`EventKind::SyscallExit`] itself, at the entry's time. So such a
+//! call shows as an instant (entry and exit at the same time, the exit
+//! not [`exact`](Event::exact)): how long it took is not recorded, only
+//! that it was made, by which goroutine, and where among the P's events
+//! (its return is somewhere between the entry and the P's next event).
+//! A call still in progress at the end of the trace, or the P's last
+//! event, has no exit. Calls that lose their P keep both times.
 //!
 //! # Timestamps, and how precise the timeline is
 //!
@@ -160,7 +189,9 @@ pub enum EventKind {
     /// Goroutine `g` entered a blocking system call (its P may be handed
     /// off).
     SyscallEnter,
-    /// Goroutine `g` came back from one.
+    /// Goroutine `g` came back from one. For a call that kept its P this
+    /// is not recorded: the reader adds it at the entry's time (see the
+    /// [module docs](crate::trace), "Blocking calls").
     SyscallExit,
 }
 
@@ -415,9 +446,12 @@ pub(crate) struct PTrace {
     /// The next free word; null while the P's scheduler does not trace
     /// (set once by [`Sched::start_trace`], then by the owner only).
     pos: AtomicPtr<u64>,
-    /// A record goes through the slow path when `pos >= limit`: at the
+    /// A record goes through the slow path when `pos > limit`: at the
     /// end of a dense clock block, at once while events are sparse, at
-    /// the chunk's end; null until the owner's first slow path.
+    /// the chunk's end; null until the owner's first slow path. The
+    /// slow path sets it one byte below a word boundary, so that while
+    /// tracing it never equals `pos`: `pos == limit` (both null) is "not
+    /// tracing", and one compare tells the three cases apart.
     limit: AtomicPtr<u64>,
     /// The stop of the P's goroutine not yet written: `SWITCH + how`
     /// (with the wait reason in bits 8–15), or [`NO_STOP`]. A stop site
@@ -495,14 +529,16 @@ unsafe fn put(pp: *mut P, flushing: bool, w: impl Fn() -> u64) {
     unsafe {
         let t = &(*pp).trace;
         let pos = t.pos.load(Ordering::Relaxed);
-        if pos < t.limit.load(Ordering::Relaxed) {
+        let limit = t.limit.load(Ordering::Relaxed);
+        // One compare, three ways (see `PTrace::limit`).
+        if pos < limit {
             if flushing && t.stash.load(Ordering::Relaxed) != NO_STOP {
                 return flush_then(pp, w());
             }
-            // limit is at most the chunk's end minus FAST_WORDS.
+            // limit is below the chunk's end minus FAST_WORDS.
             pos.write(w());
             t.pos.store(pos.add(1), Ordering::Release);
-        } else if !pos.is_null() {
+        } else if pos != limit {
             if flushing {
                 return flush_then(pp, w());
             }
@@ -615,7 +651,7 @@ unsafe fn slow(pp: *mut P, w0: u64, w1: u64, n: usize) {
         t.pos.store(next, Ordering::Release);
         let end = t.end.load(Ordering::Relaxed);
         let last_ok = end.sub(FAST_WORDS);
-        let limit = if dense {
+        let bound = if dense {
             // The next block boundary after `next`.
             let boundary = ((next as usize | (BLOCK_BYTES - 1)) + 1) as *mut u64;
             if boundary < last_ok {
@@ -626,12 +662,15 @@ unsafe fn slow(pp: *mut P, w0: u64, w1: u64, n: usize) {
         } else {
             next
         };
+        // One byte below: a word position below `bound` is below it, one
+        // at `bound` above it (never equal: see `PTrace::limit`).
+        let limit = (bound as usize - 1) as *mut u64;
         t.limit.store(limit, Ordering::Relaxed);
         if dense {
             // The block after the next one, into this core's cache ahead
             // of its stores (a record's store to a cold line otherwise
             // waits for the line, about once every 8 records).
-            let ahead = (limit as usize).wrapping_add(BLOCK_BYTES) & !(BLOCK_BYTES - 1);
+            let ahead = (bound as usize).wrapping_add(BLOCK_BYTES) & !(BLOCK_BYTES - 1);
             for line in (0..BLOCK_BYTES).step_by(64) {
                 prefetch(ahead.wrapping_add(line));
             }
@@ -727,8 +766,16 @@ fn decode(words: &[u64], p: u32, t0: u64) -> Vec<Event> {
     let mut out: Vec<Event> = Vec::with_capacity(words.len() + words.len() / 4);
     // Indices of stops written with the next start: their time is its.
     let mut tied: Vec<usize> = Vec::new();
+    // Exits added for calls that kept their P: their time is their
+    // entry's, the event before them.
+    let mut tied_prev: Vec<usize> = Vec::new();
     let mut stamp: Option<u64> = None;
     let mut cur: Option<u64> = None;
+    // The goroutine of a `SYSENTER` whose call's outcome the next record
+    // tells: a `SYSEXIT`, a P start or stop, or a start with no stop
+    // before it (exitsyscall0 resumed the goroutine) say it lost its P,
+    // and its exit is recorded; anything else, that it kept its P.
+    let mut insys: Option<u64> = None;
     let stop_kind = |how: u64| match how {
         code::YIELD => EventKind::GoStop,
         code::END => EventKind::GoEnd,
@@ -739,6 +786,23 @@ fn decode(words: &[u64], p: u32, t0: u64) -> Vec<Event> {
         let w = words[i];
         i += 1;
         let (c, aux, g) = (w & 0xff, (w >> 8) & 0xff, w >> 16);
+        if c != code::STAMP
+            && let Some(sg) = insys.take()
+            && !matches!(
+                c,
+                code::SWITCH | code::SYSEXIT | code::PROC_START | code::PROC_STOP
+            )
+        {
+            out.push(Event {
+                ticks: 0,
+                g: sg,
+                arg: 0,
+                kind: EventKind::SyscallExit,
+                p: Some(p),
+                exact: false,
+            });
+            tied_prev.push(out.len() - 1);
+        }
         let ev = |kind: EventKind, g: u64, arg: u64, stamp: &mut Option<u64>| {
             let exact = stamp.take();
             Event {
@@ -774,7 +838,10 @@ fn decode(words: &[u64], p: u32, t0: u64) -> Vec<Event> {
             }
             code::CREATE => out.push(ev(EventKind::GoCreate, g, by_cur, &mut stamp)),
             code::UNBLOCK => out.push(ev(EventKind::GoUnblock, g, by_cur, &mut stamp)),
-            code::SYSENTER => out.push(ev(EventKind::SyscallEnter, by_cur, 0, &mut stamp)),
+            code::SYSENTER => {
+                out.push(ev(EventKind::SyscallEnter, by_cur, 0, &mut stamp));
+                insys = Some(by_cur);
+            }
             code::SYSENTER_G => out.push(ev(EventKind::SyscallEnter, g, 0, &mut stamp)),
             code::SYSEXIT => {
                 out.push(ev(EventKind::SyscallExit, g, 0, &mut stamp));
@@ -833,6 +900,9 @@ fn decode(words: &[u64], p: u32, t0: u64) -> Vec<Event> {
     // A stop written with the next start happened at (just before) it.
     for i in tied {
         out[i].ticks = out[i + 1].ticks;
+    }
+    for i in tied_prev {
+        out[i].ticks = out[i - 1].ticks;
     }
     out
 }
@@ -894,6 +964,10 @@ fn merge(streams: Vec<Vec<Event>>) -> Vec<Event> {
             }
             EventKind::GoUnblock => {
                 blocked.remove(&e.g);
+            }
+            // Back from a call that kept its P, or on a P again.
+            EventKind::SyscallExit => {
+                running.insert(e.g);
             }
             _ => {}
         }
@@ -1201,24 +1275,21 @@ unsafe fn p_of(sched: &Sched, cur: *mut G) -> *mut P {
     }
 }
 
-/// A G of `sched` was made (`newproc1`), by the current goroutine if any.
+/// A G of `sched` was made (`newproc1`), by the current goroutine if
+/// any; `pp` is the calling M's P, or null if the caller does not know
+/// it (then it is looked for, out of line).
 #[inline(always)]
-pub(crate) fn gocreate(sched: &Sched, gp: *mut G) {
+pub(crate) fn gocreate(sched: &Sched, pp: *mut P, gp: *mut G) {
     if !ENABLED {
         return;
     }
-    let cur = getg();
-    // SAFETY: cur is getg(); gp is new and ours.
-    unsafe {
-        let pp = p_of(sched, cur);
-        if pp.is_null() {
-            return cold::no_p_creator(sched, EventKind::GoCreate, gp);
-        }
-        // By the P's goroutine (m.curg), if any: on g0 between a stop
-        // and the next start there is none, and the stop is written
-        // first.
-        put(pp, true, || word(code::CREATE, 0, (*gp).goid()));
+    if pp.is_null() {
+        return cold::created_by(sched, gp);
     }
+    // SAFETY: pp is our M's P; gp is new and ours. By the P's goroutine
+    // (m.curg), if any: on g0 between a stop and the next start there
+    // is none, and the stop is written first.
+    unsafe { put(pp, true, || word(code::CREATE, 0, (*gp).goid())) };
 }
 
 /// `gp` starts running on `mp`, which holds `pp` (`execute`): one
@@ -1255,15 +1326,15 @@ pub(crate) unsafe fn gostart(mp: *mut M, pp: *mut P, gp: *mut G) {
 ///
 /// # Safety
 ///
-/// On the g0 of the M `gp` just left, which still holds its P (if any).
+/// On the g0 of the M `mp` that `gp` just left, which still holds its
+/// P (if any): `pp` is `mp.p`.
 #[inline(always)]
-pub(crate) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
+pub(crate) unsafe fn gostop(mp: *mut M, pp: *mut P, gp: *mut G, kind: EventKind) {
     if !ENABLED {
         return;
     }
     // SAFETY: the contract.
     unsafe {
-        let pp = (*mp).p;
         if pp.is_null() {
             return cold::gostop_no_p(mp, gp, kind);
         }
@@ -1280,7 +1351,8 @@ pub(crate) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
 }
 
 /// `gp` (of `sched`) is made runnable by whoever runs this (`ready`, or
-/// a park whose condition already holds). For the scheduler only: `gp`
+/// a park whose condition already holds), on an M not known to be of
+/// `sched` ([`gounblock_m`] when it is). For the scheduler only: `gp`
 /// is a parked G the caller readies, and `cur` is `getg()`.
 #[inline(always)]
 pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
@@ -1296,6 +1368,47 @@ pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
         }
         // By the P's goroutine, if any (as in gocreate).
         put(pp, true, || word(code::UNBLOCK, 0, (*gp).goid()));
+    }
+}
+
+/// [`gounblock`] by the goroutine running on `mp`, the calling thread's
+/// M, of `gp`'s scheduler: `ready` knows that much, so only its P is
+/// looked at.
+///
+/// # Safety
+///
+/// As [`gounblock`]; `mp` is the calling thread's M, of `gp`'s
+/// scheduler.
+#[inline(always)]
+pub(crate) unsafe fn gounblock_m(mp: *mut M, gp: *mut G) {
+    if !ENABLED {
+        return;
+    }
+    // SAFETY: the contract: mp's P, if any, is ours.
+    unsafe {
+        let pp = (*mp).p;
+        if pp.is_null() {
+            return cold::no_p_creator(&*(*mp).rt, EventKind::GoUnblock, gp);
+        }
+        put(pp, true, || word(code::UNBLOCK, 0, (*gp).goid()));
+    }
+}
+
+/// [`gounblock_m`] on `cur`'s M if `on_m`, else [`gounblock`]: `ready`
+/// says `on_m` when it has seen that the caller runs on an M of `gp`'s
+/// scheduler holding a P.
+///
+/// # Safety
+///
+/// As [`gounblock`]; if `on_m`, `cur` is a G of an M of `gp`'s
+/// scheduler.
+#[inline(always)]
+pub(crate) unsafe fn gounblock_m_or(on_m: bool, sched: &Sched, gp: *mut G, cur: *mut G) {
+    if on_m {
+        // SAFETY: the contract.
+        unsafe { gounblock_m((*cur).m, gp) }
+    } else {
+        gounblock(sched, gp, cur);
     }
 }
 
@@ -1349,30 +1462,67 @@ pub(crate) fn timerfire(sched: &Sched, gp: *mut G) {
     }
 }
 
-/// `gp` on `mp` enters a blocking call (`entersyscall`), still holding
-/// its P: a record without the id (it is the P's goroutine).
+/// The goroutine of P `pp` enters a blocking call, still holding `pp`
+/// (`entersyscall`, `entersyscallblock`): one word, without the id (it
+/// is the P's goroutine), and nothing on the way out if the call keeps
+/// its P (see the module docs, "Blocking calls").
 ///
 /// # Safety
 ///
-/// `mp` is the calling thread's M, `gp` its current G.
+/// `pp` is the P the calling M holds.
 #[inline(always)]
-pub(crate) unsafe fn syscall_enter(mp: *mut M, gp: *mut G) {
-    if !ENABLED {
-        return;
-    }
+pub(crate) unsafe fn syscall_enter(pp: *mut P) {
     // SAFETY: the contract.
     unsafe {
-        let pp = (*mp).p;
-        if pp.is_null() {
-            return cold::put_no_p_g(mp, EventKind::SyscallEnter, gp);
+        if !syscall_enter_fast(pp) {
+            syscall_enter_slow(pp);
         }
-        // A running goroutine's P has no stop stashed.
-        put(pp, false, || code::SYSENTER);
     }
 }
 
-/// `gp` on `mp` is back from its call, with a P again (`exitsyscall`):
-/// with the id, since the P may be another than the one it left.
+/// [`syscall_enter`]'s fast path: false if the record needs the slow
+/// path, [`syscall_enter_slow`] (which `entersyscall` calls out of line,
+/// so that its own fast path saves no registers for a call).
+///
+/// # Safety
+///
+/// As [`syscall_enter`].
+#[inline(always)]
+pub(crate) unsafe fn syscall_enter_fast(pp: *mut P) -> bool {
+    if !ENABLED {
+        return true;
+    }
+    // SAFETY: the contract: our P; only we write its PTrace. A running
+    // goroutine's P has no stop stashed.
+    unsafe {
+        let t = &(*pp).trace;
+        let pos = t.pos.load(Ordering::Relaxed);
+        let limit = t.limit.load(Ordering::Relaxed);
+        if pos < limit {
+            pos.write(code::SYSENTER);
+            t.pos.store(pos.add(1), Ordering::Release);
+            return true;
+        }
+        // Equal: not tracing.
+        pos == limit
+    }
+}
+
+/// [`syscall_enter`]'s slow path.
+///
+/// # Safety
+///
+/// As [`syscall_enter`].
+#[cold]
+#[inline(never)]
+pub(crate) unsafe fn syscall_enter_slow(pp: *mut P) {
+    // SAFETY: the contract.
+    unsafe { slow(pp, code::SYSENTER, 0, 1) };
+}
+
+/// `gp` on `mp` is back from a call that lost its P, with a P again
+/// (`exitsyscall`'s slow paths): with the id, since the P may be another
+/// than the one it left.
 ///
 /// # Safety
 ///
@@ -1422,6 +1572,22 @@ mod cold {
         // SAFETY: the callers' gp is live.
         let g = unsafe { (*gp).goid() };
         put_no_p(sched, kind, g, me);
+    }
+
+    /// `gp` created by whoever runs this, whose P (if any) `newproc1`
+    /// was not given.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn created_by(sched: &Sched, gp: *mut G) {
+        // SAFETY: getg() is the current G; gp is new and ours.
+        unsafe {
+            let pp = p_of(sched, getg());
+            if pp.is_null() {
+                no_p_creator(sched, EventKind::GoCreate, gp);
+            } else {
+                put(pp, true, || word(code::CREATE, 0, (*gp).goid()));
+            }
+        }
     }
 
     /// `gp` starts on `mp`, which holds no P.

@@ -208,6 +208,53 @@ fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
 }
 
 #[test]
+fn a_call_that_kept_its_p_shows_as_an_instant_and_one_that_lost_it_keeps_its_exit() {
+    use gokernel::platform::hosted::HOSTED;
+    use gokernel::runtime2::Sched;
+    use gokernel::trace::EventKind;
+
+    let sched = Sched::new(1, gokernel::stack::STACK_MIN, &HOSTED);
+    sched.start_trace();
+    let (tx, rx) = std::sync::mpsc::channel();
+    sched
+        .go(Box::new(move || {
+            // Returns at once, with its P: only its entry is recorded.
+            gokernel::syscall::call(|| ());
+            // Hands its P off at once (entersyscallblock): both recorded.
+            gokernel::syscall::blocking(|| std::thread::sleep(std::time::Duration::from_millis(5)));
+            tx.send(gokernel::current().id()).unwrap();
+        }))
+        .unwrap();
+    let g = rx.recv().unwrap();
+    while sched.ngoroutines() != 0 {
+        std::thread::yield_now();
+    }
+    let ev = sched.trace_events();
+    let calls: Vec<_> = ev
+        .iter()
+        .filter(|e| e.g == g && matches!(e.kind, EventKind::SyscallEnter | EventKind::SyscallExit))
+        .collect();
+    let kinds: Vec<_> = calls.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::SyscallEnter,
+            EventKind::SyscallExit,
+            EventKind::SyscallEnter,
+            EventKind::SyscallExit
+        ],
+        "{ev:#?}"
+    );
+    // The kept call: its exit is the reader's, at its entry's time.
+    assert_eq!(calls[1].ticks, calls[0].ticks);
+    assert!(!calls[1].exact);
+    // The call that lost its P: an exit of its own, after the sleep's
+    // clock readings.
+    assert!(calls[3].ticks > calls[2].ticks, "{ev:#?}");
+    sched.shutdown();
+}
+
+#[test]
 fn an_untraced_runtime_has_no_trace() {
     if std::env::var_os("GOKERNEL_TRACE").is_some() {
         return;
