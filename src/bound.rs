@@ -257,6 +257,9 @@ pub(crate) unsafe fn givep(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) {
 /// On `mp`'s thread, with `mp.sleeping` already stored (SeqCst) and the
 /// G found runnable after that.
 pub(crate) unsafe fn takep_or_wait(sl: &mut SchedLocked, sched: &Sched, mp: *mut M) -> bool {
+    // SAFETY: the contract: mp is ours, and the field is under the lock.
+    // Holding a P or on mwantp from here on (ms_at_work).
+    unsafe { (*mp).handoffwork = false };
     let pp = crate::proc::pidleget(sl, sched);
     if pp.is_null() {
         wantpput(sl, sched, mp);
@@ -336,6 +339,10 @@ pub(crate) unsafe fn handoff_wanted(sched: &Sched, mp: *mut M) -> bool {
             return false;
         }
         let pp = crate::proc::releasep(mp);
+        // Gs of our own still queued (boundnext, boundq: ours only) make
+        // us at work until stopm, under the lock, has us hold a P again or
+        // wait on mwantp (takep_or_wait clears it): see ms_at_work.
+        (*mp).handoffwork = !(*mp).boundnext.is_null() || (*mp).boundq.size != 0;
         (*wm).nextp = pp;
         notewakeup(sched.platform, &(*wm).park);
     }
@@ -375,18 +382,39 @@ pub(crate) fn gqueue_pop(q: &mut GQueue) -> *mut G {
 }
 
 /// Whether an M of `sched` that holds no P is at work (`checkdead`'s
-/// question, under the scheduler lock with every P idle): on its way to
-/// sleep with a bound G of its own made runnable meanwhile (in its inbox,
-/// or its locked G), for which it takes a P in stopm or stoplockedm; or
-/// running a goroutine in a call (crate::syscall).
-pub(crate) fn ms_at_work(sched: &Sched) -> bool {
+/// question, asked holding `_sl`, the scheduler lock, with every P idle):
+/// on its way to sleep with a bound G of its own made runnable meanwhile
+/// (in its inbox, or its locked G), for which it takes a P in stopm or
+/// stoplockedm; on its way there from `handoff_wanted` with bound Gs of
+/// its own still queued (`handoffwork`); or running a goroutine in a call
+/// (crate::syscall).
+///
+/// # Why `handoffwork` closes the gap
+///
+/// `handoff_wanted` gives the P straight to an M on `mwantp`, so no P goes
+/// idle then; but that M, and the others, may idle every P before this M
+/// reaches stopm, where it takes a P back for its queued Gs or waits on
+/// `mwantp` (which no idle P coexists with). Before this flag, `checkdead`
+/// in that gap saw nothing of those Gs (their queue is this M's alone, and
+/// `ninbox` is zero) and `block_on` returned `Err(Deadlock)` with a G
+/// runnable (seen with a delay put in the gap: a dump at the report showed
+/// it `runnable`). The flag is set in the critical section of the lock
+/// that releases the P and cleared in the one that takes a P or joins
+/// `mwantp` (`takep_or_wait`); `checkdead` reads it holding the same lock.
+/// So every `checkdead` sees this M holding its P, flagged, holding a P
+/// again or on `mwantp` (no P idle): never idle Ps and the Gs unseen. The
+/// queue itself is read only by its owner, when it sets the flag. An M
+/// that finds the scheduler stopping in stopm leaves the flag set: no
+/// deadlock is reported while stopping anyway.
+pub(crate) fn ms_at_work(_sl: &SchedLocked, sched: &Sched) -> bool {
     sched.allm.lock().iter().any(|&mp| {
         // SAFETY: Ms live as long as the scheduler; only atomics are read,
-        // and lockedg, which changes only while its M holds a P (none does
-        // now).
+        // handoffwork, under the lock we hold, and lockedg, which changes
+        // only while its M holds a P (none does now).
         unsafe {
             (*mp).ninbox.load(Ordering::SeqCst) != 0
                 || (*mp).insyscall.load(Ordering::SeqCst)
+                || (*mp).handoffwork
                 || (!(*mp).lockedg.is_null() && (*(*mp).lockedg).readgstatus() == status::RUNNABLE)
         }
     })

@@ -273,6 +273,7 @@ impl M {
             sleeping: AtomicU32::new(crate::bound::AWAKE),
             onmidle: false,
             bindg: true,
+            handoffwork: false,
             nbound: AtomicU32::new(0),
             pwhen: 0,
             tornup: false,
@@ -1916,14 +1917,13 @@ pub(crate) fn checkdead(sched: &Sched) {
             return;
         }
         // A goroutine waiting on another runtime can still be woken from
-        // there, and one waiting on a timer (sleep) by the timer.
+        // there, and one waiting on a timer (sleep) by the timer; an M at
+        // work without a P (bound::ms_at_work) runs or takes a P again.
         if sched.ngoroutines() == 0
             || sched.external_waits.load(Ordering::SeqCst) != 0
             || crate::time::timesleepuntil(sched) != 0
+            || crate::bound::ms_at_work(&sl, sched)
         {
-            return;
-        }
-        if crate::bound::ms_at_work(sched) {
             return;
         }
         // A thread without a P starting a goroutine (crate::spawning):

@@ -732,6 +732,10 @@ pub struct M {
     /// Bind the Gs this M starts to it (`!Sched::migrate`), copied here
     /// so `execute` need not read the scheduler.
     pub(crate) bindg: bool,
+    /// Gave its P away (`bound::handoff_wanted`) with bound Gs of its own
+    /// queued, and neither holds a P again nor waits on `mwantp` yet:
+    /// `checkdead` counts it as at work. Under [`Sched::lock`].
+    pub(crate) handoffwork: bool,
     /// Gs bound to this M that have not exited (relaxed: a count for
     /// choosing an M with none, and for stats). Written only on this M's
     /// own thread ([`M::nbound_add`]).

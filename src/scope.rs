@@ -366,9 +366,22 @@ impl Runtime {
         };
         drop(spawning);
         let mut reported = false;
-        // Acquire: pairs with Member's release.
-        while data.running.load(Ordering::Acquire) != 0 {
-            if data.deadlocked.swap(false, Ordering::SeqCst) && !reported {
+        loop {
+            // The deadlock flag before the count, as in JoinHandle::wait:
+            // a deadlock may be reported after the last goroutine of the
+            // scope finished (goroutines parked earlier, outside it, are
+            // left), and must not be printed then. That report is decided
+            // under the scheduler lock after the last goroutine's P went
+            // idle, which its M did after Member's decrement; the hook
+            // stores the flag after that, so seeing it set (SeqCst, an
+            // acquire) orders the load of the count below after the
+            // decrement, and the count is seen at zero.
+            let deadlocked = data.deadlocked.swap(false, Ordering::SeqCst);
+            // Acquire: pairs with Member's release.
+            if data.running.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if deadlocked && !reported {
                 reported = true;
                 std::eprintln!(
                     "gokernel: Runtime::scope: {}\n\n(the scope cannot return while its goroutines may hold borrows: it goes on waiting)",
