@@ -1070,6 +1070,12 @@ impl Sched {
     /// goroutine's start after what made it runnable (see the [module
     /// docs](crate::trace) for the times' precision). Empty if the trace
     /// was never started.
+    ///
+    /// How a goroutine left a P is written when that P next does
+    /// something (starts a goroutine, looks for work, is let go of): a
+    /// copy taken while the scheduler runs can lack the last stop, block
+    /// or end on each P. Taken after [`shutdown`](Sched::shutdown) (as a
+    /// dropped `Runtime` writes its trace file), it has every event.
     pub fn trace_events(&self) -> Vec<Event> {
         let Some(b) = self.trace.bufs.get() else {
             return Vec::new();

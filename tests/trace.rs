@@ -167,6 +167,10 @@ fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
     while sched.ngoroutines() != 0 {
         std::thread::yield_now();
     }
+    // The last goroutine's end is stashed in its P until the P next does
+    // something (here: looks for work): read the trace once every M has
+    // left, as a dropped Runtime writes its file.
+    sched.shutdown();
     let ev = sched.trace_events();
     assert_eq!(sched.trace_dropped(), 0);
     let ids: std::collections::BTreeSet<u64> = ev
@@ -204,7 +208,6 @@ fn a_long_trace_keeps_every_event_in_order_across_buffer_chunks() {
         "times go back"
     );
     assert!(ev.iter().any(|e| e.exact) && ev.iter().any(|e| !e.exact));
-    sched.shutdown();
 }
 
 #[test]
