@@ -515,9 +515,9 @@ struct Bufs {
 /// a store, the position bumped. At the limit (a clock reading due, the
 /// chunk full, or the P's first record) the slow path; with the P's
 /// scheduler not tracing (`pos` null), nothing: `w` is not called, so
-/// that not tracing costs the compare and a test. `flushing`: the
-/// caller may run between a stop and the next start (on g0), so a
-/// stashed stop is written first.
+/// that not tracing costs the compare. `flushing`: the caller may run
+/// between a stop and the next start (on g0), so a stashed stop is
+/// written first.
 ///
 /// # Safety
 ///
@@ -525,6 +525,28 @@ struct Bufs {
 /// stashed in it, or `w` takes it.
 #[inline(always)]
 unsafe fn put(pp: *mut P, flushing: bool, w: impl Fn() -> u64) {
+    // SAFETY: the contract.
+    unsafe {
+        if !put_fast(pp, flushing, &w) {
+            if flushing {
+                return flush_then(pp, w());
+            }
+            slow(pp, w(), 0, 1);
+        }
+    }
+}
+
+/// [`put`] without its slow path: true once `w()` is recorded, or at
+/// once, with `w` not called, if the P's scheduler is not tracing; false,
+/// with nothing done, if the record needs the slow path (a stashed stop
+/// to write first counts, when `flushing`). For a caller that keeps the
+/// slow path out of line (`crate::syscall::entersyscall`).
+///
+/// # Safety
+///
+/// As [`put`].
+#[inline(always)]
+unsafe fn put_fast(pp: *mut P, flushing: bool, w: &impl Fn() -> u64) -> bool {
     // SAFETY: the contract: our P; only we write its PTrace.
     unsafe {
         let t = &(*pp).trace;
@@ -533,17 +555,15 @@ unsafe fn put(pp: *mut P, flushing: bool, w: impl Fn() -> u64) {
         // One compare, three ways (see `PTrace::limit`).
         if pos < limit {
             if flushing && t.stash.load(Ordering::Relaxed) != NO_STOP {
-                return flush_then(pp, w());
+                return false;
             }
             // limit is below the chunk's end minus FAST_WORDS.
             pos.write(w());
             t.pos.store(pos.add(1), Ordering::Release);
-        } else if pos != limit {
-            if flushing {
-                return flush_then(pp, w());
-            }
-            slow(pp, w(), 0, 1);
+            return true;
         }
+        // Equal: not tracing; above: the slow path.
+        pos == limit
     }
 }
 
@@ -1498,20 +1518,8 @@ pub(crate) unsafe fn syscall_enter_fast(pp: *mut P) -> bool {
     if !ENABLED {
         return true;
     }
-    // SAFETY: the contract: our P; only we write its PTrace. A running
-    // goroutine's P has no stop stashed.
-    unsafe {
-        let t = &(*pp).trace;
-        let pos = t.pos.load(Ordering::Relaxed);
-        let limit = t.limit.load(Ordering::Relaxed);
-        if pos < limit {
-            pos.write(code::SYSENTER);
-            t.pos.store(pos.add(1), Ordering::Release);
-            return true;
-        }
-        // Equal: not tracing.
-        pos == limit
-    }
+    // SAFETY: the contract. A running goroutine's P has no stop stashed.
+    unsafe { put_fast(pp, false, &|| code::SYSENTER) }
 }
 
 /// [`syscall_enter`]'s slow path.
