@@ -460,19 +460,10 @@ pub(crate) fn newproc_locked<F: FnOnce() + Send + 'static>(
         (None, Some(h)) => h,
         (None, None) => panic!("gokernel: go or spawn called outside a gokernel runtime"),
     };
-    // Counted until an M has the G (crate::spawning): from a thread
-    // without a P, every P may be idle meanwhile.
-    let spawning = crate::spawning::Spawning::begin(sched);
-    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller(), false)?;
-    // SAFETY: gp is new and ours.
-    let id = unsafe { (*gp).goid() };
-    let mut sl = sched.lock.lock();
-    // SAFETY: gp is new, runnable and on no queue.
-    if unsafe { golocked_idle(&mut sl, sched, gp) } {
-        spawning.end_locked(&mut sl);
+    let (id, untaken) = newproc_golocked(sched, f)?;
+    let Some((gp, _spawning)) = untaken else {
         return Ok(id);
-    }
-    drop(sl);
+    };
     if !sched.platform.starts_threads() {
         // SAFETY: gp is new and nobody took it.
         unsafe { crate::cpu::discard_new_g(sched, gp) };
@@ -485,6 +476,33 @@ pub(crate) fn newproc_locked<F: FnOnce() + Send + 'static>(
     // runnable and on no queue.
     unsafe { crate::proc::newm(sched, null_mut(), false, gp) };
     Ok(id)
+}
+
+/// [`newproc_golocked`]'s new G that no idle M took, with its count.
+pub(crate) type Untaken<'a> = Option<(*mut G, crate::spawning::Spawning<'a>)>;
+
+/// Makes a G running `f`, from a thread that holds no P, and hands it to
+/// an idle M with no bound Gs, locked to it ([`golocked_idle`]). Returns
+/// its id and, if no such M took it, the G (runnable, on no queue) with
+/// the count (`crate::spawning`) that keeps `checkdead` off until the
+/// caller has given it an M or discarded it: every P may be idle
+/// meanwhile.
+#[track_caller]
+pub(crate) fn newproc_golocked<'a, F: FnOnce() + Send + 'static>(
+    sched: &'a Sched,
+    f: F,
+) -> Result<(u64, Untaken<'a>), crate::stack::StackError> {
+    let spawning = crate::spawning::Spawning::begin(sched);
+    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller(), false)?;
+    // SAFETY: gp is new and ours.
+    let id = unsafe { (*gp).goid() };
+    let mut sl = sched.lock.lock();
+    // SAFETY: gp is new, runnable and on no queue.
+    if unsafe { golocked_idle(&mut sl, sched, gp) } {
+        spawning.end_locked(&mut sl);
+        return Ok((id, None));
+    }
+    Ok((id, Some((gp, spawning))))
 }
 
 /// Hands new G `gp` to an idle M with no bound Gs (nobody waits for its

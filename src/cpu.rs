@@ -293,20 +293,11 @@ pub fn try_go_locked(
     if sched.platform.starts_threads() {
         return crate::bound::newproc_locked(Some(sched), f).map_err(GoLockedError::Stack);
     }
-    // As newproc_locked: counted until an M has the G.
-    let spawning = crate::spawning::Spawning::begin(sched);
-    let gp = crate::proc::newproc1(sched, null_mut(), f, core::panic::Location::caller(), false)
-        .map_err(GoLockedError::Stack)?;
-    // SAFETY: gp is new and ours.
-    let id = unsafe { (*gp).goid() };
-    let mut sl = sched.lock.lock();
-    // SAFETY: gp is new, runnable and on no queue.
-    if unsafe { crate::bound::golocked_idle(&mut sl, sched, gp) } {
-        spawning.end_locked(&mut sl);
+    let (id, untaken) = crate::bound::newproc_golocked(sched, f).map_err(GoLockedError::Stack)?;
+    let Some((gp, _spawning)) = untaken else {
         return Ok(id);
-    }
-    drop(sl);
-    // SAFETY: as above; nobody took it.
+    };
+    // SAFETY: gp is new, runnable, on no queue, and nobody took it.
     unsafe { discard_new_g(sched, gp) };
     Err(GoLockedError::NoFreeCpu)
 }

@@ -142,7 +142,10 @@ pub fn runqempty<T>(q: &Runq<T>) -> bool {
 pub(crate) fn runqs_queued(sched: &crate::runtime2::Sched) -> bool {
     // SAFETY: a scheduler's Ps live as long as it; only their queues
     // (atomics) are read.
-    (sched.allp.iter()).any(|&pp| !runqempty(unsafe { &(*pp).runq }))
+    sched
+        .allp
+        .iter()
+        .any(|&pp| !runqempty(unsafe { &(*pp).runq }))
 }
 
 /// Puts `gp` on `q` (Go's `runqput`). With `next`, `gp` goes into

@@ -670,10 +670,10 @@ impl Drop for Runtime {
     /// Stops the runtime: each thread finishes the goroutine it is running
     /// (up to its next yield, park or exit: one that never gets there holds
     /// the drop up for good, unless it polls
-    /// [`shutting_down`](crate::shutting_down)), then every goroutine that started and has not
-    /// finished is unwound on its own thread — its pending park returns by
-    /// unwinding — so its destructors run once and the locks it holds are
-    /// released; goroutines that never started are dropped unrun. Their
+    /// [`shutting_down`](crate::shutting_down)), then every goroutine that
+    /// started and has not finished is unwound on its own thread — its
+    /// pending park returns by unwinding — so its destructors run once and
+    /// the locks it holds are released; goroutines that never started are dropped unrun. Their
     /// [`JoinHandle`]s then report [`RuntimeDropped`](crate::RuntimeDropped).
     /// A destructor that parks during that unwinding is a fatal error. See
     /// [`teardown`](crate::teardown) for the details and the one case
