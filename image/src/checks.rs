@@ -24,6 +24,14 @@ use crate::{Boot, cpus, say, sys};
 /// while other builds ran; the Ms were runnable, not stuck).
 const IMAGE_PATIENCE: u32 = 6;
 
+/// The sleep-order scenario's durations × this (gaps of 40 ms). Sleepers
+/// whose timers fire in one check run on different CPUs at once, and
+/// then record their wake-ups in either order: with gaps of 10 ms, a
+/// timer thread that the host scheduled more than 10 ms late (the `cpus`
+/// run, beside its signal storm) failed the check 3 runs in 40 and 1 in
+/// 60 at the commit this session started from.
+const IMAGE_SLEEP_SCALE: u64 = 4;
+
 /// [`scenarios::run_g`] on the image's platform (for `cpus.rs`).
 pub(crate) fn run_g<T: Send + 'static>(
     sched: &'static Sched,
@@ -126,7 +134,7 @@ pub fn run(boot: &Boot, mode: FsBaseMode, tp: usize, cpu_mode: bool) -> bool {
         },
         &mut r,
         100,
-        1,
+        IMAGE_SLEEP_SCALE,
     );
     if cpu_mode {
         let (sent, handled, runs, caught_up) = cpus::storm_stop();
