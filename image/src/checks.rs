@@ -302,9 +302,12 @@ fn check_poll(r: &mut Report, sched: &'static Sched) {
     let (res, ms, idle) = crate::poll::deadline(sched, poller);
     r.check(
         "netpoll-irq-deadline",
-        res == Err(gokernel::netpoll::WaitError::Timeout) && ms >= 30 && idle,
+        res == Err(gokernel::netpoll::WaitError::Timeout)
+            && ms >= crate::poll::DEADLINE_MS
+            && idle,
         format_args!(
-            "a 30 ms wait nothing signals: {res:?} after {ms} ms; 10 ms in, both CPUs asleep with one M in the poller: {idle}"
+            "a {} ms wait nothing signals: {res:?} after {ms} ms; during it, both CPUs seen asleep with one M in the poller: {idle}",
+            crate::poll::DEADLINE_MS
         ),
     );
 }
