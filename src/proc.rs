@@ -280,6 +280,7 @@ impl M {
             oldp: null_mut(),
             insyscall: core::sync::atomic::AtomicBool::new(false),
             procid: core::sync::atomic::AtomicI32::new(0),
+            trace: crate::trace::MTrace::new(),
         })
     }
 }
@@ -450,7 +451,7 @@ unsafe extern "C" fn goexit0(gp: *mut G) {
         (*gp).casstatus(status::RUNNING, status::DEAD);
         (*gp).startfn.clear();
         (*gp).parker = None;
-        crate::trace::gostop((*gp).m, (*(*gp).m).p, gp, crate::trace::EventKind::GoEnd);
+        crate::trace::gostop((*gp).m, gp, crate::trace::EventKind::GoEnd);
         if !(*gp).lockedm.is_null() {
             // Exiting locked: the M is unlocked and goes back to the pool
             // (see lock_os_thread: Go ends the thread).
@@ -1755,7 +1756,7 @@ fn findrunnable(sched: &Sched, mp: *mut M) -> Option<(*mut G, bool)> {
         if let Some(x) = findlocal(sched, mp, pp) {
             return Some(x);
         }
-        crate::trace::idle(pp);
+        crate::trace::idle(mp, pp);
         // SAFETY: as in findlocal.
         let runq = unsafe { &(*pp).runq };
         if sched.stopping.load(Ordering::SeqCst) {
@@ -2227,7 +2228,7 @@ pub(crate) unsafe extern "C" fn gosched_m(gp: *mut G) {
         let sched = &*rt;
         (*gp).casstatus(status::RUNNING, status::RUNNABLE);
         let mp = dropg(gp);
-        crate::trace::gostop(mp, (*mp).p, gp, crate::trace::EventKind::GoStop);
+        crate::trace::gostop(mp, gp, crate::trace::EventKind::GoStop);
         if !(*gp).lockedm.is_null() {
             // Runnable and on no queue: its M's schedule (stoplockedm)
             // sees it, after handing the P to whoever has work.
@@ -2300,10 +2301,9 @@ unsafe extern "C" fn park_m(gp: *mut G) {
         let mp = (*gp).m;
         (*gp).casstatus(status::RUNNING, status::WAITING);
         dropg(gp);
-        let pp = (*mp).p;
-        crate::trace::gostop(mp, pp, gp, crate::trace::EventKind::GoBlock);
-        if !pp.is_null() {
-            PCounters::add(&(*pp).stats.parked, 1);
+        crate::trace::gostop(mp, gp, crate::trace::EventKind::GoBlock);
+        if let Some(pp) = (*mp).p.as_ref() {
+            PCounters::add(&pp.stats.parked, 1);
         }
         if let Some(unlockf) = (*mp).waitunlockf.take() {
             let lock = core::mem::replace(&mut (*mp).waitlock, null_mut());

@@ -756,6 +756,8 @@ pub struct M {
     /// Hosted: the M's thread id (`gettid`), for the stall detector's
     /// signal; 0 until the thread starts.
     pub(crate) procid: core::sync::atomic::AtomicI32,
+    /// The execution trace's state of this M (`crate::trace`).
+    pub(crate) trace: crate::trace::MTrace,
 }
 
 /// A processor token: an M must hold one to run user Gs. There are `procs`

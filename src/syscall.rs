@@ -477,6 +477,11 @@ pub fn call<T>(f: impl FnOnce() -> T) -> T {
 ///
 /// As [`gopark`](crate::proc::gopark), on a G in a call
 /// ([`status::SYSCALL`]).
+///
+/// Out of line (and cold): inlined into `gopark`, it made `gopark` too
+/// big to inline into its callers, a cost on every park.
+#[cold]
+#[inline(never)]
 pub(crate) unsafe fn gopark_insyscall(unlockf: unsafe fn(*mut G, *mut ()) -> bool, lock: *mut ()) {
     let gp = crate::tls::getg();
     // SAFETY: the contract: the running G, in a call, on a scheduler M.

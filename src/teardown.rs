@@ -207,6 +207,7 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
             prepare(gp, from);
             crate::proc::execute_on(mp, (*mp).p, gp, false);
         }
+        crate::trace::mexit(mp);
         crate::proc::mend(mp)
     }
 }

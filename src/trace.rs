@@ -28,8 +28,9 @@
 //! word boundary, so a tracing P's position never equals it). The hooks
 //! use the P their caller already holds in a register (`execute`'s,
 //! `newproc1`'s, `ready`'s M's), so not tracing costs the compare, a
-//! stop's one store (`gostop`), and the registers the hooks' rare
-//! out-of-line calls make the compiler save; figures in
+//! stop's one store into its M (`gostop`: no P loaded, no check, no
+//! call) and a start's one store clearing it, and the registers the
+//! hooks' rare out-of-line calls make the compiler save; figures in
 //! `docs/performance.md`, "Tracing cost".
 //!
 //! # Recording
@@ -38,10 +39,15 @@
 //! with plain stores: no lock, no locked instruction, no allocation, no
 //! call. An event is mostly one 8-byte word, written inline at the call
 //! site (`put`): the write position compared with the P's limit, the
-//! word stored, the position bumped: with composing the word, 4–6
-//! instructions an event over not tracing (a yield's stop and start 8,
-//! a hand-off's wake-up, block and start 18, a blocking call that keeps
-//! its P 4). What is not the hot path is out of line (`slow`, `flush`,
+//! word stored, the position bumped: with composing the word, 4–7
+//! instructions an event over not tracing (a yield's stop and start 6,
+//! a hand-off's wake-up, block and start 15, a blocking call that keeps
+//! its P 4). Over the build without the feature a yield costs 13: the
+//! stop's store; the start's compare (3), word (3: the id loaded and
+//! shifted, the stash or-ed in from memory), store and bump (3), the
+//! stash cleared (1); a register move around the start's out-of-line
+//! slow path (1); and the slow path's share (1: a clock reading per 64
+//! words). What is not the hot path is out of line (`slow`, `flush`,
 //! the `cold` module).
 //!
 //! The record encoding (internal; [`Sched::trace_events`] turns it back
@@ -65,15 +71,20 @@
 //! | `STAMP` | a clock reading: the next word is the time of the record after it | 2 | — |
 //!
 //! A stop costs one store: the stop site (`gosched_m`, `park_m`,
-//! `goexit0`) stashes how the goroutine stopped in the P (`PTrace::stash`)
-//! and the next start on the P writes it and the new goroutine's id as
-//! one `SWITCH` record. If the P does something else first — records
-//! another event from g0 (a timer, a wake-up, a steal), looks beyond its
-//! own queues for work (`findrunnable`, the `idle` hook), or is let go —
-//! the stash is written first as a `STOP`, with its own clock reading.
-//! So a stop's time is the next start's when the P found that start in
-//! its own queues at once (within the few hundred nanoseconds of
-//! `schedule`'s local pick), and its own otherwise.
+//! `goexit0`) stashes how the goroutine stopped in its M
+//! (`MTrace::stash`: the M is in a register there, its P would have to
+//! be loaded and checked for null), and the next start on the M writes
+//! it and the new goroutine's id as one `SWITCH` record into the M's P.
+//! If the P does something else first — records another event from g0
+//! (a timer, a wake-up, a steal), looks beyond its own queues for work
+//! (`findrunnable`, the `idle` hook), or is let go — the stash is
+//! written first as a `STOP`, with its own clock reading. So a stop's
+//! time is the next start's when the P found that start in its own
+//! queues at once (within the few hundred nanoseconds of `schedule`'s
+//! local pick), and its own otherwise. A stop on an M that holds no P
+//! (a goroutine unwound by a runtime's teardown, which starts without
+//! one) is written without a P, as its goroutine's (the one last started
+//! on the M), when the M next starts a goroutine, takes a P or ends.
 //!
 //! A full chunk (2 MiB, 262,144 words) is swapped, off the hot path, for
 //! a pre-faulted one from a pool (three chunks per P to start with, one
@@ -146,7 +157,8 @@
 use alloc::collections::BTreeSet;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use crate::runtime2::{G, M, P, Sched, WaitReason};
 use crate::tls::getg;
@@ -275,8 +287,8 @@ mod code {
     pub(super) const STAMP: u64 = 0xff;
 }
 
-/// The stash of a P with no stop pending: `SWITCH + 0`.
-const NO_STOP: u32 = code::SWITCH as u32;
+/// The stash of an M with no stop pending: `SWITCH + 0`.
+const NO_STOP: u64 = code::SWITCH;
 
 /// A record word: `code`, the 8-bit `aux`, and `g` (modulo 2^48).
 #[inline(always)]
@@ -451,14 +463,11 @@ pub(crate) struct PTrace {
     /// the chunk's end; null until the owner's first slow path. The
     /// slow path sets it one byte below a word boundary, so that while
     /// tracing it never equals `pos`: `pos == limit` (both null) is "not
-    /// tracing", and one compare tells the three cases apart.
-    limit: AtomicPtr<u64>,
-    /// The stop of the P's goroutine not yet written: `SWITCH + how`
-    /// (with the wait reason in bits 8–15), or [`NO_STOP`]. A stop site
-    /// stores it (one plain store); the next start writes it with the
-    /// new goroutine's id, as one record; any other record of the P
-    /// writes it first.
-    stash: AtomicU32,
+    /// tracing", and one compare tells the three cases apart. Only the
+    /// P's owner reads or writes it (a plain field, so that the compare
+    /// takes it from memory: handing the P over orders it, as it does
+    /// the P's other owner-only fields).
+    limit: UnsafeCell<*mut u64>,
     /// Whether the P's events are dense (a clock reading per block).
     dense: AtomicBool,
     /// The chunk's end.
@@ -471,12 +480,60 @@ impl PTrace {
     pub(crate) const fn new() -> Self {
         PTrace {
             pos: AtomicPtr::new(core::ptr::null_mut()),
-            limit: AtomicPtr::new(core::ptr::null_mut()),
-            stash: AtomicU32::new(NO_STOP),
+            limit: UnsafeCell::new(core::ptr::null_mut()),
             dense: AtomicBool::new(true),
             end: AtomicPtr::new(core::ptr::null_mut()),
             last: AtomicU64::new(0),
         }
+    }
+}
+
+/// An M's trace state (in [`M`]): written only by the M itself.
+pub(crate) struct MTrace {
+    /// The stop of the M's last goroutine not yet written: `SWITCH +
+    /// how` (with the wait reason in bits 8–15), or [`NO_STOP`]. A stop
+    /// site stores it (one plain store, to the M its caller has in a
+    /// register: no P to load or check); the next start on the M writes
+    /// it with the new goroutine's id, as one record, into the M's P;
+    /// any other record of the P writes it first, and so does letting
+    /// the P go. Every start clears it, tracing or not, so a stop
+    /// stashed is always one not yet followed by a start.
+    stash: UnsafeCell<u64>,
+    /// The goroutine last started on this M without a P (teardown
+    /// unwinding, see `cold::gostart_no_p`): the one a stop stashed
+    /// while the M holds no P is about.
+    nop_g: AtomicU64,
+}
+
+impl MTrace {
+    pub(crate) const fn new() -> Self {
+        MTrace {
+            stash: UnsafeCell::new(NO_STOP),
+            nop_g: AtomicU64::new(0),
+        }
+    }
+
+    /// The stash (a plain load: folded into the instruction that uses
+    /// it, where an atomic load, even relaxed, is a load of its own).
+    ///
+    /// # Safety
+    ///
+    /// On the M's own thread (the only one that reads or writes it).
+    #[inline(always)]
+    unsafe fn stash(&self) -> u64 {
+        // SAFETY: the contract: no other thread touches it.
+        unsafe { *self.stash.get() }
+    }
+
+    /// Sets the stash.
+    ///
+    /// # Safety
+    ///
+    /// As [`MTrace::stash`].
+    #[inline(always)]
+    unsafe fn set_stash(&self, s: u64) {
+        // SAFETY: as in `stash`.
+        unsafe { *self.stash.get() = s }
     }
 }
 
@@ -515,20 +572,20 @@ struct Bufs {
 /// a store, the position bumped. At the limit (a clock reading due, the
 /// chunk full, or the P's first record) the slow path; with the P's
 /// scheduler not tracing (`pos` null), nothing: `w` is not called, so
-/// that not tracing costs the compare. `flushing`: the caller may run
-/// between a stop and the next start (on g0), so a stashed stop is
-/// written first.
+/// that not tracing costs the compare. `mp` not null ("flushing"): the
+/// calling M, which may run between a stop and the next start (on g0),
+/// so a stop stashed in it is written first.
 ///
 /// # Safety
 ///
-/// `pp` is the P the calling M holds; unless `flushing`, no stop is
-/// stashed in it, or `w` takes it.
+/// `pp` is the P the calling M holds; `mp` is null or that M; if null,
+/// no stop is stashed in the M, or `w` takes it.
 #[inline(always)]
-unsafe fn put(pp: *mut P, flushing: bool, w: impl Fn() -> u64) {
+unsafe fn put(mp: *mut M, pp: *mut P, w: impl Fn() -> u64) {
     // SAFETY: the contract.
     unsafe {
-        if !put_fast(pp, flushing, &w) {
-            if flushing {
+        if !put_fast(mp, pp, &w) {
+            if !mp.is_null() {
                 return flush_then(pp, w());
             }
             slow(pp, w(), 0, 1);
@@ -539,22 +596,22 @@ unsafe fn put(pp: *mut P, flushing: bool, w: impl Fn() -> u64) {
 /// [`put`] without its slow path: true once `w()` is recorded, or at
 /// once, with `w` not called, if the P's scheduler is not tracing; false,
 /// with nothing done, if the record needs the slow path (a stashed stop
-/// to write first counts, when `flushing`). For a caller that keeps the
+/// to write first counts, when `mp` is not null). For a caller that keeps the
 /// slow path out of line (`crate::syscall::entersyscall`).
 ///
 /// # Safety
 ///
 /// As [`put`].
 #[inline(always)]
-unsafe fn put_fast(pp: *mut P, flushing: bool, w: &impl Fn() -> u64) -> bool {
+unsafe fn put_fast(mp: *mut M, pp: *mut P, w: &impl Fn() -> u64) -> bool {
     // SAFETY: the contract: our P; only we write its PTrace.
     unsafe {
         let t = &(*pp).trace;
         let pos = t.pos.load(Ordering::Relaxed);
-        let limit = t.limit.load(Ordering::Relaxed);
+        let limit = *t.limit.get();
         // One compare, three ways (see `PTrace::limit`).
         if pos < limit {
-            if flushing && t.stash.load(Ordering::Relaxed) != NO_STOP {
+            if !mp.is_null() && (*mp).trace.stash() != NO_STOP {
                 return false;
             }
             // limit is below the chunk's end minus FAST_WORDS.
@@ -582,9 +639,9 @@ unsafe fn flush_then(pp: *mut P, w: u64) {
     }
 }
 
-/// Writes P `pp`'s stashed stop, with a clock reading (the P is about
-/// to do something else than start a goroutine: look for work, record
-/// another event, or go idle).
+/// Writes the stop stashed in the calling M into its P `pp`, with a
+/// clock reading (the P is about to do something else than start a
+/// goroutine: look for work, record another event, or go idle).
 ///
 /// # Safety
 ///
@@ -592,14 +649,14 @@ unsafe fn flush_then(pp: *mut P, w: u64) {
 #[cold]
 #[inline(never)]
 unsafe fn flush(pp: *mut P) {
-    // SAFETY: the contract.
+    // SAFETY: the contract: the calling M (the current G's) holds pp.
     unsafe {
-        let t = &(*pp).trace;
+        let t = &(*(*getg()).m).trace;
         // A load and a store, not a swap (a locked instruction): only
-        // the owner writes the stash.
-        let s = u64::from(t.stash.load(Ordering::Relaxed));
-        t.stash.store(NO_STOP, Ordering::Relaxed);
-        if s != u64::from(NO_STOP) {
+        // the M itself writes its stash.
+        let s = t.stash();
+        t.set_stash(NO_STOP);
+        if s != NO_STOP {
             slow(pp, s - code::SWITCH + code::STOP, 0, 1);
         }
     }
@@ -685,7 +742,7 @@ unsafe fn slow(pp: *mut P, w0: u64, w1: u64, n: usize) {
         // One byte below: a word position below `bound` is below it, one
         // at `bound` above it (never equal: see `PTrace::limit`).
         let limit = (bound as usize - 1) as *mut u64;
-        t.limit.store(limit, Ordering::Relaxed);
+        *t.limit.get() = limit;
         if dense {
             // The block after the next one, into this core's cache ahead
             // of its stores (a record's store to a cold line otherwise
@@ -1280,24 +1337,25 @@ fn here() -> (*mut M, u64) {
     }
 }
 
-/// The P the current G's M holds, if that M runs `sched` (`cur`: the
-/// current G, `getg()`); null otherwise.
+/// The current G's M and the P it holds, if that M runs `sched` (`cur`:
+/// the current G, `getg()`); the P is null otherwise.
 ///
 /// # Safety
 ///
 /// `cur` is `getg()`.
 #[inline(always)]
-unsafe fn p_of(sched: &Sched, cur: *mut G) -> *mut P {
+unsafe fn p_of(sched: &Sched, cur: *mut G) -> (*mut M, *mut P) {
+    let none = (core::ptr::null_mut(), core::ptr::null_mut());
     if cur.is_null() {
-        return core::ptr::null_mut();
+        return none;
     }
     // SAFETY: the current G's M is live, and its P is its own.
     unsafe {
         let mp = (*cur).m;
         if mp.is_null() || !core::ptr::eq((*mp).rt, sched) {
-            return core::ptr::null_mut();
+            return none;
         }
-        (*mp).p
+        (mp, (*mp).p)
     }
 }
 
@@ -1312,10 +1370,14 @@ pub(crate) fn gocreate(sched: &Sched, pp: *mut P, gp: *mut G) {
     if pp.is_null() {
         return cold::created_by(sched, gp);
     }
-    // SAFETY: pp is our M's P; gp is new and ours. By the P's goroutine
-    // (m.curg), if any: on g0 between a stop and the next start there
-    // is none, and the stop is written first.
-    unsafe { put(pp, true, || word(code::CREATE, 0, (*gp).goid())) };
+    // SAFETY: pp is our M's P (its `m`, our M); gp is new and ours. By
+    // the P's goroutine (m.curg), if any: on g0 between a stop and the
+    // next start there is none, and the stop is written first.
+    unsafe {
+        let mp = (*pp).m.load(Ordering::Relaxed);
+        core::hint::assert_unchecked(!mp.is_null());
+        put(mp, pp, || word(code::CREATE, 0, (*gp).goid()));
+    }
 }
 
 /// `gp` starts running on `mp`, which holds `pp` (`execute`): one
@@ -1335,44 +1397,48 @@ pub(crate) unsafe fn gostart(mp: *mut M, pp: *mut P, gp: *mut G) {
         if pp.is_null() {
             return cold::gostart_no_p(mp, gp);
         }
-        let t = &(*pp).trace;
-        // Not tracing, the stash is left as it is: a stale one is
-        // dropped when the P is next taken (`proc`).
-        put(pp, false, || {
-            let w = u64::from(t.stash.load(Ordering::Relaxed)) | (*gp).goid() << 16;
-            t.stash.store(NO_STOP, Ordering::Relaxed);
-            w
-        });
+        let t = &(*mp).trace;
+        put(core::ptr::null_mut(), pp, || t.stash() | (*gp).goid() << 16);
+        // Tracing or not: a stash is always a stop not yet followed by a
+        // start (see `MTrace::stash`).
+        t.set_stash(NO_STOP);
     }
 }
 
 /// `gp` leaves its M: `kind` is `GoStop`, `GoBlock` or `GoEnd`. Only
-/// stashed in the P (one store): the next start, or whatever the P
-/// records first, writes it.
+/// stashed in the M (one store, whether tracing or not, with or without
+/// a P): the next start on the M, or whatever its P records first,
+/// writes it.
 ///
 /// # Safety
 ///
 /// On the g0 of the M `mp` that `gp` just left, which still holds its
-/// P (if any): `pp` is `mp.p`.
+/// P, if any; if none, `gp` started on `mp` without one.
 #[inline(always)]
-pub(crate) unsafe fn gostop(mp: *mut M, pp: *mut P, gp: *mut G, kind: EventKind) {
+pub(crate) unsafe fn gostop(mp: *mut M, gp: *mut G, kind: EventKind) {
     if !ENABLED {
         return;
     }
     // SAFETY: the contract.
     unsafe {
-        if pp.is_null() {
-            return cold::gostop_no_p(mp, gp, kind);
-        }
+        debug_assert!(
+            !(*mp).p.is_null()
+                || (*mp).rt.is_null()
+                || (*mp).trace.nop_g.load(Ordering::Relaxed) == (*gp).goid(),
+            "a goroutine stopped without a P that did not start without one"
+        );
         let s = match kind {
             EventKind::GoStop => code::SWITCH + code::YIELD,
             EventKind::GoEnd => code::SWITCH + code::END,
             _ => {
-                let r = (*gp).waitreason.load(Ordering::Relaxed);
+                // A plain read (an atomic one is loaded and then widened
+                // again): gopark wrote it on this thread, and other
+                // threads only read it.
+                let r = (*gp).waitreason.as_ptr().read();
                 (code::SWITCH + code::BLOCK) | (u64::from(r) << 8)
             }
         };
-        (*pp).trace.stash.store(s as u32, Ordering::Relaxed);
+        (*mp).trace.set_stash(s);
     }
 }
 
@@ -1388,12 +1454,12 @@ pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
     // SAFETY: the callers' contract: cur is getg(), gp is parked and
     // theirs to ready, so live.
     unsafe {
-        let pp = p_of(sched, cur);
+        let (mp, pp) = p_of(sched, cur);
         if pp.is_null() {
             return cold::no_p_creator(sched, EventKind::GoUnblock, gp);
         }
         // By the P's goroutine, if any (as in gocreate).
-        put(pp, true, || word(code::UNBLOCK, 0, (*gp).goid()));
+        put(mp, pp, || word(code::UNBLOCK, 0, (*gp).goid()));
     }
 }
 
@@ -1416,7 +1482,7 @@ pub(crate) unsafe fn gounblock_m(mp: *mut M, gp: *mut G) {
         if pp.is_null() {
             return cold::no_p_creator(&*(*mp).rt, EventKind::GoUnblock, gp);
         }
-        put(pp, true, || word(code::UNBLOCK, 0, (*gp).goid()));
+        put(mp, pp, || word(code::UNBLOCK, 0, (*gp).goid()));
     }
 }
 
@@ -1466,15 +1532,15 @@ pub(crate) unsafe fn proc(mp: *mut M, pp: *mut P, start: bool) {
     }
 }
 
-/// The M holding `pp` found no goroutine in its own queues and looks
+/// M `mp`, holding `pp`, found no goroutine in its own queues and looks
 /// further (`findrunnable`): a stop still stashed is written now, at
 /// its time, rather than when the P next starts one. For the scheduler
-/// only: `pp` is the P the calling M holds.
+/// only: `mp` is the calling M, `pp` its P.
 #[inline(always)]
-pub(crate) fn idle(pp: *mut P) {
-    // SAFETY: the caller's contract: pp is its M's P, live, and only
-    // this M writes its trace state.
-    if ENABLED && unsafe { (*pp).trace.stash.load(Ordering::Relaxed) } != NO_STOP {
+pub(crate) fn idle(mp: *mut M, pp: *mut P) {
+    // SAFETY: the caller's contract: mp is its M, pp its P, live, and
+    // only this M writes their trace state.
+    if ENABLED && unsafe { (*mp).trace.stash() } != NO_STOP {
         // SAFETY: as above.
         unsafe { flush(pp) };
     }
@@ -1519,7 +1585,7 @@ pub(crate) unsafe fn syscall_enter_fast(pp: *mut P) -> bool {
         return true;
     }
     // SAFETY: the contract. A running goroutine's P has no stop stashed.
-    unsafe { put_fast(pp, false, &|| code::SYSENTER) }
+    unsafe { put_fast(core::ptr::null_mut(), pp, &|| code::SYSENTER) }
 }
 
 /// [`syscall_enter`]'s slow path.
@@ -1554,7 +1620,9 @@ pub(crate) unsafe fn syscall_exit(mp: *mut M, gp: *mut G) {
         }
         // Taken by exitsyscallfast (nothing stashed: it was idle or in
         // the call) or by exitsyscall0 and execute (which wrote it).
-        put(pp, false, || word(code::SYSEXIT, 0, (*gp).goid()));
+        put(core::ptr::null_mut(), pp, || {
+            word(code::SYSEXIT, 0, (*gp).goid())
+        });
     }
 }
 
@@ -1565,6 +1633,20 @@ pub(crate) unsafe fn syscall_exit(mp: *mut M, gp: *mut G) {
 pub fn syscall(enter: bool) {
     if ENABLED {
         cold::syscall(enter);
+    }
+}
+
+/// M `mp`, holding no P, ends (`teardown::mexit`): a stop stashed in it
+/// is written.
+///
+/// # Safety
+///
+/// `mp` is the calling thread's M, holding no P.
+#[inline(always)]
+pub(crate) unsafe fn mexit(mp: *mut M) {
+    if ENABLED {
+        // SAFETY: the contract.
+        unsafe { cold::flush_no_p(mp) };
     }
 }
 
@@ -1595,11 +1677,11 @@ mod cold {
     pub(super) fn created_by(sched: &Sched, gp: *mut G) {
         // SAFETY: getg() is the current G; gp is new and ours.
         unsafe {
-            let pp = p_of(sched, getg());
+            let (mp, pp) = p_of(sched, getg());
             if pp.is_null() {
                 no_p_creator(sched, EventKind::GoCreate, gp);
             } else {
-                put(pp, true, || word(code::CREATE, 0, (*gp).goid()));
+                put(mp, pp, || word(code::CREATE, 0, (*gp).goid()));
             }
         }
     }
@@ -1613,25 +1695,39 @@ mod cold {
     #[inline(never)]
     pub(super) unsafe fn gostart_no_p(mp: *mut M, gp: *mut G) {
         // SAFETY: the contract.
-        unsafe { put_no_p((*mp).rt, EventKind::GoStart, (*gp).goid(), 0) };
+        unsafe {
+            flush_no_p(mp);
+            let g = (*gp).goid();
+            (*mp).trace.nop_g.store(g, Ordering::Relaxed);
+            put_no_p((*mp).rt, EventKind::GoStart, g, 0);
+        }
     }
 
-    /// `gp` stops on `mp`, which holds no P.
+    /// Writes the stop stashed in `mp`, which holds no P, if any: the
+    /// stop of the goroutine last started on it without one
+    /// ([`gostart_no_p`]), recorded without a P, at the time of this
+    /// call (the M's next start, its taking a P, or its end).
     ///
     /// # Safety
     ///
-    /// As [`super::gostop`].
+    /// `mp` is the calling thread's M, holding no P.
     #[cold]
     #[inline(never)]
-    pub(super) unsafe fn gostop_no_p(mp: *mut M, gp: *mut G, kind: EventKind) {
+    pub(super) unsafe fn flush_no_p(mp: *mut M) {
         // SAFETY: the contract.
         unsafe {
-            let arg = if kind == EventKind::GoBlock {
-                u64::from((*gp).waitreason.load(Ordering::Relaxed))
-            } else {
-                0
+            let t = &(*mp).trace;
+            let s = t.stash();
+            if s == NO_STOP {
+                return;
+            }
+            t.set_stash(NO_STOP);
+            let (kind, arg) = match (s & 0xff) - code::SWITCH {
+                code::YIELD => (EventKind::GoStop, 0),
+                code::END => (EventKind::GoEnd, 0),
+                _ => (EventKind::GoBlock, (s >> 8) & 0xff),
             };
-            put_no_p((*mp).rt, kind, (*gp).goid(), arg);
+            put_no_p((*mp).rt, kind, t.nop_g.load(Ordering::Relaxed), arg);
         }
     }
 
@@ -1681,19 +1777,22 @@ mod cold {
     pub(super) unsafe fn proc(mp: *mut M, pp: *mut P, start: bool) {
         // SAFETY: the contract.
         unsafe {
+            if start {
+                // A stop stashed in an M that takes a P was stashed while
+                // it held none (letting a P go writes or drops the stash).
+                flush_no_p(mp);
+            }
             if (*pp).trace.pos.load(Ordering::Relaxed).is_null() {
+                // Not tracing: a stop stashed is dropped with the P.
+                (*mp).trace.set_stash(NO_STOP);
                 return;
             }
             let c = if start {
-                // A P being taken runs no goroutine: a stop stashed in it
-                // was stashed while not tracing, and is stale.
-                if !pp.is_null() {
-                    (*pp).trace.stash.store(NO_STOP, Ordering::Relaxed);
-                }
                 code::PROC_START
             } else {
                 code::PROC_STOP
             };
+            // Letting the P go: exact writes a stop stashed in mp first.
             exact((*mp).rt, pp, word(c, 0, (*mp).id as u64), 0, 1);
         }
     }
@@ -1710,13 +1809,13 @@ mod cold {
         };
         // SAFETY: getg() is the current G.
         unsafe {
-            let pp = p_of(sched, getg());
+            let (mp, pp) = p_of(sched, getg());
             if pp.is_null() {
                 if sched.tracing() {
                     put_no_p(sched, EventKind::TimerFire, g, 0);
                 }
             } else {
-                put(pp, true, || word(code::TIMER, 0, g));
+                put(mp, pp, || word(code::TIMER, 0, g));
             }
         }
     }
@@ -1740,7 +1839,7 @@ mod cold {
             if pp.is_null() {
                 put_no_p((*mp).rt, kind, g, 0);
             } else {
-                put(pp, true, || word(c, 0, g));
+                put(mp, pp, || word(c, 0, g));
             }
         }
     }

@@ -266,3 +266,35 @@ fn an_untraced_runtime_has_no_trace() {
     rt.block_on(|| ()).unwrap();
     assert!(rt.trace_json().is_none());
 }
+
+#[test]
+fn a_goroutine_unwound_by_the_runtimes_drop_shows_its_restart_and_end() {
+    // A stop on an M without a P (teardown unwinds parked goroutines on
+    // Ms that have let their Ps go) is stashed in the M and written when
+    // the M next starts a goroutine or ends.
+    let path =
+        std::env::temp_dir().join(format!("gokernel-trace-unwind-{}.json", std::process::id()));
+    let rt = Runtime::builder().procs(1).trace(&path).build().unwrap();
+    let g = rt
+        .block_on(|| {
+            let c = chan::<u32>(0);
+            let h = gokernel::spawn(move || {
+                let _ = c.recv();
+            });
+            while gokernel::stats().goroutines.waiting == 0 {
+                gokernel::gosched();
+            }
+            let id = h.id();
+            // Never joined: the goroutine is parked when the runtime drops.
+            std::mem::forget(h);
+            id
+        })
+        .unwrap();
+    drop(rt);
+    let json = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let ev = events(&json);
+    let block = find(&ev, 0, "GoBlock", g).unwrap_or_else(|| panic!("no GoBlock {g}:\n{json}"));
+    let restart = find(&ev, block, "GoStart", g).expect("GoStart of the unwinding after GoBlock");
+    find(&ev, restart, "GoEnd", g).expect("GoEnd after the unwinding's GoStart");
+}
