@@ -51,7 +51,11 @@
 //!    parked in the middle of unwinding one, in a destructor) cannot start
 //!    another unwind there: std would abort. Its unfinished goroutines are
 //!    left as they are and their stacks leaked — the one case where a
-//!    dropped runtime leaks instead of unwinding.
+//!    dropped runtime leaks instead of unwinding. A thread counts as
+//!    unwinding also while one of its goroutines that the teardown is
+//!    unwinding has yielded on the way (a destructor that calls `gosched`):
+//!    the M resumes that one, which starts no new unwind, and once it has
+//!    finished goes on with the rest.
 //! 6. When the last M has exited, `Drop for Sched` drops the closures of
 //!    goroutines that never started and frees the stacks of finished ones;
 //!    any other stack is leaked.
@@ -201,9 +205,18 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
             (*mp).tornup = true;
             barrier(sched);
         }
-        // See step 5: unwinding here would abort.
-        let can_unwind = UNWINDS && !thread_panicking();
-        if can_unwind && let Some((gp, from)) = nextvictim(sched, mp) {
+        // See step 5: starting an unwind here would abort. But a victim
+        // that yielded in the middle of its own unwinding (a destructor
+        // that called `gosched`) is why this thread counts as panicking:
+        // resuming it starts nothing, and lets it finish.
+        let victim = if !UNWINDS {
+            None
+        } else if thread_panicking() {
+            nextvictim(sched, mp, true)
+        } else {
+            nextvictim(sched, mp, false)
+        };
+        if let Some((gp, from)) = victim {
             prepare(gp, from);
             crate::proc::execute_on(mp, (*mp).p, gp, false);
         }
@@ -250,12 +263,13 @@ fn barrier(sched: &Sched) {
 
 /// The next unfinished goroutine `mp` should unwind, claimed (its status
 /// is `RUNNING` until `prepare` makes it runnable), and the status it was
-/// claimed from; `None` when there is none left.
+/// claimed from; `None` when there is none left. With `unwinding`, only a
+/// runnable one already being unwound (it yielded on the way).
 ///
 /// # Safety
 ///
 /// On g0 of `mp`, after the barrier.
-unsafe fn nextvictim(sched: &Sched, mp: *mut M) -> Option<(*mut G, u32)> {
+unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut G, u32)> {
     let all = sched.allgs.lock();
     for &gp in all.iter() {
         // SAFETY: Gs in allgs are live while listed (we hold the list);
@@ -263,7 +277,7 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M) -> Option<(*mut G, u32)> {
         unsafe {
             let bm = (*gp).boundm;
             let mine = bm == mp || (bm.is_null() && sched.migrate);
-            if !mine || (*gp).startfn.is_set() {
+            if !mine || (*gp).startfn.is_set() || (unwinding && (*gp).force != FORCE_UNWINDING) {
                 continue;
             }
             let st = &(*gp).atomicstatus;

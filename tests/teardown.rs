@@ -247,6 +247,43 @@ fn a_runtime_dropped_from_its_own_goroutine_does_not_hang() {
     assert_eq!(v.ok(), Some(7), "it finished before its next park");
 }
 
+/// Yields, then counts its drop: a destructor that reaches a scheduling
+/// point while its goroutine is being unwound.
+struct YieldThenCount(Arc<AtomicU32>);
+
+impl Drop for YieldThenCount {
+    fn drop(&mut self) {
+        gokernel::gosched();
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn destructors_that_yield_while_their_runtime_is_dropped_run_to_their_end() {
+    // The first goroutine unwound yields in the middle of its unwinding,
+    // which leaves its thread counting as panicking; the M must resume it
+    // (that starts no new unwind) and then unwind the others as well.
+    for procs in [1, 2] {
+        let r = rt(procs);
+        let finished = Arc::new(AtomicU32::new(0));
+        let c = chan::<u32>(0);
+        for _ in 0..3 {
+            let (finished, c) = (finished.clone(), c.clone());
+            drop(r.spawn(move || {
+                let _d = YieldThenCount(finished);
+                let _ = c.recv(); // nobody sends
+            }));
+        }
+        wait_parked(&r, 3);
+        drop(r);
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            3,
+            "destructors that yielded ran to their end ({procs} procs)"
+        );
+    }
+}
+
 #[test]
 fn a_destructor_that_blocks_while_its_runtime_is_dropped_is_a_named_fatal_error() {
     if in_crash_child() {
