@@ -77,16 +77,9 @@ pub(crate) fn newg(sched: &Sched, pp: *mut P, lazy: bool) -> Result<*mut G, Stac
 fn newg_slow(sched: &Sched, pp: *mut P, lazy: bool) -> Result<*mut G, StackError> {
     let mut gp = nostack_get(sched, pp);
     if gp.is_null() {
-        let mut g = alloc::boxed::Box::new(crate::proc::newg_struct(Stack { lo: 0, hi: 0 }, None));
+        let mut g = crate::proc::newg_struct(Stack { lo: 0, hi: 0 }, None);
         g.rt = sched;
-        gp = alloc::boxed::Box::into_raw(g);
-        let mut all = sched.allgs.lock();
-        // SAFETY: a new G, ours alone.
-        unsafe {
-            (*gp).sched.g = gp;
-            (*gp).allg_index = all.len();
-        }
-        all.push(gp);
+        gp = crate::gslab::galloc(&sched.allgs, g);
     }
     if !lazy {
         match sched.stackalloc_g() {

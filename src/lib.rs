@@ -191,6 +191,7 @@ pub mod asm_amd64;
 pub mod bound;
 pub mod chan;
 pub mod cpu;
+mod gslab;
 pub mod intr;
 pub mod lazystack;
 pub(crate) mod lock_futex;

@@ -1307,28 +1307,19 @@ pub(crate) fn gffree(sched: &Sched) -> usize {
 
 /// Frees dead Gs and their stacks for good, outside the scheduler lock.
 pub(crate) fn gfree_release(sched: &Sched, gs: &[*mut G]) {
-    {
-        let mut all = sched.allgs.lock();
-        for &g in gs {
-            // SAFETY: g is dead and ours; allg_index is its place in allgs.
-            let i = unsafe { (*g).allg_index };
-            debug_assert!(all[i] == g, "allgs index out of date");
-            all.swap_remove(i);
-            if let Some(&moved) = all.get(i) {
-                // SAFETY: every G in allgs is live.
-                unsafe { (*moved).allg_index = i };
-            }
-        }
-    }
+    // SAFETY: the Gs are listed in allgs (made by gslab::galloc), dead
+    // and on no list.
+    unsafe { sched.allgs.lock().unlist(gs) };
     let mut stacks = crate::stack::FreeBatch::new();
     for &g in gs {
-        // SAFETY: made by Box::into_raw in newproc1, dead, on no list and
-        // out of allgs: nothing refers to it.
-        let mut g = unsafe { Box::from_raw(g) };
-        if let Some(mem) = g.stackmem.take() {
+        // SAFETY: g is dead, on no list and out of allgs: ours alone.
+        if let Some(mem) = unsafe { (*g).stackmem.take() } {
             stacks.push(mem);
         }
     }
+    stacks.flush();
+    // SAFETY: as above; nothing refers to them any more.
+    unsafe { sched.allgs.lock().free(gs) };
 }
 
 /// Takes a dead G (with its stack) from P's free list, refilling it from the
@@ -2663,7 +2654,7 @@ impl Sched {
             nmspinning: AtomicU32::new(0),
             allp,
             allm: spin::Mutex::new(Vec::new()),
-            allgs: spin::Mutex::new(Vec::new()),
+            allgs: spin::Mutex::new(crate::gslab::AllGs::new()),
             nmlive: AtomicU32::new(0),
             stopping: core::sync::atomic::AtomicBool::new(false),
             ngoroutines: core::sync::atomic::AtomicI64::new(0),
@@ -2942,16 +2933,17 @@ impl Drop for Sched {
         // The stacks of the Gs that are done, freed together.
         let mut stacks = crate::stack::FreeBatch::new();
         for &gp in self.allgs.get_mut().iter() {
-            // SAFETY: made by Box::into_raw in newproc1; no M runs it. A G
-            // parked on a channel or sync object has sudogs on that
-            // object's queues, in its stack: unlink them first.
+            // SAFETY: made by gslab::galloc in newproc1; no M runs it; its
+            // slab is freed after this, with the fields. A G parked on a
+            // channel or sync object has sudogs on that object's queues, in
+            // its stack: unlink them first.
             unsafe {
                 let st = (*gp).readgstatus();
                 let w = (*gp).waiting;
                 if !w.is_null() && st == status::WAITING {
                     crate::sema::abandon(w);
                 }
-                let mut g = Box::from_raw(gp);
+                let g = &mut *gp;
                 let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
                 if unfinished {
                     // Started and not finished: frames on its stack are
@@ -2962,7 +2954,7 @@ impl Drop for Sched {
                 } else if let Some(mem) = g.stackmem.take() {
                     stacks.push(mem);
                 }
-                drop(g);
+                gp.drop_in_place();
             }
         }
         for &pp in &self.allp {

@@ -988,8 +988,9 @@ pub struct Sched {
     pub(crate) allp: alloc::vec::Vec<*mut P>,
     /// Every M made for this scheduler, freed with it.
     pub(crate) allm: spin::Mutex<alloc::vec::Vec<*mut M>>,
-    /// Every G made for this scheduler, freed with it.
-    pub(crate) allgs: spin::Mutex<alloc::vec::Vec<*mut G>>,
+    /// Every G made for this scheduler and the slabs they live in, freed
+    /// with it (`crate::gslab`).
+    pub(crate) allgs: spin::Mutex<crate::gslab::AllGs>,
     /// Ms whose threads have not finished yet.
     pub(crate) nmlive: AtomicU32,
     /// Set when the scheduler shuts down: Ms exit instead of idling.

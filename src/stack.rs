@@ -177,9 +177,13 @@ pub const MAPPINGS_PER_GUARDED_STACK: usize = 2;
 pub const CHUNK_SLOTS: usize = 64;
 
 /// The address space a chunk of guarded stacks aims at (see
-/// [`CHUNK_SLOTS`]): 4 MiB, 64 slots of a [`STACK_MIN`] stack and its
-/// guard (2.3 MiB), 15 of a [`STACK_DEFAULT`] one.
-pub const CHUNK_BYTES: usize = 4 << 20;
+/// [`CHUNK_SLOTS`]): 16 MiB, 64 slots of a [`STACK_MIN`] stack and its
+/// guard (2.3 MiB), 63 of a [`STACK_DEFAULT`] one. A chunk's first stack
+/// brings in the top pages of all its stacks (252 KiB for 63) and the page
+/// tables of its guards; with 4 MiB chunks (15 default stacks) spawning
+/// 1,000 parked goroutines with default stacks took 1.08 times as long
+/// (10,000: 1.06; docs/performance.md).
+pub const CHUNK_BYTES: usize = 16 << 20;
 
 /// Stacks of `size` usable bytes in one chunk: as many slots (guard page +
 /// stack) as fit in [`CHUNK_BYTES`], at least 1 and at most
