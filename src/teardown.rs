@@ -55,7 +55,9 @@
 //!    unwinding also while one of its goroutines that the teardown is
 //!    unwinding has yielded on the way (a destructor that calls `gosched`):
 //!    the M resumes that one, which starts no new unwind, and once it has
-//!    finished goes on with the rest.
+//!    finished goes on with the rest. (A goroutine being unwound is bound
+//!    to its thread even with `migrate_started_goroutines`: its unwinding
+//!    is the thread's.)
 //! 6. When the last M has exited, `Drop for Sched` drops the closures of
 //!    goroutines that never started and frees the stacks of finished ones;
 //!    any other stack is leaked.
@@ -179,8 +181,20 @@ unsafe fn forceunwind(gp: *mut G, f: u8) {
             gp,
         );
     }
-    // SAFETY: the contract.
-    unsafe { (*gp).force = FORCE_UNWINDING };
+    // SAFETY: the contract: the running G, on its M.
+    unsafe {
+        (*gp).force = FORCE_UNWINDING;
+        // From here its unwinding is under way on this thread (std counts
+        // it in the thread's panic count): if a destructor yields, the G
+        // must resume here. A migrating scheduler binds it, as
+        // lock_os_thread does; goexit0 unbinds it.
+        let mp = (*gp).m;
+        if (*gp).boundm.is_null() {
+            (*gp).boundm = mp;
+            // On this M: a load and a store (see M::nbound_add).
+            (*mp).nbound_add(1);
+        }
+    }
     #[cfg(all(feature = "std", panic = "unwind"))]
     std::panic::resume_unwind(alloc::boxed::Box::new(RuntimeDropped));
     #[cfg(not(all(feature = "std", panic = "unwind")))]
@@ -277,17 +291,28 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
         unsafe {
             let bm = (*gp).boundm;
             let mine = bm == mp || (bm.is_null() && sched.migrate);
-            if !mine || (*gp).startfn.is_set() || (unwinding && (*gp).force != FORCE_UNWINDING) {
+            if !mine || (*gp).startfn.is_set() {
                 continue;
             }
             let st = &(*gp).atomicstatus;
-            for old in [status::WAITING, status::RUNNABLE] {
+            let from: &[u32] = if unwinding {
+                &[status::RUNNABLE]
+            } else {
+                &[status::WAITING, status::RUNNABLE]
+            };
+            for &old in from {
                 // The claim: with migration, several Ms look at the same
                 // unbound Gs.
                 if st
                     .compare_exchange(old, status::RUNNING, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
+                    // `force` is read only once the G is ours (another M
+                    // may be running it until the claim).
+                    if unwinding && (*gp).force != FORCE_UNWINDING {
+                        st.store(old, Ordering::Release);
+                        break;
+                    }
                     return Some((gp, old));
                 }
             }

@@ -247,13 +247,18 @@ fn a_runtime_dropped_from_its_own_goroutine_does_not_hang() {
     assert_eq!(v.ok(), Some(7), "it finished before its next park");
 }
 
-/// Yields, then counts its drop: a destructor that reaches a scheduling
-/// point while its goroutine is being unwound.
-struct YieldThenCount(Arc<AtomicU32>);
+/// Yields, then counts its drop (and, separately, drops that came back
+/// on another thread): a destructor that reaches a scheduling point while
+/// its goroutine is being unwound.
+struct YieldThenCount(Arc<AtomicU32>, Arc<AtomicU32>);
 
 impl Drop for YieldThenCount {
     fn drop(&mut self) {
+        let before = tid();
         gokernel::gosched();
+        if tid() != before {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
         self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -263,14 +268,24 @@ fn destructors_that_yield_while_their_runtime_is_dropped_run_to_their_end() {
     // The first goroutine unwound yields in the middle of its unwinding,
     // which leaves its thread counting as panicking; the M must resume it
     // (that starts no new unwind) and then unwind the others as well.
-    for procs in [1, 2] {
-        let r = rt(procs);
+    for (procs, migrate) in [(1, false), (2, false), (2, true)] {
+        let r = if migrate {
+            // SAFETY: the goroutines hold no thread-local state across a
+            // switch (the unwinding's own, std's panic count, is the
+            // runtime's to keep: it binds a goroutine it unwinds).
+            unsafe { Runtime::builder().procs(procs).migrate_started_goroutines() }
+                .build()
+                .unwrap()
+        } else {
+            rt(procs)
+        };
         let finished = Arc::new(AtomicU32::new(0));
+        let moved = Arc::new(AtomicU32::new(0));
         let c = chan::<u32>(0);
         for _ in 0..3 {
-            let (finished, c) = (finished.clone(), c.clone());
+            let (finished, moved, c) = (finished.clone(), moved.clone(), c.clone());
             drop(r.spawn(move || {
-                let _d = YieldThenCount(finished);
+                let _d = YieldThenCount(finished, moved);
                 let _ = c.recv(); // nobody sends
             }));
         }
@@ -279,7 +294,12 @@ fn destructors_that_yield_while_their_runtime_is_dropped_run_to_their_end() {
         assert_eq!(
             finished.load(Ordering::SeqCst),
             3,
-            "destructors that yielded ran to their end ({procs} procs)"
+            "destructors that yielded ran to their end ({procs} procs, migrate {migrate})"
+        );
+        assert_eq!(
+            moved.load(Ordering::SeqCst),
+            0,
+            "a goroutine being unwound came back from a yield on another thread ({procs} procs, migrate {migrate})"
         );
     }
 }
