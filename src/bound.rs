@@ -420,6 +420,27 @@ pub(crate) fn ms_at_work(_sl: &SchedLocked, sched: &Sched) -> bool {
     })
 }
 
+/// Binds `gp` to `mp` if it is bound to no M (only a migrating
+/// scheduler has unbound started Gs): from now on it runs only on `mp`,
+/// until `goexit0` (or, for a lock, `dounlockosthread`) unbinds it. For
+/// a G that must stay on its thread for a while: one locked to it
+/// (`dolockosthread`), one its runtime's teardown is unwinding there.
+///
+/// # Safety
+///
+/// `gp` runs on `mp` and the caller is that G, or both are new and
+/// nobody else's yet.
+pub(crate) unsafe fn bind_if_unbound(gp: *mut G, mp: *mut M) {
+    // SAFETY: the contract: both are the caller's own.
+    unsafe {
+        if (*gp).boundm.is_null() {
+            (*gp).boundm = mp;
+            // On this M: a load and a store (see M::nbound_add).
+            (*mp).nbound_add(1);
+        }
+    }
+}
+
 /// Whether locked G `gp` is runnable, read SeqCst after `mp` stored
 /// `sleeping` (the M's half of the wake-up argument for locked Gs).
 ///

@@ -902,12 +902,8 @@ pub(crate) unsafe fn dolockosthread(gp: *mut G, mp: *mut M) {
         }
         (*mp).lockedg = gp;
         (*gp).lockedm = mp;
-        if (*gp).boundm.is_null() {
-            // Migrating scheduler: bound while locked.
-            (*gp).boundm = mp;
-            // On this M: a load and a store (see M::nbound_add).
-            (*mp).nbound_add(1);
-        }
+        // Migrating scheduler: bound while locked.
+        crate::bound::bind_if_unbound(gp, mp);
     }
 }
 

@@ -188,12 +188,7 @@ unsafe fn forceunwind(gp: *mut G, f: u8) {
         // it in the thread's panic count): if a destructor yields, the G
         // must resume here. A migrating scheduler binds it, as
         // lock_os_thread does; goexit0 unbinds it.
-        let mp = (*gp).m;
-        if (*gp).boundm.is_null() {
-            (*gp).boundm = mp;
-            // On this M: a load and a store (see M::nbound_add).
-            (*mp).nbound_add(1);
-        }
+        crate::bound::bind_if_unbound(gp, (*gp).m);
     }
     #[cfg(all(feature = "std", panic = "unwind"))]
     std::panic::resume_unwind(alloc::boxed::Box::new(RuntimeDropped));
@@ -223,12 +218,10 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
         // that yielded in the middle of its own unwinding (a destructor
         // that called `gosched`) is why this thread counts as panicking:
         // resuming it starts nothing, and lets it finish.
-        let victim = if !UNWINDS {
-            None
-        } else if thread_panicking() {
-            nextvictim(sched, mp, true)
+        let victim = if UNWINDS {
+            nextvictim(sched, mp, thread_panicking())
         } else {
-            nextvictim(sched, mp, false)
+            None
         };
         if let Some((gp, from)) = victim {
             prepare(gp, from);

@@ -1452,14 +1452,14 @@ pub(crate) fn gounblock(sched: &Sched, gp: *mut G, cur: *mut G) {
         return;
     }
     // SAFETY: the callers' contract: cur is getg(), gp is parked and
-    // theirs to ready, so live.
+    // theirs to ready, so live; an M p_of returns is this thread's, of
+    // `sched`.
     unsafe {
-        let (mp, pp) = p_of(sched, cur);
-        if pp.is_null() {
+        let (mp, _) = p_of(sched, cur);
+        if mp.is_null() {
             return cold::no_p_creator(sched, EventKind::GoUnblock, gp);
         }
-        // By the P's goroutine, if any (as in gocreate).
-        put(mp, pp, || word(code::UNBLOCK, 0, (*gp).goid()));
+        gounblock_m(mp, gp);
     }
 }
 
@@ -1482,6 +1482,7 @@ pub(crate) unsafe fn gounblock_m(mp: *mut M, gp: *mut G) {
         if pp.is_null() {
             return cold::no_p_creator(&*(*mp).rt, EventKind::GoUnblock, gp);
         }
+        // By the P's goroutine, if any (as in gocreate).
         put(mp, pp, || word(code::UNBLOCK, 0, (*gp).goid()));
     }
 }
