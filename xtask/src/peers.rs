@@ -19,9 +19,11 @@
 //!
 //! Every contender speaks `examples/ops.rs`'s command line and result line
 //! (`BIN OP N PROCS MODE`, `result OP PROCS N VALUE UNIT MODE`). Per row:
-//! one warm-up run of each contender, then [`REPS`] rounds, each running
-//! every contender once, the order rotating by round, so that load from
-//! elsewhere on the machine falls on all alike; the table gives medians.
+//! one warm-up run of each contender, then the row's rounds ([`REPS`], or
+//! [`REPS_SHORT`] for a row whose run takes a few milliseconds and so
+//! varies most), each running every contender once, the order rotating
+//! by round, so that load from elsewhere on the machine falls on all
+//! alike; the table gives medians, and each row's number of rounds.
 //! The ratio columns divide gokernel's median by the best (lowest) peer
 //! median: under 1, gokernel is faster (or smaller, for RSS).
 //!
@@ -46,26 +48,32 @@ use crate::{process, tools};
 /// Measured rounds per row, after one warm-up run per contender.
 const REPS: usize = 5;
 
-/// The rows: (op, procs, N). `switch` and `handoff-cross` have no peer
-/// counterpart (see `bench/peers`).
-const ROWS: &[(&str, usize, u64)] = &[
-    ("gosched", 1, 2_000_000),
-    ("gosched", 2, 2_000_000),
-    ("spawn", 1, 1_000_000),
-    ("spawn", 2, 1_000_000),
-    ("spawn-alive", 1, 1_000),
-    ("spawn-alive", 1, 10_000),
-    ("spawn-alive", 1, 100_000),
-    ("spawn-alive", 2, 100_000),
-    ("spawn-parked", 1, 1_000),
-    ("spawn-parked", 1, 10_000),
-    ("handoff", 1, 1_000_000),
-    ("handoff", 2, 1_000_000),
-    ("handoff-chan", 1, 1_000_000),
-    ("handoff-chan", 2, 1_000_000),
-    ("parked", 1, 100_000),
-    ("work", 1, 4_000_000_000),
-    ("work", 2, 4_000_000_000),
+/// Measured rounds of a row whose run takes only a few milliseconds
+/// (spawning 1,000 or 10,000 goroutines): one run then varies by 10–30 %
+/// from the next on a shared machine, so five rounds leave its median
+/// to chance. Such a round costs little.
+const REPS_SHORT: usize = 41;
+
+/// The rows: (op, procs, N, rounds). `switch` and `handoff-cross` have
+/// no peer counterpart (see `bench/peers`).
+const ROWS: &[(&str, usize, u64, usize)] = &[
+    ("gosched", 1, 2_000_000, REPS),
+    ("gosched", 2, 2_000_000, REPS),
+    ("spawn", 1, 1_000_000, REPS),
+    ("spawn", 2, 1_000_000, REPS),
+    ("spawn-alive", 1, 1_000, REPS_SHORT),
+    ("spawn-alive", 1, 10_000, REPS_SHORT),
+    ("spawn-alive", 1, 100_000, REPS),
+    ("spawn-alive", 2, 100_000, REPS),
+    ("spawn-parked", 1, 1_000, REPS_SHORT),
+    ("spawn-parked", 1, 10_000, REPS_SHORT),
+    ("handoff", 1, 1_000_000, REPS),
+    ("handoff", 2, 1_000_000, REPS),
+    ("handoff-chan", 1, 1_000_000, REPS),
+    ("handoff-chan", 2, 1_000_000, REPS),
+    ("parked", 1, 100_000, REPS),
+    ("work", 1, 4_000_000_000, REPS),
+    ("work", 2, 4_000_000_000, REPS),
 ];
 
 /// The callgrind rows (1 P): (op, N).
@@ -257,9 +265,9 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
     // medians[row][contender], failures[row][contender]
     let mut medians: Vec<Vec<Option<f64>>> = Vec::new();
     let mut failures: Vec<Vec<usize>> = Vec::new();
-    for (i, &(op, procs, n)) in ROWS.iter().enumerate() {
+    for (i, &(op, procs, n, rounds)) in ROWS.iter().enumerate() {
         println!(
-            "bench --peers: [{}/{}] {op} on {procs} P, N = {n}: a warm-up and {REPS} rounds",
+            "bench --peers: [{}/{}] {op} on {procs} P, N = {n}: a warm-up and {rounds} rounds",
             i + 1,
             ROWS.len()
         );
@@ -268,7 +276,7 @@ pub fn run(root: &Path, ops: &Path) -> ExitCode {
         }
         let mut vals: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
         let mut failed = vec![0usize; contenders.len()];
-        for rep in 0..REPS {
+        for rep in 0..rounds {
             for k in 0..contenders.len() {
                 let j = (k + rep) % contenders.len();
                 match run_once(&contenders[j], op, procs, n) {
@@ -366,7 +374,8 @@ fn tables(
     let _ = writeln!(t, "{heading}\n");
     let _ = writeln!(
         t,
-        "Timed: median of {REPS} interleaved rounds. `÷ best` is gokernel's median over the best \
+        "Timed: median of the row's interleaved rounds (`rounds`: more for the rows whose run \
+         takes only milliseconds). `÷ best` is gokernel's median over the best \
          peer's (under 1: gokernel is faster, or smaller). A cell marked `(k failed)` is the \
          median of the rounds that gave a result; a run fails if it exits with an error or takes \
          over {} s.\n",
@@ -375,15 +384,15 @@ fn tables(
     let names: Vec<&str> = contenders.iter().map(|c| c.name).collect();
     let _ = writeln!(
         t,
-        "| workload | procs | N | {} | best peer | bound ÷ best | migrate ÷ best | unit |",
+        "| workload | procs | N | rounds | {} | best peer | bound ÷ best | migrate ÷ best | unit |",
         names.join(" | ")
     );
     let _ = writeln!(
         t,
-        "|---|---:|---:|{}---|---:|---:|---|",
+        "|---|---:|---:|---:|{}---|---:|---:|---|",
         "---:|".repeat(names.len())
     );
-    for ((&(op, procs, n), row), failed) in ROWS.iter().zip(medians).zip(failures) {
+    for ((&(op, procs, n, rounds), row), failed) in ROWS.iter().zip(medians).zip(failures) {
         let best = best_peer(contenders, row);
         let ratio = |k: usize| match (row[k], best) {
             (Some(v), Some((b, _))) if b > 0.0 => format!("{:.2}", v / b),
@@ -399,7 +408,7 @@ fn tables(
             .collect();
         let _ = writeln!(
             t,
-            "| {op} | {procs} | {n} | {} | {} | {} | {} | {} |",
+            "| {op} | {procs} | {n} | {rounds} | {} | {} | {} | {} | {} |",
             cells.join(" | "),
             best.map_or("—", |(_, who)| who),
             ratio(0),
@@ -436,7 +445,7 @@ fn tables(
 
 fn json(contenders: &[Contender], medians: &[Vec<Option<f64>>]) -> String {
     let mut rows = Vec::new();
-    for (&(op, procs, n), row) in ROWS.iter().zip(medians) {
+    for (&(op, procs, n, _), row) in ROWS.iter().zip(medians) {
         for (c, v) in contenders.iter().zip(row) {
             rows.push(format!(
                 "  {{\"workload\": \"{op}\", \"procs\": {procs}, \"n\": {n}, \"who\": \"{}\", \
