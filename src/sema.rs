@@ -308,6 +308,26 @@ impl Waiter {
             forbid_blocking_on_system_stack();
         }
         if !self.g.is_null() {
+            // SAFETY: self.g is the running G; only its own M writes
+            // `force`, while it is not running.
+            if unsafe { (*self.g).force } != crate::teardown::FORCE_NONE {
+                // Its runtime is being dropped: this park would unwind
+                // (or, inside that unwinding, end the process) before
+                // `unlock` runs. Unwinding with the locks held and the
+                // sudogs queued would leave the objects locked for good,
+                // their queues pointing into this unwound frame. So
+                // first the sudogs come off (no waker can have claimed
+                // one: we hold every lock of their queues), then the
+                // locks are released.
+                // SAFETY: self is our waiter, not yet blocked, and we
+                // hold the lock of every queue its sudogs are on.
+                unsafe { self.unqueue_locked() };
+                unlock();
+                // SAFETY: self.g is the running G; its force is set, so
+                // this unwinds or ends the process.
+                unsafe { crate::teardown::checkforce(self.g, false) };
+                unreachable!("gokernel: a forced park returned");
+            }
             // While it waits on an object others use, its runtime's
             // all-idle is not a deadlock (see `checkdead`). Counted before
             // it parks, so no check can see it idle and uncounted.
@@ -345,6 +365,24 @@ impl Waiter {
                     p.futexsleep(&self.woken, 0, None)
                 }
                 _ => core::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// Takes this waiter's sudogs off their queues, before it blocks.
+    ///
+    /// # Safety
+    ///
+    /// By the waiter's owner, holding the lock of every queue its sudogs
+    /// are on.
+    unsafe fn unqueue_locked(&self) {
+        let mut sg = self.sudogs.get();
+        while !sg.is_null() {
+            // SAFETY: the contract: the sudogs are live in the owner's
+            // frame, and their queues are locked by us.
+            unsafe {
+                (*(*sg).q).remove(sg);
+                sg = (*sg).waitlink;
             }
         }
     }
