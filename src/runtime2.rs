@@ -1069,6 +1069,10 @@ pub(crate) struct TeardownBarrier {
     pub(crate) go: core::sync::atomic::AtomicBool,
     /// Bumped when `go` is set; Ms wait on it.
     pub(crate) wake: AtomicU32,
+    /// Wake-ups of this scheduler's goroutines under way on threads that
+    /// are not its running Ms (`crate::sema::ready_outside`): `go` waits
+    /// for none to be left.
+    pub(crate) outside: AtomicU32,
 }
 
 impl TeardownBarrier {
@@ -1077,6 +1081,7 @@ impl TeardownBarrier {
             arrived: AtomicU32::new(0),
             go: core::sync::atomic::AtomicBool::new(false),
             wake: AtomicU32::new(0),
+            outside: AtomicU32::new(0),
         }
     }
 }

@@ -73,6 +73,7 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::io::Write;
 use std::thread;
 
 use crate::runtime::{JoinHandle, JoinInner, JoinSignal, Runtime, finish};
@@ -285,6 +286,21 @@ where
     }
 }
 
+/// Ends the process if dropped: [`Runtime::scope`] holds one while it
+/// waits for its goroutines and forgets it once they are done, so a panic
+/// in the wait (a bug) cannot unwind into the caller's frame while they
+/// may still borrow from it.
+struct MustNotUnwind;
+
+impl Drop for MustNotUnwind {
+    fn drop(&mut self) {
+        crate::panic::throw(
+            "Runtime::scope: a panic while waiting for its goroutines, which may hold borrows of \
+             the caller's frame (it cannot unwind)",
+        );
+    }
+}
+
 /// Removes a deadlock hook when dropped.
 struct HookGuard<'a> {
     sched: &'a Sched,
@@ -365,6 +381,9 @@ impl Runtime {
             spawn_scoped(self.sched(), &data, move || f(scope))
         };
         drop(spawning);
+        // From here until every goroutine is done, nothing may unwind out
+        // of this frame: they may hold borrows of the caller's.
+        let no_unwind = MustNotUnwind;
         let mut reported = false;
         loop {
             // The deadlock flag before the count, as in JoinHandle::wait:
@@ -383,13 +402,17 @@ impl Runtime {
             }
             if deadlocked && !reported {
                 reported = true;
-                std::eprintln!(
+                // Not `eprintln!`, which panics when stderr fails (a
+                // closed pipe): the report is best effort.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "gokernel: Runtime::scope: {}\n\n(the scope cannot return while its goroutines may hold borrows: it goes on waiting)",
                     crate::runtime::deadlock_report(self.sched())
                 );
             }
             data.signal.wait();
         }
+        core::mem::forget(no_unwind);
         drop(hook);
         let r = main.join();
         // The main goroutine's panic was counted; it is resumed instead.

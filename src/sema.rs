@@ -308,6 +308,26 @@ impl Waiter {
             forbid_blocking_on_system_stack();
         }
         if !self.g.is_null() {
+            // SAFETY: self.g is the running G; only its own M writes
+            // `force`, while it is not running.
+            if unsafe { (*self.g).force } != crate::teardown::FORCE_NONE {
+                // Its runtime is being dropped: this park would unwind
+                // (or, inside that unwinding, end the process) before
+                // `unlock` runs. Unwinding with the locks held and the
+                // sudogs queued would leave the objects locked for good,
+                // their queues pointing into this unwound frame. So
+                // first the sudogs come off (no waker can have claimed
+                // one: we hold every lock of their queues), then the
+                // locks are released.
+                // SAFETY: self is our waiter, not yet blocked, and we
+                // hold the lock of every queue its sudogs are on.
+                unsafe { self.unqueue_locked() };
+                unlock();
+                // SAFETY: self.g is the running G; its force is set, so
+                // this unwinds or ends the process.
+                unsafe { crate::teardown::checkforce(self.g, false) };
+                unreachable!("gokernel: a forced park returned");
+            }
             // While it waits on an object others use, its runtime's
             // all-idle is not a deadlock (see `checkdead`). Counted before
             // it parks, so no check can see it idle and uncounted.
@@ -345,6 +365,24 @@ impl Waiter {
                     p.futexsleep(&self.woken, 0, None)
                 }
                 _ => core::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// Takes this waiter's sudogs off their queues, before it blocks.
+    ///
+    /// # Safety
+    ///
+    /// By the waiter's owner, holding the lock of every queue its sudogs
+    /// are on.
+    unsafe fn unqueue_locked(&self) {
+        let mut sg = self.sudogs.get();
+        while !sg.is_null() {
+            // SAFETY: the contract: the sudogs are live in the owner's
+            // frame, and their queues are locked by us.
+            unsafe {
+                (*(*sg).q).remove(sg);
+                sg = (*sg).waitlink;
             }
         }
     }
@@ -472,7 +510,12 @@ impl Wakeup {
                 // released), the claim made us its one waker, and `rt`
                 // (or, without it, the waker's own goroutine of the same
                 // scheduler) keeps its scheduler (and so g) alive.
-                unsafe { goready(g) };
+                unsafe {
+                    match &rt {
+                        None => goready(g),
+                        Some(s) => ready_outside(s, g),
+                    }
+                };
                 drop(rt);
             }
             #[cfg(feature = "std")]
@@ -499,6 +542,36 @@ impl Wakeup {
             WakeupKind::Spinner(flag) => unsafe { (*flag).store(1, Ordering::Release) },
         }
     }
+}
+
+/// Readies `gp`, a parked goroutine of `sched`, from a thread that is not
+/// one of `sched`'s running Ms (a plain thread, a goroutine of another
+/// runtime, g0 running a timer callback) (Go's `goready`).
+///
+/// Counted in the teardown barrier's `outside`, which a scheduler being
+/// dropped waits to see at zero before it resumes any goroutine. Else a
+/// wake-up that passed `ready`'s `stopping` check just before the drop
+/// began could store RUNNABLE and queue `gp` after the teardown had
+/// resumed it (a waker completed its wait) and it had moved on or
+/// exited: seen as runnable again, a dead goroutine was resumed
+/// ("goexit: resumed a dead goroutine", with `migrate_started_goroutines`).
+///
+/// # Safety
+///
+/// As [`goready`]; `sched` is `gp`'s scheduler, held alive by the caller.
+pub(crate) unsafe fn ready_outside(sched: &crate::runtime2::Sched, gp: *mut G) {
+    let outside = &sched.teardown.outside;
+    // SeqCst: before `ready`'s SeqCst load of `stopping`, pairing with
+    // the shutdown's store of `stopping` before the barrier's load of the
+    // count: the barrier sees this wake-up counted (and waits for it), or
+    // `ready` sees `stopping` (and does nothing).
+    outside.fetch_add(1, Ordering::SeqCst);
+    #[cfg(all(test, feature = "std"))]
+    tests::in_outside_wakeup(sched);
+    // SAFETY: the contract.
+    unsafe { goready(gp) };
+    // SeqCst: the barrier's load that sees it acquires what `ready` did.
+    outside.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// A thread's `Waiter::woken` while its waker is in `futexwakeup` (no
@@ -788,4 +861,75 @@ pub(crate) unsafe fn abandon(w: *const Waiter) {
 pub(crate) unsafe fn completed(w: *const Waiter) -> bool {
     // SAFETY: the contract.
     unsafe { (*w).completed.load(Ordering::Relaxed) }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use core::cell::Cell;
+    use core::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use crate::runtime2::Sched;
+
+    std::thread_local! {
+        /// Set on the thread whose next outside wake-up should pause.
+        static PAUSE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// What the paused wake-up saw: the teardown let its Ms go.
+    static SAW_GO: AtomicBool = AtomicBool::new(false);
+    /// The wake-up paused.
+    static PAUSED: AtomicBool = AtomicBool::new(false);
+
+    /// Called by `ready_outside` once counted: on a thread with `PAUSE`,
+    /// waits until every M of the scheduler has reached the teardown
+    /// barrier, then records whether the barrier let them go.
+    pub(super) fn in_outside_wakeup(sched: &Sched) {
+        if !PAUSE.with(|p| p.replace(false)) {
+            return;
+        }
+        let tp = &sched.teardown;
+        while tp.arrived.load(Ordering::SeqCst) < sched.nmlive.load(Ordering::SeqCst)
+            || tp.arrived.load(Ordering::SeqCst) == 0
+        {
+            std::thread::yield_now();
+        }
+        SAW_GO.store(tp.go.load(Ordering::SeqCst), Ordering::SeqCst);
+        PAUSED.store(true, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn a_dropped_runtime_resumes_no_goroutine_while_a_wake_up_from_outside_is_under_way() {
+        let rt = crate::Runtime::builder().procs(1).build().unwrap();
+        let c = crate::chan::<u32>(0);
+        let c2 = c.clone();
+        let h = rt.spawn(move || c2.recv());
+        while rt.stats().goroutines.waiting < 1 {
+            std::thread::yield_now();
+        }
+        let sending = Arc::new(AtomicBool::new(false));
+        let s2 = sending.clone();
+        // The sender completes the receive and, paused in its wake-up,
+        // waits for the drop below to bring every M to the barrier.
+        let t = std::thread::spawn(move || {
+            PAUSE.with(|p| p.set(true));
+            s2.store(true, Ordering::SeqCst);
+            c.send(5).unwrap();
+        });
+        while !sending.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        drop(rt);
+        t.join().unwrap();
+        assert!(
+            PAUSED.load(Ordering::SeqCst),
+            "the sender's wake-up was not from outside"
+        );
+        assert!(
+            !SAW_GO.load(Ordering::SeqCst),
+            "the teardown went on while a wake-up from outside was half done"
+        );
+        // Its receive was completed: the goroutine resumed to take it.
+        assert_eq!(h.join().ok(), Some(Ok(5)));
+    }
 }

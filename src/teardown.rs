@@ -22,7 +22,8 @@
 //!    no goroutine of this scheduler runs user code any more except the
 //!    ones being unwound, and none is in the middle of a wake-up from
 //!    inside the runtime (`ready` and `Waiter::wakeup` do nothing once
-//!    `stopping` is set).
+//!    `stopping` is set), nor from outside its Ms (a plain thread's send:
+//!    the barrier waits for those under way, `sema::ready_outside`).
 //! 3. Each M then resumes, one at a time, the unfinished goroutines it
 //!    owns (those bound to it; with migration, unbound ones are shared out
 //!    by a claim on their status):
@@ -253,6 +254,17 @@ fn barrier(sched: &Sched) {
         // Ms started during the shutdown count in nmlive before their
         // thread runs, and arrive here like the others.
         if tp.arrived.load(Ordering::SeqCst) >= sched.nmlive.load(Ordering::SeqCst) {
+            // A wake-up from outside the Ms that got past its `stopping`
+            // check finishes before any goroutine is claimed: it would
+            // otherwise store RUNNABLE and queue a G the teardown resumed
+            // meanwhile (see crate::sema::ready_outside). SeqCst: pairs
+            // with its count; one that starts after this sees `stopping`.
+            while tp.outside.load(Ordering::SeqCst) != 0 {
+                #[cfg(feature = "std")]
+                std::thread::yield_now();
+                #[cfg(not(feature = "std"))]
+                core::hint::spin_loop();
+            }
             tp.go.store(true, Ordering::SeqCst);
             tp.wake.fetch_add(1, Ordering::SeqCst);
             // i32::MAX: Linux reads the count as an int (u32::MAX would be -1:

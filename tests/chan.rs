@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+mod common;
+
 use gokernel::sync::WaitGroup;
 use gokernel::{Chan, CloseError, Runtime, SendError, TryRecvError, TrySendError, chan};
 
@@ -326,6 +328,56 @@ fn a_channel_outlives_a_runtime_whose_goroutines_wait_on_it() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     c.send(vec![3]).unwrap();
     assert_eq!(t.join().unwrap(), Ok(vec![3]));
+}
+
+#[test]
+fn goroutines_that_wait_after_their_runtimes_drop_began_leave_channels_and_mutexes_usable() {
+    // A goroutine that was runnable when its runtime's drop began resumes
+    // with "unwind at your next park"; its next wait (a receive, a select,
+    // a contended lock) holds the object's lock with its sudogs queued
+    // when it gets there. It must give both back before unwinding: left
+    // behind, the lock spun every later user for ever and the queue kept
+    // pointers into the unwound frame.
+    for procs in [1, 2] {
+        let (c, d) = (chan::<u32>(0), chan::<u32>(0));
+        let m: &'static gokernel::sync::Mutex<u32> =
+            Box::leak(Box::new(gokernel::sync::Mutex::new(0)));
+        let held = m.lock(); // held by this thread through the drop
+        let started = Arc::new(AtomicUsize::new(0));
+        let r = rt(procs);
+        for kind in 0..3 {
+            let (c, d, started) = (c.clone(), d.clone(), started.clone());
+            drop(r.spawn(move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                while !gokernel::shutting_down() {
+                    gokernel::gosched();
+                }
+                // Runnable here when the teardown finds it: resumed to
+                // unwind at its next park, which is the wait below.
+                gokernel::gosched();
+                match kind {
+                    0 => drop(c.recv()),
+                    1 => gokernel::select! {
+                        recv(c) -> _v => {},
+                        recv(d) -> _v => {},
+                    },
+                    _ => drop(m.lock()),
+                }
+                unreachable!("the wait returned");
+            }));
+        }
+        while started.load(Ordering::SeqCst) < 3 {
+            std::thread::yield_now();
+        }
+        common::within(60, "the runtime's drop", move || drop(r));
+        common::within(60, "using the objects after the drop", move || {
+            assert!(matches!(c.try_send(1), Err(TrySendError::Full(1))));
+            assert!(matches!(d.try_send(2), Err(TrySendError::Full(2))));
+            drop(held);
+            *m.lock() += 1;
+        });
+        assert_eq!(*m.lock(), 1, "{procs} procs");
+    }
 }
 
 #[test]

@@ -212,3 +212,84 @@ fn a_deadlock_inside_a_scope_is_reported_and_the_scope_keeps_waiting() {
         .unwrap();
     assert!(!out.contains("the scope returned"), "{out}");
 }
+
+/// Set in the child of the failing-stderr test: the path of its stderr.
+const STDERR_FAILS_CHILD: &str = "GOKERNEL_SCOPE_STDERR_FAILS_CHILD";
+
+#[test]
+fn a_scope_whose_deadlock_report_cannot_be_written_still_waits_for_its_goroutines() {
+    // The report goes to stderr; a write that fails there (a full disk, a
+    // closed pipe) must not end the wait: `eprintln!` panicked, the scope
+    // unwound into its caller, and its goroutine, woken later, wrote
+    // through a borrow of the caller's dead frame.
+    if let Some(path) = std::env::var_os(STDERR_FAILS_CHILD) {
+        let path = std::path::PathBuf::from(path);
+        let len = std::fs::metadata(&path).unwrap().len();
+        // SAFETY: plain libc calls on this process; SIGXFSZ ignored, so a
+        // write past the limit fails with EFBIG instead of killing us.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: len + 64,
+                rlim_max: len + 64,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+        }
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(None::<gokernel::Chan<u32>>));
+        let s2 = slot.clone();
+        // Wakes the goroutine once the report began (and so failed).
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("Runtime::scope")
+            {
+                if std::time::Instant::now() > deadline {
+                    println!("no deadlock report");
+                    std::process::exit(3);
+                }
+                std::thread::yield_now();
+            }
+            let c = s2.lock().unwrap().take().unwrap();
+            c.send(5).unwrap();
+        });
+        let r = rt(1);
+        let mut got = 0u32;
+        let got_ref = &mut got;
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            r.scope(|s| {
+                let c = chan::<u32>(0);
+                *slot.lock().unwrap() = Some(c.clone());
+                s.go(move || *got_ref = c.recv().unwrap());
+            })
+        }));
+        println!("the scope returned: ok {} got {got}", res.is_ok());
+        return;
+    }
+    let path =
+        std::env::temp_dir().join(format!("gokernel-scope-stderr-{}.txt", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_scope_whose_deadlock_report_cannot_be_written_still_waits_for_its_goroutines",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(STDERR_FAILS_CHILD, &path)
+        .stdout(Stdio::piped())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let out = common::within(120, "the failing-stderr child", move || {
+        child.wait_with_output().unwrap()
+    });
+    let err = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("the scope returned: ok true got 5"),
+        "{:?}\nstdout:\n{stdout}\nstderr:\n{err}",
+        out.status
+    );
+}
