@@ -495,6 +495,11 @@ pub struct G {
     /// While parked on a channel or sync object: its waiter, whose sudogs
     /// a dropped runtime takes off their queues (Go's `g.waiting`).
     pub(crate) waiting: *const crate::sema::Waiter,
+    /// While waiting on the network poller: the slot of the `PollDesc` it
+    /// waits in, which a dropped runtime takes it out of if it never
+    /// resumes (`netpoll::netpollabandon`). Written only by the G itself
+    /// (and by that drop).
+    pub(crate) pollslot: *const core::sync::atomic::AtomicUsize,
     /// The M this G is locked to by
     /// [`lock_os_thread`](crate::proc::lock_os_thread), or null (Go's
     /// `lockedm`). Written by the G itself while it runs on that M (and by
