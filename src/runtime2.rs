@@ -627,7 +627,23 @@ impl G {
     /// after its barrier). Readers of the status (`readgstatus`, the stats,
     /// `bound::locked_runnable`, after `readylocked`'s SeqCst fence) pair
     /// with the release.
-    pub fn casstatus(&self, old: u32, new: u32) {
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the G's status now, as above: a G of a scheduler
+    /// has its status changed only by the runtime (a G made by
+    /// [`malg`](crate::proc::malg) and run by hand is its driver's), and the
+    /// new status is true. The runtime trusts it with memory: a parked G
+    /// marked dead, say, is not unwound when its runtime is dropped, and
+    /// its stack is freed while a channel's wait queue still points into
+    /// it. So safe code cannot call it:
+    ///
+    /// ```compile_fail,E0133
+    /// use gokernel::runtime2::status;
+    /// let g = gokernel::proc::malg(64 * 1024).unwrap();
+    /// g.casstatus(status::IDLE, status::DEAD); // unsafe
+    /// ```
+    pub unsafe fn casstatus(&self, old: u32, new: u32) {
         #[cfg(debug_assertions)]
         {
             let prev = self.atomicstatus.load(Ordering::Relaxed);
