@@ -41,7 +41,7 @@
 /* Struct sizes. */
 #define SIZEOF_STACK 16  /* sizeof(Stack) */
 #define SIZEOF_GOBUF 80  /* sizeof(Gobuf) */
-#define SIZEOF_G 328     /* sizeof(G) */
+#define SIZEOF_G 336     /* sizeof(G) */
 #define SIZEOF_M 240     /* sizeof(M) */
 #define SIZEOF_P 2288    /* sizeof(P) */
 

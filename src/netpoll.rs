@@ -22,7 +22,9 @@
 //!
 //! The generic half is here: [`PollDesc`] (Go's `pollDesc`), one per
 //! source, with a slot per direction (`rg`, `wg`) that holds nothing, "ready",
-//! "a goroutine is about to wait", or the waiting G; parking on it
+//! "a goroutine is about to wait", the waiting G, or "a waker is readying
+//! the G it took out" (so that the G, and its scheduler, outlive the
+//! waker's use of them: see `netpollblock`); parking on it
 //! (`netpollblock`), waking from it (`netpollunblock`, [`netpollready`]),
 //! deadlines, and closing ([`PollDesc::evict`], Go's `poll_runtime_pollUnblock`).
 //! The sockets of `gokernel::net` are built on it.
@@ -120,8 +122,16 @@ pub const MODE_W: u8 = 2;
 const PD_NIL: usize = 0;
 /// A slot: the source became ready and nobody has consumed it.
 const PD_READY: usize = 1;
-/// A slot: a goroutine is about to park (any other value: the G parked).
+/// A slot: a goroutine is about to park.
 const PD_WAIT: usize = 2;
+/// A slot: a waker took the parked G out and is readying it; it stores
+/// `PD_NIL` (a close, a deadline) or `PD_READY` (readiness) when it is
+/// done with the G and its scheduler (`netpollfinish`).
+const PD_WAKING: usize = 3;
+/// A slot: as `PD_WAKING`, and the source became ready meanwhile: the
+/// waker stores `PD_READY` when it is done. (Any value from 8 on: the G
+/// that parked; Gs are 8-byte aligned.)
+const PD_WAKING_READY: usize = 4;
 
 /// The platform half of the poller (Go's `netpollinit`, `netpollopen`,
 /// `netpoll`, `netpollBreak`): hosted, epoll; a kernel implements it over
@@ -219,8 +229,14 @@ impl ReadyList {
             if gp.is_null() {
                 return;
             }
-            // SAFETY: the contract.
-            unsafe { crate::proc::ready::<false>(gp) };
+            // SAFETY: the contract: a G netpollready took out of its slot
+            // (which it recorded), now PD_WAKING: it stays parked, and
+            // its scheduler live, until netpollfinish.
+            unsafe {
+                let slot = (*gp).pollslot;
+                crate::proc::ready::<false>(gp);
+                netpollfinish(&*slot, true);
+            }
         }
     }
 }
@@ -319,8 +335,13 @@ impl PollDesc {
     pub fn free(&'static self) {
         self.evict();
         self.seq.fetch_add(1, Ordering::Release);
-        self.rg.store(PD_NIL, Ordering::Relaxed);
-        self.wg.store(PD_NIL, Ordering::Relaxed);
+        // Readiness of the old source goes; anything else is left: a
+        // waker still readying a G finishes its slot itself (and the G
+        // waits for that), and a G a misuse left parked here stays in it
+        // (a wait that finds it fails as "two goroutines wait").
+        for slot in [&self.rg, &self.wg] {
+            let _ = slot.compare_exchange(PD_READY, PD_NIL, Ordering::SeqCst, Ordering::SeqCst);
+        }
         self.pollid.store(0, Ordering::Relaxed);
         for d in &self.deadlines {
             d.lock().when = 0;
@@ -351,11 +372,7 @@ impl PollDesc {
     pub fn evict(&self) {
         self.closing.store(true, Ordering::SeqCst);
         for mode in [MODE_R, MODE_W] {
-            let gp = netpollunblock(self, mode, false);
-            if !gp.is_null() {
-                // SAFETY: taken out of its slot: parked and ours.
-                unsafe { crate::proc::ready::<false>(gp) };
-            }
+            netpollwake(self, mode);
         }
     }
 
@@ -543,28 +560,126 @@ pub fn netpollready(list: &mut ReadyList, tag: PollTag, mode: u8) {
 /// Changes `pd`'s slot `mode` for a wake-up (Go's `netpollunblock`):
 /// `ioready`, to "ready"; otherwise (a close, a deadline) only a waiting
 /// goroutine is taken out. Returns the G that parked there, null if none;
-/// it is the caller's to ready.
+/// it is the caller's to ready, and then to give the slot back with
+/// [`netpollfinish`] (until then the slot says `PD_WAKING`, and neither
+/// the G nor its scheduler can go away: see "Wakers and teardown" in
+/// `netpollblock`).
 fn netpollunblock(pd: &PollDesc, mode: u8, ioready: bool) -> *mut G {
     let gpp = pd.slot(mode);
     let mut old = gpp.load(Ordering::SeqCst);
     loop {
-        if old == PD_READY || (old == PD_NIL && !ioready) {
-            return null_mut();
-        }
-        let new = if ioready { PD_READY } else { PD_NIL };
+        let new = match old {
+            PD_READY | PD_WAKING_READY => return null_mut(),
+            PD_NIL if !ioready => return null_mut(),
+            // Another waker is readying the G: nothing more to do for a
+            // close or a deadline; readiness is kept for the next wait.
+            PD_WAKING if !ioready => return null_mut(),
+            PD_WAKING => PD_WAKING_READY,
+            PD_NIL | PD_WAIT if ioready => PD_READY,
+            PD_NIL | PD_WAIT => PD_NIL,
+            _ => PD_WAKING,
+        };
         match gpp.compare_exchange_weak(old, new, Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => break,
             Err(o) => old = o,
         }
     }
-    if old == PD_NIL || old == PD_WAIT {
+    if matches!(old, PD_NIL | PD_WAIT | PD_WAKING) {
         return null_mut();
     }
     let gp = old as *mut G;
     // SAFETY: a G in a slot is parked (netpollblockcommit) and counted in
-    // its scheduler's waiters; taking it out of the slot makes it ours.
+    // its scheduler's waiters; taking it out of the slot makes it ours,
+    // and PD_WAKING keeps it and its scheduler live until netpollfinish.
     unsafe { (*(*gp).rt).netpoll.waiters.fetch_sub(1, Ordering::SeqCst) };
     gp
+}
+
+/// Gives back a slot [`netpollunblock`] took a G out of, once the G is
+/// readied and the waker is done with it and its scheduler: "ready" for
+/// `ioready` or if readiness came meanwhile, else nothing.
+fn netpollfinish(gpp: &AtomicUsize, ioready: bool) {
+    let fin = if ioready { PD_READY } else { PD_NIL };
+    if gpp
+        .compare_exchange(PD_WAKING, fin, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        // PD_WAKING_READY: only the taker changes it.
+        gpp.store(PD_READY, Ordering::SeqCst);
+    }
+}
+
+/// Wakes the goroutine waiting on `pd` for `mode`, if one is, for a close
+/// or a deadline.
+fn netpollwake(pd: &PollDesc, mode: u8) {
+    let gp = netpollunblock(pd, mode, false);
+    if !gp.is_null() {
+        // SAFETY: taken out of its slot: parked and ours.
+        unsafe { crate::proc::ready::<false>(gp) };
+        netpollfinish(pd.slot(mode), false);
+    }
+}
+
+/// Takes the slot `gpp` back for `gp`, the G that parked on it and is
+/// running again (or, with `drop`, will never run again): waits while a
+/// waker that took `gp` out is still readying it, then empties the slot
+/// (with `drop`, only takes `gp` out if it is still there). Returns what
+/// the slot held.
+///
+/// `gp` and its scheduler are live.
+fn netpollsettle(gpp: &AtomicUsize, gp: *mut G, drop: bool) -> usize {
+    #[cfg_attr(not(feature = "std"), allow(unused_variables, unused_assignments))]
+    let mut spins = 0u32;
+    loop {
+        let v = gpp.load(Ordering::SeqCst);
+        if v == PD_WAKING || v == PD_WAKING_READY {
+            // The waker is between its swap and netpollfinish: the rest of
+            // `ready`, which never waits for this G's M. Rarely seen (the
+            // G has to be running again first); hosted, the waker's thread
+            // may have lost its CPU there, so after a while give it ours.
+            spins = spins.saturating_add(1);
+            #[cfg(feature = "std")]
+            if spins > 100 {
+                std::thread::yield_now();
+            }
+            core::hint::spin_loop();
+            continue;
+        }
+        if drop && v != gp as usize {
+            return v;
+        }
+        if gpp
+            .compare_exchange(v, PD_NIL, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            if v == gp as usize {
+                // Taken out by us, not by a waker: uncount it as a waker
+                // would have (netpollunblock).
+                // SAFETY: the caller's G, live, of a live scheduler.
+                unsafe { (*(*gp).rt).netpoll.waiters.fetch_sub(1, Ordering::SeqCst) };
+            }
+            return v;
+        }
+    }
+}
+
+/// For `Drop for Sched`: `gp`, a G of the scheduler being dropped that
+/// parked on a source and will never run again, is taken out of the
+/// source's slot (waiting for a waker that took it out already to finish),
+/// so that nothing reaches it once it is freed.
+///
+/// # Safety
+///
+/// `gp` is a parked G of a scheduler whose Ms have all exited.
+pub(crate) unsafe fn netpollabandon(gp: *mut G) {
+    // SAFETY: the contract: nobody else writes pollslot (its G is not
+    // running); a slot lives in a PollDesc (never freed).
+    unsafe {
+        if let Some(slot) = (*gp).pollslot.as_ref() {
+            netpollsettle(slot, gp, true);
+            (*gp).pollslot = core::ptr::null();
+        }
+    }
 }
 
 /// `gopark`'s unlock function for `netpollblock` (Go's
@@ -617,15 +732,29 @@ unsafe fn netpollblock(sched: &Sched, pd: &'static PollDesc, mode: u8, deadline:
             ),
         }
     }
-    /// Empties the slot if the wait ends by unwinding (a runtime dropped
+    let gp = crate::tls::getg();
+    // Wakers and teardown: a waker that takes the G out of the slot
+    // (readiness, a close from any thread, a deadline, another
+    // scheduler's poller) leaves PD_WAKING there until it has readied
+    // the G and is done with it and its scheduler. So the G leaves only
+    // once the slot has settled (`netpollsettle`): also when a dropped
+    // runtime unwinds it out of `gopark` (Settle below), which otherwise
+    // could free the G and the scheduler under the waker. A G that is
+    // never resumed is taken out of the slot by `Drop for Sched`
+    // (`netpollabandon`), through `pollslot`.
+    // SAFETY: the contract: the running user G writes its own field.
+    unsafe { (*gp).pollslot = gpp };
+    /// Settles the slot if the wait ends by unwinding (a runtime dropped
     /// while we wait unwinds out of gopark: the slot must not keep the G).
-    struct Clear<'a>(&'a AtomicUsize);
-    impl Drop for Clear<'_> {
+    struct Settle<'a>(&'a AtomicUsize, *mut G);
+    impl Drop for Settle<'_> {
         fn drop(&mut self) {
-            self.0.store(PD_NIL, Ordering::SeqCst);
+            netpollsettle(self.0, self.1, false);
+            // SAFETY: the running G's own field.
+            unsafe { (*self.1).pollslot = core::ptr::null() };
         }
     }
-    let clear = Clear(gpp);
+    let settle = Settle(gpp, gp);
     if deadline != 0 {
         deadline_arm(sched, pd, mode, deadline);
     }
@@ -640,8 +769,10 @@ unsafe fn netpollblock(sched: &Sched, pd: &'static PollDesc, mode: u8, deadline:
             )
         };
     }
-    core::mem::forget(clear);
-    let old = gpp.swap(PD_NIL, Ordering::SeqCst);
+    core::mem::forget(settle);
+    let old = netpollsettle(gpp, gp, false);
+    // SAFETY: as above.
+    unsafe { (*gp).pollslot = core::ptr::null() };
     if deadline != 0 {
         pd.deadlines[usize::from(mode == MODE_W)].lock().when = 0;
     }
@@ -702,11 +833,7 @@ fn deadline_fire(pd: &'static PollDesc, mode: u8, seq: u32, w: u64) {
     if expired {
         // The goroutine reads the clock after PD_WAIT: it sees the
         // deadline passed, or this finds it (module docs).
-        let gp = netpollunblock(pd, mode, false);
-        if !gp.is_null() {
-            // SAFETY: taken out of its slot: parked and ours.
-            unsafe { crate::proc::ready::<false>(gp) };
-        }
+        netpollwake(pd, mode);
     }
     if let Some(when) = rearm {
         deadline_timer(sched, pd, mode, when);

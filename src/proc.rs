@@ -234,6 +234,7 @@ pub(crate) fn newg_struct(stack: Stack, stackmem: Option<crate::stack::StackMem>
         parker: None,
         allg_index: 0,
         waiting: core::ptr::null(),
+        pollslot: core::ptr::null(),
         lockedm: null_mut(),
         boundm: null_mut(),
         force: crate::teardown::FORCE_NONE,
@@ -2931,21 +2932,20 @@ impl Drop for Sched {
         for &gp in self.allgs.get_mut().iter() {
             // SAFETY: made by gslab::galloc in newproc1; no M runs it; its
             // slab is freed after this, with the fields. A G parked on a
-            // channel or sync object has sudogs on that object's queues, in
-            // its stack: unlink them first.
+            // channel, sync object or poller source leaves its queue first.
             unsafe {
                 let st = (*gp).readgstatus();
-                let w = (*gp).waiting;
-                if !w.is_null() && st == status::WAITING {
-                    crate::sema::abandon(w);
+                if st == status::WAITING {
+                    crate::netpoll::netpollabandon(gp);
+                    if !(*gp).waiting.is_null() {
+                        crate::sema::abandon((*gp).waiting);
+                    }
                 }
                 let g = &mut *gp;
                 let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
                 if unfinished {
-                    // Started and not finished: frames on its stack are
-                    // live (the teardown could not unwind it, or this
-                    // build does not unwind). The stack is leaked, never
-                    // freed under them (see crate::teardown).
+                    // Started and not finished (not unwound, see
+                    // crate::teardown): live frames; its stack is leaked.
                     core::mem::forget(g.stackmem.take());
                 } else if let Some(mem) = g.stackmem.take() {
                     stacks.push(mem);

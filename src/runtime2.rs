@@ -495,6 +495,11 @@ pub struct G {
     /// While parked on a channel or sync object: its waiter, whose sudogs
     /// a dropped runtime takes off their queues (Go's `g.waiting`).
     pub(crate) waiting: *const crate::sema::Waiter,
+    /// While waiting on the network poller: the slot of the `PollDesc` it
+    /// waits in, which a dropped runtime takes it out of if it never
+    /// resumes (`netpoll::netpollabandon`). Written only by the G itself
+    /// (and by that drop).
+    pub(crate) pollslot: *const core::sync::atomic::AtomicUsize,
     /// The M this G is locked to by
     /// [`lock_os_thread`](crate::proc::lock_os_thread), or null (Go's
     /// `lockedm`). Written by the G itself while it runs on that M (and by
@@ -622,7 +627,23 @@ impl G {
     /// after its barrier). Readers of the status (`readgstatus`, the stats,
     /// `bound::locked_runnable`, after `readylocked`'s SeqCst fence) pair
     /// with the release.
-    pub fn casstatus(&self, old: u32, new: u32) {
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the G's status now, as above: a G of a scheduler
+    /// has its status changed only by the runtime (a G made by
+    /// [`malg`](crate::proc::malg) and run by hand is its driver's), and the
+    /// new status is true. The runtime trusts it with memory: a parked G
+    /// marked dead, say, is not unwound when its runtime is dropped, and
+    /// its stack is freed while a channel's wait queue still points into
+    /// it. So safe code cannot call it:
+    ///
+    /// ```compile_fail,E0133
+    /// use gokernel::runtime2::status;
+    /// let g = gokernel::proc::malg(64 * 1024).unwrap();
+    /// g.casstatus(status::IDLE, status::DEAD); // unsafe
+    /// ```
+    pub unsafe fn casstatus(&self, old: u32, new: u32) {
         #[cfg(debug_assertions)]
         {
             let prev = self.atomicstatus.load(Ordering::Relaxed);
