@@ -234,7 +234,7 @@ impl ReadyList {
             // its scheduler live, until netpollfinish.
             unsafe {
                 let slot = (*gp).pollslot;
-                crate::proc::ready::<false>(gp);
+                netpollready_g(gp);
                 netpollfinish(&*slot, true);
             }
         }
@@ -609,13 +609,40 @@ fn netpollfinish(gpp: &AtomicUsize, ioready: bool) {
     }
 }
 
+/// Readies `gp`, a G a waker took out of its slot (behind the run queue,
+/// as Go's `netpollready` list is injected). On a thread that is not an M
+/// of `gp`'s scheduler (a `close` on a plain thread or in another
+/// runtime, another scheduler's poller), counted in the teardown's
+/// barrier ([`crate::sema::ready_outside`]): else a wake-up that passed
+/// `ready`'s `stopping` check just before the runtime's drop began could
+/// queue `gp` after the teardown had resumed it.
+///
+/// # Safety
+///
+/// `gp` was taken out of its slot, which is `PD_WAKING` (so `gp` stays
+/// parked and its scheduler live) until `netpollfinish`.
+unsafe fn netpollready_g(gp: *mut G) {
+    // SAFETY: the contract; the current G's M, if any, is live.
+    unsafe {
+        let sched = (*gp).rt;
+        let cur = crate::tls::getg();
+        let inside = !cur.is_null() && !(*cur).m.is_null() && core::ptr::eq((*(*cur).m).rt, sched);
+        if inside {
+            crate::proc::ready::<false>(gp);
+        } else {
+            crate::sema::ready_outside_in::<false>(&*sched, gp);
+        }
+    }
+}
+
 /// Wakes the goroutine waiting on `pd` for `mode`, if one is, for a close
 /// or a deadline.
 fn netpollwake(pd: &PollDesc, mode: u8) {
     let gp = netpollunblock(pd, mode, false);
     if !gp.is_null() {
-        // SAFETY: taken out of its slot: parked and ours.
-        unsafe { crate::proc::ready::<false>(gp) };
+        // SAFETY: taken out of its slot: parked and ours, its scheduler
+        // live until netpollfinish.
+        unsafe { netpollready_g(gp) };
         netpollfinish(pd.slot(mode), false);
     }
 }

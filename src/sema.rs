@@ -560,6 +560,21 @@ impl Wakeup {
 ///
 /// As [`goready`]; `sched` is `gp`'s scheduler, held alive by the caller.
 pub(crate) unsafe fn ready_outside(sched: &crate::runtime2::Sched, gp: *mut G) {
+    // SAFETY: the contract.
+    unsafe { ready_outside_in::<true>(sched, gp) }
+}
+
+/// [`ready_outside`], choosing where the G goes as
+/// [`crate::proc::ready`] does: `runnext` if `NEXT`, else the tail (the
+/// poller's wakers).
+///
+/// # Safety
+///
+/// As [`ready_outside`].
+pub(crate) unsafe fn ready_outside_in<const NEXT: bool>(
+    sched: &crate::runtime2::Sched,
+    gp: *mut G,
+) {
     let outside = &sched.teardown.outside;
     // SeqCst: before `ready`'s SeqCst load of `stopping`, pairing with
     // the shutdown's store of `stopping` before the barrier's load of the
@@ -569,7 +584,7 @@ pub(crate) unsafe fn ready_outside(sched: &crate::runtime2::Sched, gp: *mut G) {
     #[cfg(all(test, feature = "std"))]
     tests::in_outside_wakeup(sched);
     // SAFETY: the contract.
-    unsafe { goready(gp) };
+    unsafe { crate::proc::ready::<NEXT>(gp) };
     // SeqCst: the barrier's load that sees it acquires what `ready` did.
     outside.fetch_sub(1, Ordering::SeqCst);
 }
@@ -880,6 +895,8 @@ mod tests {
     static SAW_GO: AtomicBool = AtomicBool::new(false);
     /// The wake-up paused.
     static PAUSED: AtomicBool = AtomicBool::new(false);
+    /// One paused wake-up at a time (the tests share the two flags above).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Called by `ready_outside` once counted: on a thread with `PAUSE`,
     /// waits until every M of the scheduler has reached the teardown
@@ -900,6 +917,8 @@ mod tests {
 
     #[test]
     fn a_dropped_runtime_resumes_no_goroutine_while_a_wake_up_from_outside_is_under_way() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        PAUSED.store(false, Ordering::SeqCst);
         let rt = crate::Runtime::builder().procs(1).build().unwrap();
         let c = crate::chan::<u32>(0);
         let c2 = c.clone();
@@ -931,5 +950,55 @@ mod tests {
         );
         // Its receive was completed: the goroutine resumed to take it.
         assert_eq!(h.join().ok(), Some(Ok(5)));
+    }
+    /// The same for the poller's waker: a `close` on a plain thread that
+    /// wakes a goroutine reading the socket (`netpollwake`).
+    #[test]
+    fn a_dropped_runtime_resumes_no_goroutine_while_a_close_from_outside_wakes_it() {
+        use std::io::Read;
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        PAUSED.store(false, Ordering::SeqCst);
+        let rt = crate::Runtime::builder().procs(1).build().unwrap();
+        let l = crate::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = crate::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let other = s.try_clone().unwrap();
+        let h = rt.spawn(move || (&s).read(&mut [0; 1]).map(drop));
+        while rt.stats().goroutines.waiting < 1 {
+            std::thread::yield_now();
+        }
+        let closing = Arc::new(AtomicBool::new(false));
+        let c2 = closing.clone();
+        // The close wakes the reader and, paused in that wake-up, waits
+        // for the drop below to bring every M to the barrier.
+        let t = std::thread::spawn(move || {
+            PAUSE.with(|p| p.set(true));
+            c2.store(true, Ordering::SeqCst);
+            other.close();
+        });
+        while !closing.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        drop(rt);
+        t.join().unwrap();
+        drop(c);
+        assert!(
+            PAUSED.load(Ordering::SeqCst),
+            "the close's wake-up was not counted as from outside"
+        );
+        assert!(
+            !SAW_GO.load(Ordering::SeqCst),
+            "the teardown went on while a close's wake-up from outside was half done"
+        );
+        // The close's wake-up came too late (the runtime was stopping):
+        // the teardown unwound the reader instead, once that wake-up was
+        // done.
+        let e = h
+            .join()
+            .expect_err("the reader returned from a stopped runtime");
+        assert!(
+            e.downcast_ref::<crate::RuntimeDropped>().is_some(),
+            "the reader ended otherwise than by the teardown's unwinding"
+        );
     }
 }
