@@ -2926,33 +2926,8 @@ impl Drop for Sched {
             // SAFETY: made by Box::into_raw in newm; its thread is gone.
             drop(unsafe { Box::from_raw(mp) });
         }
-        // The stacks of the Gs that are done, freed together.
-        let mut stacks = crate::stack::FreeBatch::new();
-        for &gp in self.allgs.get_mut().iter() {
-            // SAFETY: made by gslab::galloc in newproc1; no M runs it; its
-            // slab is freed after this, with the fields. A G parked on a
-            // channel or sync object has sudogs on that object's queues, in
-            // its stack: unlink them first.
-            unsafe {
-                let st = (*gp).readgstatus();
-                let w = (*gp).waiting;
-                if !w.is_null() && st == status::WAITING {
-                    crate::sema::abandon(w);
-                }
-                let g = &mut *gp;
-                let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
-                if unfinished {
-                    // Started and not finished: frames on its stack are
-                    // live (the teardown could not unwind it, or this
-                    // build does not unwind). The stack is leaked, never
-                    // freed under them (see crate::teardown).
-                    core::mem::forget(g.stackmem.take());
-                } else if let Some(mem) = g.stackmem.take() {
-                    stacks.push(mem);
-                }
-                gp.drop_in_place();
-            }
-        }
+        // SAFETY: every M is gone (above); the Gs are this scheduler's.
+        unsafe { crate::teardown::release_gs(self.allgs.get_mut()) };
         for &pp in &self.allp {
             // SAFETY: made by Box::into_raw in Sched::new.
             drop(unsafe { Box::from_raw(pp) });

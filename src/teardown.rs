@@ -60,7 +60,11 @@
 //!    is the thread's.)
 //! 6. When the last M has exited, `Drop for Sched` drops the closures of
 //!    goroutines that never started and frees the stacks of finished ones;
-//!    any other stack is leaked.
+//!    any other stack is leaked. It first takes every goroutine still
+//!    parked off the queues it waits on, before any closure is dropped:
+//!    a closure's destructor is user code, and one that panics must not
+//!    leave a queue pointing at a goroutine freed with the scheduler
+//!    ([`release_gs`]).
 
 use core::sync::atomic::Ordering;
 
@@ -312,6 +316,69 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
         }
     }
     None
+}
+
+/// Step 6, for `Drop for Sched`: unlinks every parked G from whatever it
+/// waits on, frees the stacks of the Gs that are done (leaks the others),
+/// then drops the Gs (the closures of those that never started: user
+/// code). In that order, so that no user code runs while a queue still
+/// points at a G about to be freed: a destructor that panics leaves the
+/// other Gs dropped just the same (and a second panic aborts, as for a
+/// slice), never a G freed under a channel's queue.
+///
+/// # Safety
+///
+/// `gs` are the Gs of a scheduler being dropped, made by
+/// `gslab::galloc`; no M runs any of them, and their slab is freed after
+/// this.
+pub(crate) unsafe fn release_gs(gs: &[*mut G]) {
+    // The stacks of the Gs that are done, freed together.
+    let mut stacks = crate::stack::FreeBatch::new();
+    for &gp in gs {
+        // SAFETY: the contract. A G parked on a channel or sync object has
+        // sudogs on that object's queues, in its stack: unlink them.
+        unsafe {
+            let st = (*gp).readgstatus();
+            let w = (*gp).waiting;
+            if !w.is_null() && st == status::WAITING {
+                crate::sema::abandon(w);
+            }
+            let g = &mut *gp;
+            let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
+            if unfinished {
+                // Started and not finished: frames on its stack are live
+                // (the teardown could not unwind it, or this build does
+                // not unwind). The stack is leaked, never freed under them.
+                core::mem::forget(g.stackmem.take());
+            } else if let Some(mem) = g.stackmem.take() {
+                stacks.push(mem);
+            }
+        }
+    }
+    drop(stacks);
+    /// Drops the Gs from `next` on, also when one of their drops unwinds.
+    struct DropRest<'a> {
+        gs: &'a [*mut G],
+        next: usize,
+    }
+    impl Drop for DropRest<'_> {
+        fn drop(&mut self) {
+            while let Some(&gp) = self.gs.get(self.next) {
+                self.next += 1;
+                // SAFETY: release_gs's contract; each G is dropped once
+                // (`next` moves past it first).
+                unsafe { gp.drop_in_place() };
+            }
+        }
+    }
+    // If a drop here unwinds, `rest`'s own drop goes on with the others
+    // (one that unwinds there too aborts: a panic during a panic).
+    let mut rest = DropRest { gs, next: 0 };
+    while let Some(&gp) = rest.gs.get(rest.next) {
+        rest.next += 1;
+        // SAFETY: as in DropRest::drop.
+        unsafe { gp.drop_in_place() };
+    }
 }
 
 /// Step 3 for a claimed victim: takes it off every wait queue and decides

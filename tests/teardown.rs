@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{assert_aborted_with, in_crash_child, run_crash_child, within};
+use common::{assert_aborted_with, in_crash_child, run_child_ok, run_crash_child, within};
 use gokernel::{Runtime, RuntimeDropped, chan};
 
 /// Counts its drops.
@@ -346,4 +346,77 @@ fn shutting_down_is_false_outside_goroutines_and_in_a_live_runtime_and_true_once
     let spinner = common::spin_the_only_p_until_shutdown(&r);
     within(60, "dropping the runtime", move || drop(r));
     assert!(spinner.join().is_ok(), "the spinner returned by itself");
+}
+
+#[test]
+fn a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_pointing_at_a_freed_goroutine()
+ {
+    // A goroutine parked in the middle of unwinding a panic (a destructor
+    // that waits on a channel) makes its thread count as panicking: the
+    // teardown leaks it, its sudog still on the channel's queue, and the
+    // scheduler's drop must unlink it before any goroutine is freed, even
+    // when the closure of a goroutine that never started panics as it is
+    // dropped there. (Before: the panic skipped the unlinking of the Gs
+    // after it, their slab was freed, and the next send on the channel
+    // read the freed G: a segmentation fault.) In a child: the panics
+    // leave threads behind.
+    if in_crash_child() {
+        struct RecvOnDrop(gokernel::Chan<u32>);
+        impl Drop for RecvOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.recv(); // nobody sends until the runtime is gone
+            }
+        }
+        struct PanicOnDrop;
+        impl Drop for PanicOnDrop {
+            fn drop(&mut self) {
+                panic!("the closure of a goroutine that never ran panics as it is dropped");
+            }
+        }
+        let r = rt(1);
+        // A G that finishes: its place in the list of Gs comes first and
+        // is reused below.
+        r.spawn(|| ()).join().unwrap();
+        let c = chan::<u32>(0);
+        let c1 = c.clone();
+        drop(r.spawn(move || {
+            let _d = RecvOnDrop(c1);
+            panic!("a goroutine panics; its destructor parks on a channel");
+        }));
+        wait_parked(&r, 1);
+        // A goroutine that never starts (the only P stays busy until the
+        // drop), whose closure panics as it is dropped, and counts that.
+        let spawned = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU32::new(0));
+        let (s, d) = (spawned.clone(), dropped.clone());
+        drop(r.spawn(move || {
+            let (p, n) = (PanicOnDrop, Counted(d));
+            gokernel::go(move || drop((p, n)));
+            s.store(true, Ordering::SeqCst);
+            while !gokernel::shutting_down() {
+                std::hint::spin_loop();
+            }
+        }));
+        while !spawned.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // The scheduler is dropped here or, a moment later, by the last M's
+        // thread: either way the panic is that thread's. It is gone once
+        // the process dump no longer lists its goroutines.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(r)));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while dropped.load(Ordering::SeqCst) == 0 || !gokernel::dump().goroutines().is_empty() {
+            assert!(Instant::now() < deadline, "the scheduler was never dropped");
+            std::thread::yield_now();
+        }
+        // Nobody receives any more: the parked goroutine's sudog is gone.
+        assert!(matches!(
+            c.try_send(7),
+            Err(gokernel::TrySendError::Full(7))
+        ));
+        return;
+    }
+    run_child_ok(
+        "a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_pointing_at_a_freed_goroutine",
+    );
 }
