@@ -64,7 +64,7 @@
 //!    parked off the queues it waits on, before any closure is dropped:
 //!    a closure's destructor is user code, and one that panics must not
 //!    leave a queue pointing at a goroutine freed with the scheduler
-//!    ([`release_gs`]).
+//!    (`release_gs`).
 
 use core::sync::atomic::Ordering;
 
