@@ -679,8 +679,10 @@ impl Drop for Runtime {
     /// [`teardown`](crate::teardown) for the details and the one case
     /// that leaks instead.
     ///
-    /// Dropped from one of its own goroutines, it cannot wait for that
-    /// goroutine's thread: the shutdown goes on in a thread of its own and
+    /// Dropped from one of its own goroutines (or on one of its threads'
+    /// own stacks: a [`systemstack`](crate::systemstack) closure, an
+    /// [`after_func`](crate::time::after_func) callback), it cannot wait
+    /// for that thread: the shutdown goes on in a thread of its own and
     /// this returns at once; the calling goroutine is unwound at its next
     /// park, like the others.
     fn drop(&mut self) {
@@ -690,9 +692,14 @@ impl Drop for Runtime {
         if core::mem::take(&mut self.traceback) {
             crate::traceback::hosted::TRACEBACK.fetch_sub(1, Ordering::Relaxed);
         }
-        let me = crate::proc::current_user_g();
-        // SAFETY: a user G of a scheduler M: its scheduler is live.
-        let own = !me.is_null() && core::ptr::eq(unsafe { (*(*me).m).rt }, &*self.sched);
+        // On one of its own Ms: a goroutine, or the M's own stack (a
+        // `systemstack` closure, an `after_func` callback), whose thread
+        // the shutdown would wait for.
+        let gp = getg();
+        // SAFETY: a non-null current G has a live M (mstart / execute set
+        // it), or none.
+        let own = !gp.is_null()
+            && unsafe { !(*gp).m.is_null() && core::ptr::eq((*(*gp).m).rt, &*self.sched) };
         let trace_file = self.trace_file.take();
         if own {
             let sched = self.sched.clone();

@@ -420,3 +420,36 @@ fn a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_poin
         "a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_pointing_at_a_freed_goroutine",
     );
 }
+
+#[test]
+fn a_runtime_dropped_on_its_own_threads_system_stack_does_not_hang() {
+    // A `systemstack` closure and an `after_func` callback run on an M's
+    // own stack: the drop there cannot wait for that M's thread either.
+    for on_timer in [false, true] {
+        let r = Arc::new(std::sync::Mutex::new(Some(rt(2))));
+        let r2 = r.clone();
+        let h = within(
+            60,
+            "spawning the goroutine that drops its runtime",
+            move || {
+                let guard = r2.lock().unwrap();
+                let h = guard.as_ref().unwrap().spawn(move || {
+                    let rt = r.lock().unwrap().take().unwrap();
+                    if on_timer {
+                        gokernel::time::after_func(Duration::ZERO, move || drop(rt));
+                    } else {
+                        gokernel::systemstack(move || drop(rt));
+                    }
+                    gokernel::park(); // unwound by the shutdown
+                });
+                drop(guard);
+                h
+            },
+        );
+        let v = within(60, "the drop on an M's own stack", move || h.join());
+        assert!(
+            v.unwrap_err().is::<RuntimeDropped>(),
+            "unwound at its park (on timer: {on_timer})"
+        );
+    }
+}
