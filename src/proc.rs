@@ -841,6 +841,9 @@ pub fn lock_os_thread() {
     // and g0 touch its lock fields.
     unsafe {
         let mp = (*gp).m;
+        if crate::teardown::beside_locked(gp, mp) {
+            return;
+        }
         (*mp).lockedext = (*mp)
             .lockedext
             .checked_add(1)
@@ -877,7 +880,7 @@ pub fn unlock_os_thread() {
     // SAFETY: as in lock_os_thread.
     unsafe {
         let mp = (*gp).m;
-        if (*mp).lockedext == 0 {
+        if (*mp).lockedext == 0 || crate::teardown::beside_locked(gp, mp) {
             return;
         }
         (*mp).lockedext -= 1;

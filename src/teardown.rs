@@ -40,7 +40,10 @@
 //!    The unwinding carries a [`RuntimeDropped`] payload: `spawn`'s
 //!    handle reports it from `join`, and the goroutine's entry ends
 //!    quietly on it. Each resumed goroutine comes back here (it exited,
-//!    or yielded on the way) and the M takes the next.
+//!    or yielded on the way) and the M takes the next. On a locked M the
+//!    goroutines that waited beside the locked one run too, then: their
+//!    `lock_os_thread` / `unlock_os_thread` leave its lock alone
+//!    (`beside_locked`).
 //! 4. A park while being unwound (a destructor that waits on a channel or
 //!    a lock, or sleeps) is a fatal error naming the goroutine: it could
 //!    only wait for goroutines that are being torn down too, and unwinding
@@ -234,6 +237,24 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
         crate::trace::mexit(mp);
         crate::proc::mend(mp)
     }
+}
+
+/// Whether `gp`, running on `mp`, runs beside the G locked to `mp`: only
+/// while the teardown resumes the goroutines of a locked M one after the
+/// other (a locked M runs nothing else otherwise). Such a goroutine's
+/// `lock_os_thread` and `unlock_os_thread` do nothing: the lock fields of
+/// the M (its nesting count, its locked G) are the locked goroutine's,
+/// and the thread runs nothing else after the teardown.
+///
+/// # Safety
+///
+/// `gp` is the running G (the caller), on `mp`.
+#[inline]
+pub(crate) unsafe fn beside_locked(gp: *mut G, mp: *mut M) -> bool {
+    // SAFETY: the contract: only this M's own Gs and g0 touch its lock
+    // fields.
+    let lockedg = unsafe { (*mp).lockedg };
+    !lockedg.is_null() && lockedg != gp
 }
 
 /// Whether this thread is unwinding a panic (some goroutine of it is

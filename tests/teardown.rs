@@ -453,3 +453,52 @@ fn a_runtime_dropped_on_its_own_threads_system_stack_does_not_hang() {
         );
     }
 }
+
+#[test]
+fn a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone() {
+    // On one P, a goroutine starts on the thread, then another starts
+    // there and locks it: the first waits for the unlock. The teardown
+    // resumes both on that thread, the neighbour first; its lock and
+    // unlock must not take over, or undo, the locked goroutine's lock
+    // (before: a debug assertion in the scheduler's unlock, then an
+    // abort when the neighbour exited). In a child: that abort.
+    if in_crash_child() {
+        for op in [gokernel::lock_os_thread, gokernel::unlock_os_thread] {
+            let r = rt(1);
+            let started = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(AtomicI64::new(-1));
+            let (s, n) = (started.clone(), seen.clone());
+            let neighbour = r.spawn(move || {
+                s.store(true, Ordering::SeqCst);
+                while !gokernel::shutting_down() {
+                    gokernel::gosched();
+                }
+                op();
+                n.store(gokernel::stats().locked_ms as i64, Ordering::SeqCst);
+                gokernel::unlock_os_thread();
+                gokernel::park(); // unwound here
+            });
+            while !started.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            let locked = r.spawn(|| {
+                gokernel::lock_os_thread();
+                gokernel::park();
+            });
+            while r.stats().locked_ms == 0 || r.stats().goroutines.waiting == 0 {
+                std::thread::yield_now();
+            }
+            drop(r);
+            assert_eq!(
+                seen.load(Ordering::SeqCst),
+                1,
+                "the other goroutine's lock held"
+            );
+            for h in [neighbour, locked] {
+                assert!(h.join().unwrap_err().is::<RuntimeDropped>());
+            }
+        }
+        return;
+    }
+    run_child_ok("a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone");
+}
