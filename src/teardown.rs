@@ -239,6 +239,18 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
     }
 }
 
+/// Whether `gp` is being unwound by its runtime's drop: then it stays
+/// bound to its thread (see `forceunwind`), an unlock notwithstanding.
+///
+/// # Safety
+///
+/// `gp` is the running G (the caller) or was just on its M.
+#[inline]
+pub(crate) unsafe fn unwinding(gp: *mut G) -> bool {
+    // SAFETY: the contract: only the G's own M writes `force`.
+    unsafe { (*gp).force == FORCE_UNWINDING }
+}
+
 /// Whether `gp`, running on `mp`, runs beside the G locked to `mp`: only
 /// while the teardown resumes the goroutines of a locked M one after the
 /// other (a locked M runs nothing else otherwise). Such a goroutine's

@@ -502,3 +502,56 @@ fn a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone() {
     }
     run_child_ok("a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone");
 }
+
+/// Unlocks its goroutine's thread, then yields, then counts its drop
+/// (and, separately, drops that came back on another thread).
+struct UnlockYieldThenCount(Arc<AtomicU32>, Arc<AtomicU32>);
+
+impl Drop for UnlockYieldThenCount {
+    fn drop(&mut self) {
+        let before = tid();
+        gokernel::unlock_os_thread();
+        gokernel::gosched();
+        if tid() != before {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_locked_goroutine_that_unlocks_while_being_unwound_stays_on_its_thread_with_migration() {
+    // Unlocking frees a goroutine to move under migration; not one that
+    // its runtime's drop is unwinding: the unwinding is its thread's (std
+    // counts it there), so it must finish there.
+    for _ in 0..10 {
+        // SAFETY: the goroutines hold no thread-local state across a
+        // switch (the unwinding's own is the runtime's to keep).
+        let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
+            .build()
+            .unwrap();
+        let finished = Arc::new(AtomicU32::new(0));
+        let moved = Arc::new(AtomicU32::new(0));
+        let c = chan::<u32>(0);
+        for _ in 0..3 {
+            let (finished, moved, c) = (finished.clone(), moved.clone(), c.clone());
+            drop(r.spawn(move || {
+                gokernel::lock_os_thread();
+                let _d = UnlockYieldThenCount(finished, moved);
+                let _ = c.recv(); // nobody sends
+            }));
+        }
+        wait_parked(&r, 3);
+        drop(r);
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            3,
+            "every destructor ran to its end"
+        );
+        assert_eq!(
+            moved.load(Ordering::SeqCst),
+            0,
+            "a goroutine being unwound came back from a yield on another thread"
+        );
+    }
+}
