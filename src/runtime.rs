@@ -838,7 +838,9 @@ impl Monitor {
             .name("gokernel-schedtrace".into())
             .spawn(move || {
                 let start = Instant::now();
-                let mut next = start + period;
+                // None: a period beyond what the clock can reach (as
+                // `Duration::MAX`) never ticks.
+                let mut next = start.checked_add(period);
                 let (lock, cv) = &*s;
                 let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
@@ -849,16 +851,23 @@ impl Monitor {
                         return;
                     }
                     let now = Instant::now();
-                    if now < next {
-                        stopped = cv
-                            .wait_timeout(stopped, next - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                    match next {
+                        None => {
+                            stopped = cv.wait(stopped).unwrap_or_else(|e| e.into_inner());
+                            continue;
+                        }
+                        Some(n) if now < n => {
+                            stopped = cv
+                                .wait_timeout(stopped, n - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                        Some(_) => {}
                     }
                     if *stopped {
                         return;
                     }
-                    if Instant::now() < next {
+                    if next.is_none_or(|n| Instant::now() < n) {
                         continue; // a spurious wake-up
                     }
                     let ms = start.elapsed().as_millis() as u64;
@@ -870,8 +879,9 @@ impl Monitor {
                         std::format!("{line}\n").as_bytes(),
                     );
                     // Skip ticks missed while the machine was busy.
-                    while next <= Instant::now() {
-                        next += period;
+                    let now = Instant::now();
+                    while let Some(n) = next.filter(|&n| n <= now) {
+                        next = n.checked_add(period);
                     }
                 }
             })
