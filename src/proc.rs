@@ -2859,6 +2859,7 @@ impl Sched {
             self.platform.futexsleep(&self.nmlive, n, None);
         }
         crate::time::cleartimers(self);
+        crate::teardown::keep_if_leaked(self);
     }
 
     /// The first half of [`shutdown`](Self::shutdown): sets `stopping`

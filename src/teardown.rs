@@ -9,7 +9,8 @@
 //! and not finished is unwound on the thread it runs on, so each of its
 //! destructors runs exactly once and the locks it holds are released;
 //! goroutines that never started have their closures dropped instead.
-//! Without unwinding the stacks of started goroutines are leaked.
+//! Without unwinding the stacks of started goroutines are leaked, and the
+//! scheduler's memory with them (step 7).
 //!
 //! # How
 //!
@@ -54,7 +55,8 @@
 //!    parked in the middle of unwinding one, in a destructor) cannot start
 //!    another unwind there: std would abort. Its unfinished goroutines are
 //!    left as they are and their stacks leaked — the one case where a
-//!    dropped runtime leaks instead of unwinding. A thread counts as
+//!    dropped runtime leaks instead of unwinding (and then the scheduler
+//!    is leaked with them, step 7). A thread counts as
 //!    unwinding also while one of its goroutines that the teardown is
 //!    unwinding has yielded on the way (a destructor that calls `gosched`):
 //!    the M resumes that one, which starts no new unwind, and once it has
@@ -68,6 +70,13 @@
 //!    a closure's destructor is user code, and one that panics must not
 //!    leave a queue pointing at a goroutine freed with the scheduler
 //!    (`release_gs`).
+//! 7. A goroutine left unfinished (step 5, or every started one in a
+//!    build that does not unwind) may still be pointed at from outside
+//!    the scheduler: a channel or lock it waits on, the poll descriptor
+//!    of a socket another handle can close, a `Goroutine` handle. Then
+//!    the scheduler is never freed (`keep_if_leaked`): those wake-ups
+//!    find it stopped and do nothing. Only the closures of goroutines
+//!    that never started are dropped.
 
 use core::sync::atomic::Ordering;
 
@@ -351,6 +360,80 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
     None
 }
 
+/// Step 7, at the end of [`Sched::shutdown`] (every M gone): if a
+/// goroutine that started was left unfinished (step 5, or a build that
+/// does not unwind), keeps the scheduler for good — its Gs, Ps and Ms —
+/// by leaking a reference to it. Whatever still points at such a
+/// goroutine (a channel's queue, a socket's poll descriptor that another
+/// handle may close, a parker) then finds a stopped scheduler, whose
+/// wake-ups do nothing, instead of freed memory. The closures of the
+/// goroutines that never started are dropped here instead (their handles
+/// report [`RuntimeDropped`]), each claimed first (runnable to dead) so
+/// that a second shutdown drops none twice.
+pub(crate) fn keep_if_leaked(sched: &Sched) {
+    let unstarted = {
+        let all = sched.allgs.lock();
+        let leaked = all.iter().any(|&gp| {
+            // SAFETY: a listed G is live; only atomics are read.
+            let g = unsafe { &*gp };
+            let st = g.readgstatus();
+            st != status::DEAD && st != status::IDLE && !g.startfn.is_set()
+        });
+        if !leaked {
+            return;
+        }
+        if let Some(me) = sched.self_weak.upgrade() {
+            core::mem::forget(me);
+        }
+        all.iter()
+            .copied()
+            .filter(|&gp| {
+                // SAFETY: as above. No M runs (every one is gone) and the
+                // scheduler is stopping, so nothing takes a runnable G off
+                // its queue again; the claim makes it ours.
+                let g = unsafe { &*gp };
+                g.startfn.is_set()
+                    && g.atomicstatus
+                        .compare_exchange(
+                            status::RUNNABLE,
+                            status::DEAD,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+            })
+            .collect::<alloc::vec::Vec<_>>()
+    };
+    // Outside the list's lock: the closures' destructors are user code.
+    // SAFETY: claimed above: ours alone, and never run.
+    drop_each(&unstarted, |gp| unsafe { (*gp).startfn.clear() });
+}
+
+/// Calls `drop` on each of `gs`, going on with the others if one unwinds
+/// (a second unwinding aborts: a panic during a panic), as a slice's drop
+/// does.
+fn drop_each(gs: &[*mut G], drop: impl Fn(*mut G)) {
+    struct Rest<'a, F: Fn(*mut G)> {
+        gs: &'a [*mut G],
+        next: usize,
+        drop: F,
+    }
+    impl<F: Fn(*mut G)> Rest<'_, F> {
+        fn run(&mut self) {
+            while let Some(&gp) = self.gs.get(self.next) {
+                self.next += 1; // past it first: each is dropped once
+                (self.drop)(gp);
+            }
+        }
+    }
+    impl<F: Fn(*mut G)> Drop for Rest<'_, F> {
+        fn drop(&mut self) {
+            self.run(); // only left to do if `run` below unwound
+        }
+    }
+    Rest { gs, next: 0, drop }.run();
+}
+
 /// Step 6, for `Drop for Sched`: unlinks every parked G from whatever it
 /// waits on, frees the stacks of the Gs that are done (leaks the others),
 /// then drops the Gs (the closures of those that never started: user
@@ -389,29 +472,8 @@ pub(crate) unsafe fn release_gs(gs: &[*mut G]) {
         }
     }
     drop(stacks);
-    /// Drops the Gs from `next` on, also when one of their drops unwinds.
-    struct DropRest<'a> {
-        gs: &'a [*mut G],
-        next: usize,
-    }
-    impl Drop for DropRest<'_> {
-        fn drop(&mut self) {
-            while let Some(&gp) = self.gs.get(self.next) {
-                self.next += 1;
-                // SAFETY: release_gs's contract; each G is dropped once
-                // (`next` moves past it first).
-                unsafe { gp.drop_in_place() };
-            }
-        }
-    }
-    // If a drop here unwinds, `rest`'s own drop goes on with the others
-    // (one that unwinds there too aborts: a panic during a panic).
-    let mut rest = DropRest { gs, next: 0 };
-    while let Some(&gp) = rest.gs.get(rest.next) {
-        rest.next += 1;
-        // SAFETY: as in DropRest::drop.
-        unsafe { gp.drop_in_place() };
-    }
+    // SAFETY: the contract; each G is dropped once.
+    drop_each(gs, |gp| unsafe { gp.drop_in_place() });
 }
 
 /// Step 3 for a claimed victim: takes it off every wait queue and decides

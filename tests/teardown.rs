@@ -31,6 +31,15 @@ fn tid() -> i64 {
     unsafe { libc::syscall(libc::SYS_gettid) }
 }
 
+/// Threads of this process that are (or were) Ms of a runtime.
+fn m_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("gokernel-m"))
+        .count()
+}
+
 /// Waits until `n` goroutines of `rt` are parked.
 fn wait_parked(rt: &Runtime, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -353,13 +362,13 @@ fn a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_poin
  {
     // A goroutine parked in the middle of unwinding a panic (a destructor
     // that waits on a channel) makes its thread count as panicking: the
-    // teardown leaks it, its sudog still on the channel's queue, and the
-    // scheduler's drop must unlink it before any goroutine is freed, even
-    // when the closure of a goroutine that never started panics as it is
-    // dropped there. (Before: the panic skipped the unlinking of the Gs
+    // teardown leaks it, its sudog still on the channel's queue, which
+    // must never lead to freed memory, even when the closure of a
+    // goroutine that never started panics as it is dropped. (Before: the panic skipped the unlinking of the Gs
     // after it, their slab was freed, and the next send on the channel
-    // read the freed G: a segmentation fault.) In a child: the panics
-    // leave threads behind.
+    // read the freed G: a segmentation fault. Now the scheduler of a
+    // goroutine left parked is kept.) In a child: the panics leave
+    // threads behind.
     if in_crash_child() {
         struct RecvOnDrop(gokernel::Chan<u32>);
         impl Drop for RecvOnDrop {
@@ -400,16 +409,14 @@ fn a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_poin
         while !spawned.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
-        // The scheduler is dropped here or, a moment later, by the last M's
-        // thread: either way the panic is that thread's. It is gone once
-        // the process dump no longer lists its goroutines.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(r)));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while dropped.load(Ordering::SeqCst) == 0 || !gokernel::dump().goroutines().is_empty() {
-            assert!(Instant::now() < deadline, "the scheduler was never dropped");
-            std::thread::yield_now();
-        }
-        // Nobody receives any more: the parked goroutine's sudog is gone.
+        // The parked goroutine is left parked (its thread counts as
+        // panicking), so the scheduler is kept; the unstarted goroutine's
+        // closure is dropped by the drop, whose panic comes out here.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(r)));
+        assert!(r.is_err(), "the closure's panic came out of the drop");
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the closure was dropped");
+        // Nobody receives any more: the parked goroutine's runtime is
+        // stopped, its sudog skipped.
         assert!(matches!(
             c.try_send(7),
             Err(gokernel::TrySendError::Full(7))
@@ -554,4 +561,52 @@ fn a_locked_goroutine_that_unlocks_while_being_unwound_stays_on_its_thread_with_
             "a goroutine being unwound came back from a yield on another thread"
         );
     }
+}
+
+#[test]
+fn a_socket_closed_after_its_runtime_was_dropped_wakes_no_goroutine_left_parked_on_it() {
+    // A goroutine parked on a socket read in a destructor in the middle of
+    // a panic is left parked by the teardown (its thread counts as
+    // panicking; a build without unwinding leaves every parked goroutine
+    // so). Closing the socket through another handle afterwards reads
+    // the goroutine through its poll descriptor: before, a goroutine the
+    // scheduler's drop had freed (a segmentation fault); now the
+    // scheduler is kept, stopped. In a child: the panic leaves a thread
+    // behind.
+    if in_crash_child() {
+        use gokernel::net::{TcpListener, TcpStream};
+        use std::io::Read;
+        struct ReadOnDrop(TcpStream);
+        impl Drop for ReadOnDrop {
+            fn drop(&mut self) {
+                let _ = (&self.0).read(&mut [0u8; 8]); // nothing comes
+            }
+        }
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mine, _) = l.accept().unwrap();
+        let theirs = mine.try_clone().unwrap();
+        let r = rt(1);
+        drop(r.spawn(move || {
+            let _d = ReadOnDrop(theirs);
+            panic!("a goroutine panics; its destructor parks on a socket read");
+        }));
+        wait_parked(&r, 1);
+        drop(r);
+        // Until its threads are gone, one of them may hold the scheduler.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while m_threads() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the runtime's threads never ended"
+            );
+            std::thread::yield_now();
+        }
+        mine.close(); // wakes nobody: that goroutine's runtime is gone
+        drop(peer);
+        return;
+    }
+    run_child_ok(
+        "a_socket_closed_after_its_runtime_was_dropped_wakes_no_goroutine_left_parked_on_it",
+    );
 }
