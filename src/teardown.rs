@@ -189,7 +189,10 @@ pub(crate) unsafe fn checkforce(gp: *mut G, after: bool) {
 /// `FORCE_NONE`.
 #[cold]
 unsafe fn forceunwind(gp: *mut G, f: u8) {
-    if f == FORCE_UNWINDING {
+    // Parked again after the teardown began unwinding it: from a
+    // destructor of that unwinding (still under way on this thread), or
+    // after a `catch_unwind` caught it, which is unwound again.
+    if f == FORCE_UNWINDING && thread_panicking() {
         crate::panic::throw_g(
             "a goroutine parked while it was being unwound because its runtime \
              was dropped (a destructor waited on a channel, a lock, a sleep or a \

@@ -610,3 +610,23 @@ fn a_socket_closed_after_its_runtime_was_dropped_wakes_no_goroutine_left_parked_
         "a_socket_closed_after_its_runtime_was_dropped_wakes_no_goroutine_left_parked_on_it",
     );
 }
+
+#[test]
+fn a_goroutine_that_catches_its_teardown_unwinding_is_unwound_again_at_its_next_park() {
+    let r = rt(1);
+    let came_back = Arc::new(AtomicBool::new(false));
+    let c = came_back.clone();
+    let h = r.spawn(move || {
+        let caught = std::panic::catch_unwind(gokernel::park);
+        assert!(caught.unwrap_err().is::<RuntimeDropped>());
+        gokernel::park(); // unwinds again
+        c.store(true, Ordering::SeqCst);
+    });
+    wait_parked(&r, 1);
+    drop(r);
+    assert!(h.join().unwrap_err().is::<RuntimeDropped>());
+    assert!(
+        !came_back.load(Ordering::SeqCst),
+        "its second park returned"
+    );
+}
