@@ -842,6 +842,9 @@ pub fn lock_os_thread() {
     // and g0 touch its lock fields.
     unsafe {
         let mp = (*gp).m;
+        if crate::teardown::beside_locked(gp, mp) {
+            return;
+        }
         (*mp).lockedext = (*mp)
             .lockedext
             .checked_add(1)
@@ -878,7 +881,7 @@ pub fn unlock_os_thread() {
     // SAFETY: as in lock_os_thread.
     unsafe {
         let mp = (*gp).m;
-        if (*mp).lockedext == 0 {
+        if (*mp).lockedext == 0 || crate::teardown::beside_locked(gp, mp) {
             return;
         }
         (*mp).lockedext -= 1;
@@ -922,7 +925,7 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
         (*mp).lockedext = 0;
         (*mp).lockedg = null_mut();
         (*gp).lockedm = null_mut();
-        if !(*mp).bindg {
+        if !(*mp).bindg && !crate::teardown::unwinding(gp) {
             // Migrating scheduler: free to move again.
             (*gp).boundm = null_mut();
             // On this M: a load and a store (see M::nbound_add).
@@ -2857,6 +2860,7 @@ impl Sched {
             self.platform.futexsleep(&self.nmlive, n, None);
         }
         crate::time::cleartimers(self);
+        crate::teardown::keep_if_leaked(self);
     }
 
     /// The first half of [`shutdown`](Self::shutdown): sets `stopping`
@@ -2927,32 +2931,8 @@ impl Drop for Sched {
             // SAFETY: made by Box::into_raw in newm; its thread is gone.
             drop(unsafe { Box::from_raw(mp) });
         }
-        // The stacks of the Gs that are done, freed together.
-        let mut stacks = crate::stack::FreeBatch::new();
-        for &gp in self.allgs.get_mut().iter() {
-            // SAFETY: made by gslab::galloc in newproc1; no M runs it; its
-            // slab is freed after this, with the fields. A G parked on a
-            // channel, sync object or poller source leaves its queue first.
-            unsafe {
-                let st = (*gp).readgstatus();
-                if st == status::WAITING {
-                    crate::netpoll::netpollabandon(gp);
-                    if !(*gp).waiting.is_null() {
-                        crate::sema::abandon((*gp).waiting);
-                    }
-                }
-                let g = &mut *gp;
-                let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
-                if unfinished {
-                    // Started and not finished (not unwound, see
-                    // crate::teardown): live frames; its stack is leaked.
-                    core::mem::forget(g.stackmem.take());
-                } else if let Some(mem) = g.stackmem.take() {
-                    stacks.push(mem);
-                }
-                gp.drop_in_place();
-            }
-        }
+        // SAFETY: every M is gone (above); the Gs are this scheduler's.
+        unsafe { crate::teardown::release_gs(self.allgs.get_mut()) };
         for &pp in &self.allp {
             // SAFETY: made by Box::into_raw in Sched::new.
             drop(unsafe { Box::from_raw(pp) });

@@ -679,8 +679,10 @@ impl Drop for Runtime {
     /// [`teardown`](crate::teardown) for the details and the one case
     /// that leaks instead.
     ///
-    /// Dropped from one of its own goroutines, it cannot wait for that
-    /// goroutine's thread: the shutdown goes on in a thread of its own and
+    /// Dropped from one of its own goroutines (or on one of its threads'
+    /// own stacks: a [`systemstack`](crate::systemstack) closure, an
+    /// [`after_func`](crate::time::after_func) callback), it cannot wait
+    /// for that thread: the shutdown goes on in a thread of its own and
     /// this returns at once; the calling goroutine is unwound at its next
     /// park, like the others.
     fn drop(&mut self) {
@@ -690,9 +692,14 @@ impl Drop for Runtime {
         if core::mem::take(&mut self.traceback) {
             crate::traceback::hosted::TRACEBACK.fetch_sub(1, Ordering::Relaxed);
         }
-        let me = crate::proc::current_user_g();
-        // SAFETY: a user G of a scheduler M: its scheduler is live.
-        let own = !me.is_null() && core::ptr::eq(unsafe { (*(*me).m).rt }, &*self.sched);
+        // On one of its own Ms: a goroutine, or the M's own stack (a
+        // `systemstack` closure, an `after_func` callback), whose thread
+        // the shutdown would wait for.
+        let gp = getg();
+        // SAFETY: a non-null current G has a live M (mstart / execute set
+        // it), or none.
+        let own = !gp.is_null()
+            && unsafe { !(*gp).m.is_null() && core::ptr::eq((*(*gp).m).rt, &*self.sched) };
         let trace_file = self.trace_file.take();
         if own {
             let sched = self.sched.clone();
@@ -831,7 +838,9 @@ impl Monitor {
             .name("gokernel-schedtrace".into())
             .spawn(move || {
                 let start = Instant::now();
-                let mut next = start + period;
+                // None: a period beyond what the clock can reach (as
+                // `Duration::MAX`) never ticks.
+                let mut next = start.checked_add(period);
                 let (lock, cv) = &*s;
                 let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
@@ -842,16 +851,23 @@ impl Monitor {
                         return;
                     }
                     let now = Instant::now();
-                    if now < next {
-                        stopped = cv
-                            .wait_timeout(stopped, next - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                    match next {
+                        None => {
+                            stopped = cv.wait(stopped).unwrap_or_else(|e| e.into_inner());
+                            continue;
+                        }
+                        Some(n) if now < n => {
+                            stopped = cv
+                                .wait_timeout(stopped, n - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                        Some(_) => {}
                     }
                     if *stopped {
                         return;
                     }
-                    if Instant::now() < next {
+                    if next.is_none_or(|n| Instant::now() < n) {
                         continue; // a spurious wake-up
                     }
                     let ms = start.elapsed().as_millis() as u64;
@@ -863,8 +879,9 @@ impl Monitor {
                         std::format!("{line}\n").as_bytes(),
                     );
                     // Skip ticks missed while the machine was busy.
-                    while next <= Instant::now() {
-                        next += period;
+                    let now = Instant::now();
+                    while let Some(n) = next.filter(|&n| n <= now) {
+                        next = n.checked_add(period);
                     }
                 }
             })

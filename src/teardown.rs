@@ -9,7 +9,8 @@
 //! and not finished is unwound on the thread it runs on, so each of its
 //! destructors runs exactly once and the locks it holds are released;
 //! goroutines that never started have their closures dropped instead.
-//! Without unwinding the stacks of started goroutines are leaked.
+//! Without unwinding the stacks of started goroutines are leaked, and the
+//! scheduler's memory with them (step 7).
 //!
 //! # How
 //!
@@ -41,7 +42,10 @@
 //!    The unwinding carries a [`RuntimeDropped`] payload: `spawn`'s
 //!    handle reports it from `join`, and the goroutine's entry ends
 //!    quietly on it. Each resumed goroutine comes back here (it exited,
-//!    or yielded on the way) and the M takes the next.
+//!    or yielded on the way) and the M takes the next. On a locked M the
+//!    goroutines that waited beside the locked one run too, then: their
+//!    `lock_os_thread` / `unlock_os_thread` leave its lock alone
+//!    (`beside_locked`).
 //! 4. A park while being unwound (a destructor that waits on a channel or
 //!    a lock, or sleeps) is a fatal error naming the goroutine: it could
 //!    only wait for goroutines that are being torn down too, and unwinding
@@ -52,7 +56,8 @@
 //!    parked in the middle of unwinding one, in a destructor) cannot start
 //!    another unwind there: std would abort. Its unfinished goroutines are
 //!    left as they are and their stacks leaked — the one case where a
-//!    dropped runtime leaks instead of unwinding. A thread counts as
+//!    dropped runtime leaks instead of unwinding (and then the scheduler
+//!    is leaked with them, step 7). A thread counts as
 //!    unwinding also while one of its goroutines that the teardown is
 //!    unwinding has yielded on the way (a destructor that calls `gosched`):
 //!    the M resumes that one, which starts no new unwind, and once it has
@@ -61,7 +66,18 @@
 //!    is the thread's.)
 //! 6. When the last M has exited, `Drop for Sched` drops the closures of
 //!    goroutines that never started and frees the stacks of finished ones;
-//!    any other stack is leaked.
+//!    any other stack is leaked. It first takes every goroutine still
+//!    parked off the queues it waits on, before any closure is dropped:
+//!    a closure's destructor is user code, and one that panics must not
+//!    leave a queue pointing at a goroutine freed with the scheduler
+//!    (`release_gs`).
+//! 7. A goroutine left unfinished (step 5, or every started one in a
+//!    build that does not unwind) may still be pointed at from outside
+//!    the scheduler: a channel or lock it waits on, the poll descriptor
+//!    of a socket another handle can close, a `Goroutine` handle. Then
+//!    the scheduler is never freed (`keep_if_leaked`): those wake-ups
+//!    find it stopped and do nothing. Only the closures of goroutines
+//!    that never started are dropped.
 
 use core::sync::atomic::Ordering;
 
@@ -174,7 +190,10 @@ pub(crate) unsafe fn checkforce(gp: *mut G, after: bool) {
 /// `FORCE_NONE`.
 #[cold]
 unsafe fn forceunwind(gp: *mut G, f: u8) {
-    if f == FORCE_UNWINDING {
+    // Parked again after the teardown began unwinding it: from a
+    // destructor of that unwinding (still under way on this thread), or
+    // after a `catch_unwind` caught it, which is unwound again.
+    if f == FORCE_UNWINDING && thread_panicking() {
         crate::panic::throw_g(
             "a goroutine parked while it was being unwound because its runtime \
              was dropped (a destructor waited on a channel, a lock, a sleep or a \
@@ -231,6 +250,36 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
         crate::trace::mexit(mp);
         crate::proc::mend(mp)
     }
+}
+
+/// Whether `gp` is being unwound by its runtime's drop: then it stays
+/// bound to its thread (see `forceunwind`), an unlock notwithstanding.
+///
+/// # Safety
+///
+/// `gp` is the running G (the caller) or was just on its M.
+#[inline]
+pub(crate) unsafe fn unwinding(gp: *mut G) -> bool {
+    // SAFETY: the contract: only the G's own M writes `force`.
+    unsafe { (*gp).force == FORCE_UNWINDING }
+}
+
+/// Whether `gp`, running on `mp`, runs beside the G locked to `mp`: only
+/// while the teardown resumes the goroutines of a locked M one after the
+/// other (a locked M runs nothing else otherwise). Such a goroutine's
+/// `lock_os_thread` and `unlock_os_thread` do nothing: the lock fields of
+/// the M (its nesting count, its locked G) are the locked goroutine's,
+/// and the thread runs nothing else after the teardown.
+///
+/// # Safety
+///
+/// `gp` is the running G (the caller), on `mp`.
+#[inline]
+pub(crate) unsafe fn beside_locked(gp: *mut G, mp: *mut M) -> bool {
+    // SAFETY: the contract: only this M's own Gs and g0 touch its lock
+    // fields.
+    let lockedg = unsafe { (*mp).lockedg };
+    !lockedg.is_null() && lockedg != gp
 }
 
 /// Whether this thread is unwinding a panic (some goroutine of it is
@@ -324,6 +373,126 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
         }
     }
     None
+}
+
+/// Step 7, at the end of [`Sched::shutdown`] (every M gone): if a
+/// goroutine that started was left unfinished (step 5, or a build that
+/// does not unwind), keeps the scheduler for good — its Gs, Ps and Ms —
+/// by leaking a reference to it. Whatever still points at such a
+/// goroutine (a channel's queue, a socket's poll descriptor that another
+/// handle may close, a parker) then finds a stopped scheduler, whose
+/// wake-ups do nothing, instead of freed memory. The closures of the
+/// goroutines that never started are dropped here instead (their handles
+/// report [`RuntimeDropped`]), each claimed first (runnable to dead) so
+/// that a second shutdown drops none twice.
+pub(crate) fn keep_if_leaked(sched: &Sched) {
+    let unstarted = {
+        let all = sched.allgs.lock();
+        let leaked = all.iter().any(|&gp| {
+            // SAFETY: a listed G is live; only atomics are read.
+            let g = unsafe { &*gp };
+            let st = g.readgstatus();
+            st != status::DEAD && st != status::IDLE && !g.startfn.is_set()
+        });
+        if !leaked {
+            return;
+        }
+        if let Some(me) = sched.self_weak.upgrade() {
+            core::mem::forget(me);
+        }
+        all.iter()
+            .copied()
+            .filter(|&gp| {
+                // SAFETY: as above. No M runs (every one is gone) and the
+                // scheduler is stopping, so nothing takes a runnable G off
+                // its queue again; the claim makes it ours.
+                let g = unsafe { &*gp };
+                g.startfn.is_set()
+                    && g.atomicstatus
+                        .compare_exchange(
+                            status::RUNNABLE,
+                            status::DEAD,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+            })
+            .collect::<alloc::vec::Vec<_>>()
+    };
+    // Outside the list's lock: the closures' destructors are user code.
+    // SAFETY: claimed above: ours alone, and never run.
+    drop_each(&unstarted, |gp| unsafe { (*gp).startfn.clear() });
+}
+
+/// Calls `drop` on each of `gs`, going on with the others if one unwinds
+/// (a second unwinding aborts: a panic during a panic), as a slice's drop
+/// does.
+fn drop_each(gs: &[*mut G], drop: impl Fn(*mut G)) {
+    struct Rest<'a, F: Fn(*mut G)> {
+        gs: &'a [*mut G],
+        next: usize,
+        drop: F,
+    }
+    impl<F: Fn(*mut G)> Rest<'_, F> {
+        fn run(&mut self) {
+            while let Some(&gp) = self.gs.get(self.next) {
+                self.next += 1; // past it first: each is dropped once
+                (self.drop)(gp);
+            }
+        }
+    }
+    impl<F: Fn(*mut G)> Drop for Rest<'_, F> {
+        fn drop(&mut self) {
+            self.run(); // only left to do if `run` below unwound
+        }
+    }
+    Rest { gs, next: 0, drop }.run();
+}
+
+/// Step 6, for `Drop for Sched`: unlinks every parked G from whatever it
+/// waits on, frees the stacks of the Gs that are done (leaks the others),
+/// then drops the Gs (the closures of those that never started: user
+/// code). In that order, so that no user code runs while a queue still
+/// points at a G about to be freed: a destructor that panics leaves the
+/// other Gs dropped just the same (and a second panic aborts, as for a
+/// slice), never a G freed under a channel's queue.
+///
+/// # Safety
+///
+/// `gs` are the Gs of a scheduler being dropped, made by
+/// `gslab::galloc`; no M runs any of them, and their slab is freed after
+/// this.
+pub(crate) unsafe fn release_gs(gs: &[*mut G]) {
+    // The stacks of the Gs that are done, freed together.
+    let mut stacks = crate::stack::FreeBatch::new();
+    for &gp in gs {
+        // SAFETY: the contract. A G parked on a channel or sync object has
+        // sudogs on that object's queues, in its stack, and one parked on
+        // a poller source is named by the source's slot: unlink them.
+        unsafe {
+            let st = (*gp).readgstatus();
+            if st == status::WAITING {
+                crate::netpoll::netpollabandon(gp);
+                let w = (*gp).waiting;
+                if !w.is_null() {
+                    crate::sema::abandon(w);
+                }
+            }
+            let g = &mut *gp;
+            let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
+            if unfinished {
+                // Started and not finished: frames on its stack are live
+                // (the teardown could not unwind it, or this build does
+                // not unwind). The stack is leaked, never freed under them.
+                core::mem::forget(g.stackmem.take());
+            } else if let Some(mem) = g.stackmem.take() {
+                stacks.push(mem);
+            }
+        }
+    }
+    drop(stacks);
+    // SAFETY: the contract; each G is dropped once.
+    drop_each(gs, |gp| unsafe { gp.drop_in_place() });
 }
 
 /// Step 3 for a claimed victim: takes it off every wait queue and decides

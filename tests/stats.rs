@@ -463,3 +463,29 @@ fn dropping_a_runtime_right_after_build_stops_its_schedtrace_monitor() {
     rx.recv_timeout(Duration::from_secs(60))
         .expect("100 runtimes with a monitor, dropped at once, took over 60 s: a drop waited for a monitor that missed its stop");
 }
+
+#[test]
+fn a_schedtrace_period_beyond_the_clock_never_ticks_and_stops_with_its_runtime() {
+    // Duration::MAX (or GOKERNEL_SCHEDTRACE=u64::MAX ms) cannot be added
+    // to an Instant: the monitor thread used to panic at its start.
+    if in_child() {
+        for by_builder in [false, true] {
+            let mut b = Runtime::builder().procs(1);
+            if by_builder {
+                b = b.schedtrace(Duration::MAX);
+            }
+            let r = b.build().unwrap();
+            assert_eq!(r.block_on(|| 1), Ok(1));
+            drop(r); // joins the monitor thread
+        }
+        return;
+    }
+    let stderr = child_stderr(
+        "a_schedtrace_period_beyond_the_clock_never_ticks_and_stops_with_its_runtime",
+        &[("GOKERNEL_SCHEDTRACE", &u64::MAX.to_string())],
+    );
+    assert!(
+        !stderr.contains("panicked") && !has_sched_lines(&stderr),
+        "no panic, no line; stderr:\n{stderr}"
+    );
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{assert_aborted_with, in_crash_child, run_crash_child, within};
+use common::{assert_aborted_with, in_crash_child, run_child_ok, run_crash_child, within};
 use gokernel::{Runtime, RuntimeDropped, chan};
 
 /// Counts its drops.
@@ -29,6 +29,15 @@ fn rt(procs: usize) -> Runtime {
 fn tid() -> i64 {
     // SAFETY: gettid takes no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// Threads of this process that are (or were) Ms of a runtime.
+fn m_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("gokernel-m"))
+        .count()
 }
 
 /// Waits until `n` goroutines of `rt` are parked.
@@ -346,4 +355,278 @@ fn shutting_down_is_false_outside_goroutines_and_in_a_live_runtime_and_true_once
     let spinner = common::spin_the_only_p_until_shutdown(&r);
     within(60, "dropping the runtime", move || drop(r));
     assert!(spinner.join().is_ok(), "the spinner returned by itself");
+}
+
+#[test]
+fn a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_pointing_at_a_freed_goroutine()
+ {
+    // A goroutine parked in the middle of unwinding a panic (a destructor
+    // that waits on a channel) makes its thread count as panicking: the
+    // teardown leaks it, its sudog still on the channel's queue, which
+    // must never lead to freed memory, even when the closure of a
+    // goroutine that never started panics as it is dropped. (Before: the panic skipped the unlinking of the Gs
+    // after it, their slab was freed, and the next send on the channel
+    // read the freed G: a segmentation fault. Now the scheduler of a
+    // goroutine left parked is kept.) In a child: the panics leave
+    // threads behind.
+    if in_crash_child() {
+        struct RecvOnDrop(gokernel::Chan<u32>);
+        impl Drop for RecvOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.recv(); // nobody sends until the runtime is gone
+            }
+        }
+        struct PanicOnDrop;
+        impl Drop for PanicOnDrop {
+            fn drop(&mut self) {
+                panic!("the closure of a goroutine that never ran panics as it is dropped");
+            }
+        }
+        let r = rt(1);
+        // A G that finishes: its place in the list of Gs comes first and
+        // is reused below.
+        r.spawn(|| ()).join().unwrap();
+        let c = chan::<u32>(0);
+        let c1 = c.clone();
+        drop(r.spawn(move || {
+            let _d = RecvOnDrop(c1);
+            panic!("a goroutine panics; its destructor parks on a channel");
+        }));
+        wait_parked(&r, 1);
+        // A goroutine that never starts (the only P stays busy until the
+        // drop), whose closure panics as it is dropped, and counts that.
+        let spawned = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU32::new(0));
+        let (s, d) = (spawned.clone(), dropped.clone());
+        drop(r.spawn(move || {
+            let (p, n) = (PanicOnDrop, Counted(d));
+            gokernel::go(move || drop((p, n)));
+            s.store(true, Ordering::SeqCst);
+            while !gokernel::shutting_down() {
+                std::hint::spin_loop();
+            }
+        }));
+        while !spawned.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // The parked goroutine is left parked (its thread counts as
+        // panicking), so the scheduler is kept; the unstarted goroutine's
+        // closure is dropped by the drop, whose panic comes out here.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(r)));
+        assert!(r.is_err(), "the closure's panic came out of the drop");
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the closure was dropped");
+        // Nobody receives any more: the parked goroutine's runtime is
+        // stopped, its sudog skipped.
+        assert!(matches!(
+            c.try_send(7),
+            Err(gokernel::TrySendError::Full(7))
+        ));
+        return;
+    }
+    run_child_ok(
+        "a_panicking_destructor_of_an_unstarted_goroutine_leaves_no_channel_queue_pointing_at_a_freed_goroutine",
+    );
+}
+
+#[test]
+fn a_runtime_dropped_on_its_own_threads_system_stack_does_not_hang() {
+    // A `systemstack` closure and an `after_func` callback run on an M's
+    // own stack: the drop there cannot wait for that M's thread either.
+    for on_timer in [false, true] {
+        let r = Arc::new(std::sync::Mutex::new(Some(rt(2))));
+        let r2 = r.clone();
+        let h = within(
+            60,
+            "spawning the goroutine that drops its runtime",
+            move || {
+                let guard = r2.lock().unwrap();
+                let h = guard.as_ref().unwrap().spawn(move || {
+                    let rt = r.lock().unwrap().take().unwrap();
+                    if on_timer {
+                        gokernel::time::after_func(Duration::ZERO, move || drop(rt));
+                    } else {
+                        gokernel::systemstack(move || drop(rt));
+                    }
+                    gokernel::park(); // unwound by the shutdown
+                });
+                drop(guard);
+                h
+            },
+        );
+        let v = within(60, "the drop on an M's own stack", move || h.join());
+        assert!(
+            v.unwrap_err().is::<RuntimeDropped>(),
+            "unwound at its park (on timer: {on_timer})"
+        );
+    }
+}
+
+#[test]
+fn a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone() {
+    // On one P, a goroutine starts on the thread, then another starts
+    // there and locks it: the first waits for the unlock. The teardown
+    // resumes both on that thread, the neighbour first; its lock and
+    // unlock must not take over, or undo, the locked goroutine's lock
+    // (before: a debug assertion in the scheduler's unlock, then an
+    // abort when the neighbour exited). In a child: that abort.
+    if in_crash_child() {
+        for op in [gokernel::lock_os_thread, gokernel::unlock_os_thread] {
+            let r = rt(1);
+            let started = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(AtomicI64::new(-1));
+            let (s, n) = (started.clone(), seen.clone());
+            let neighbour = r.spawn(move || {
+                s.store(true, Ordering::SeqCst);
+                while !gokernel::shutting_down() {
+                    gokernel::gosched();
+                }
+                op();
+                n.store(gokernel::stats().locked_ms as i64, Ordering::SeqCst);
+                gokernel::unlock_os_thread();
+                gokernel::park(); // unwound here
+            });
+            while !started.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            let locked = r.spawn(|| {
+                gokernel::lock_os_thread();
+                gokernel::park();
+            });
+            while r.stats().locked_ms == 0 || r.stats().goroutines.waiting == 0 {
+                std::thread::yield_now();
+            }
+            drop(r);
+            assert_eq!(
+                seen.load(Ordering::SeqCst),
+                1,
+                "the other goroutine's lock held"
+            );
+            for h in [neighbour, locked] {
+                assert!(h.join().unwrap_err().is::<RuntimeDropped>());
+            }
+        }
+        return;
+    }
+    run_child_ok("a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone");
+}
+
+/// Unlocks its goroutine's thread, then yields, then counts its drop
+/// (and, separately, drops that came back on another thread).
+struct UnlockYieldThenCount(Arc<AtomicU32>, Arc<AtomicU32>);
+
+impl Drop for UnlockYieldThenCount {
+    fn drop(&mut self) {
+        let before = tid();
+        gokernel::unlock_os_thread();
+        gokernel::gosched();
+        if tid() != before {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_locked_goroutine_that_unlocks_while_being_unwound_stays_on_its_thread_with_migration() {
+    // Unlocking frees a goroutine to move under migration; not one that
+    // its runtime's drop is unwinding: the unwinding is its thread's (std
+    // counts it there), so it must finish there.
+    for _ in 0..10 {
+        // SAFETY: the goroutines hold no thread-local state across a
+        // switch (the unwinding's own is the runtime's to keep).
+        let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
+            .build()
+            .unwrap();
+        let finished = Arc::new(AtomicU32::new(0));
+        let moved = Arc::new(AtomicU32::new(0));
+        let c = chan::<u32>(0);
+        for _ in 0..3 {
+            let (finished, moved, c) = (finished.clone(), moved.clone(), c.clone());
+            drop(r.spawn(move || {
+                gokernel::lock_os_thread();
+                let _d = UnlockYieldThenCount(finished, moved);
+                let _ = c.recv(); // nobody sends
+            }));
+        }
+        wait_parked(&r, 3);
+        drop(r);
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            3,
+            "every destructor ran to its end"
+        );
+        assert_eq!(
+            moved.load(Ordering::SeqCst),
+            0,
+            "a goroutine being unwound came back from a yield on another thread"
+        );
+    }
+}
+
+#[test]
+fn a_socket_closed_after_its_runtime_was_dropped_wakes_no_goroutine_left_parked_on_it() {
+    // A goroutine parked on a socket read in a destructor in the middle of
+    // a panic is left parked by the teardown (its thread counts as
+    // panicking; a build without unwinding leaves every parked goroutine
+    // so). Closing the socket through another handle afterwards reads
+    // the goroutine through its poll descriptor: before, a goroutine the
+    // scheduler's drop had freed (a segmentation fault); now the
+    // scheduler is kept, stopped. In a child: the panic leaves a thread
+    // behind.
+    if in_crash_child() {
+        use gokernel::net::{TcpListener, TcpStream};
+        use std::io::Read;
+        struct ReadOnDrop(TcpStream);
+        impl Drop for ReadOnDrop {
+            fn drop(&mut self) {
+                let _ = (&self.0).read(&mut [0u8; 8]); // nothing comes
+            }
+        }
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mine, _) = l.accept().unwrap();
+        let theirs = mine.try_clone().unwrap();
+        let r = rt(1);
+        drop(r.spawn(move || {
+            let _d = ReadOnDrop(theirs);
+            panic!("a goroutine panics; its destructor parks on a socket read");
+        }));
+        wait_parked(&r, 1);
+        drop(r);
+        // Until its threads are gone, one of them may hold the scheduler.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while m_threads() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the runtime's threads never ended"
+            );
+            std::thread::yield_now();
+        }
+        mine.close(); // wakes nobody: that goroutine's runtime is gone
+        drop(peer);
+        return;
+    }
+    run_child_ok(
+        "a_socket_closed_after_its_runtime_was_dropped_wakes_no_goroutine_left_parked_on_it",
+    );
+}
+
+#[test]
+fn a_goroutine_that_catches_its_teardown_unwinding_is_unwound_again_at_its_next_park() {
+    let r = rt(1);
+    let came_back = Arc::new(AtomicBool::new(false));
+    let c = came_back.clone();
+    let h = r.spawn(move || {
+        let caught = std::panic::catch_unwind(gokernel::park);
+        assert!(caught.unwrap_err().is::<RuntimeDropped>());
+        gokernel::park(); // unwinds again
+        c.store(true, Ordering::SeqCst);
+    });
+    wait_parked(&r, 1);
+    drop(r);
+    assert!(h.join().unwrap_err().is::<RuntimeDropped>());
+    assert!(
+        !came_back.load(Ordering::SeqCst),
+        "its second park returned"
+    );
 }
