@@ -1925,9 +1925,10 @@ pub(crate) fn checkdead(sched: &Sched) {
         if crate::spawning::any(sched) {
             return;
         }
-        hooks
+        // Called without the lock: a hook may add or remove hooks.
+        hooks.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>()
     };
-    for (_, hook) in hooks.iter() {
+    for hook in hooks {
         hook();
     }
 }
@@ -2828,11 +2829,13 @@ impl Sched {
     /// Registers `hook` to be called (on an M going idle) whenever every P
     /// is idle, nothing is runnable and goroutines are still alive: a
     /// deadlock if only goroutines can wake goroutines. Returns a key for
-    /// [`remove_deadlock_hook`](Self::remove_deadlock_hook).
+    /// [`remove_deadlock_hook`](Self::remove_deadlock_hook). Hooks are
+    /// called without the list's lock: a hook may add or remove hooks, and
+    /// one removed while a check is under way may be called once more.
     pub fn add_deadlock_hook(&self, hook: Box<dyn Fn() + Send + Sync>) -> u64 {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let key = NEXT.fetch_add(1, Ordering::Relaxed);
-        self.deadlock_hooks.lock().push((key, hook));
+        self.deadlock_hooks.lock().push((key, hook.into()));
         key
     }
 
@@ -2848,8 +2851,11 @@ impl Sched {
     /// their stacks are leaked): see [`crate::teardown`]. Returns when
     /// every M's thread is done with the scheduler. Timers that have not
     /// fired are dropped without running; goroutines that never started
-    /// are dropped unrun when the scheduler is.
+    /// are dropped unrun when the scheduler is. Called on one of the
+    /// scheduler's own threads (a goroutine, a timer callback), which it
+    /// would wait for, it is a fatal error naming the goroutine.
     pub fn shutdown(&self) {
+        crate::teardown::refuse_shutdown_on_own_thread(self);
         self.stop();
         loop {
             // Acquire: pairs with mstart0's release decrement.

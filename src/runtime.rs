@@ -103,6 +103,18 @@ impl core::fmt::Display for Deadlock {
 
 impl std::error::Error for Deadlock {}
 
+/// Removes a deadlock hook when dropped (`block_on`, `Runtime::scope`).
+pub(crate) struct HookGuard<'a> {
+    pub(crate) sched: &'a Sched,
+    pub(crate) key: u64,
+}
+
+impl Drop for HookGuard<'_> {
+    fn drop(&mut self) {
+        self.sched.remove_deadlock_hook(self.key);
+    }
+}
+
 /// The report of a deadlock just found on `sched`.
 pub(crate) fn deadlock_report(sched: &Sched) -> Deadlock {
     Deadlock { dump: sched.dump() }
@@ -514,15 +526,19 @@ impl Runtime {
         // that the hook hears of no deadlock decided before (about
         // goroutines parked earlier): crate::spawning.
         let spawning = crate::spawning::Spawning::begin(&self.sched);
-        // Registered before the main G exists, so no deadlock is missed.
-        let key = self.sched.add_deadlock_hook(Box::new(move || {
-            d.store(true, Ordering::SeqCst);
-            me.notify();
-        }));
+        // Registered before the main G exists, so no deadlock is missed;
+        // removed also if `spawn` panics.
+        let hook = HookGuard {
+            sched: &self.sched,
+            key: self.sched.add_deadlock_hook(Box::new(move || {
+                d.store(true, Ordering::SeqCst);
+                me.notify();
+            })),
+        };
         let h = self.spawn(f);
         drop(spawning);
         let r = h.wait(|| deadlocked.load(Ordering::SeqCst));
-        self.sched.remove_deadlock_hook(key);
+        drop(hook);
         match r {
             Some(Ok(v)) => Ok(v),
             Some(Err(p)) => std::panic::resume_unwind(p),

@@ -1108,7 +1108,7 @@ impl TeardownBarrier {
 }
 
 /// See [`Sched::deadlock_hooks`].
-pub(crate) type DeadlockHook = alloc::boxed::Box<dyn Fn() + Send + Sync>;
+pub(crate) type DeadlockHook = alloc::sync::Arc<dyn Fn() + Send + Sync>;
 
 // SAFETY: every field is an atomic, a lock, or immutable after creation
 // (allp, stack_size, platform, steal_order); the Ps behind allp are

@@ -76,7 +76,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::io::Write;
 use std::thread;
 
-use crate::runtime::{JoinHandle, JoinInner, JoinSignal, Runtime, finish};
+use crate::runtime::{HookGuard, JoinHandle, JoinInner, JoinSignal, Runtime, finish};
 use crate::runtime2::Sched;
 use crate::tls::getg;
 
@@ -298,18 +298,6 @@ impl Drop for MustNotUnwind {
             "Runtime::scope: a panic while waiting for its goroutines, which may hold borrows of \
              the caller's frame (it cannot unwind)",
         );
-    }
-}
-
-/// Removes a deadlock hook when dropped.
-struct HookGuard<'a> {
-    sched: &'a Sched,
-    key: u64,
-}
-
-impl Drop for HookGuard<'_> {
-    fn drop(&mut self) {
-        self.sched.remove_deadlock_hook(self.key);
     }
 }
 

@@ -424,6 +424,23 @@ pub(crate) fn keep_if_leaked(sched: &Sched) {
     drop_each(&unstarted, |gp| unsafe { (*gp).startfn.clear() });
 }
 
+/// [`Sched::shutdown`] called on one of `sched`'s own threads (by one of
+/// its goroutines, or on an M's system stack: a timer callback, a
+/// `systemstack` closure) would wait for every M to exit, its own
+/// included: a fatal error naming the goroutine, rather than a silent
+/// hang. (Dropping a `Runtime` there shuts down from a thread of its own.)
+pub(crate) fn refuse_shutdown_on_own_thread(sched: &Sched) {
+    let gp = crate::tls::getg();
+    // SAFETY: a non-null current G has a live M, whose `rt` is set once.
+    let own = !gp.is_null() && unsafe { !(*gp).m.is_null() && core::ptr::eq((*(*gp).m).rt, sched) };
+    if own {
+        crate::panic::throw_on_system_stack(
+            "Sched::shutdown called on one of the scheduler's own threads: it would wait for \
+             itself to exit; call it from another thread (dropping a Runtime does)",
+        );
+    }
+}
+
 /// Calls `drop` on each of `gs`, going on with the others if one unwinds
 /// (a second unwinding aborts: a panic during a panic), as a slice's drop
 /// does.

@@ -134,3 +134,75 @@ fn go_from_a_deadlock_hook_runs_the_goroutine() {
         c.stderr
     );
 }
+
+/// A deadlock hook that adds a hook and removes hooks (its own among
+/// them) runs to its end: hooks are called without the list's lock.
+/// Before, they ran under it, and the hook's own `add_deadlock_hook`
+/// spun on that lock for good: a silent hang of the M.
+#[test]
+fn a_deadlock_hook_that_adds_and_removes_hooks_runs_to_its_end() {
+    if in_crash_child() {
+        let s = Sched::new(1, STACK, &HOSTED);
+        let weak = Arc::downgrade(&s);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let once = AtomicBool::new(false);
+        let key = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let k2 = key.clone();
+        let k = s.add_deadlock_hook(Box::new(move || {
+            if once.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            if let Some(s) = weak.upgrade() {
+                let other = s.add_deadlock_hook(Box::new(|| {}));
+                s.remove_deadlock_hook(other);
+                s.remove_deadlock_hook(k2.load(Ordering::SeqCst));
+            }
+            tx.lock().unwrap().send("done").unwrap();
+        }));
+        key.store(k, Ordering::SeqCst);
+        // One goroutine parks for good: every P idle, a goroutine alive.
+        s.go(Box::new(gokernel::park)).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        eprintln!("hook: {got:?}");
+        if got != Ok("done") {
+            // The hook's M may be stuck: no shutdown, which would wait for it.
+            std::process::exit(1);
+        }
+        s.shutdown();
+        std::process::exit(0);
+    }
+    let c = run_crash_child("a_deadlock_hook_that_adds_and_removes_hooks_runs_to_its_end");
+    assert_eq!((c.code, c.signal), (Some(0), None), "stderr:\n{}", c.stderr);
+    assert!(c.stderr.contains("hook: Ok(\"done\")"), "{}", c.stderr);
+}
+
+/// `Sched::shutdown` called by one of the scheduler's own goroutines
+/// would wait for its own M to exit: a fatal error naming the goroutine,
+/// where it hung silently before.
+#[test]
+fn sched_shutdown_from_its_own_goroutine_is_fatal_and_names_it() {
+    if in_crash_child() {
+        // A bound on the failure (the hang this test is about), not a
+        // wait for the event: the fatal error ends the process first.
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_secs(30));
+            eprintln!("still running after 30 s: shutdown hung");
+            std::process::exit(3);
+        });
+        let s = Sched::new(1, STACK, &HOSTED);
+        let s2 = s.clone();
+        s.go(Box::new(move || s2.shutdown())).unwrap();
+        loop {
+            std::thread::park();
+        }
+    }
+    let c = run_crash_child("sched_shutdown_from_its_own_goroutine_is_fatal_and_names_it");
+    common::assert_aborted_with(
+        &c,
+        &[
+            "fatal error: Sched::shutdown called on one of the scheduler's own threads",
+            "goroutine",
+        ],
+    );
+}
