@@ -689,7 +689,9 @@ impl Drop for Runtime {
     /// [`shutting_down`](crate::shutting_down)), then every goroutine that
     /// started and has not finished is unwound on its own thread — its
     /// pending park returns by unwinding — so its destructors run once and
-    /// the locks it holds are released; goroutines that never started are dropped unrun. Their
+    /// the locks it holds are released (one resumed at a yield runs on to
+    /// its next park: a loop that only yields holds the drop up too);
+    /// goroutines that never started are dropped unrun. Their
     /// [`JoinHandle`]s then report [`RuntimeDropped`](crate::RuntimeDropped).
     /// A destructor that parks during that unwinding is a fatal error. See
     /// [`teardown`](crate::teardown) for the details and the one case
