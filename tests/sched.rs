@@ -504,13 +504,6 @@ fn procs_defaults_to_the_cpu_count() {
 
 #[test]
 fn dropping_the_runtime_stops_its_threads() {
-    fn m_threads() -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .filter(|c| c.starts_with("gokernel-m"))
-            .count()
-    }
     let r = rt(2);
     r.block_on(|| {
         let hs: Vec<_> = (0..8).map(|_| gokernel::spawn(gokernel::gosched)).collect();
@@ -520,7 +513,7 @@ fn dropping_the_runtime_stops_its_threads() {
     drop(r);
     // Other tests' runtimes run in this process too: only check that ours
     // went away, by waiting for the count to drop to what others hold.
-    spin_until("the M threads to exit", 10, || m_threads() <= 8 * 4);
+    spin_until("the M threads to exit", 10, || common::m_threads() <= 8 * 4);
 }
 
 #[test]

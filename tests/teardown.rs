@@ -31,14 +31,6 @@ fn tid() -> i64 {
     unsafe { libc::syscall(libc::SYS_gettid) }
 }
 
-/// Threads of this process that are (or were) Ms of a runtime.
-fn m_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|c| c.starts_with("gokernel-m"))
-        .count()
-}
 
 /// Waits until `n` goroutines of `rt` are parked.
 fn wait_parked(rt: &Runtime, n: usize) {
@@ -256,20 +248,58 @@ fn a_runtime_dropped_from_its_own_goroutine_does_not_hang() {
     assert_eq!(v.ok(), Some(7), "it finished before its next park");
 }
 
-/// Yields, then counts its drop (and, separately, drops that came back
-/// on another thread): a destructor that reaches a scheduling point while
-/// its goroutine is being unwound.
-struct YieldThenCount(Arc<AtomicU32>, Arc<AtomicU32>);
+/// Unlocks its goroutine's thread if `unlock`, yields, then counts its
+/// drop in `finished` (and drops that came back on another thread in
+/// `moved`): a destructor that reaches a scheduling point while its
+/// goroutine is being unwound.
+struct YieldThenCount {
+    unlock: bool,
+    finished: Arc<AtomicU32>,
+    moved: Arc<AtomicU32>,
+}
 
 impl Drop for YieldThenCount {
     fn drop(&mut self) {
         let before = tid();
+        if self.unlock {
+            gokernel::unlock_os_thread();
+        }
         gokernel::gosched();
         if tid() != before {
-            self.1.fetch_add(1, Ordering::SeqCst);
+            self.moved.fetch_add(1, Ordering::SeqCst);
         }
-        self.0.fetch_add(1, Ordering::SeqCst);
+        self.finished.fetch_add(1, Ordering::SeqCst);
     }
+}
+
+/// Three goroutines of `r` (each locked to its thread first if `lock`)
+/// park for good holding a [`YieldThenCount`] (unlocking if `lock`);
+/// `r` is dropped. Returns how many destructors finished, and how many
+/// came back from their yield on another thread.
+fn drop_with_three_yielding_destructors(r: Runtime, lock: bool) -> (u32, u32) {
+    let finished = Arc::new(AtomicU32::new(0));
+    let moved = Arc::new(AtomicU32::new(0));
+    let c = chan::<u32>(0);
+    for _ in 0..3 {
+        let (finished, moved, c) = (finished.clone(), moved.clone(), c.clone());
+        drop(r.spawn(move || {
+            if lock {
+                gokernel::lock_os_thread();
+            }
+            let _d = YieldThenCount {
+                unlock: lock,
+                finished,
+                moved,
+            };
+            let _ = c.recv(); // nobody sends
+        }));
+    }
+    wait_parked(&r, 3);
+    drop(r);
+    (
+        finished.load(Ordering::SeqCst),
+        moved.load(Ordering::SeqCst),
+    )
 }
 
 #[test]
@@ -288,26 +318,13 @@ fn destructors_that_yield_while_their_runtime_is_dropped_run_to_their_end() {
         } else {
             rt(procs)
         };
-        let finished = Arc::new(AtomicU32::new(0));
-        let moved = Arc::new(AtomicU32::new(0));
-        let c = chan::<u32>(0);
-        for _ in 0..3 {
-            let (finished, moved, c) = (finished.clone(), moved.clone(), c.clone());
-            drop(r.spawn(move || {
-                let _d = YieldThenCount(finished, moved);
-                let _ = c.recv(); // nobody sends
-            }));
-        }
-        wait_parked(&r, 3);
-        drop(r);
+        let (finished, moved) = drop_with_three_yielding_destructors(r, false);
         assert_eq!(
-            finished.load(Ordering::SeqCst),
-            3,
+            finished, 3,
             "destructors that yielded ran to their end ({procs} procs, migrate {migrate})"
         );
         assert_eq!(
-            moved.load(Ordering::SeqCst),
-            0,
+            moved, 0,
             "a goroutine being unwound came back from a yield on another thread ({procs} procs, migrate {migrate})"
         );
     }
@@ -510,22 +527,6 @@ fn a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone() {
     run_child_ok("a_goroutine_unwound_beside_a_locked_goroutine_leaves_that_lock_alone");
 }
 
-/// Unlocks its goroutine's thread, then yields, then counts its drop
-/// (and, separately, drops that came back on another thread).
-struct UnlockYieldThenCount(Arc<AtomicU32>, Arc<AtomicU32>);
-
-impl Drop for UnlockYieldThenCount {
-    fn drop(&mut self) {
-        let before = tid();
-        gokernel::unlock_os_thread();
-        gokernel::gosched();
-        if tid() != before {
-            self.1.fetch_add(1, Ordering::SeqCst);
-        }
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[test]
 fn a_locked_goroutine_that_unlocks_while_being_unwound_stays_on_its_thread_with_migration() {
     // Unlocking frees a goroutine to move under migration; not one that
@@ -537,27 +538,10 @@ fn a_locked_goroutine_that_unlocks_while_being_unwound_stays_on_its_thread_with_
         let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
             .build()
             .unwrap();
-        let finished = Arc::new(AtomicU32::new(0));
-        let moved = Arc::new(AtomicU32::new(0));
-        let c = chan::<u32>(0);
-        for _ in 0..3 {
-            let (finished, moved, c) = (finished.clone(), moved.clone(), c.clone());
-            drop(r.spawn(move || {
-                gokernel::lock_os_thread();
-                let _d = UnlockYieldThenCount(finished, moved);
-                let _ = c.recv(); // nobody sends
-            }));
-        }
-        wait_parked(&r, 3);
-        drop(r);
+        let (finished, moved) = drop_with_three_yielding_destructors(r, true);
+        assert_eq!(finished, 3, "every destructor ran to its end");
         assert_eq!(
-            finished.load(Ordering::SeqCst),
-            3,
-            "every destructor ran to its end"
-        );
-        assert_eq!(
-            moved.load(Ordering::SeqCst),
-            0,
+            moved, 0,
             "a goroutine being unwound came back from a yield on another thread"
         );
     }
@@ -595,7 +579,7 @@ fn a_socket_closed_after_its_runtime_was_dropped_wakes_no_goroutine_left_parked_
         drop(r);
         // Until its threads are gone, one of them may hold the scheduler.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while m_threads() != 0 {
+        while common::m_threads() != 0 {
             assert!(
                 Instant::now() < deadline,
                 "the runtime's threads never ended"

@@ -374,3 +374,13 @@ pub fn spin_the_only_p(
     }
     (stop, h)
 }
+
+/// Threads of this process that are (or were) Ms of a runtime (named
+/// `gokernel-m…`).
+pub fn m_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("gokernel-m"))
+        .count()
+}
