@@ -31,7 +31,6 @@ fn tid() -> i64 {
     unsafe { libc::syscall(libc::SYS_gettid) }
 }
 
-
 /// Waits until `n` goroutines of `rt` are parked.
 fn wait_parked(rt: &Runtime, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
