@@ -27,7 +27,8 @@
 //!    the barrier waits for those under way, `sema::ready_outside`).
 //! 3. Each M then resumes, one at a time, the unfinished goroutines it
 //!    owns (those bound to it; with migration, unbound ones are shared out
-//!    by a claim on their status):
+//!    by a claim on their status, which binds the goroutine to the M that
+//!    made it, so that no other M claims it while it yields or exits):
 //!    - a goroutine parked on a channel or sync object first has its
 //!      sudogs taken off every queue (`sema::abandon`), so no waker can
 //!      find it again and no queue keeps a pointer into its stack. If a
@@ -343,17 +344,24 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
         // SAFETY: Gs in allgs are live while listed (we hold the list);
         // after the barrier only the M that claims a G touches it.
         unsafe {
-            let bm = (*gp).boundm;
-            let mine = bm == mp || (bm.is_null() && sched.migrate);
-            if !mine || (*gp).startfn.is_set() {
-                continue;
-            }
             let st = &(*gp).atomicstatus;
             let from: &[u32] = if unwinding {
                 &[status::RUNNABLE]
             } else {
                 &[status::WAITING, status::RUNNABLE]
             };
+            // The status first: `boundm` is read only of a G that no M
+            // runs (one running may bind or unbind itself meanwhile).
+            // Acquire: pairs with the store that made it runnable or
+            // waiting.
+            if !from.contains(&st.load(Ordering::Acquire)) {
+                continue;
+            }
+            let bm = (*gp).boundm;
+            let mine = bm == mp || (bm.is_null() && sched.migrate);
+            if !mine || (*gp).startfn.is_set() {
+                continue;
+            }
             for &old in from {
                 // The claim: with migration, several Ms look at the same
                 // unbound Gs.
@@ -367,6 +375,15 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
                         st.store(old, Ordering::Release);
                         break;
                     }
+                    // Ours until it exits: `prepare` makes it runnable
+                    // before this M runs it, and its yields make it
+                    // runnable before its M has switched it out (gosched_m
+                    // stores the status before dropg); an unbound G (with
+                    // migration) would be claimed by another M then and
+                    // run on two threads at once. Bound, only this M
+                    // claims it again (written under the list's lock,
+                    // which every other claimant holds to read it).
+                    crate::bound::bind_if_unbound(gp, mp);
                     return Some((gp, old));
                 }
             }
