@@ -78,7 +78,8 @@
 //!    of a socket another handle can close, a `Goroutine` handle. Then
 //!    the scheduler is never freed (`keep_if_leaked`): those wake-ups
 //!    find it stopped and do nothing. Only the closures of goroutines
-//!    that never started are dropped.
+//!    that never started are dropped. Such a goroutine never finishes: a
+//!    `JoinHandle::join` of it waits for good.
 
 use core::sync::atomic::Ordering;
 
