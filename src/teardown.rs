@@ -28,7 +28,8 @@
 //! 3. Each M then resumes, one at a time, the unfinished goroutines it
 //!    owns (those bound to it; with migration, unbound ones are shared out
 //!    by a claim on their status, which binds the goroutine to the M that
-//!    made it, so that no other M claims it while it yields or exits):
+//!    made it, an `unlock_os_thread` notwithstanding, so that no other M
+//!    claims it while it yields or exits):
 //!    - a goroutine parked on a channel or sync object first has its
 //!      sudogs taken off every queue (`sema::abandon`), so no waker can
 //!      find it again and no queue keeps a pointer into its stack. If a
@@ -254,16 +255,21 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
     }
 }
 
-/// Whether `gp` is being unwound by its runtime's drop: then it stays
-/// bound to its thread (see `forceunwind`), an unlock notwithstanding.
+/// Whether `gp` was resumed by its runtime's teardown (it is being
+/// unwound, or runs on to the park that will unwind it): then it stays
+/// bound to its thread, an unlock notwithstanding. One being unwound must
+/// finish there (see `forceunwind`); any other must not become free to
+/// move while the teardown's threads claim unbound goroutines by their
+/// status (`nextvictim`): its next yield would make it claimable before
+/// its thread has switched it out.
 ///
 /// # Safety
 ///
 /// `gp` is the running G (the caller) or was just on its M.
 #[inline]
-pub(crate) unsafe fn unwinding(gp: *mut G) -> bool {
+pub(crate) unsafe fn resumed(gp: *mut G) -> bool {
     // SAFETY: the contract: only the G's own M writes `force`.
-    unsafe { (*gp).force == FORCE_UNWINDING }
+    unsafe { (*gp).force != FORCE_NONE }
 }
 
 /// Whether `gp`, running on `mp`, runs beside the G locked to `mp`: only

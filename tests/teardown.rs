@@ -623,10 +623,11 @@ fn goroutines_that_yield_while_their_runtime_is_dropped_run_on_one_thread_at_a_t
     // before its thread had switched it out (and each resume made it
     // runnable before its thread ran it): another thread claimed it then
     // and ran it too (before: an assertion on its status in a debug
-    // build, a fatal 'g.m is null' or SIGSEGV in release). In a child:
-    // that crash.
+    // build, a fatal 'g.m is null' or SIGSEGV in release). In every other
+    // round they lock and unlock their thread at each yield: the unlock
+    // must not unbind them then either. In a child: that crash.
     if in_crash_child() {
-        for _ in 0..3 {
+        for round in 0..8 {
             // SAFETY: the goroutines hold no thread-local state across a
             // switch.
             let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
@@ -652,6 +653,10 @@ fn goroutines_that_yield_while_their_runtime_is_dropped_run_on_one_thread_at_a_t
                     // Resumed by the teardown at a yield: it runs on, and
                     // every yield is a window for a second thread.
                     for _ in 0..20_000 {
+                        if round % 2 == 1 {
+                            gokernel::lock_os_thread();
+                            gokernel::unlock_os_thread();
+                        }
                         gokernel::gosched();
                     }
                     gokernel::park(); // unwound here
