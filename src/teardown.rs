@@ -80,7 +80,8 @@
 //!    the scheduler is never freed (`keep_if_leaked`): those wake-ups
 //!    find it stopped and do nothing. Only the closures of goroutines
 //!    that never started are dropped. Such a goroutine never finishes: a
-//!    `JoinHandle::join` of it waits for good.
+//!    `JoinHandle::join` of it waits for good, and so does a `lock` of a
+//!    `Mutex` it holds (or a `call_once` of a `Once` it runs).
 
 use core::sync::atomic::Ordering;
 
