@@ -424,12 +424,13 @@ pub(crate) fn ms_at_work(_sl: &SchedLocked, sched: &Sched) -> bool {
 /// scheduler has unbound started Gs): from now on it runs only on `mp`,
 /// until `goexit0` (or, for a lock, `dounlockosthread`) unbinds it. For
 /// a G that must stay on its thread for a while: one locked to it
-/// (`dolockosthread`), one its runtime's teardown is unwinding there.
+/// (`dolockosthread`), one its runtime's teardown has claimed to resume
+/// there (`teardown::nextvictim`).
 ///
 /// # Safety
 ///
 /// `gp` runs on `mp` and the caller is that G, or both are new and
-/// nobody else's yet.
+/// nobody else's yet, or `gp` was just claimed by `mp`'s teardown.
 pub(crate) unsafe fn bind_if_unbound(gp: *mut G, mp: *mut M) {
     // SAFETY: the contract: both are the caller's own.
     unsafe {

@@ -925,7 +925,7 @@ unsafe fn dounlockosthread(gp: *mut G, mp: *mut M) {
         (*mp).lockedext = 0;
         (*mp).lockedg = null_mut();
         (*gp).lockedm = null_mut();
-        if !(*mp).bindg && !crate::teardown::unwinding(gp) {
+        if !(*mp).bindg && !crate::teardown::resumed(gp) {
             // Migrating scheduler: free to move again.
             (*gp).boundm = null_mut();
             // On this M: a load and a store (see M::nbound_add).

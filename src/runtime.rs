@@ -1060,7 +1060,12 @@ impl<T> JoinHandle<T> {
     ///
     /// The goroutine's panic payload if it panicked;
     /// [`RuntimeDropped`](crate::RuntimeDropped) (as the payload) if its runtime
-    /// was dropped before it finished.
+    /// was dropped before it finished. The one exception: a goroutine that
+    /// the drop left unfinished instead of unwinding it (one on a thread
+    /// where some goroutine was parked in the middle of a panic, or any
+    /// started one in a build with `panic = "abort"`; see
+    /// [`teardown`](crate::teardown), step 5) never finishes, and a join of
+    /// it waits for good.
     ///
     /// # Panics
     ///

@@ -27,7 +27,9 @@
 //!    the barrier waits for those under way, `sema::ready_outside`).
 //! 3. Each M then resumes, one at a time, the unfinished goroutines it
 //!    owns (those bound to it; with migration, unbound ones are shared out
-//!    by a claim on their status):
+//!    by a claim on their status, which binds the goroutine to the M that
+//!    made it, an `unlock_os_thread` notwithstanding, so that no other M
+//!    claims it while it yields or exits):
 //!    - a goroutine parked on a channel or sync object first has its
 //!      sudogs taken off every queue (`sema::abandon`), so no waker can
 //!      find it again and no queue keeps a pointer into its stack. If a
@@ -77,7 +79,9 @@
 //!    of a socket another handle can close, a `Goroutine` handle. Then
 //!    the scheduler is never freed (`keep_if_leaked`): those wake-ups
 //!    find it stopped and do nothing. Only the closures of goroutines
-//!    that never started are dropped.
+//!    that never started are dropped. Such a goroutine never finishes: a
+//!    `JoinHandle::join` of it waits for good, and so does a `lock` of a
+//!    `Mutex` it holds (or a `call_once` of a `Once` it runs).
 
 use core::sync::atomic::Ordering;
 
@@ -252,16 +256,21 @@ pub(crate) unsafe fn mexit(sched: &Sched, mp: *mut M) -> ! {
     }
 }
 
-/// Whether `gp` is being unwound by its runtime's drop: then it stays
-/// bound to its thread (see `forceunwind`), an unlock notwithstanding.
+/// Whether `gp` was resumed by its runtime's teardown (it is being
+/// unwound, or runs on to the park that will unwind it): then it stays
+/// bound to its thread, an unlock notwithstanding. One being unwound must
+/// finish there (see `forceunwind`); any other must not become free to
+/// move while the teardown's threads claim unbound goroutines by their
+/// status (`nextvictim`): its next yield would make it claimable before
+/// its thread has switched it out.
 ///
 /// # Safety
 ///
 /// `gp` is the running G (the caller) or was just on its M.
 #[inline]
-pub(crate) unsafe fn unwinding(gp: *mut G) -> bool {
+pub(crate) unsafe fn resumed(gp: *mut G) -> bool {
     // SAFETY: the contract: only the G's own M writes `force`.
-    unsafe { (*gp).force == FORCE_UNWINDING }
+    unsafe { (*gp).force != FORCE_NONE }
 }
 
 /// Whether `gp`, running on `mp`, runs beside the G locked to `mp`: only
@@ -343,17 +352,24 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
         // SAFETY: Gs in allgs are live while listed (we hold the list);
         // after the barrier only the M that claims a G touches it.
         unsafe {
-            let bm = (*gp).boundm;
-            let mine = bm == mp || (bm.is_null() && sched.migrate);
-            if !mine || (*gp).startfn.is_set() {
-                continue;
-            }
             let st = &(*gp).atomicstatus;
             let from: &[u32] = if unwinding {
                 &[status::RUNNABLE]
             } else {
                 &[status::WAITING, status::RUNNABLE]
             };
+            // The status first: `boundm` is read only of a G that no M
+            // runs (one running may bind or unbind itself meanwhile).
+            // Acquire: pairs with the store that made it runnable or
+            // waiting.
+            if !from.contains(&st.load(Ordering::Acquire)) {
+                continue;
+            }
+            let bm = (*gp).boundm;
+            let mine = bm == mp || (bm.is_null() && sched.migrate);
+            if !mine || (*gp).startfn.is_set() {
+                continue;
+            }
             for &old in from {
                 // The claim: with migration, several Ms look at the same
                 // unbound Gs.
@@ -367,6 +383,15 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
                         st.store(old, Ordering::Release);
                         break;
                     }
+                    // Ours until it exits: `prepare` makes it runnable
+                    // before this M runs it, and its yields make it
+                    // runnable before its M has switched it out (gosched_m
+                    // stores the status before dropg); an unbound G (with
+                    // migration) would be claimed by another M then and
+                    // run on two threads at once. Bound, only this M
+                    // claims it again (written under the list's lock,
+                    // which every other claimant holds to read it).
+                    crate::bound::bind_if_unbound(gp, mp);
                     return Some((gp, old));
                 }
             }

@@ -613,3 +613,69 @@ fn a_goroutine_that_catches_its_teardown_unwinding_is_unwound_again_at_its_next_
         "its second park returned"
     );
 }
+
+#[test]
+fn goroutines_that_yield_while_their_runtime_is_dropped_run_on_one_thread_at_a_time_with_migration()
+{
+    // With migration the teardown shares unbound goroutines out among its
+    // threads by a claim on their status; a goroutine it resumed runs on
+    // to its next park, and each yield on the way made it runnable again
+    // before its thread had switched it out (and each resume made it
+    // runnable before its thread ran it): another thread claimed it then
+    // and ran it too (before: an assertion on its status in a debug
+    // build, a fatal 'g.m is null' or SIGSEGV in release). In every other
+    // round they lock and unlock their thread at each yield: the unlock
+    // must not unbind them then either. In a child: that crash.
+    if in_crash_child() {
+        for round in 0..8 {
+            // SAFETY: the goroutines hold no thread-local state across a
+            // switch.
+            let r = unsafe { Runtime::builder().procs(2).migrate_started_goroutines() }
+                .build()
+                .unwrap();
+            let dropped = Arc::new(AtomicU32::new(0));
+            let c = chan::<Counted>(0);
+            let mut hs = Vec::new();
+            for _ in 0..2 {
+                let (c, d) = (c.clone(), dropped.clone());
+                hs.push(r.spawn(move || {
+                    let _held = Counted(d);
+                    let _ = c.recv(); // parked: resumed by the teardown
+                }));
+            }
+            for _ in 0..4 {
+                let d = dropped.clone();
+                hs.push(r.spawn(move || {
+                    let _held = Counted(d);
+                    while !gokernel::shutting_down() {
+                        gokernel::gosched();
+                    }
+                    // Resumed by the teardown at a yield: it runs on, and
+                    // every yield is a window for a second thread.
+                    for _ in 0..20_000 {
+                        if round % 2 == 1 {
+                            gokernel::lock_os_thread();
+                            gokernel::unlock_os_thread();
+                        }
+                        gokernel::gosched();
+                    }
+                    gokernel::park(); // unwound here
+                }));
+            }
+            wait_parked(&r, 2);
+            drop(r);
+            assert_eq!(
+                dropped.load(Ordering::SeqCst),
+                6,
+                "each destructor ran once"
+            );
+            for h in hs {
+                assert!(h.join().unwrap_err().is::<RuntimeDropped>());
+            }
+        }
+        return;
+    }
+    run_child_ok(
+        "goroutines_that_yield_while_their_runtime_is_dropped_run_on_one_thread_at_a_time_with_migration",
+    );
+}
