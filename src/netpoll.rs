@@ -587,12 +587,11 @@ fn netpollunblock(pd: &PollDesc, mode: u8, ioready: bool) -> *mut G {
     if matches!(old, PD_NIL | PD_WAIT | PD_WAKING) {
         return null_mut();
     }
-    let gp = old as *mut G;
-    // SAFETY: a G in a slot is parked (netpollblockcommit) and counted in
-    // its scheduler's waiters; taking it out of the slot makes it ours,
-    // and PD_WAKING keeps it and its scheduler live until netpollfinish.
-    unsafe { (*(*gp).rt).netpoll.waiters.fetch_sub(1, Ordering::SeqCst) };
-    gp
+    // A G in a slot is parked (netpollblockcommit) and counted in its
+    // scheduler's waiters; taking it out of the slot makes it ours, and
+    // PD_WAKING keeps it and its scheduler live until netpollfinish. It
+    // stays counted until it is readied (netpollready_g).
+    old as *mut G
 }
 
 /// Gives back a slot [`netpollunblock`] took a G out of, once the G is
@@ -627,11 +626,22 @@ unsafe fn netpollready_g(gp: *mut G) {
         let sched = (*gp).rt;
         let cur = crate::tls::getg();
         let inside = !cur.is_null() && !(*cur).m.is_null() && core::ptr::eq((*(*cur).m).rt, sched);
+        #[cfg(all(test, feature = "std"))]
+        tests::before_ready(&*sched);
         if inside {
             crate::proc::ready::<false>(gp);
         } else {
             crate::sema::ready_outside_in::<false>(&*sched, gp);
         }
+        // Uncounted only now that it is queued: counted, the wait was
+        // what kept the deadlock check (`timesleepuntil`) from taking the
+        // all-idle scheduler for deadlocked; queued, the run queue or its
+        // M's inbox does. Uncounted when taken out of its slot (as
+        // before), a waker that is not one of the scheduler's running Ms
+        // (another scheduler's poller, a close on a plain thread) left a
+        // window in which the check saw neither: a false `Err(Deadlock)`
+        // while the socket was ready.
+        (*sched).netpoll.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -681,7 +691,7 @@ fn netpollsettle(gpp: &AtomicUsize, gp: *mut G, drop: bool) -> usize {
         {
             if v == gp as usize {
                 // Taken out by us, not by a waker: uncount it as a waker
-                // would have (netpollunblock).
+                // would have (netpollready_g).
                 // SAFETY: the caller's G, live, of a live scheduler.
                 unsafe { (*(*gp).rt).netpoll.waiters.fetch_sub(1, Ordering::SeqCst) };
             }
@@ -886,4 +896,73 @@ pub(crate) fn findrunnable_netpoll(sched: &Sched) -> bool {
     // SAFETY: the Gs came out of their slots.
     unsafe { list.readyall() };
     any
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use core::cell::Cell;
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use crate::runtime2::Sched;
+
+    std::thread_local! {
+        /// Set on the thread whose next poller wake-up runs a deadlock
+        /// check before it readies its goroutine.
+        static CHECK: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// The check ran.
+    static CHECKED: AtomicBool = AtomicBool::new(false);
+
+    /// Called by `netpollready_g` with the G out of its slot, not yet
+    /// readied: on a thread with `CHECK`, runs the scheduler's deadlock
+    /// check there, as one of its Ms going idle may (every P is idle).
+    pub(super) fn before_ready(sched: &Sched) {
+        if !CHECK.with(|c| c.replace(false)) {
+            return;
+        }
+        while sched.npidle.load(Ordering::SeqCst) as usize != sched.allp.len() {
+            std::thread::yield_now();
+        }
+        crate::proc::checkdead(sched);
+        CHECKED.store(true, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn a_goroutine_woken_from_its_socket_by_another_thread_is_never_reported_as_a_deadlock() {
+        let rt = std::sync::Arc::new(crate::Runtime::builder().procs(1).build().unwrap());
+        let l = crate::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = crate::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let other = s.try_clone().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rt2 = rt.clone();
+        std::thread::spawn(move || {
+            let r = rt2.block_on(move || (&s).read(&mut [0; 1]).map(drop));
+            tx.send(r.map(|r| r.map_err(|e| e.kind()))).unwrap();
+        });
+        while rt.stats().goroutines.waiting < 1 {
+            std::thread::yield_now();
+        }
+        // The close takes the reader out of its slot and, before readying
+        // it, runs the check: the reader must still count as waiting (it
+        // was uncounted there, and every P idle read as a deadlock).
+        std::thread::spawn(move || {
+            CHECK.with(|c| c.set(true));
+            other.close();
+        })
+        .join()
+        .unwrap();
+        assert!(
+            CHECKED.load(Ordering::SeqCst),
+            "the close woke no goroutine"
+        );
+        let r = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("block_on still waiting after 60 s");
+        assert_eq!(r.ok(), Some(Err(std::io::ErrorKind::NotConnected)));
+        drop(c);
+    }
 }

@@ -510,6 +510,11 @@ pub struct Once {
 struct OnceState {
     /// The goroutine running the function (0: a thread).
     runner: u64,
+    /// The plain thread running the function (with `std`; `None` when a
+    /// goroutine runs it), so that a thread's recursive call panics as a
+    /// goroutine's does instead of waiting for itself for ever.
+    #[cfg(feature = "std")]
+    runner_thread: Option<std::thread::ThreadId>,
     waiters: WaitQ,
 }
 
@@ -526,6 +531,8 @@ impl Once {
             q: SpinLock::new(),
             st: UnsafeCell::new(OnceState {
                 runner: 0,
+                #[cfg(feature = "std")]
+                runner_thread: None,
                 waiters: WaitQ::new(),
             }),
         }
@@ -543,6 +550,8 @@ impl Once {
     ///
     /// When `f` calls `call_once` on the same `Once` from the same
     /// goroutine (it could never return): the message names the goroutine.
+    /// Likewise from the same plain thread (with `std`), naming the
+    /// thread; without `std` such a thread waits for itself for good.
     pub fn call_once(&self, f: impl FnOnce()) {
         // Acquire: the function's effects are visible once DONE is seen.
         if self.state.load(Ordering::Acquire) == ONCE_DONE {
@@ -560,6 +569,10 @@ impl Once {
         } else {
             unsafe { (*me).goid() }
         };
+        // A plain thread is named by its id (the goroutines of one OS
+        // thread are not one caller: they are told apart by goid).
+        #[cfg(feature = "std")]
+        let my_thread = me.is_null().then(|| std::thread::current().id());
         self.q.lock();
         // SAFETY: under q.
         let st = unsafe { &mut *self.st.get() };
@@ -573,6 +586,17 @@ impl Once {
                     // SAFETY: we hold q.
                     unsafe { self.q.unlock() };
                     panic!("sync: Once.call_once called recursively by goroutine {my_id}");
+                }
+                #[cfg(feature = "std")]
+                if my_thread.is_some() && st.runner_thread == my_thread {
+                    // SAFETY: we hold q.
+                    unsafe { self.q.unlock() };
+                    let t = std::thread::current();
+                    panic!(
+                        "sync: Once.call_once called recursively by thread {:?} ({:?})",
+                        t.name().unwrap_or("<unnamed>"),
+                        t.id()
+                    );
                 }
                 // SAFETY: we hold q, which guards the queue; the runner
                 // wakes us when it is done.
@@ -589,6 +613,10 @@ impl Once {
             _ => {
                 self.state.store(ONCE_RUNNING, Ordering::Relaxed);
                 st.runner = my_id;
+                #[cfg(feature = "std")]
+                {
+                    st.runner_thread = my_thread;
+                }
                 // SAFETY: we hold q.
                 unsafe { self.q.unlock() };
                 // Finishes even if f panics.

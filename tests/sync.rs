@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use gokernel::Runtime;
 use gokernel::sync::{Mutex, Once, WaitGroup};
 
@@ -312,5 +314,30 @@ fn once_called_recursively_from_its_own_function_panics_naming_the_goroutine() {
             "sync: Once.call_once called recursively by goroutine {}",
             msg.1
         )
+    );
+}
+
+#[test]
+fn once_called_recursively_on_a_plain_thread_panics_naming_the_thread() {
+    // Before, the inner call waited for the outer one: a silent hang.
+    let msg = common::within(30, "a recursive call_once on a plain thread", || {
+        std::thread::Builder::new()
+            .name("initializer".into())
+            .spawn(|| {
+                let once = Once::new();
+                let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    once.call_once(|| once.call_once(|| ()))
+                }))
+                .unwrap_err();
+                assert!(once.is_completed());
+                err.downcast_ref::<String>().cloned().unwrap()
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    });
+    assert!(
+        msg.starts_with("sync: Once.call_once called recursively by thread \"initializer\""),
+        "{msg}"
     );
 }
