@@ -621,17 +621,16 @@ fn netpollfinish(gpp: &AtomicUsize, ioready: bool) {
 /// `gp` was taken out of its slot, which is `PD_WAKING` (so `gp` stays
 /// parked and its scheduler live) until `netpollfinish`.
 unsafe fn netpollready_g(gp: *mut G) {
-    // SAFETY: the contract; the current G's M, if any, is live.
+    // SAFETY: the contract.
     unsafe {
         let sched = (*gp).rt;
-        let cur = crate::tls::getg();
-        let inside = !cur.is_null() && !(*cur).m.is_null() && core::ptr::eq((*(*cur).m).rt, sched);
+        let inside = core::ptr::eq(crate::runtime2::current_sched(), sched);
         #[cfg(all(test, feature = "std"))]
         tests::before_ready(&*sched);
         if inside {
             crate::proc::ready::<false>(gp);
         } else {
-            crate::sema::ready_outside_in::<false>(&*sched, gp);
+            crate::sema::ready_outside::<false>(&*sched, gp);
         }
         // Uncounted only now that it is queued: counted, the wait was
         // what kept the deadlock check (`timesleepuntil`) from taking the
@@ -665,7 +664,6 @@ fn netpollwake(pd: &PollDesc, mode: u8) {
 ///
 /// `gp` and its scheduler are live.
 fn netpollsettle(gpp: &AtomicUsize, gp: *mut G, drop: bool) -> usize {
-    #[cfg_attr(not(feature = "std"), allow(unused_variables, unused_assignments))]
     let mut spins = 0u32;
     loop {
         let v = gpp.load(Ordering::SeqCst);
@@ -674,12 +672,7 @@ fn netpollsettle(gpp: &AtomicUsize, gp: *mut G, drop: bool) -> usize {
             // `ready`, which never waits for this G's M. Rarely seen (the
             // G has to be running again first); hosted, the waker's thread
             // may have lost its CPU there, so after a while give it ours.
-            spins = spins.saturating_add(1);
-            #[cfg(feature = "std")]
-            if spins > 100 {
-                std::thread::yield_now();
-            }
-            core::hint::spin_loop();
+            crate::sema::backoff(&mut spins);
             continue;
         }
         if drop && v != gp as usize {

@@ -158,7 +158,7 @@ impl Parker {
         };
         // SAFETY: PARKED means the G is parked in `park`, the swap made us
         // its one waker, and its scheduler (which owns its memory) is held.
-        unsafe { crate::sema::ready_outside(&sched, gp) };
+        unsafe { crate::sema::ready_outside::<true>(&sched, gp) };
         drop(sched);
     }
 }

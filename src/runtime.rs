@@ -713,11 +713,7 @@ impl Drop for Runtime {
         // On one of its own Ms: a goroutine, or the M's own stack (a
         // `systemstack` closure, an `after_func` callback), whose thread
         // the shutdown would wait for.
-        let gp = getg();
-        // SAFETY: a non-null current G has a live M (mstart / execute set
-        // it), or none.
-        let own = !gp.is_null()
-            && unsafe { !(*gp).m.is_null() && core::ptr::eq((*(*gp).m).rt, &*self.sched) };
+        let own = core::ptr::eq(crate::runtime2::current_sched(), &*self.sched);
         let trace_file = self.trace_file.take();
         if own {
             let sched = self.sched.clone();

@@ -612,6 +612,13 @@ impl G {
         self.atomicstatus.load(Ordering::Acquire)
     }
 
+    /// Whether this G started and has not finished: its stack holds live
+    /// frames (a runtime's teardown unwinds such a G, or leaks its stack).
+    pub(crate) fn started_unfinished(&self) -> bool {
+        let st = self.readgstatus();
+        st != status::DEAD && st != status::IDLE && !self.startfn.is_set()
+    }
+
     /// Sets the status (release: publishes `sched` and everything written
     /// before the change to whoever reads the new status).
     ///
@@ -1103,6 +1110,23 @@ impl TeardownBarrier {
             go: core::sync::atomic::AtomicBool::new(false),
             wake: AtomicU32::new(0),
             outside: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The scheduler whose M the calling thread is (the current G's M's: a
+/// goroutine of it, or an M's own stack, as in a timer callback); null on
+/// a thread that is no M, or on an M of no scheduler.
+#[inline]
+pub(crate) fn current_sched() -> *const Sched {
+    let gp = crate::tls::getg();
+    // SAFETY: a non-null current G has a live M (mstart / execute set it),
+    // or none; the M's scheduler is set once, when the M is made.
+    unsafe {
+        if gp.is_null() || (*gp).m.is_null() {
+            core::ptr::null()
+        } else {
+            (*(*gp).m).rt
         }
     }
 }

@@ -159,15 +159,7 @@ impl SpinLock {
                 return;
             }
             while self.locked.load(Ordering::Relaxed) {
-                spins += 1;
-                if spins < 100 {
-                    core::hint::spin_loop();
-                } else {
-                    #[cfg(feature = "std")]
-                    std::thread::yield_now();
-                    #[cfg(not(feature = "std"))]
-                    core::hint::spin_loop();
-                }
+                backoff(&mut spins);
             }
         }
     }
@@ -513,7 +505,7 @@ impl Wakeup {
                 unsafe {
                     match &rt {
                         None => goready(g),
-                        Some(s) => ready_outside(s, g),
+                        Some(s) => ready_outside::<true>(s, g),
                     }
                 };
                 drop(rt);
@@ -544,9 +536,28 @@ impl Wakeup {
     }
 }
 
+/// One step of a short wait for another thread to finish something: a
+/// CPU pause for the first 100 steps (`spins` counts them), then, hosted,
+/// the thread's CPU given away, since the thread waited for may have lost
+/// its own. Out of line: only a wait that found the other thread busy
+/// takes it.
+#[cold]
+#[inline(never)]
+pub(crate) fn backoff(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    #[cfg(feature = "std")]
+    if *spins >= 100 {
+        std::thread::yield_now();
+        return;
+    }
+    core::hint::spin_loop();
+}
+
 /// Readies `gp`, a parked goroutine of `sched`, from a thread that is not
 /// one of `sched`'s running Ms (a plain thread, a goroutine of another
-/// runtime, g0 running a timer callback) (Go's `goready`).
+/// runtime, g0 running a timer callback) (Go's `goready`); where it goes
+/// as [`crate::proc::ready`] chooses: `runnext` if `NEXT` (as `goready`),
+/// else the tail (the poller's wakers).
 ///
 /// Counted in the teardown barrier's `outside`, which a scheduler being
 /// dropped waits to see at zero before it resumes any goroutine. Else a
@@ -559,22 +570,7 @@ impl Wakeup {
 /// # Safety
 ///
 /// As [`goready`]; `sched` is `gp`'s scheduler, held alive by the caller.
-pub(crate) unsafe fn ready_outside(sched: &crate::runtime2::Sched, gp: *mut G) {
-    // SAFETY: the contract.
-    unsafe { ready_outside_in::<true>(sched, gp) }
-}
-
-/// [`ready_outside`], choosing where the G goes as
-/// [`crate::proc::ready`] does: `runnext` if `NEXT`, else the tail (the
-/// poller's wakers).
-///
-/// # Safety
-///
-/// As [`ready_outside`].
-pub(crate) unsafe fn ready_outside_in<const NEXT: bool>(
-    sched: &crate::runtime2::Sched,
-    gp: *mut G,
-) {
+pub(crate) unsafe fn ready_outside<const NEXT: bool>(sched: &crate::runtime2::Sched, gp: *mut G) {
     let outside = &sched.teardown.outside;
     // SeqCst: before `ready`'s SeqCst load of `stopping`, pairing with
     // the shutdown's store of `stopping` before the barrier's load of the
@@ -915,6 +911,37 @@ mod tests {
         PAUSED.store(true, Ordering::SeqCst);
     }
 
+    /// Runs `wake` on a plain thread whose wake-up from outside pauses
+    /// until every M of `rt` has reached the teardown barrier, drops `rt`
+    /// meanwhile, and checks that the wake-up was counted as from outside
+    /// (`what`: whose) and that the barrier waited for it.
+    fn drop_during_a_paused_wake_up(
+        rt: crate::Runtime,
+        what: &str,
+        wake: impl FnOnce() + Send + 'static,
+    ) {
+        let started = Arc::new(AtomicBool::new(false));
+        let s2 = started.clone();
+        let t = std::thread::spawn(move || {
+            PAUSE.with(|p| p.set(true));
+            s2.store(true, Ordering::SeqCst);
+            wake();
+        });
+        while !started.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        drop(rt);
+        t.join().unwrap();
+        assert!(
+            PAUSED.load(Ordering::SeqCst),
+            "{what} wake-up was not counted as from outside"
+        );
+        assert!(
+            !SAW_GO.load(Ordering::SeqCst),
+            "the teardown went on while {what} wake-up from outside was half done"
+        );
+    }
+
     #[test]
     fn a_dropped_runtime_resumes_no_goroutine_while_a_wake_up_from_outside_is_under_way() {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -926,28 +953,8 @@ mod tests {
         while rt.stats().goroutines.waiting < 1 {
             std::thread::yield_now();
         }
-        let sending = Arc::new(AtomicBool::new(false));
-        let s2 = sending.clone();
-        // The sender completes the receive and, paused in its wake-up,
-        // waits for the drop below to bring every M to the barrier.
-        let t = std::thread::spawn(move || {
-            PAUSE.with(|p| p.set(true));
-            s2.store(true, Ordering::SeqCst);
-            c.send(5).unwrap();
-        });
-        while !sending.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
-        drop(rt);
-        t.join().unwrap();
-        assert!(
-            PAUSED.load(Ordering::SeqCst),
-            "the sender's wake-up was not from outside"
-        );
-        assert!(
-            !SAW_GO.load(Ordering::SeqCst),
-            "the teardown went on while a wake-up from outside was half done"
-        );
+        // The sender completes the receive.
+        drop_during_a_paused_wake_up(rt, "a send's", move || c.send(5).unwrap());
         // Its receive was completed: the goroutine resumed to take it.
         assert_eq!(h.join().ok(), Some(Ok(5)));
     }
@@ -967,29 +974,9 @@ mod tests {
         while rt.stats().goroutines.waiting < 1 {
             std::thread::yield_now();
         }
-        let closing = Arc::new(AtomicBool::new(false));
-        let c2 = closing.clone();
-        // The close wakes the reader and, paused in that wake-up, waits
-        // for the drop below to bring every M to the barrier.
-        let t = std::thread::spawn(move || {
-            PAUSE.with(|p| p.set(true));
-            c2.store(true, Ordering::SeqCst);
-            other.close();
-        });
-        while !closing.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
-        drop(rt);
-        t.join().unwrap();
+        // The close wakes the reader.
+        drop_during_a_paused_wake_up(rt, "a close's", move || other.close());
         drop(c);
-        assert!(
-            PAUSED.load(Ordering::SeqCst),
-            "the close's wake-up was not counted as from outside"
-        );
-        assert!(
-            !SAW_GO.load(Ordering::SeqCst),
-            "the teardown went on while a close's wake-up from outside was half done"
-        );
         // The close's wake-up came too late (the runtime was stopping):
         // the teardown unwound the reader instead, once that wake-up was
         // done.

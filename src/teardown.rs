@@ -317,11 +317,9 @@ fn barrier(sched: &Sched) {
             // otherwise store RUNNABLE and queue a G the teardown resumed
             // meanwhile (see crate::sema::ready_outside). SeqCst: pairs
             // with its count; one that starts after this sees `stopping`.
+            let mut spins = 0;
             while tp.outside.load(Ordering::SeqCst) != 0 {
-                #[cfg(feature = "std")]
-                std::thread::yield_now();
-                #[cfg(not(feature = "std"))]
-                core::hint::spin_loop();
+                crate::sema::backoff(&mut spins);
             }
             tp.go.store(true, Ordering::SeqCst);
             tp.wake.fetch_add(1, Ordering::SeqCst);
@@ -413,12 +411,8 @@ unsafe fn nextvictim(sched: &Sched, mp: *mut M, unwinding: bool) -> Option<(*mut
 pub(crate) fn keep_if_leaked(sched: &Sched) {
     let unstarted = {
         let all = sched.allgs.lock();
-        let leaked = all.iter().any(|&gp| {
-            // SAFETY: a listed G is live; only atomics are read.
-            let g = unsafe { &*gp };
-            let st = g.readgstatus();
-            st != status::DEAD && st != status::IDLE && !g.startfn.is_set()
-        });
+        // SAFETY: a listed G is live; only atomics are read.
+        let leaked = all.iter().any(|&gp| unsafe { (*gp).started_unfinished() });
         if !leaked {
             return;
         }
@@ -455,10 +449,7 @@ pub(crate) fn keep_if_leaked(sched: &Sched) {
 /// included: a fatal error naming the goroutine, rather than a silent
 /// hang. (Dropping a `Runtime` there shuts down from a thread of its own.)
 pub(crate) fn refuse_shutdown_on_own_thread(sched: &Sched) {
-    let gp = crate::tls::getg();
-    // SAFETY: a non-null current G has a live M, whose `rt` is set once.
-    let own = !gp.is_null() && unsafe { !(*gp).m.is_null() && core::ptr::eq((*(*gp).m).rt, sched) };
-    if own {
+    if core::ptr::eq(crate::runtime2::current_sched(), sched) {
         crate::panic::throw_on_system_stack(
             "Sched::shutdown called on one of the scheduler's own threads: it would wait for \
              itself to exit; call it from another thread (dropping a Runtime does)",
@@ -512,8 +503,7 @@ pub(crate) unsafe fn release_gs(gs: &[*mut G]) {
         // sudogs on that object's queues, in its stack, and one parked on
         // a poller source is named by the source's slot: unlink them.
         unsafe {
-            let st = (*gp).readgstatus();
-            if st == status::WAITING {
+            if (*gp).readgstatus() == status::WAITING {
                 crate::netpoll::netpollabandon(gp);
                 let w = (*gp).waiting;
                 if !w.is_null() {
@@ -521,8 +511,7 @@ pub(crate) unsafe fn release_gs(gs: &[*mut G]) {
                 }
             }
             let g = &mut *gp;
-            let unfinished = st != status::DEAD && st != status::IDLE && !g.startfn.is_set();
-            if unfinished {
+            if g.started_unfinished() {
                 // Started and not finished: frames on its stack are live
                 // (the teardown could not unwind it, or this build does
                 // not unwind). The stack is leaked, never freed under them.

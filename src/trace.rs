@@ -662,23 +662,6 @@ unsafe fn flush(pp: *mut P) {
     }
 }
 
-/// The scheduler the calling M runs (null off any M).
-fn cur_sched() -> *const Sched {
-    let gp = getg();
-    if gp.is_null() {
-        return core::ptr::null();
-    }
-    // SAFETY: the current G's M, if any, is live.
-    unsafe {
-        let mp = (*gp).m;
-        if mp.is_null() {
-            core::ptr::null()
-        } else {
-            (*mp).rt
-        }
-    }
-}
-
 /// Writes a record of `n` (1 or 2) words, `w0` then `w1`, with a clock
 /// reading before it, and sets the limit for the records after it: the
 /// end of their clock block while the P's events are dense, this very
@@ -776,7 +759,10 @@ fn prefetch(addr: usize) {
 unsafe fn refill(pp: *mut P) -> *mut u64 {
     // SAFETY: the contract; pos is set, so the scheduler traces.
     unsafe {
-        let Some(b) = cur_sched().as_ref().and_then(|s| s.trace.bufs.get()) else {
+        let Some(b) = crate::runtime2::current_sched()
+            .as_ref()
+            .and_then(|s| s.trace.bufs.get())
+        else {
             return core::ptr::null_mut();
         };
         let t = &(*pp).trace;

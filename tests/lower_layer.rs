@@ -11,7 +11,8 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::time::Duration;
 
 use common::{in_crash_child, newg, next_mid, run_crash_child};
@@ -99,29 +100,43 @@ fn safe_lower_layer_calls_on_a_plain_thread_panic_clearly() {
     assert!(gokernel::getg().is_null());
 }
 
+/// A scheduler of one P on which one goroutine parks for good (every P
+/// idle, a goroutine alive: its deadlock hooks run), with a hook that
+/// calls `first` once, with the scheduler, the hook's own key and a
+/// sender; returns the scheduler and what was sent within 10 s.
+fn first_deadlock_hook_call(
+    first: impl Fn(&Sched, u64, Sender<&'static str>) + Send + Sync + 'static,
+) -> (Arc<Sched>, Result<&'static str, RecvTimeoutError>) {
+    let s = Sched::new(1, STACK, &HOSTED);
+    let weak = Arc::downgrade(&s);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let once = AtomicBool::new(false);
+    let key = Arc::new(AtomicU64::new(u64::MAX));
+    let k2 = key.clone();
+    let k = s.add_deadlock_hook(Box::new(move || {
+        if once.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(s) = weak.upgrade() {
+            first(&s, k2.load(Ordering::SeqCst), tx.lock().unwrap().clone());
+        }
+    }));
+    key.store(k, Ordering::SeqCst);
+    s.go(Box::new(gokernel::park)).unwrap();
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    (s, got)
+}
+
 /// Runs `Sched::go` from a deadlock hook: on g0 of an M that has just
 /// given up its P. Before the fix `newproc` read that M's (null) P and
 /// crashed; now the G goes on the global queue and runs.
 #[test]
 fn go_from_a_deadlock_hook_runs_the_goroutine() {
     if in_crash_child() {
-        let s = Sched::new(1, STACK, &HOSTED);
-        let weak = Arc::downgrade(&s);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let once = AtomicBool::new(false);
-        s.add_deadlock_hook(Box::new(move || {
-            if once.swap(true, Ordering::SeqCst) {
-                return;
-            }
-            let tx = tx.lock().unwrap().clone();
-            if let Some(s) = weak.upgrade() {
-                s.go(Box::new(move || tx.send("ran").unwrap())).unwrap();
-            }
-        }));
-        // One goroutine parks for good: every P idle, a goroutine alive.
-        s.go(Box::new(gokernel::park)).unwrap();
-        let got = rx.recv_timeout(Duration::from_secs(10));
+        let (s, got) = first_deadlock_hook_call(|s, _, tx| {
+            s.go(Box::new(move || tx.send("ran").unwrap())).unwrap();
+        });
         eprintln!("hook goroutine: {got:?}");
         s.shutdown();
         std::process::exit(if got == Ok("ran") { 0 } else { 1 });
@@ -142,28 +157,12 @@ fn go_from_a_deadlock_hook_runs_the_goroutine() {
 #[test]
 fn a_deadlock_hook_that_adds_and_removes_hooks_runs_to_its_end() {
     if in_crash_child() {
-        let s = Sched::new(1, STACK, &HOSTED);
-        let weak = Arc::downgrade(&s);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let once = AtomicBool::new(false);
-        let key = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-        let k2 = key.clone();
-        let k = s.add_deadlock_hook(Box::new(move || {
-            if once.swap(true, Ordering::SeqCst) {
-                return;
-            }
-            if let Some(s) = weak.upgrade() {
-                let other = s.add_deadlock_hook(Box::new(|| {}));
-                s.remove_deadlock_hook(other);
-                s.remove_deadlock_hook(k2.load(Ordering::SeqCst));
-            }
-            tx.lock().unwrap().send("done").unwrap();
-        }));
-        key.store(k, Ordering::SeqCst);
-        // One goroutine parks for good: every P idle, a goroutine alive.
-        s.go(Box::new(gokernel::park)).unwrap();
-        let got = rx.recv_timeout(Duration::from_secs(10));
+        let (s, got) = first_deadlock_hook_call(|s, own, tx| {
+            let other = s.add_deadlock_hook(Box::new(|| {}));
+            s.remove_deadlock_hook(other);
+            s.remove_deadlock_hook(own);
+            tx.send("done").unwrap();
+        });
         eprintln!("hook: {got:?}");
         if got != Ok("done") {
             // The hook's M may be stuck: no shutdown, which would wait for it.
